@@ -1,0 +1,59 @@
+"""Exceptions raised by pserver. Every error a user can cause has its own class and a
+message that says what to do about it."""
+
+
+class PServerError(Exception):
+    """Base class of every pserver error."""
+
+
+class ConfigError(PServerError):
+    """The node's configuration (flags or PSERVER_* variables) is missing or invalid."""
+
+
+class KeyError_(PServerError):
+    """Keys passed to push/pull are not a valid key vector (dtype, shape, order, duplicates)."""
+
+
+# Public name; the trailing underscore above only avoids shadowing the builtin inside this module.
+InvalidKeysError = KeyError_
+del KeyError_
+
+
+class ValueShapeError(PServerError):
+    """Values do not match the keys (length) or the table (dim)."""
+
+
+class DTypeError(PServerError):
+    """Keys or values have the wrong dtype."""
+
+
+class TableError(PServerError):
+    """A table is unknown, or declared twice with different specs."""
+
+
+class SchedulerUnreachableError(PServerError):
+    """The scheduler did not answer within the configured timeout."""
+
+
+class BarrierTimeoutError(PServerError):
+    """A barrier did not complete within its timeout."""
+
+
+class ServerDeadError(PServerError):
+    """A server involved in a request died before answering."""
+
+
+class RemoteError(PServerError):
+    """A peer rejected a request and said why (the message is the peer's reason)."""
+
+
+class ProtocolError(PServerError):
+    """A message on the wire is malformed (bad header, frame count or sizes, limits)."""
+
+
+class AuthError(PServerError):
+    """Credentials are missing or invalid, or a peer is not authorised for an operation."""
+
+
+class RequestTimeoutError(PServerError):
+    """A request got no reply within its timeout."""
