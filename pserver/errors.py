@@ -57,3 +57,27 @@ class AuthError(PServerError):
 
 class RequestTimeoutError(PServerError):
     """A request got no reply within its timeout."""
+
+
+class DataFormatError(PServerError):
+    """A training/test data file has a malformed line; the message names file:line and the reason.
+    Fix the line, or pass skip_bad=True (--skip-bad) to skip and count such lines."""
+
+
+class FilterMismatchError(ProtocolError):
+    """A message was encoded with a different filter chain than the receiver's (see
+    meta["filters"]). Start every node with the same --filters setting."""
+
+
+class KeyCacheMiss(PServerError):
+    """The receiver does not hold the key list whose signature a message carried (evicted,
+    restarted, or a forged/wrong signature). Nothing was applied: resend the message with its
+    keys (FilterChain.resend_with_keys)."""
+
+    def __init__(self, message: str, signature: str = "") -> None:
+        super().__init__(message)
+        self.signature = signature
+
+
+class TaskError(PServerError):
+    """A task id passed to a TaskDAG is unknown, not increasing, or would form a cycle."""

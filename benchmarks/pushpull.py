@@ -1,0 +1,142 @@
+"""Push/pull throughput and latency on a real local cluster (1 scheduler + 1 server + this process as
+the worker), over ZeroMQ on loopback.
+
+Cases (the foundation issue's):
+  a  1,000,000 dense keys x 1 float32: push+pull round trips/s
+  b  1 key x 1,000,000 float32 (a 4 MB tensor): pushes/s and payload GB/s
+  c  1,000 random uint64 keys: round trips/s with 1 request in flight, pushes/s with 16 in flight
+  d  sparse lookup+update rate inside one server's store (keys/s), no network
+
+Usage: python benchmarks/pushpull.py [--seconds 3] [--curve] [--out benchmarks/results/pushpull.json]
+  --curve also runs a, b, c on a CURVE-encrypted cluster and reports the slowdown against plain text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import pserver
+from pserver.launch import LocalCluster
+
+
+def _timed(fn, seconds: float, min_iters: int = 5) -> list[float]:
+    lat = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end or len(lat) < min_iters:
+        t = time.perf_counter()
+        fn()
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
+def _summary(lat: list[float], payload_bytes: int = 0, ops_per_call: int = 1) -> dict:
+    lat_arr = np.asarray(lat)
+    total = float(lat_arr.sum())
+    out = {"calls": len(lat), "ops_per_s": round(len(lat) * ops_per_call / total, 1),
+           "p50_ms": round(float(np.percentile(lat_arr, 50)) * 1e3 / ops_per_call, 4),
+           "p99_ms": round(float(np.percentile(lat_arr, 99)) * 1e3 / ops_per_call, 4)}
+    if payload_bytes:
+        out["payload_GB_per_s"] = round(payload_bytes * len(lat) / total / 1e9, 3)
+    return out
+
+
+def run_cases(kv: pserver.KVWorker, seconds: float) -> dict:
+    res = {}
+    # (a) 1M dense keys x 1 float32: push then pull
+    keys = np.arange(1_000_000, dtype=np.uint64)
+    vals = np.ones(len(keys), np.float32)
+    out = np.empty(len(keys), np.float32)
+    kv.wait(kv.push(keys, vals))  # first touch inserts the keys
+
+    def push_pull():
+        kv.wait(kv.push(keys, vals))
+        kv.pull(keys, out=out)
+
+    res["a_dense_1M_push_pull"] = _summary(_timed(push_pull, seconds), 2 * vals.nbytes)
+
+    # (b) one key holding a 4 MB tensor
+    kv.declare_table("tensor", dim=1_000_000)
+    one = np.array([7], dtype=np.uint64)
+    tensor = np.ones(1_000_000, np.float32)
+    kv.wait(kv.push(one, tensor, table="tensor"))
+    res["b_tensor_4MB_push"] = _summary(
+        _timed(lambda: kv.wait(kv.push(one, tensor, table="tensor")), seconds), tensor.nbytes)
+    res["b_tensor_4MB_pull"] = _summary(
+        _timed(lambda: kv.pull(one, table="tensor"), seconds), tensor.nbytes)
+
+    # (c) 1,000 random uint64 keys
+    rng = np.random.default_rng(0)
+    rkeys = np.unique(rng.integers(0, 2**64 - 1, 1000, dtype=np.uint64))
+    rvals = np.ones(len(rkeys), np.float32)
+    kv.wait(kv.push(rkeys, rvals))
+    res["c_1000keys_push_1_in_flight"] = _summary(
+        _timed(lambda: kv.wait(kv.push(rkeys, rvals)), seconds))
+    res["c_1000keys_pull_1_in_flight"] = _summary(_timed(lambda: kv.pull(rkeys), seconds))
+
+    # 16 in flight, kept full: a new push as soon as the oldest is acknowledged
+    window: list[int] = []
+    lat = []
+    end = time.perf_counter() + seconds
+    count = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() < end:
+        window.append(kv.push(rkeys, rvals))
+        count += 1
+        if len(window) >= 16:
+            t = time.perf_counter()
+            kv.wait(window.pop(0))
+            lat.append(time.perf_counter() - t)
+    kv.wait_all()
+    elapsed = time.perf_counter() - t0
+    res["c_1000keys_push_16_in_flight"] = {
+        "pushes": count, "ops_per_s": round(count / elapsed, 1),
+        "p50_wait_ms": round(float(np.percentile(lat, 50)) * 1e3, 4),
+        "p99_wait_ms": round(float(np.percentile(lat, 99)) * 1e3, 4)}
+    return res
+
+
+def run_cluster(seconds: float, insecure: bool) -> dict:
+    with LocalCluster(1, 1, insecure=insecure, prefix_output=False) as cluster:
+        t = time.perf_counter()
+        kv = pserver.KVWorker(cluster.config(0))
+        start = time.perf_counter() - t
+        try:
+            res = run_cases(kv, seconds)
+        finally:
+            kv.close()
+    res["worker_join_s"] = round(start, 3)
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seconds", type=float, default=3.0, help="time per case")
+    p.add_argument("--curve", action="store_true", help="also measure a CURVE-encrypted cluster")
+    p.add_argument("--out", default="benchmarks/results/pushpull.json")
+    args = p.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    import store_index
+
+    result = {"machine": {"cpus": os.cpu_count()}, "seconds_per_case": args.seconds,
+              "insecure": run_cluster(args.seconds, insecure=True)}
+    result["d_store_lookup_update"] = store_index.run(n_table=10_000_000, n_query=1_000_000)
+    if args.curve:
+        result["curve"] = run_cluster(args.seconds, insecure=False)
+        result["curve_slowdown"] = {
+            case: round(1 - result["curve"][case]["ops_per_s"] / v["ops_per_s"], 3)
+            for case, v in result["insecure"].items() if isinstance(v, dict)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""One worker of `pserver train lr`: join the cluster, read this worker's shard, run DBPG, and on
+rank 0 export the model, score the held-out set and print the summary.
+
+Run as ``python -m pserver.apps.lr.worker ARGS`` with PSERVER_* set (the launcher does that);
+ARGS are those of `pserver train lr` (see add_train_args).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+
+from ... import logs
+from ...errors import PServerError
+from .data import read_shard
+from .dbpg import DBPG, DBPGConfig, PassStats
+from .model import auc, logloss, predict, save_model
+
+log = logging.getLogger(__name__)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The options of `pserver train lr` (shared by the CLI and this module)."""
+    p.add_argument("--data", required=True, nargs="+", help="training file(s)")
+    p.add_argument("--format", default="libsvm", choices=("libsvm", "criteo"))
+    p.add_argument("--test", nargs="+", help="held-out file(s), scored by rank 0 at the end")
+    p.add_argument("--l1", type=float, default=1.0, help="L1 penalty (sklearn C = 1/l1)")
+    p.add_argument("--l2", type=float, default=0.0, help="L2 penalty (sklearn C = 1/l2)")
+    p.add_argument("--epochs", type=int, default=10, help="passes over the data")
+    p.add_argument("--blocks", type=int, default=16, help="feature blocks (key ranges)")
+    p.add_argument("--tau", type=int, default=0, help="bounded delay (only 0 so far)")
+    p.add_argument("--curvature", default="hessian", choices=("hessian", "bound"))
+    p.add_argument("--eta", type=float, default=1.0, help="step scale (u' = u / eta)")
+    p.add_argument("--tol", type=float, default=0.0,
+                   help="stop when a pass improves the objective by less than tol (relative)")
+    p.add_argument("--model-out", help="directory to write the model to")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed lines")
+    p.add_argument("--split", default="bytes", choices=("bytes", "file"),
+                   help="shard by byte ranges of all files, or by whole files")
+    p.add_argument("--raw-keys", action="store_true",
+                   help="libsvm: use the feature index itself as the key (default: hashed)")
+    p.add_argument("--int-bins", default="log", choices=("log", "raw"),
+                   help="criteo integer columns: log-binned or raw values")
+    p.add_argument("--table", default="lr_w", help="name of the weight table")
+    p.add_argument("--summary-json", help="rank 0 writes the summary (and per-pass history) here")
+
+
+def _progress(s: PassStats, rank_examples: int) -> None:
+    print(f"pass {s.epoch + 1:3d}  objective {s.objective:.6e}  loss {s.loss:.6e}  nnz(w) "
+          f"{s.nnz:9d}  {s.examples_per_s:,.0f} examples/s ({rank_examples / s.seconds:,.0f} "
+          f"on this worker)  idle {100 * s.wait_seconds / max(s.seconds, 1e-9):.0f}%",
+          flush=True)
+
+
+def train(kv, args: argparse.Namespace) -> dict | None:
+    """Train as one worker of kv's cluster. Returns the summary dict on rank 0, else None."""
+    t_start = time.perf_counter()
+    opts = dict(skip_bad=args.skip_bad, raw_keys=args.raw_keys, int_bins=args.int_bins)
+    shard = read_shard(args.data, args.format, kv.rank, kv.num_workers, args.split, **opts)
+    t_read = time.perf_counter() - t_start
+    log.info("worker %d: %d examples, %d features, %d non-zeros, read in %.2f s", kv.rank,
+             shard.num_examples, shard.keys.size, shard.X.nnz, t_read)
+    cfg = DBPGConfig(l1=args.l1, l2=args.l2, epochs=args.epochs, blocks=args.blocks,
+                     tau=args.tau, curvature=args.curvature, eta=args.eta, tol=args.tol,
+                     table=args.table)
+    algo = DBPG(kv, shard, cfg)
+    t_train = time.perf_counter()
+    on_pass = (lambda s: _progress(s, shard.num_examples)) if kv.rank == 0 else None
+    history = algo.run(on_pass)
+    train_seconds = time.perf_counter() - t_train
+    # Totals over workers through the stats table (sync sum): traffic, read and wait time.
+    st = kv.stats()
+    waited = sum(h.wait_seconds for h in history)
+    row = np.array([[st["bytes_sent"], st["bytes_received"], t_read, waited]])
+    key = np.array([(1 << 63) + 1], np.uint64)
+    kv.push(key, row, table=args.table + "_stats")
+    sent, received, read_sum, wait_sum = kv.pull(key, table=args.table + "_stats")[0]
+    summary = None
+    if kv.rank == 0:
+        keys, w = kv.pull_range(table=args.table)
+        summary = {
+            "workers": kv.num_workers, "servers": kv.num_servers,
+            "examples": history[-1].examples if history else shard.num_examples,
+            "skipped_lines_rank0": shard.skipped,
+            "train_objective": history[-1].objective if history else float("nan"),
+            "nnz": int(np.count_nonzero(w)), "passes": len(history),
+            "train_seconds": train_seconds, "read_seconds_mean": read_sum / kv.num_workers,
+            "idle_fraction": wait_sum / max(kv.num_workers * train_seconds, 1e-9),
+            "bytes_sent": int(sent), "bytes_received": int(received),
+            "history": [{"epoch": h.epoch, "objective": h.objective, "loss": h.loss,
+                         "nnz": h.nnz, "seconds": h.seconds, "wait_seconds": h.wait_seconds,
+                         "examples_per_s": h.examples_per_s} for h in history],
+            "config": vars(cfg),
+        }
+        meta = {"data_format": args.format, "raw_keys": args.raw_keys, "int_bins": args.int_bins,
+                "l1": args.l1, "l2": args.l2, "passes": len(history),
+                "train_objective": summary["train_objective"]}
+        model = save_model(args.model_out, keys, w, meta) if args.model_out else None
+        if args.test:
+            test = read_shard(args.test, args.format, **opts)
+            if model is None:
+                from .model import Model
+                nz = w != 0
+                model = Model(keys[nz], w[nz].astype(np.float32))
+            p = predict(model, test)
+            summary.update(test_examples=test.num_examples, test_logloss=logloss(test.y, p),
+                           test_auc=auc(test.y, p))
+        summary["total_seconds"] = time.perf_counter() - t_start
+        print(format_summary(summary), flush=True)
+        if args.summary_json:
+            with open(args.summary_json, "w") as f:
+                json.dump(summary, f, indent=2)
+    kv.barrier()
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    """The final report as text lines."""
+    lines = [f"trained on {s['examples']:,} examples with {s['workers']} workers x "
+             f"{s['servers']} servers: {s['passes']} passes in {s['train_seconds']:.2f} s",
+             f"  train objective {s['train_objective']:.6e}   nnz(w) {s['nnz']:,}   "
+             f"workers idle {100 * s['idle_fraction']:.1f}%"]
+    if "test_logloss" in s:
+        lines.append(f"  held-out ({s['test_examples']:,} examples): logloss "
+                     f"{s['test_logloss']:.5f}   AUC {s['test_auc']:.5f}")
+    lines.append(f"  traffic of all workers: sent {s['bytes_sent'] / 1e6:,.1f} MB, received "
+                 f"{s['bytes_received'] / 1e6:,.1f} MB; total time {s['total_seconds']:.2f} s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import pserver
+
+    p = argparse.ArgumentParser(prog="python -m pserver.apps.lr.worker")
+    add_train_args(p)
+    args = p.parse_args(argv)
+    kv = pserver.KVWorker()
+    logs.setup_logging(kv.cfg.log_level or "WARNING", None)
+    logs.set_node("worker", kv.rank)
+    try:
+        train(kv, args)
+    except PServerError as e:
+        print(f"worker {kv.rank}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        kv.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The ``pserver`` command: thin shells over the library.
+
+  pserver scheduler | server          run one role (configured by flags or PSERVER_* variables)
+  pserver launch -s S -w W -- CMD     a local cluster; CMD runs once per worker
+  pserver status [--json]             the cluster view as a table
+  pserver keygen DIR                  the cluster's CURVE keys
+  pserver demo | train | gen-data | predict   the sparse logistic regression job
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import signal
+import sys
+import time
+
+from . import logs
+from .config import ENV_VARS, Config
+from .errors import PServerError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", help="host:port of the scheduler (PSERVER_SCHEDULER)")
+    p.add_argument("--host", help="address to bind and advertise (PSERVER_HOST)")
+    p.add_argument("--port", type=int, help="port to bind, 0 = any (PSERVER_PORT)")
+    p.add_argument("--keys", help="key directory from `pserver keygen` (PSERVER_KEYS)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="plain text, no authentication (PSERVER_INSECURE=1); logs a warning")
+    p.add_argument("--num-servers", type=int, help="PSERVER_NUM_SERVERS")
+    p.add_argument("--num-workers", type=int, help="PSERVER_NUM_WORKERS")
+    p.add_argument("--rank", type=int, help="requested rank (PSERVER_RANK)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (PSERVER_LOG_LEVEL)")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return Config.from_env(scheduler=args.scheduler, host=args.host, port=args.port,
+                           keys=args.keys, insecure=args.insecure, num_servers=args.num_servers,
+                           num_workers=args.num_workers, rank=args.rank,
+                           log_level=args.log_level)
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from .membership.scheduler import Scheduler
+
+    cfg = _config(args)
+    logs.setup_logging(cfg.log_level, "scheduler")
+    Scheduler(cfg, exit_when_workers_done=not args.keep_alive).run()
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from .kv.server import KVServer
+
+    cfg = _config(args)
+    logs.setup_logging(cfg.log_level, "server")
+    for mod in args.plugin or []:
+        importlib.import_module(mod)  # registers user update functions (register_updater)
+    KVServer(cfg).run()
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import LocalCluster
+
+    cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not cmd:
+        print("pserver launch: give the worker command after --, e.g. "
+              "`pserver launch -s 2 -w 4 -- python train.py`", file=sys.stderr)
+        return 2
+    logs.setup_logging(args.log_level or "WARNING", "launcher")
+    cluster = LocalCluster(args.servers, args.workers, host=args.host or "127.0.0.1",
+                           port=args.port or 0, insecure=bool(args.insecure), keys=args.keys,
+                           log_level=args.log_level)
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        with cluster:
+            print(f"pserver: scheduler at {cluster.scheduler}, {args.servers} servers, "
+                  f"{args.workers} workers" + ("" if args.insecure else
+                                             f", keys in {cluster.keys}"), file=sys.stderr)
+            return cluster.run_workers(cmd)
+    except KeyboardInterrupt:
+        print("pserver: interrupted, tearing the cluster down", file=sys.stderr)
+        return 130
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .membership.client import scheduler_request
+
+    cfg = _config(args)
+    role = args.role or _status_role(cfg)
+    view = scheduler_request(cfg, "status", role=role, timeout=args.timeout).meta
+    if args.json:
+        print(json.dumps(view, indent=2))
+        return 0
+    print(format_status(view))
+    return 0
+
+
+def _status_role(cfg: Config) -> str:
+    if cfg.insecure or not cfg.keys:
+        return "worker"
+    for role in ("scheduler", "worker", "server"):
+        if os.path.exists(os.path.join(cfg.keys, "private", f"{role}.key_secret")):
+            return role
+    return "worker"
+
+
+def format_status(view: dict) -> str:
+    rows = [("ROLE", "ID", "RANK", "ADDRESS", "PID", "STATE", "LAST HB (s)", "RING SHARE")]
+    for n in sorted(view["nodes"], key=lambda n: (n["role"], n["rank"])):
+        share = f"{100 * n['ring_share']:.1f}%" if "ring_share" in n else "-"
+        rows.append((n["role"], str(n["id"]), str(n["rank"]), f"{n['host']}:{n['port']}",
+                     str(n["pid"]), n["state"], f"{n['last_heartbeat']:.2f}", share))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    s = view.get("scheduler", {})
+    ring = view.get("ring") or {}
+    lines.insert(0, f"cluster view v{view['version']}: scheduler pid {s.get('pid')} port "
+                    f"{s.get('port')}, ring v{ring.get('version', '-')} with "
+                    f"{ring.get('virtual', '-')} virtual servers per server")
+    return "\n".join(lines)
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from .security import keygen
+
+    path = keygen(args.dir, force=args.force)
+    print(f"cluster keys written to {path}; give every node PSERVER_KEYS={path} (workers need "
+          f"only public/ and private/worker.key_secret)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pserver", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("scheduler", help="run the scheduler")
+    _common(s)
+    s.add_argument("--keep-alive", action="store_true",
+                   help="keep running after every worker has left")
+    s.set_defaults(fn=cmd_scheduler)
+
+    s = sub.add_parser("server", help="run a server")
+    _common(s)
+    s.add_argument("--plugin", action="append",
+                   help="import this module first (it may register update functions)")
+    s.set_defaults(fn=cmd_server)
+
+    s = sub.add_parser("launch", help="run a local cluster and a worker command per rank")
+    s.add_argument("-s", "--servers", type=int, default=1)
+    s.add_argument("-w", "--workers", type=int, default=1)
+    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="scheduler port (default: a free one)")
+    s.add_argument("--keys", help="use these keys instead of fresh ephemeral ones")
+    s.add_argument("--insecure", action="store_true", help="plain text (warns)")
+    s.add_argument("--log-level", help="log level of the cluster's processes")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="-- then the worker command")
+    s.set_defaults(fn=cmd_launch)
+
+    s = sub.add_parser("status", help="print the cluster view")
+    _common(s)
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--role", help="credentials to use (default: the first secret found)")
+    s.add_argument("--timeout", type=float, default=5.0)
+    s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("keygen", help="create the cluster's CURVE key material")
+    s.add_argument("dir")
+    s.add_argument("--force", action="store_true", help="overwrite an existing directory")
+    s.set_defaults(fn=cmd_keygen)
+
+    s = sub.add_parser("env", help="list the PSERVER_* configuration variables")
+    s.set_defaults(fn=lambda a: print("\n".join(f"{k:28} {v[2]}" for k, v in ENV_VARS.items()))
+                   or 0)
+
+    try:
+        from .apps.lr.cli import register as register_lr
+    except ImportError:
+        register_lr = None
+    if register_lr is not None:
+        register_lr(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    start = time.monotonic()
+    try:
+        return int(args.fn(args) or 0)
+    except PServerError as e:
+        print(f"pserver {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        logs.logging.getLogger(__name__).debug("%s took %.2f s", args.cmd,
+                                               time.monotonic() - start)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

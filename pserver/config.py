@@ -1,0 +1,163 @@
+"""Node configuration: one dataclass filled from PSERVER_* environment variables, overridable by CLI
+flags or keyword arguments. Every role reads the same variables, so a cluster engine (Kubernetes, Slurm,
+Ray, ssh) starts the same roles on many hosts just by setting the environment."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .errors import ConfigError
+from .wire import Limits
+
+# variable name -> (field, type, help). The README's configuration table is this table.
+ENV_VARS: dict[str, tuple[str, type, str]] = {
+    "PSERVER_SCHEDULER": ("scheduler", str, "host:port of the scheduler (required by servers/workers)"),
+    "PSERVER_NUM_SERVERS": ("num_servers", int, "servers the cluster waits for before starting"),
+    "PSERVER_NUM_WORKERS": ("num_workers", int, "workers the cluster waits for before starting"),
+    "PSERVER_HOST": ("host", str, "address this node binds and advertises (default: the address "
+                                  "of this host that routes to the scheduler)"),
+    "PSERVER_PORT": ("port", int, "port to bind (0 = any free port; the scheduler's comes from "
+                                  "PSERVER_SCHEDULER)"),
+    "PSERVER_KEYS": ("keys", str, "directory made by `pserver keygen` (CURVE keys)"),
+    "PSERVER_INSECURE": ("insecure", bool, "1 = plain-text transport, no authentication (warns)"),
+    "PSERVER_RANK": ("rank", int, "requested rank within the role (-1 = assigned by the scheduler)"),
+    "PSERVER_HEARTBEAT_INTERVAL": ("heartbeat_interval", float, "seconds between heartbeats"),
+    "PSERVER_HEARTBEAT_TIMEOUT": ("heartbeat_timeout", float, "seconds of silence before a node "
+                                                              "is declared dead"),
+    "PSERVER_CONNECT_TIMEOUT": ("connect_timeout", float, "seconds to wait for the scheduler "
+                                                          "(registration) before failing"),
+    "PSERVER_REQUEST_TIMEOUT": ("request_timeout", float, "seconds a push/pull may wait "
+                                                          "(0 = no limit)"),
+    "PSERVER_BARRIER_TIMEOUT": ("barrier_timeout", float, "seconds a barrier may wait"),
+    "PSERVER_VIRTUAL_SERVERS": ("virtual_servers", int, "virtual servers per server on the key ring"),
+    "PSERVER_MAX_MESSAGE_BYTES": ("max_message_bytes", int, "largest accepted message payload"),
+    "PSERVER_MAX_KEYS": ("max_keys", int, "most keys accepted in one request"),
+    "PSERVER_MAX_DIM": ("max_dim", int, "largest accepted value dimension"),
+    "PSERVER_LOG_LEVEL": ("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+@dataclass
+class Config:
+    """Settings of one node. Times in seconds, sizes in bytes."""
+
+    scheduler: str = ""
+    num_servers: int = 1
+    num_workers: int = 1
+    host: str = ""
+    port: int = 0
+    keys: str = ""
+    insecure: bool = False
+    rank: int = -1
+    heartbeat_interval: float = 0.1
+    heartbeat_timeout: float = 0.6
+    connect_timeout: float = 30.0
+    request_timeout: float = 0.0
+    barrier_timeout: float = 300.0
+    virtual_servers: int = 32
+    max_message_bytes: int = 1 << 31
+    max_keys: int = 1 << 28
+    max_dim: int = 1 << 24
+    log_level: str = "WARNING"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Config:
+        """Read PSERVER_* variables from ``env`` (default: os.environ), then apply non-None overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for var, (name, typ, _) in ENV_VARS.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            values[name] = _parse(var, raw, typ)
+        cfg = cls(**values)
+        known = {f.name for f in fields(cls)}
+        for key, val in overrides.items():
+            if key not in known:
+                raise ConfigError(f"unknown setting {key!r}; known: {sorted(known)}")
+            if val is not None:
+                setattr(cfg, key, val)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.num_servers < 1 or self.num_workers < 0:
+            raise ConfigError("PSERVER_NUM_SERVERS must be >= 1 and PSERVER_NUM_WORKERS >= 0")
+        if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError("PSERVER_HEARTBEAT_TIMEOUT must exceed PSERVER_HEARTBEAT_INTERVAL > 0")
+        if self.scheduler:
+            split_address(self.scheduler)
+
+    def with_(self, **changes: Any) -> Config:
+        return replace(self, **changes)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_message_bytes=self.max_message_bytes, max_keys=self.max_keys,
+                      max_dim=self.max_dim)
+
+    def require_scheduler(self) -> tuple[str, int]:
+        if not self.scheduler:
+            raise ConfigError("no scheduler address: set PSERVER_SCHEDULER=host:port (or pass "
+                              "--scheduler), or start a local cluster with `pserver launch`")
+        return split_address(self.scheduler)
+
+    def bind_host(self) -> str:
+        """The address this node binds and advertises to its peers."""
+        if self.host:
+            return self.host
+        if self.scheduler:
+            return route_address(split_address(self.scheduler)[0])
+        return "127.0.0.1"
+
+    def to_env(self) -> dict[str, str]:
+        """The PSERVER_* variables that reproduce this config (for child processes)."""
+        out = {}
+        for var, (name, typ, _) in ENV_VARS.items():
+            val = getattr(self, name)
+            if val == getattr(Config, name, None) and var not in ("PSERVER_SCHEDULER",):
+                continue
+            out[var] = ("1" if val else "0") if typ is bool else str(val)
+        return out
+
+
+def _parse(var: str, raw: str, typ: type) -> Any:
+    try:
+        if typ is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return typ(raw)
+    except ValueError:
+        raise ConfigError(f"{var}={raw!r} is not a valid {typ.__name__}") from None
+
+
+def split_address(addr: str) -> tuple[str, int]:
+    """'host:port' -> (host, port), with a clear error for anything else ('[::1]:7000' allowed)."""
+    host, sep, port = addr.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"address {addr!r} is not host:port (for example 10.0.0.5:7000)")
+    return host, int(port)
+
+
+def route_address(peer_host: str) -> str:
+    """This host's address on the interface that routes to ``peer_host`` (no packet is sent)."""
+    try:
+        infos = socket.getaddrinfo(peer_host, 9, type=socket.SOCK_DGRAM)
+        family, _, _, _, sockaddr = infos[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(sockaddr)
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
+def zmq_endpoint(host: str, port: int | str) -> str:
+    return f"tcp://[{host}]:{port}" if ":" in host else f"tcp://{host}:{port}"

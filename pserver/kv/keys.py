@@ -1,0 +1,161 @@
+"""Key vectors on the wire, shared by the worker and the server.
+
+A request names its keys in one of two forms (meta "kf"):
+
+- ``"k"``: an explicit sorted, unique uint64 array;
+- ``"r"``: runs of consecutive keys, two arrays ``starts`` (uint64) and ``lengths`` (uint64). A dense range
+  of a million ids is then 16 bytes instead of 8 MB, and the server serves it as an array slice.
+
+The worker picks the smaller form. The server re-validates everything it receives: sortedness, overlaps,
+wrap-around, and that the values frame matches the number of keys and the table's width and dtype.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import ProtocolError
+from ..wire import Message
+
+U64 = np.dtype(np.uint64)
+_RUNS_MIN_KEYS = 32  # below this the runs test is not worth its cost
+
+
+class KeySet:
+    """Keys of a request: an explicit array, or runs (starts, lengths)."""
+
+    __slots__ = ("keys", "starts", "lengths", "n")
+
+    def __init__(self, keys=None, starts=None, lengths=None):
+        self.keys, self.starts, self.lengths = keys, starts, lengths
+        self.n = len(keys) if keys is not None else int(lengths.sum())
+
+    def as_array(self) -> np.ndarray:
+        if self.keys is not None:
+            return self.keys
+        return runs_to_keys(self.starts, self.lengths)
+
+
+def runs_to_keys(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Expand runs into the explicit key array (vectorised)."""
+    lengths = lengths.astype(np.int64)
+    total = int(lengths.sum())
+    if len(starts) == 1:
+        return np.arange(int(starts[0]), int(starts[0]) + total, dtype=np.uint64)
+    offs = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    base = np.repeat(starts.astype(np.uint64) - offs.astype(np.uint64), lengths)
+    return base + np.arange(total, dtype=np.uint64)
+
+
+def pack_keys(keys: np.ndarray) -> tuple[dict, list[np.ndarray]]:
+    """The wire form of sorted unique keys: (meta, arrays)."""
+    n = len(keys)
+    if n == 0:
+        return {"kf": "k"}, [keys]
+    if int(keys[-1]) - int(keys[0]) == n - 1:  # one contiguous run (keys are sorted and unique)
+        return {"kf": "r"}, [keys[:1].copy(), np.array([n], dtype=np.uint64)]
+    if n >= _RUNS_MIN_KEYS:
+        breaks = np.flatnonzero(np.diff(keys) != 1) + 1
+        if 2 * (len(breaks) + 1) < n:
+            starts = keys[np.concatenate(([0], breaks))]
+            lengths = np.diff(np.concatenate(([0], breaks, [n]))).astype(np.uint64)
+            return {"kf": "r"}, [starts, lengths]
+    return {"kf": "k"}, [keys]
+
+
+def pack_range(lo: int, hi: int) -> tuple[dict, list[np.ndarray]]:
+    return {"kf": "r"}, [np.array([lo], dtype=np.uint64), np.array([hi - lo], dtype=np.uint64)]
+
+
+def unpack_keys(msg: Message, first: int = 0) -> KeySet:
+    """Validate and return the keys of a request starting at array index ``first``."""
+    kf = msg.meta.get("kf", "k")
+    arrays = msg.arrays
+    if kf == "k":
+        if len(arrays) < first + 1:
+            raise ProtocolError("request has no key array")
+        keys = arrays[first]
+        if keys.dtype != U64 or keys.ndim != 1:
+            raise ProtocolError("keys must be a 1-D uint64 array")
+        if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+            raise ProtocolError("keys must be sorted and unique")
+        return KeySet(keys=keys)
+    if kf == "r":
+        if len(arrays) < first + 2:
+            raise ProtocolError("a runs request needs starts and lengths arrays")
+        starts, lengths = arrays[first], arrays[first + 1]
+        if (starts.dtype != U64 or lengths.dtype != U64 or starts.ndim != 1
+                or starts.shape != lengths.shape or len(starts) == 0):
+            raise ProtocolError("runs must be two equal-length, non-empty 1-D uint64 arrays")
+        if not (lengths >= 1).all():
+            raise ProtocolError("every run must hold at least one key")
+        ends = starts + lengths  # exclusive, wrapping: 0 means "up to 2**64" (last run only)
+        if ((ends <= starts) & (ends != 0)).any() or (ends[:-1] == 0).any():
+            raise ProtocolError("a run extends past the end of the key space")
+        if len(starts) > 1 and not (starts[1:] >= ends[:-1]).all():
+            raise ProtocolError("runs must be sorted and must not overlap")
+        return KeySet(starts=starts, lengths=lengths)
+    raise ProtocolError(f"unknown key format {kf!r}")
+
+
+def unpack_push(msg: Message, cols: int, dtype: np.dtype) -> tuple[KeySet, np.ndarray]:
+    keys = unpack_keys(msg)
+    nkey_arrays = 1 if msg.meta.get("kf", "k") == "k" else 2
+    if len(msg.arrays) != nkey_arrays + 1:
+        raise ProtocolError("a push carries its keys and exactly one values array")
+    vals = msg.arrays[nkey_arrays]
+    if vals.dtype != dtype:
+        raise ProtocolError(f"values are {vals.dtype} but the table stores {dtype}")
+    if vals.ndim == 1 and cols == 1:
+        vals = vals.reshape(-1, 1)
+    if vals.ndim != 2 or vals.shape != (keys.n, cols):
+        raise ProtocolError(f"values have shape {vals.shape} but {keys.n} keys x {cols} columns "
+                            f"were expected")
+    return keys, vals
+
+
+def apply_push(table, keys: KeySet, vals: np.ndarray) -> None:
+    if keys.keys is not None:
+        table.push(keys.keys, vals)
+    else:
+        table.push_runs(keys.starts, keys.lengths, vals)
+
+
+def apply_pull(table, keys: KeySet) -> np.ndarray:
+    if keys.keys is not None:
+        return table.pull(keys.keys)
+    return table.pull_runs(keys.starts, keys.lengths)
+
+
+def range_bounds(meta: dict) -> tuple[int, int]:
+    lo, hi = meta.get("lo"), meta.get("hi")
+    if type(lo) is not int or type(hi) is not int or not 0 <= lo <= hi <= (1 << 64):
+        raise ProtocolError("a range request needs integer bounds 0 <= lo <= hi <= 2**64")
+    return lo, hi
+
+
+def sum_parts(parts: list[tuple[np.ndarray, np.ndarray]], cols: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Sum several (keys, values) pushes into one: the aggregated update of a synchronous round."""
+    if len(parts) == 1:
+        return parts[0]
+    k0 = parts[0][0]
+    if all(len(k) == len(k0) and np.array_equal(k, k0) for k, _ in parts[1:]):
+        total = parts[0][1].astype(parts[0][1].dtype, copy=True)
+        for _, v in parts[1:]:
+            total += v
+        return k0, total
+    keys = np.concatenate([k for k, _ in parts])
+    vals = np.concatenate([v for _, v in parts])
+    order = np.argsort(keys, kind="stable")
+    keys, vals = keys[order], vals[order]
+    first = np.concatenate(([True], keys[1:] != keys[:-1]))
+    starts = np.flatnonzero(first)
+    return keys[starts], np.add.reduceat(vals, starts, axis=0)
+
+
+def sender_id(identity: bytes) -> int:
+    """Node id of a worker from its DEALER identity (b"n<id>")."""
+    if not identity.startswith(b"n") or not identity[1:].isdigit() or len(identity) > 12:
+        raise ProtocolError("sender identity is not a pserver node id")
+    return int(identity[1:])

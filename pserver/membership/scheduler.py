@@ -1,0 +1,286 @@
+"""The scheduler: the paper's server manager (membership, liveness, key ring) plus the task scheduler of
+the worker group (barriers, progress, shutdown). One single-threaded loop over one ROUTER socket."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from .. import security
+from ..config import Config
+from ..errors import ProtocolError
+from ..ring import KeyRing
+from ..transport import Transport
+from ..wire import Message
+from .view import ClusterView, NodeInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Barrier:
+    group: str
+    arrived: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # node id -> (identity, ts)
+
+
+class Scheduler:
+    """Runs the cluster's control plane until shut down.
+
+    exit_when_workers_done: shut the cluster down once every worker that joined has left (the normal
+    end of a job); turn off for a long-lived cluster that workers come and go from.
+    """
+
+    def __init__(self, cfg: Config, credentials: security.Credentials | None = None,
+                 exit_when_workers_done: bool = True):
+        self.cfg = cfg
+        host, port = cfg.require_scheduler()
+        self.transport = Transport(cfg, "scheduler", credentials)
+        self.sock, self.port = self.transport.bind_router(cfg.host or _bind_host(host), port)
+        self.view = ClusterView(settings={})
+        self.pending: list[tuple[bytes, int, dict]] = []   # registrations waiting for the cluster
+        self.identity_of: dict[int, bytes] = {}            # node id -> ROUTER identity (heartbeat sock)
+        self.last_seen: dict[int, float] = {}
+        self.started = False
+        self.barriers: dict[str, _Barrier] = {}
+        self.shutting_down = False
+        self.shutdown_deadline = 0.0
+        self.exit_when_workers_done = exit_when_workers_done
+        self.workers_ever = 0
+        self._next_id = 1
+        self.rejected = 0
+        log.info("scheduler listening on %s:%d, waiting for %d servers and %d workers",
+                 cfg.host or host, self.port, cfg.num_servers, cfg.num_workers)
+
+    # -- main loop ------------------------------------------------------------------------------
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        tick = min(0.05, self.cfg.heartbeat_interval / 2)
+        try:
+            while True:
+                for _ in poller.poll(tick * 1000):
+                    self._drain()
+                self._check_liveness()
+                if self.shutting_down and self._may_exit():
+                    break
+        finally:
+            log.info("scheduler exits")
+            self.transport.close()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            identity = bytes(frames[0].buffer)
+            try:
+                _, msg, role = self.transport.decode(frames, routed=True)
+                if self.transport.creds.secure and not security.authorise(msg.op, role, True):
+                    raise PermissionError(f"a {role} may not send {msg.op!r} to the scheduler")
+                self._handle(identity, msg, role)
+            except (ProtocolError, PermissionError, ValueError, KeyError, TypeError) as e:
+                self.rejected += 1
+                log.warning("rejected a message: %s", e)
+                self._send(identity, Message("error", meta={"error": str(e)[:500]}))
+
+    def _send(self, identity: bytes, msg: Message) -> None:
+        try:
+            self.transport.send(self.sock, msg, identity)
+        except zmq.ZMQError as e:  # peer vanished (ROUTER_MANDATORY)
+            log.debug("cannot reply to a vanished peer: %s", e)
+
+    def _handle(self, identity: bytes, msg: Message, role: str | None) -> None:
+        m = msg.meta
+        op = msg.op
+        if op == "heartbeat":
+            nid = int(m["id"])
+            node = self.view.nodes.get(nid)
+            if node is None:
+                raise ValueError(f"heartbeat from unknown node {nid}")
+            self.last_seen[nid] = time.monotonic()
+            reply = {"v": self.view.version, "shutdown": self.shutting_down}
+            if int(m.get("v", -1)) != self.view.version:
+                reply["view"] = self.view.to_json()
+            if not node.alive and node.state == "dead":
+                reply["dead"] = True  # it was declared dead: it must not come back silently
+            self._send(identity, Message("hb", msg.ts, meta=reply))
+        elif op == "register":
+            self._register(identity, msg, role)
+        elif op == "barrier":
+            self._barrier(identity, msg)
+        elif op == "status":
+            self._send(identity, Message("status", msg.ts, meta=self.status()))
+        elif op == "leave":
+            self._leave(int(m["id"]))
+            self._send(identity, Message("ok", msg.ts))
+        elif op == "shutdown":
+            log.warning("shutdown requested")
+            self._begin_shutdown()
+            self._send(identity, Message("ok", msg.ts))
+        else:
+            raise ValueError(f"unknown op {op!r} for the scheduler")
+
+    # -- registration --------------------------------------------------------------------------
+    def _register(self, identity: bytes, msg: Message, role: str | None) -> None:
+        m = msg.meta
+        node_role = m["role"]
+        if node_role not in ("server", "worker"):
+            raise ValueError(f"cannot register role {node_role!r}")
+        if role is not None and role != node_role:
+            raise PermissionError(f"credentials of a {role} cannot register as a {node_role}")
+        info = {"role": node_role, "host": str(m["host"]), "port": int(m["port"]),
+                "pid": int(m["pid"]), "rank": int(m.get("rank", -1))}
+        if self.shutting_down:
+            raise ValueError("the cluster is shutting down")
+        self._send(identity, Message("registered", msg.ts))
+        if self.started:
+            # a late node: joins the running cluster at once (elastic membership)
+            node = self._admit(info, node_role)
+            self._bump()
+            self._welcome(identity, msg.ts, node)
+            return
+        self.pending.append((identity, msg.ts, info))
+        n_s = sum(1 for _, _, i in self.pending if i["role"] == "server")
+        n_w = sum(1 for _, _, i in self.pending if i["role"] == "worker")
+        log.info("registered a %s (%d/%d servers, %d/%d workers)", node_role, n_s,
+                 self.cfg.num_servers, n_w, self.cfg.num_workers)
+        if n_s >= self.cfg.num_servers and n_w >= self.cfg.num_workers:
+            self._start()
+
+    def _admit(self, info: dict, role: str) -> NodeInfo:
+        taken = {n.rank for n in self.view.role_nodes(role, alive_only=False)}
+        rank = info["rank"] if info["rank"] >= 0 and info["rank"] not in taken else \
+            next(r for r in range(len(taken) + 1) if r not in taken)
+        node = NodeInfo(id=self._next_id, role=role, rank=rank, host=info["host"],
+                        port=info["port"], pid=info["pid"])
+        self._next_id += 1
+        self.view.nodes[node.id] = node
+        self.last_seen[node.id] = time.monotonic()
+        if role == "worker":
+            self.workers_ever += 1
+        return node
+
+    def _start(self) -> None:
+        # servers first, ordered by requested rank then arrival: ids and ranks are deterministic
+        order = sorted(self.pending, key=lambda p: (p[2]["role"] != "server",
+                                                    p[2]["rank"] if p[2]["rank"] >= 0 else 1 << 30))
+        admitted = [(ident, ts, self._admit(info, info["role"])) for ident, ts, info in order]
+        servers = [n.id for n in self.view.role_nodes("server")]
+        self.view.ring = KeyRing(servers, virtual=self.cfg.virtual_servers)
+        self.view.version = 1
+        self.started = True
+        self.pending.clear()
+        for ident, ts, node in admitted:
+            self._welcome(ident, ts, node)
+        log.info("cluster started: %d servers, %d workers", len(servers), self.view.num_workers)
+
+    def _welcome(self, identity: bytes, ts: int, node: NodeInfo) -> None:
+        self._send(identity, Message("welcome", ts, meta={"id": node.id, "rank": node.rank,
+                                                          "view": self.view.to_json()}))
+
+    def _bump(self) -> None:
+        self.view.version += 1
+        if self.view.ring is not None:
+            self.view.ring.version = self.view.version
+
+    # -- liveness ----------------------------------------------------------------------------
+    def _check_liveness(self) -> None:
+        if not self.started:
+            return
+        now = time.monotonic()
+        for nid, node in self.view.nodes.items():
+            if node.alive and now - self.last_seen.get(nid, now) > self.cfg.heartbeat_timeout:
+                node.alive = False
+                node.state = "dead"
+                log.error("%s %d (rank %d, pid %d at %s:%d) missed heartbeats for %.2f s: marked dead",
+                          node.role, nid, node.rank, node.pid, node.host, node.port,
+                          now - self.last_seen[nid])
+                self._bump()
+                self._recheck_barriers()
+                self._maybe_finish()
+
+    def _leave(self, nid: int) -> None:
+        node = self.view.nodes.get(nid)
+        if node is None or not node.alive:
+            return
+        node.alive = False
+        node.state = "left"
+        log.info("%s %d (rank %d) left", node.role, nid, node.rank)
+        self._bump()
+        self._recheck_barriers()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if (self.exit_when_workers_done and self.workers_ever and not self.shutting_down
+                and self.view.num_workers == 0):
+            log.info("every worker has finished: shutting the cluster down")
+            self._begin_shutdown()
+
+    def _begin_shutdown(self) -> None:
+        if not self.shutting_down:
+            self.shutting_down = True
+            self.shutdown_deadline = time.monotonic() + max(3.0, 5 * self.cfg.heartbeat_interval)
+
+    def _may_exit(self) -> bool:
+        others_up = [n for n in self.view.nodes.values() if n.alive]
+        return not others_up or time.monotonic() > self.shutdown_deadline
+
+    # -- barriers ---------------------------------------------------------------------------
+    def _barrier(self, identity: bytes, msg: Message) -> None:
+        name = str(msg.meta.get("name", ""))
+        group = str(msg.meta.get("group", "worker"))
+        nid = int(msg.meta["id"])
+        b = self.barriers.setdefault(name, _Barrier(group))
+        b.arrived[nid] = (identity, msg.ts)
+        self._complete(name, b)
+
+    def _complete(self, name: str, b: _Barrier) -> None:
+        members = {n.id for n in self.view.nodes.values() if n.alive
+                   and ((b.group == "all" and n.role != "scheduler") or n.role == b.group)}
+        if members <= set(b.arrived):
+            for ident, ts in b.arrived.values():
+                self._send(ident, Message("barrier_done", ts))
+            del self.barriers[name]
+
+    def _recheck_barriers(self) -> None:
+        for name, b in list(self.barriers.items()):
+            self._complete(name, b)
+
+    # -- status --------------------------------------------------------------------------
+    def status(self) -> dict:
+        now = time.monotonic()
+        view = self.view.to_json()
+        for n in view["nodes"]:
+            n["last_heartbeat"] = round(now - self.last_seen.get(n["id"], now), 3)
+        shares = self.view.ring.share() if self.view.ring else {}
+        for n in view["nodes"]:
+            if n["role"] == "server":
+                n["ring_share"] = round(shares.get(n["id"], 0.0), 4)
+        view["scheduler"] = {"pid": os.getpid(), "port": self.port, "started": self.started,
+                             "expected_servers": self.cfg.num_servers,
+                             "expected_workers": self.cfg.num_workers,
+                             "rejected_messages": self.rejected,
+                             "traffic": self.transport.counters.to_json()}
+        return view
+
+
+def _bind_host(host: str) -> str:
+    """Bind the scheduler's advertised host when it is an address of this machine, else all
+    interfaces of the same family (a DNS name such as a Kubernetes service resolves elsewhere)."""
+    import socket
+
+    try:
+        addr = socket.getaddrinfo(host, None)[0][4][0]
+    except OSError:
+        return "0.0.0.0"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET) as s:
+            s.bind((addr, 0))
+        return addr
+    except OSError:
+        return "::" if ":" in addr else "0.0.0.0"

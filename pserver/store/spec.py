@@ -1,0 +1,125 @@
+"""TableSpec: what a named table holds and how it is updated.
+
+Shared by workers and servers; it travels as JSON, so ``from_json`` treats its input as untrusted
+and validates every field. Two specs compare equal (and hash equal) exactly when their JSON forms
+are equal, which is how a server detects a conflicting redeclaration of a table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+from ..errors import TableError
+from .init import parse_init
+from .updaters import make_updater
+
+MAX_DIM = 1 << 16            # value columns per key; larger rows belong in several tables
+MAX_NAME_LEN = 128
+MAX_UPDATER_ARGS = 32
+DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """Declaration of one table. Construction validates every field (TableError if invalid).
+
+    name: table name (1..128 printable characters). dim: value columns per key.
+    dtype: "float32" | "float64". init: "zeros" | "constant:<c>" | "uniform:<a>" | "normal:<std>".
+    seed: initializer seed, 0 <= seed < 2^64. updater: registered updater name.
+    updater_args: keyword arguments of the updater (JSON numbers; do not mutate).
+    sync: synchronous aggregation (handled by the server loop, not the store).
+    """
+
+    name: str = "default"
+    dim: int = 1
+    dtype: str = "float32"
+    init: str = "zeros"
+    seed: int = 0
+    updater: str = "sum"
+    updater_args: dict = field(default_factory=dict)
+    sync: bool = False
+
+    def __post_init__(self) -> None:
+        _check_str("name", self.name)
+        if not 1 <= len(self.name) <= MAX_NAME_LEN or not self.name.isprintable():
+            raise TableError(f"table name must be 1..{MAX_NAME_LEN} printable characters, "
+                             f"got {self.name!r}")
+        _check_int("dim", self.dim, 1, MAX_DIM)
+        _check_str("dtype", self.dtype)
+        if self.dtype not in DTYPES:
+            raise TableError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        parse_init(self.init)
+        _check_int("seed", self.seed, 0, (1 << 64) - 1)
+        _check_str("updater", self.updater)
+        if not isinstance(self.updater_args, dict):
+            raise TableError(f"updater_args must be a JSON object, got {self.updater_args!r}")
+        if len(self.updater_args) > MAX_UPDATER_ARGS:
+            raise TableError(f"updater_args has more than {MAX_UPDATER_ARGS} entries")
+        for k, v in self.updater_args.items():
+            if not isinstance(k, str):
+                raise TableError(f"updater_args keys must be strings, got {k!r}")
+            if not _is_finite_number(v):
+                raise TableError(f"updater_args[{k!r}] must be a finite number, got {v!r}")
+        if not isinstance(self.sync, bool):
+            raise TableError(f"sync must be true or false, got {self.sync!r}")
+        # A private copy: the caller's dict may change later, the spec must not.
+        object.__setattr__(self, "updater_args", dict(self.updater_args))
+        u = make_updater(self.updater, self.updater_args)
+        object.__setattr__(self, "_push_factor", u.push_factor)
+
+    @property
+    def push_cols(self) -> int:
+        """Value columns a worker pushes per key: dim * updater.push_factor."""
+        return self.dim * self._push_factor
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict of every field (from_json(to_json()) == self)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["updater_args"] = dict(self.updater_args)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> TableSpec:
+        """Parse an untrusted JSON object. Missing fields take their defaults; unknown fields,
+        wrong types and invalid values raise TableError."""
+        if not isinstance(d, dict):
+            raise TableError(f"a table spec must be a JSON object, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise TableError(f"unknown table spec field(s) {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+    def _key(self) -> tuple:
+        return (self.name, self.dim, self.dtype, self.init, self.seed, self.updater,
+                tuple(sorted(self.updater_args.items())), self.sync)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TableSpec):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+def _is_finite_number(v: object) -> bool:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _check_str(name: str, v: object) -> None:
+    if not isinstance(v, str):
+        raise TableError(f"table spec field {name!r} must be a string, got {v!r}")
+
+
+def _check_int(name: str, v: object, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TableError(f"table spec field {name!r} must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise TableError(f"table spec field {name!r} must be in [{lo}, {hi}], got {v}")

@@ -1,0 +1,354 @@
+"""Table: one named sparse map from uint64 keys to fixed-length value rows (plus optimizer state).
+
+Storage is dense: row ``slot`` of ``_values`` (and ``_state``) belongs to the key the HashIndex
+maps to ``slot``. Slots of removed keys go to a free list and are reused by short inserts. The
+values array grows by doubling.
+
+Runs fast path: a consecutive group of >= RUN_MIN new keys gets contiguous slots and is
+remembered in the RunRegistry as (lo, last, first_slot). A later run of keys fully inside a
+registered run is a slice of the values array: no hash lookups at all, so dense ids 0..N cost
+about a numpy slice operation per push.
+
+Keys are validated by the caller (1-D uint64, sorted, unique); this layer only asserts shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from ..errors import ValueShapeError
+from .index import HashIndex, gather_rows, update_rows
+from .init import initial_values
+from .spec import TableSpec
+from .updaters import Updater, kernel_of, make_updater
+
+log = logging.getLogger(__name__)
+
+RUN_MIN = 64        # shortest consecutive group that gets contiguous slots and a registry entry
+SLICE_MIN = 1024    # covered runs at least this long are applied as slices, shorter ones gathered
+
+
+def _ranges(first: np.ndarray, lengths: np.ndarray, dtype) -> np.ndarray:
+    """Concatenation of first[i] + arange(lengths[i]) for every i (vectorised; wraps mod 2^64
+    for uint64, which is exact because the final values fit)."""
+    total = int(lengths.sum())
+    out = np.arange(total, dtype=dtype)
+    if total:
+        begin = np.zeros(lengths.size, dtype=dtype)
+        np.cumsum(lengths[:-1], out=begin[1:], dtype=dtype)
+        out += np.repeat(first.astype(dtype) - begin, lengths)
+    return out
+
+
+class RunRegistry:
+    """Sorted, disjoint key runs [lo, last] whose slots are first_slot .. first_slot+last-lo."""
+
+    def __init__(self) -> None:
+        self.lo = np.empty(0, dtype=np.uint64)
+        self.last = np.empty(0, dtype=np.uint64)
+        self.first = np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.lo.size
+
+    def nbytes(self) -> int:
+        return self.lo.nbytes + self.last.nbytes + self.first.nbytes
+
+    def clear(self) -> None:
+        self.__init__()
+
+    def cover(self, starts: np.ndarray, lasts: np.ndarray) -> np.ndarray:
+        """First slot of every run [starts[i], lasts[i]] lying inside one registered run, else -1."""
+        out = np.full(starts.size, -1, dtype=np.int64)
+        if not self.lo.size:
+            return out
+        j = np.searchsorted(self.lo, starts, side="right") - 1
+        ok = j >= 0
+        jj = np.where(ok, j, 0)
+        ok &= lasts <= self.last[jj]
+        out[ok] = self.first[jj[ok]] + (starts[ok] - self.lo[jj[ok]]).astype(np.int64)
+        return out
+
+    def add(self, lo: np.ndarray, last: np.ndarray, first: np.ndarray) -> None:
+        """Register new runs (disjoint from the registered ones); runs adjacent in both keys and
+        slots are merged, so dense ids pushed in chunks become one slice."""
+        lo = np.concatenate([self.lo, lo.astype(np.uint64)])
+        last = np.concatenate([self.last, last.astype(np.uint64)])
+        first = np.concatenate([self.first, first.astype(np.int64)])
+        order = np.argsort(lo, kind="stable")
+        lo, last, first = lo[order], last[order], first[order]
+        length = (last - lo).astype(np.int64) + 1
+        joins = np.zeros(lo.size, dtype=bool)
+        joins[1:] = (last[:-1] + np.uint64(1) == lo[1:]) & (first[:-1] + length[:-1] == first[1:])
+        heads = np.flatnonzero(~joins)
+        tails = np.append(heads[1:] - 1, lo.size - 1)
+        self.lo, self.last, self.first = lo[heads], last[tails], first[heads]
+
+    def drop_overlapping(self, keys: np.ndarray) -> None:
+        """Forget every run containing one of the sorted ``keys``."""
+        if not self.lo.size or not keys.size:
+            return
+        i = np.searchsorted(keys, self.lo, side="left")
+        hit = i < keys.size
+        hit[hit] = keys[i[hit]] <= self.last[hit]
+        keep = ~hit
+        self.lo, self.last, self.first = self.lo[keep], self.last[keep], self.first[keep]
+
+
+class Table:
+    """A named table: pull/push of key lists or key runs, bulk load/remove for checkpoints and
+    range migration. Not thread-safe (owned by one server loop).
+
+    capacity: initial number of keys to size arrays for (they grow as needed).
+    updater: overrides the spec's registered updater (e.g. a FunctionUpdater for a user handle).
+    """
+
+    def __init__(self, spec: TableSpec, capacity: int = 1024,
+                 updater: Updater | None = None) -> None:
+        if not isinstance(spec, TableSpec):
+            raise TypeError(f"spec must be a TableSpec, got {type(spec).__name__}")
+        self.spec = spec
+        self.dim = spec.dim
+        self.dtype = np.dtype(spec.dtype)
+        self.updater = updater if updater is not None else make_updater(spec.updater,
+                                                                        spec.updater_args)
+        self.push_cols = self.dim * self.updater.push_factor
+        self.state_cols = self.dim * self.updater.state_factor
+        self._kernel = kernel_of(self.updater)
+        cap = max(16, int(capacity))
+        self._index = HashIndex(cap)
+        self._values = np.empty((cap, self.dim), dtype=self.dtype)
+        # Shape (cap, 0) would still be indexable; (1, 0) keeps one compiled kernel signature.
+        self._state = np.zeros((cap, self.state_cols) if self.state_cols else (1, 0), self.dtype)
+        self._n_slots = 0                       # high-water mark of used slots
+        self._free = np.empty(0, dtype=np.int64)
+        self.runs = RunRegistry()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def nbytes(self) -> int:
+        """Bytes held: index buckets + value/state arrays (incl. unused capacity) + bookkeeping."""
+        return (self._index.nbytes() + self._values.nbytes + self._state.nbytes
+                + self._free.nbytes + self.runs.nbytes())
+
+    # ---- key lists -------------------------------------------------------------------------
+
+    def pull(self, keys: np.ndarray) -> np.ndarray:
+        """Rows (n, dim) of ``keys``; missing keys read as their initial values (not inserted)."""
+        keys = self._keys(keys)
+        slots, missing = self._index.lookup(keys)
+        out = np.empty((keys.size, self.dim), dtype=self.dtype)
+        gather_rows(self._values, slots, out)
+        if missing:
+            miss = np.flatnonzero(slots < 0)
+            out[miss] = initial_values(self.spec, keys[miss])
+        return out
+
+    def push(self, keys: np.ndarray, pushed: np.ndarray) -> None:
+        """Apply the updater to the rows of ``keys`` with ``pushed`` (n, push_cols); missing keys
+        are first inserted with their initial values. Raises ValueShapeError on a wrong shape."""
+        keys = self._keys(keys)
+        pushed = self._pushed(pushed, keys.size)
+        if keys.size:
+            self._apply(self._slots_inserting(keys), pushed)
+
+    # ---- key runs --------------------------------------------------------------------------
+
+    def pull_runs(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Rows of the keys starts[i] .. starts[i]+lengths[i]-1, runs concatenated in order."""
+        starts, lengths, offsets, first = self._runs_split(starts, lengths)
+        out = np.empty((int(offsets[-1]), self.dim), dtype=self.dtype)
+        big, small, rest = self._runs_classify(lengths, first)
+        for r in big:
+            s, o, n = first[r], offsets[r], lengths[r]
+            out[o:o + n] = self._values[s:s + n]
+        if small.size:
+            pos = _ranges(offsets[small], lengths[small], np.int64)
+            slots = _ranges(first[small], lengths[small], np.int64)
+            out[pos] = self._values[slots]
+        if rest.size:
+            pos = _ranges(offsets[rest], lengths[rest], np.int64)
+            out[pos] = self.pull(_ranges(starts[rest], lengths[rest], np.uint64))
+        return out
+
+    def push_runs(self, starts: np.ndarray, lengths: np.ndarray, pushed: np.ndarray) -> None:
+        """push() for the keys given as runs (see pull_runs); pushed rows in the same order."""
+        starts, lengths, offsets, first = self._runs_split(starts, lengths)
+        pushed = self._pushed(pushed, int(offsets[-1]))
+        big, small, rest = self._runs_classify(lengths, first)
+        # Uncovered runs first: inserting may reallocate the arrays the slices below point into.
+        if rest.size:
+            pos = _ranges(offsets[rest], lengths[rest], np.int64)
+            self.push(_ranges(starts[rest], lengths[rest], np.uint64), pushed[pos])
+        if small.size:
+            pos = _ranges(offsets[small], lengths[small], np.int64)
+            self._apply(_ranges(first[small], lengths[small], np.int64), pushed[pos])
+        for r in big:
+            s, o, n = first[r], offsets[r], lengths[r]
+            state = self._state[s:s + n] if self.state_cols else None
+            self.updater.apply(self._values[s:s + n], state, pushed[o:o + n])
+
+    # ---- bulk operations -------------------------------------------------------------------
+
+    def range_items(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, rows) of the stored keys with lo <= key < hi, sorted by key (hi may be 2^64)."""
+        lo, hi = max(int(lo), 0), min(int(hi), 1 << 64)
+        if hi <= lo:
+            return np.empty(0, np.uint64), np.empty((0, self.dim), self.dtype)
+        keys, slots = self._index.scan(lo, hi - 1)
+        order = np.argsort(keys)
+        return keys[order], self._values[slots[order]]
+
+    def items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(keys sorted, values, state or None) of every stored key, for checkpoints."""
+        keys, slots = self._index.scan(0, (1 << 64) - 1)
+        order = np.argsort(keys)
+        keys, slots = keys[order], slots[order]
+        state = self._state[slots] if self.state_cols else None
+        return keys, self._values[slots], state
+
+    def load(self, keys: np.ndarray, values: np.ndarray,
+             state: np.ndarray | None = None) -> None:
+        """Insert or overwrite ``keys`` with ``values`` (n, dim) and ``state`` (n, state_cols);
+        state None resets the optimizer state of these keys to zero (restore, migration)."""
+        keys = self._keys(keys)
+        values = np.asarray(values, dtype=self.dtype)
+        if values.shape != (keys.size, self.dim):
+            raise ValueShapeError(f"load: values have shape {values.shape}, expected "
+                                  f"({keys.size}, {self.dim}) for table {self.spec.name!r}")
+        if state is not None:
+            state = np.asarray(state, dtype=self.dtype)
+            if self.state_cols == 0 and state.size == 0:
+                state = None
+            elif state.shape != (keys.size, self.state_cols):
+                raise ValueShapeError(f"load: state has shape {state.shape}, expected "
+                                      f"({keys.size}, {self.state_cols})")
+        slots = self._slots_inserting(keys, fill=False)
+        self._values[slots] = values
+        if self.state_cols:
+            self._state[slots] = 0 if state is None else state
+
+    def remove(self, keys: np.ndarray) -> int:
+        """Delete ``keys`` (absent ones ignored); returns how many were stored."""
+        keys = self._keys(keys)
+        freed = self._index.remove(keys)
+        self.runs.drop_overlapping(keys)
+        if freed.size:
+            self._free = np.concatenate([self._free, freed])
+        if not len(self._index):   # an empty table starts over with compact slots
+            self._n_slots, self._free = 0, np.empty(0, dtype=np.int64)
+            self.runs.clear()
+        return int(freed.size)
+
+    # ---- internals -------------------------------------------------------------------------
+
+    @staticmethod
+    def _keys(keys: np.ndarray) -> np.ndarray:
+        assert keys.ndim == 1 and keys.dtype == np.uint64, "keys must be 1-D uint64"
+        return np.ascontiguousarray(keys)
+
+    def _pushed(self, pushed: np.ndarray, n: int) -> np.ndarray:
+        pushed = np.ascontiguousarray(pushed, dtype=self.dtype)
+        if pushed.shape != (n, self.push_cols):
+            raise ValueShapeError(f"pushed values have shape {pushed.shape}, expected "
+                                  f"({n}, {self.push_cols}) for table {self.spec.name!r} "
+                                  f"(dim {self.dim} x push factor {self.updater.push_factor})")
+        return pushed
+
+    def _apply(self, slots: np.ndarray, pushed: np.ndarray) -> None:
+        """Run the updater on rows ``slots`` (unique, present)."""
+        if self._kernel is not None:
+            kind, params = self._kernel
+            update_rows(kind, params, self._values, self._state, slots, pushed)
+            return
+        w = self._values[slots]
+        state = self._state[slots] if self.state_cols else None
+        self.updater.apply(w, state, pushed)
+        self._values[slots] = w
+        if state is not None:
+            self._state[slots] = state
+
+    def _slots_inserting(self, keys: np.ndarray, fill: bool = True) -> np.ndarray:
+        """Slots of ``keys`` (sorted, unique), inserting the missing ones (with initial values
+        and zero state when ``fill``)."""
+        slots, missing = self._index.lookup(keys)
+        if missing:
+            miss = np.flatnonzero(slots < 0)
+            new_keys = keys[miss]
+            new_slots = self._allocate(new_keys)
+            self._index.insert(new_keys, new_slots)
+            if fill:
+                self._values[new_slots] = initial_values(self.spec, new_keys)
+                if self.state_cols:
+                    self._state[new_slots] = 0
+            slots[miss] = new_slots
+        return slots
+
+    def _allocate(self, keys: np.ndarray) -> np.ndarray:
+        """Slots for new sorted keys: consecutive groups >= RUN_MIN get contiguous slots at the
+        end and a registry entry; the other keys reuse freed slots first."""
+        n = keys.size
+        brk = np.flatnonzero(keys[1:] - keys[:-1] != np.uint64(1)) + 1
+        g_start = np.concatenate(([0], brk))
+        g_len = np.diff(np.append(g_start, n))
+        long_g = g_len >= RUN_MIN
+        slots = np.empty(n, dtype=np.int64)
+        is_long = np.repeat(long_g, g_len)
+        n_long = int(g_len[long_g].sum())
+        n_short = n - n_long
+        reuse = min(n_short, self._free.size)
+        self._reserve_slots(n - reuse)
+        base = self._n_slots
+        if n_long:
+            slots[is_long] = np.arange(base, base + n_long)
+            first = base + np.concatenate(([0], np.cumsum(g_len[long_g])[:-1]))
+            lo = keys[g_start[long_g]]
+            self.runs.add(lo, lo + (g_len[long_g] - 1).astype(np.uint64), first)
+        if n_short:
+            fresh = np.arange(base + n_long, base + n_long + n_short - reuse)
+            taken = self._free[self._free.size - reuse:]
+            self._free = self._free[:self._free.size - reuse]
+            slots[~is_long] = np.concatenate([taken, fresh])
+        self._n_slots = base + n - reuse
+        return slots
+
+    def _reserve_slots(self, extra: int) -> None:
+        """Grow the value/state arrays (doubling) to hold ``extra`` more slots."""
+        need = self._n_slots + extra
+        cap = self._values.shape[0]
+        if need <= cap:
+            return
+        while cap < need:
+            cap *= 2
+        values = np.empty((cap, self.dim), dtype=self.dtype)
+        values[:self._n_slots] = self._values[:self._n_slots]
+        self._values = values
+        if self.state_cols:
+            state = np.zeros((cap, self.state_cols), dtype=self.dtype)
+            state[:self._n_slots] = self._state[:self._n_slots]
+            self._state = state
+
+    def _runs_split(self, starts, lengths):
+        """Validated-by-shape runs plus their output offsets and registry cover (first slot)."""
+        starts = np.ascontiguousarray(starts, dtype=np.uint64)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        assert starts.ndim == 1 and starts.shape == lengths.shape, "starts/lengths: same 1-D shape"
+        assert not lengths.size or lengths.min() >= 0, "run lengths must be >= 0"
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        lasts = starts + (lengths - 1).astype(np.uint64)
+        first = self.runs.cover(starts, lasts)
+        first[lengths == 0] = 0                  # empty runs are trivially covered
+        return starts, lengths, offsets, first
+
+    @staticmethod
+    def _runs_classify(lengths, first):
+        """Indices of covered runs applied as slices, covered runs gathered, uncovered runs."""
+        covered = first >= 0
+        big = np.flatnonzero(covered & (lengths >= SLICE_MIN))
+        small = np.flatnonzero(covered & (lengths < SLICE_MIN) & (lengths > 0))
+        rest = np.flatnonzero(~covered)
+        return big.tolist(), small, rest

@@ -1,0 +1,142 @@
+"""ZeroMQ sockets of one node: creation (with the cluster's credentials), send and receive of
+:class:`~pserver.wire.Message`, and traffic counters. Nothing else.
+
+Shape: every node that serves requests binds one ROUTER; every node that makes requests connects one
+DEALER per peer. A DEALER->ROUTER connection is a single TCP stream read by a single-threaded loop, which is
+what gives per-sender FIFO order. ZeroMQ sockets are not thread-safe: each socket here is used by exactly one
+thread (or under its owner's lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+
+import zmq
+
+from . import security, wire
+from .config import Config, zmq_endpoint
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class TrafficCounters:
+    """Bytes and messages sent/received per message op (thread-safe enough: += under a lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.sent: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # op -> [messages, bytes]
+        self.received: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+
+    def count(self, table: dict, op: str, nbytes: int) -> None:
+        with self._lock:
+            entry = table[op]
+            entry[0] += 1
+            entry[1] += nbytes
+
+    def to_json(self) -> dict:
+        with self._lock:
+            return {
+                "bytes_sent": sum(v[1] for v in self.sent.values()),
+                "bytes_received": sum(v[1] for v in self.received.values()),
+                "messages_sent": sum(v[0] for v in self.sent.values()),
+                "messages_received": sum(v[0] for v in self.received.values()),
+                "sent_by_op": {k: {"messages": v[0], "bytes": v[1]} for k, v in self.sent.items()},
+                "received_by_op": {k: {"messages": v[0], "bytes": v[1]}
+                                   for k, v in self.received.items()},
+            }
+
+
+def load_credentials(cfg: Config, role: str) -> security.Credentials:
+    """The node's credentials: CURVE keys from PSERVER_KEYS, or plain text with PSERVER_INSECURE=1."""
+    if cfg.insecure:
+        return security.Credentials.insecure()
+    if not cfg.keys:
+        raise ConfigError(
+            "no cluster keys: run `pserver keygen DIR` and set PSERVER_KEYS=DIR (or --keys DIR) on "
+            "every node, or pass --insecure / PSERVER_INSECURE=1 for an unauthenticated cluster")
+    return security.Credentials.load(cfg.keys, role)
+
+
+class Transport:
+    """The sockets of one node, sharing one ZeroMQ context and one set of credentials."""
+
+    def __init__(self, cfg: Config, role: str, credentials: security.Credentials | None = None):
+        self.cfg = cfg
+        self.role = role
+        self.limits = cfg.limits
+        self.ctx = zmq.Context()
+        self.creds = credentials if credentials is not None else load_credentials(cfg, role)
+        if self.creds.secure:
+            self.creds.start_authenticator(self.ctx)
+        self.counters = TrafficCounters()
+        self._sockets: list[zmq.Socket] = []
+
+    def _socket(self, kind: int) -> zmq.Socket:
+        sock = self.ctx.socket(kind)
+        sock.linger = 0
+        sock.sndhwm = 0  # no silent drops and no blocking on bursts of in-flight requests
+        sock.rcvhwm = 0
+        self._sockets.append(sock)
+        return sock
+
+    def bind_router(self, host: str, port: int = 0) -> tuple[zmq.Socket, int]:
+        """A ROUTER bound on host:port (port 0 = any free port). Returns the socket and its port."""
+        sock = self._socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises, never drops
+        if ":" in host:
+            sock.setsockopt(zmq.IPV6, 1)
+        self.creds.configure_server(sock)
+        try:
+            if port:
+                sock.bind(zmq_endpoint(host, port))
+            else:
+                port = sock.bind_to_random_port(zmq_endpoint(host, "").rsplit(":", 1)[0])
+        except zmq.ZMQError as e:
+            raise ConfigError(f"cannot bind {host}:{port}: {e} (check PSERVER_HOST / the port)") from None
+        return sock, port
+
+    def connect_dealer(self, host: str, port: int, peer_role: str,
+                       identity: bytes | None = None) -> zmq.Socket:
+        """A DEALER connected to the ROUTER of a peer of role ``peer_role``."""
+        sock = self._socket(zmq.DEALER)
+        if identity is not None:
+            sock.identity = identity
+        if ":" in host:
+            sock.setsockopt(zmq.IPV6, 1)
+        self.creds.configure_client(sock, peer_role)
+        sock.connect(zmq_endpoint(host, port))
+        return sock
+
+    def send(self, sock: zmq.Socket, msg: wire.Message, identity: bytes | None = None) -> None:
+        frames = wire.encode(msg)
+        if identity is not None:
+            frames.insert(0, identity)
+        sock.send_multipart(frames, copy=False)
+        self.counters.count(self.counters.sent, msg.op, wire.payload_bytes(frames))
+
+    def decode(self, frames: list, routed: bool) -> tuple[bytes | None, wire.Message, str | None]:
+        """Decode received frames -> (identity or None, message, authenticated peer role or None).
+
+        Raises ProtocolError for malformed input; the identity is still available to the caller via
+        :func:`identity_of` so that it can send an error reply.
+        """
+        identity = bytes(frames[0].buffer) if routed else None
+        body = frames[1:] if routed else frames
+        role = self.creds.peer_role(body[0]) if body and self.creds.secure else None
+        nbytes = sum(len(f.buffer) for f in body)
+        msg = wire.decode(body, self.limits)
+        self.counters.count(self.counters.received, msg.op, nbytes)
+        return identity, msg, role
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            try:
+                sock.close(linger=0)
+            except zmq.ZMQError:
+                pass
+        self._sockets.clear()
+        self.creds.close()
+        self.ctx.term()

@@ -1,0 +1,153 @@
+"""The wire format: one codec, one place.
+
+A message is a multipart ZeroMQ message::
+
+    frame 0   b"PS1" + JSON header   {"op": str, "ts": int, "t": table, "m": {...}, "a": [[dtype, shape], ...]}
+    frame 1.. one frame per numpy array listed in "a", raw bytes in C order
+
+Arrays travel as zero-copy frames (pyzmq copies frames below its copy threshold, which is faster for small
+ones). Nothing received is unpickled or evaluated: the header is JSON, array dtypes come from a whitelist,
+and every declared length is checked against the frame that carries it *before* any array is built, so a
+lying header cannot make the receiver allocate what it claims.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .errors import ProtocolError
+
+MAGIC = b"PS1"
+
+# dtype code on the wire -> numpy dtype. Little-endian only; anything else is rejected.
+DTYPES: dict[str, np.dtype] = {
+    code: np.dtype(code)
+    for code in ("<u8", "<i8", "<f4", "<f8", "<f2", "<u4", "<i4", "<u2", "|u1", "|i1")
+}
+_CODE_OF = {dt: code for code, dt in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds enforced on every received message before allocation.
+
+    max_message_bytes: total payload bytes of all array frames.
+    max_keys: entries in any one array (keys per request).
+    max_dim: columns of a 2-D array (value dimension).
+    max_header_bytes: size of the JSON header frame.
+    """
+
+    max_message_bytes: int = 1 << 31
+    max_keys: int = 1 << 28
+    max_dim: int = 1 << 24
+    max_header_bytes: int = 1 << 16
+    max_arrays: int = 64
+
+
+DEFAULT_LIMITS = Limits()
+
+
+@dataclass
+class Message:
+    """A decoded message. ``meta`` holds small op-specific fields (JSON values only)."""
+
+    op: str
+    ts: int = 0
+    table: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+
+def _code(arr: np.ndarray) -> str:
+    try:
+        return _CODE_OF[arr.dtype]
+    except KeyError:
+        raise ProtocolError(f"dtype {arr.dtype} cannot be sent; use one of {sorted(DTYPES)}") from None
+
+
+def encode(msg: Message) -> list:
+    """Frames for ``msg``: the header, then each array (made C-contiguous if it is not)."""
+    arrays = [np.ascontiguousarray(a) for a in msg.arrays]
+    header: dict[str, Any] = {"op": msg.op, "ts": msg.ts}
+    if msg.table:
+        header["t"] = msg.table
+    if msg.meta:
+        header["m"] = msg.meta
+    if arrays:
+        header["a"] = [[_code(a), list(a.shape)] for a in arrays]
+    return [MAGIC + json.dumps(header, separators=(",", ":")).encode(), *arrays]
+
+
+def _buffer(frame) -> memoryview:
+    # zmq.Frame (copy=False receive) exposes .buffer; bytes/bytearray/memoryview are used as they are.
+    buf = getattr(frame, "buffer", frame)
+    return buf if isinstance(buf, memoryview) else memoryview(buf)
+
+
+def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse frames into a :class:`Message`; raise :class:`ProtocolError` on anything malformed.
+
+    Array data is not copied: each array is a view on its frame's buffer.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    head = _buffer(frames[0])
+    if len(head) > limits.max_header_bytes:
+        raise ProtocolError(f"header of {len(head)} bytes exceeds the limit {limits.max_header_bytes}")
+    raw = bytes(head)
+    if not raw.startswith(MAGIC):
+        raise ProtocolError("not a pserver message (bad magic or protocol version)")
+    try:
+        header = json.loads(raw[len(MAGIC):])
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header is not a JSON object")
+    op, ts = header.get("op"), header.get("ts", 0)
+    table, meta, specs = header.get("t", ""), header.get("m", {}), header.get("a", [])
+    if not isinstance(op, str) or not op:
+        raise ProtocolError("header has no op")
+    if type(ts) is not int or not -(1 << 62) < ts < (1 << 62):
+        raise ProtocolError("header ts is not an integer")
+    if not isinstance(table, str) or len(table) > 256:
+        raise ProtocolError("header table name is not a short string")
+    if not isinstance(meta, dict):
+        raise ProtocolError("header meta is not an object")
+    if not isinstance(specs, list) or len(specs) > limits.max_arrays:
+        raise ProtocolError("header array list is malformed or too long")
+    if len(specs) != len(frames) - 1:
+        raise ProtocolError(f"header declares {len(specs)} arrays but {len(frames) - 1} frames came")
+    arrays = []
+    total = 0
+    for spec, frame in zip(specs, frames[1:]):
+        if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
+                and isinstance(spec[1], list) and 1 <= len(spec[1]) <= 2
+                and all(type(d) is int and 0 <= d <= limits.max_keys for d in spec[1])):
+            raise ProtocolError(f"bad array spec {spec!r:.80}")
+        dtype = DTYPES.get(spec[0])
+        if dtype is None:
+            raise ProtocolError(f"dtype {spec[0]!r:.20} is not allowed")
+        shape = tuple(spec[1])
+        if len(shape) == 2 and shape[1] > limits.max_dim:
+            raise ProtocolError(f"value dimension {shape[1]} exceeds the limit {limits.max_dim}")
+        count = shape[0] * (shape[1] if len(shape) == 2 else 1)
+        if count > limits.max_keys * (shape[1] if len(shape) == 2 else 1):
+            raise ProtocolError(f"array of {count} entries exceeds the limit")
+        nbytes = count * dtype.itemsize
+        total += nbytes
+        if total > limits.max_message_bytes:
+            raise ProtocolError(f"message exceeds the size limit of {limits.max_message_bytes} bytes")
+        buf = _buffer(frame)
+        if len(buf) != nbytes:
+            raise ProtocolError(f"frame has {len(buf)} bytes but its header declares {nbytes}")
+        arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
+    return Message(op=op, ts=ts, table=table, meta=meta, arrays=arrays)
+
+
+def payload_bytes(frames: list) -> int:
+    """Bytes a list of frames occupies on the wire (header included), for traffic accounting."""
+    return sum(len(_buffer(f)) if not isinstance(f, np.ndarray) else f.nbytes for f in frames)

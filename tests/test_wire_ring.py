@@ -1,0 +1,117 @@
+"""Pure units: the wire codec, key formats and the key ring (no sockets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pserver.errors import ProtocolError
+from pserver.kv import keys as keyfmt
+from pserver.ring import KeyRing
+from pserver.wire import Limits, Message, decode, encode
+
+
+def _frames(msg):
+    return [bytes(f) if isinstance(f, bytes) else f.tobytes() for f in encode(msg)]
+
+
+def test_round_trip_arrays_and_meta():
+    k = np.arange(5, dtype=np.uint64)
+    v = np.arange(10, dtype=np.float32).reshape(5, 2)
+    msg = decode(_frames(Message("push", 42, "emb", {"kf": "k", "x": [1, 2]}, [k, v])))
+    assert (msg.op, msg.ts, msg.table, msg.meta) == ("push", 42, "emb", {"kf": "k", "x": [1, 2]})
+    assert np.array_equal(msg.arrays[0], k) and np.array_equal(msg.arrays[1], v)
+    assert msg.arrays[1].dtype == np.float32 and msg.arrays[1].shape == (5, 2)
+
+
+@pytest.mark.parametrize("frames,match", [
+    ([], "empty"),
+    ([b"XX1{}"], "magic"),
+    ([b"PS1[1]"], "object"),
+    ([b"PS1{\"ts\":1}"], "no op"),
+    ([b'PS1{"op":"x","ts":"1"}'], "ts"),
+    ([b'PS1{"op":"x","a":[["<u8",[2]]]}'], "declares 1 arrays but 0"),
+    ([b'PS1{"op":"x","a":[["<u8",[2]]]}', b"1234567"], "declares 16"),
+    ([b'PS1{"op":"x","a":[["O",[2]]]}', b"12345678"], "not allowed"),
+    ([b'PS1{"op":"x","a":[["<u8",[-2]]]}', b""], "bad array spec"),
+    ([b'PS1{"op":"x","a":[["<u8",[1,2,3]]]}', b""], "bad array spec"),
+])
+def test_malformed_frames_rejected(frames, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode(frames)
+
+
+def test_limits_enforced_before_allocation():
+    lim = Limits(max_message_bytes=1000, max_keys=100, max_dim=4)
+    with pytest.raises(ProtocolError, match="bad array spec"):
+        decode([b'PS1{"op":"x","a":[["<u8",[101]]]}', b""], lim)
+    with pytest.raises(ProtocolError, match="dimension"):
+        decode([b'PS1{"op":"x","a":[["<f4",[1,5]]]}', b""], lim)
+    with pytest.raises(ProtocolError, match="size limit"):
+        decode([b'PS1{"op":"x","a":[["<f8",[100,2]]]}', b""], lim)
+    with pytest.raises(ProtocolError, match="header"):
+        decode([b"PS1" + b" " * 70000], Limits())
+
+
+def test_pack_keys_chooses_runs_for_dense_ids():
+    meta, arrays = keyfmt.pack_keys(np.arange(10, 1_000_010, dtype=np.uint64))
+    assert meta["kf"] == "r" and arrays[0].tolist() == [10] and arrays[1].tolist() == [1_000_000]
+    gaps = np.concatenate([np.arange(0, 100), np.arange(200, 300)]).astype(np.uint64)
+    meta, arrays = keyfmt.pack_keys(gaps)
+    assert meta["kf"] == "r" and arrays[0].tolist() == [0, 200] and arrays[1].tolist() == [100, 100]
+    sparse = np.array([1, 5, 9, 200], dtype=np.uint64)
+    assert keyfmt.pack_keys(sparse)[0]["kf"] == "k"
+    back = keyfmt.runs_to_keys(arrays[0], arrays[1])
+    assert np.array_equal(back, gaps)
+
+
+@pytest.mark.parametrize("starts,lengths", [
+    ([5, 3], [1, 1]),                 # unsorted
+    ([0, 5], [10, 1]),                # overlapping
+    ([2**64 - 2], [5]),               # wraps past the key space
+    ([0], [0]),                       # empty run
+])
+def test_bad_runs_rejected(starts, lengths):
+    msg = Message("pull", 1, meta={"kf": "r"}, arrays=[np.array(starts, np.uint64),
+                                                       np.array(lengths, np.uint64)])
+    with pytest.raises(ProtocolError):
+        keyfmt.unpack_keys(msg)
+
+
+def test_run_to_the_top_of_the_key_space_is_valid():
+    msg = Message("pull", 1, meta={"kf": "r"}, arrays=[np.array([2**64 - 3], np.uint64),
+                                                       np.array([3], np.uint64)])
+    assert keyfmt.unpack_keys(msg).n == 3
+
+
+def test_ring_balances_dense_and_hashed_keys():
+    ring = KeyRing([1, 2], virtual=32)
+    dense = np.arange(2_000_000, dtype=np.uint64)
+    hashed = np.sort(np.random.default_rng(1).integers(0, 2**64 - 1, 200_000, dtype=np.uint64))
+    for keys in (dense, hashed):
+        owners = ring.owner_of(keys)
+        share = (owners == 1).mean()
+        assert 0.3 < share < 0.7, share
+    assert sum(ring.share().values()) == pytest.approx(1.0)
+
+
+def test_ring_split_covers_every_key_once_and_keeps_order():
+    ring = KeyRing([3, 7, 11], virtual=16, block_bits=4)
+    keys = np.unique(np.random.default_rng(2).integers(0, 5000, 3000).astype(np.uint64))
+    parts = ring.split(keys)
+    seen = np.concatenate([np.arange(len(keys))[sel] for _, sel in parts])
+    assert np.array_equal(np.sort(seen), np.arange(len(keys)))
+    for sid, sel in parts:
+        sub = keys[sel]
+        assert (np.diff(sub.astype(np.int64)) > 0).all()
+        assert (ring.owner_of(sub) == sid).all()
+
+
+def test_ring_is_stable_under_membership_change():
+    """Consistent hashing: adding a server moves only about 1/n of the blocks."""
+    blocks = np.arange(100_000, dtype=np.uint64)
+    before = KeyRing([1, 2, 3], virtual=64).owner_of_blocks(blocks)
+    after = KeyRing([1, 2, 3, 4], virtual=64).owner_of_blocks(blocks)
+    moved = before != after
+    assert (after[moved] == 4).all()
+    assert 0.15 < moved.mean() < 0.35
