@@ -124,10 +124,10 @@ def test_malformed_messages_rejected_values_unchanged(one_worker):
     sock.connect(f"tcp://{server.host}:{server.port}")
     bad = [
         [b"garbage"],
-        [b"PS1{not json"],
+        [b"PS1\x09\x00\x00\x00{not json"],
         encode(Message("push", 1, "default", {"kf": "k"},
                        [keys, np.ones(50, np.float32)])),            # length mismatch
-        [b'PS1{"op":"push","ts":2,"a":[["<u8",[100000000]]]}', b"x" * 16],  # lying header
+        [b'PS1\x2e\x00\x00\x00{"op":"push","ts":2,"a":[["<u8",[100000000]]]}', b"x" * 16],
         encode(Message("push", 3, "default", {"kf": "k"}, [keys[::-1].copy(),
                                                            np.ones(100, np.float32)])),
         encode(Message("push", 4, "default", {"kf": "k"}, [keys, np.ones(100, np.float64)])),

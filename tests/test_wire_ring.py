@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,12 @@ from pserver.errors import ProtocolError
 from pserver.kv import keys as keyfmt
 from pserver.ring import KeyRing
 from pserver.wire import Limits, Message, decode, encode
+
+
+def _hdr(text: str) -> bytes:
+    """A raw frame 0 with the given JSON header text (for malformed-input tests)."""
+    raw = text.encode()
+    return b"PS1" + struct.pack("<I", len(raw)) + raw
 
 
 def _frames(msg):
@@ -27,14 +35,17 @@ def test_round_trip_arrays_and_meta():
 @pytest.mark.parametrize("frames,match", [
     ([], "empty"),
     ([b"XX1{}"], "magic"),
-    ([b"PS1[1]"], "object"),
-    ([b"PS1{\"ts\":1}"], "no op"),
-    ([b'PS1{"op":"x","ts":"1"}'], "ts"),
-    ([b'PS1{"op":"x","a":[["<u8",[2]]]}'], "declares 1 arrays but 0"),
-    ([b'PS1{"op":"x","a":[["<u8",[2]]]}', b"1234567"], "declares 16"),
-    ([b'PS1{"op":"x","a":[["O",[2]]]}', b"12345678"], "not allowed"),
-    ([b'PS1{"op":"x","a":[["<u8",[-2]]]}', b""], "bad array spec"),
-    ([b'PS1{"op":"x","a":[["<u8",[1,2,3]]]}', b""], "bad array spec"),
+    ([b"PS1\xff\xff\x00\x00{}"], "header length"),
+    ([_hdr('{"op":"x","a":[["<u8",[1]]],"i":1}')], "past the end"),
+    ([_hdr('{"op":"x"}') + b"junk"], "trailing"),
+    ([_hdr("[1]")], "object"),
+    ([_hdr('{"ts":1}')], "no op"),
+    ([_hdr('{"op":"x","ts":"1"}')], "ts"),
+    ([_hdr('{"op":"x","a":[["<u8",[2]]]}')], "declares 1 arrays but 0"),
+    ([_hdr('{"op":"x","a":[["<u8",[2]]]}'), b"1234567"], "declares 16"),
+    ([_hdr('{"op":"x","a":[["O",[2]]]}'), b"12345678"], "not allowed"),
+    ([_hdr('{"op":"x","a":[["<u8",[-2]]]}'), b""], "bad array spec"),
+    ([_hdr('{"op":"x","a":[["<u8",[1,2,3]]]}'), b""], "bad array spec"),
 ])
 def test_malformed_frames_rejected(frames, match):
     with pytest.raises(ProtocolError, match=match):
@@ -44,13 +55,13 @@ def test_malformed_frames_rejected(frames, match):
 def test_limits_enforced_before_allocation():
     lim = Limits(max_message_bytes=1000, max_keys=100, max_dim=4)
     with pytest.raises(ProtocolError, match="bad array spec"):
-        decode([b'PS1{"op":"x","a":[["<u8",[101]]]}', b""], lim)
+        decode([_hdr('{"op":"x","a":[["<u8",[101]]]}'), b""], lim)
     with pytest.raises(ProtocolError, match="dimension"):
-        decode([b'PS1{"op":"x","a":[["<f4",[1,5]]]}', b""], lim)
+        decode([_hdr('{"op":"x","a":[["<f4",[1,5]]]}'), b""], lim)
     with pytest.raises(ProtocolError, match="size limit"):
-        decode([b'PS1{"op":"x","a":[["<f8",[100,2]]]}', b""], lim)
+        decode([_hdr('{"op":"x","a":[["<f8",[100,2]]]}'), b""], lim)
     with pytest.raises(ProtocolError, match="header"):
-        decode([b"PS1" + b" " * 70000], Limits())
+        decode([_hdr(" " * 70000)], Limits())
 
 
 def test_pack_keys_chooses_runs_for_dense_ids():
