@@ -124,6 +124,20 @@ class LocalCluster:
                                         *self.server_args], self.env(i))
         return self
 
+    def wait_scheduler(self, timeout: float = 30.0) -> dict:
+        """Block until the scheduler answers a status request; return the status."""
+        from .membership.client import scheduler_request
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return scheduler_request(self.config(), "status", role="scheduler" if not self.insecure
+                                         else "worker", timeout=1.0).meta
+            except PServerError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
         out = subprocess.PIPE if self.prefix_output else None
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None,

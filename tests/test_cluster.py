@@ -179,7 +179,8 @@ def test_scheduler_unreachable_clear_error():
 
 def test_cluster_that_never_completes_gives_a_clear_error(cluster_factory):
     cluster = cluster_factory(1, 2)
-    cfg = cluster.config(0).with_(connect_timeout=3.0)
+    cluster.wait_scheduler()
+    cfg = cluster.config(0).with_(connect_timeout=2.0)
     with pytest.raises(SchedulerUnreachableError, match="did not start"):
         pserver.KVWorker(cfg)  # only one of the two workers comes: the cluster never starts
 

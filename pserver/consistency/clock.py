@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import operator
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import pairwise
 from typing import Any
 
@@ -318,6 +318,27 @@ class RangeClock:
             return False
         m.raise_to(lo, hi, t)
         return True
+
+    def admit(self, node: int, lo: int, hi: int, t: int, keys: Callable[[], np.ndarray]
+              ) -> np.ndarray | bool:
+        """The server's exactly-once filter for one update message, in one call.
+
+        Returns True when every key of [lo, hi) is new for `node` at time t (apply all: the common
+        case, decided without looking at keys), False when every key was already applied (a
+        duplicate or stale resend: apply nothing), else a bool mask over ``keys()`` of the keys to
+        apply. The clock is advanced to max(old, t) on [lo, hi) in the first and last cases.
+        """
+        m = self._maps.get(node)
+        if m is None:
+            m = self._maps[node] = RangeMap(NEVER)
+        if m.max(lo, hi) < t:
+            m.raise_to(lo, hi, t)
+            return True
+        if m.min(lo, hi) >= t:
+            return False
+        mask = m.fresh_mask(lo, hi, t, keys())
+        m.raise_to(lo, hi, t)
+        return mask
 
     def fresh_mask(self, node: int, lo: int, hi: int, t: int, keys: np.ndarray) -> np.ndarray:
         """Mask of `keys` in [lo, hi) whose time for `node` is still < t: the keys a message from

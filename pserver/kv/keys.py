@@ -30,6 +30,12 @@ class KeySet:
         self.keys, self.starts, self.lengths = keys, starts, lengths
         self.n = len(keys) if keys is not None else int(lengths.sum())
 
+    def span(self) -> tuple[int, int]:
+        """[first key, last key + 1): the key range the request covers (for range clocks)."""
+        if self.keys is not None:
+            return int(self.keys[0]), int(self.keys[-1]) + 1
+        return int(self.starts[0]), int(self.starts[-1]) + int(self.lengths[-1])
+
     def as_array(self) -> np.ndarray:
         if self.keys is not None:
             return self.keys

@@ -22,6 +22,7 @@ import zmq
 
 from .. import security
 from ..config import Config
+from ..consistency.clock import RangeClock
 from ..errors import ProtocolError, PServerError, TableError
 from ..membership.node import Membership
 from ..store.spec import TableSpec
@@ -72,7 +73,9 @@ class KVServer:
             "default": Table(TableSpec(name="default", updater=default_updater))}
         self.rounds: dict[str, dict[int, _Round]] = {}
         self.held: dict[bytes, deque] = {}   # sender identity -> requests held behind a sync push
+        self.clocks: dict[str, RangeClock] = {}  # table -> range vector clock of applied pushes
         self.errors = 0
+        self.duplicates = 0
         self._stop = False
         self._view_version = 0
 
@@ -155,6 +158,15 @@ class KVServer:
         if op == "push":
             table = self._table(msg.table)
             keys, vals = keyfmt.unpack_push(msg, table.spec.push_cols, table.dtype)
+            sender = keyfmt.sender_id(identity)
+            fresh = self._admit(table.spec.name, sender, keys, msg.ts)
+            if fresh is False:  # a resend of an update already applied: acknowledge, apply nothing
+                self.duplicates += 1
+                self._reply(identity, Message("ack", msg.ts, meta={"dup": 1}))
+                return
+            if fresh is not True:
+                keys = keyfmt.KeySet(keys=keys.as_array()[fresh])
+                vals = vals[fresh]
             if table.spec.sync:
                 self._aggregate(identity, msg, table, keys, vals)
                 return
@@ -179,6 +191,13 @@ class KVServer:
             self._reply(identity, Message("stats", msg.ts, meta=self.stats()))
         else:
             raise ProtocolError(f"unknown op {op!r} for a server")
+
+    def _admit(self, table: str, sender: int, keys: keyfmt.KeySet, ts: int):
+        """Range vector clock check of one push: True (all new), False (duplicate) or a mask."""
+        if keys.n == 0:
+            return True
+        lo, hi = keys.span()
+        return self.clocks.setdefault(table, RangeClock()).admit(sender, lo, hi, ts, keys.as_array)
 
     def _declare(self, spec: TableSpec) -> None:
         have = self.tables.get(spec.name)
@@ -254,6 +273,7 @@ class KVServer:
 
     def stats(self) -> dict:
         return {"id": self.membership.node_id, "pid": os.getpid(), "errors": self.errors,
+                "duplicates": self.duplicates,
                 "tables": {n: {"keys": len(t), "bytes": t.nbytes(), "spec": t.spec.to_json()}
                            for n, t in self.tables.items()},
                 "traffic": self.transport.counters.to_json(), "time": time.time()}
