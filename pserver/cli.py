@@ -3,6 +3,7 @@
   pserver scheduler | server          run one role (configured by flags or PSERVER_* variables)
   pserver launch -s S -w W -- CMD     a local cluster; CMD runs once per worker
   pserver status [--json]             the cluster view as a table
+  pserver checkpoint [--dir DIR]      snapshot every table now (restore: scheduler --restore DIR)
   pserver keygen DIR                  the cluster's CURVE keys
   pserver demo | train | gen-data | predict   the sparse logistic regression job
 """
@@ -33,21 +34,32 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, help="PSERVER_NUM_WORKERS")
     p.add_argument("--rank", type=int, help="requested rank (PSERVER_RANK)")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (PSERVER_LOG_LEVEL)")
+    p.add_argument("--max-message-bytes", type=int,
+                   help="largest accepted message payload in bytes (PSERVER_MAX_MESSAGE_BYTES)")
+    p.add_argument("--max-keys", type=int, help="most keys in one request (PSERVER_MAX_KEYS)")
+    p.add_argument("--max-dim", type=int, help="largest value dimension (PSERVER_MAX_DIM)")
 
 
 def _config(args: argparse.Namespace) -> Config:
     return Config.from_env(scheduler=args.scheduler, host=args.host, port=args.port,
                            keys=args.keys, insecure=args.insecure, num_servers=args.num_servers,
                            num_workers=args.num_workers, rank=args.rank,
-                           log_level=args.log_level)
+                           log_level=args.log_level, max_message_bytes=args.max_message_bytes,
+                           max_keys=args.max_keys, max_dim=args.max_dim)
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from .membership.scheduler import Scheduler
 
     cfg = _config(args)
+    if args.replication is not None:
+        cfg.replication = args.replication
+    if args.replicate_after_aggregation is not None:
+        cfg.replicate_after_aggregation = bool(args.replicate_after_aggregation)
     logs.setup_logging(cfg.log_level, "scheduler")
-    Scheduler(cfg, exit_when_workers_done=not args.keep_alive).run()
+    Scheduler(cfg, exit_when_workers_done=not args.keep_alive, checkpoint_dir=args.checkpoint_dir,
+              checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
+              restore=args.restore).run()
     return 0
 
 
@@ -128,6 +140,21 @@ def format_status(view: dict) -> str:
     return "\n".join(lines)
 
 
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from .membership.client import scheduler_request
+
+    meta = {"dir": os.path.abspath(args.dir)} if args.dir else {}
+    done = scheduler_request(_config(args), "checkpoint", meta, role="scheduler",
+                             timeout=args.timeout).meta
+    if args.json:
+        print(json.dumps(done, indent=2))
+    else:
+        print(f"checkpoint {done['name']} written to {done['path']}: {done['keys']:,} keys in "
+              f"{len(done['tables'])} tables from {done['servers']} servers, "
+              f"{done['bytes'] / 1e6:.1f} MB in {done['seconds']:.2f} s")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from .security import keygen
 
@@ -146,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.add_argument("--keep-alive", action="store_true",
                    help="keep running after every worker has left")
+    s.add_argument("--replication", type=int, help="replicas per key range, k (PSERVER_REPLICATION, "
+                                                   "default 1)")
+    s.add_argument("--replicate-after-aggregation", type=int, choices=(0, 1),
+                   help="1: replicate a synchronous round's aggregated update once (default); 0: "
+                        "replicate every worker's push (PSERVER_REPLICATE_AFTER_AGGREGATION)")
+    s.add_argument("--checkpoint-dir", help="directory of checkpoints, shared with every server "
+                   "(default: the --restore directory)")
+    s.add_argument("--checkpoint-every", type=float, default=0.0, metavar="SECONDS",
+                   help="write a checkpoint this often (default 0: only on `pserver checkpoint`)")
+    s.add_argument("--checkpoint-keep", type=int, default=3, metavar="N",
+                   help="complete checkpoints kept; older ones are deleted (default 3)")
+    s.add_argument("--restore", metavar="DIR",
+                   help="start from the latest checkpoint in DIR (any number of servers)")
     s.set_defaults(fn=cmd_scheduler)
 
     s = sub.add_parser("server", help="run a server")
@@ -171,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--role", help="credentials to use (default: the first secret found)")
     s.add_argument("--timeout", type=float, default=5.0)
     s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("checkpoint", help="write a checkpoint of every table now")
+    _common(s)
+    s.add_argument("--dir", help="checkpoint directory (default: the scheduler's --checkpoint-dir)")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")
+    s.set_defaults(fn=cmd_checkpoint)
 
     s = sub.add_parser("keygen", help="create the cluster's CURVE key material")
     s.add_argument("dir")

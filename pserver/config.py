@@ -33,6 +33,11 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
                                                           "(0 = no limit)"),
     "PSERVER_BARRIER_TIMEOUT": ("barrier_timeout", float, "seconds a barrier may wait"),
     "PSERVER_VIRTUAL_SERVERS": ("virtual_servers", int, "virtual servers per server on the key ring"),
+    "PSERVER_REPLICATION": ("replication", int, "replicas per key range (k; 0 = none); set on the "
+                                                "scheduler"),
+    "PSERVER_REPLICATE_AFTER_AGGREGATION": ("replicate_after_aggregation", bool,
+                                            "1 = under synchronous aggregation replicate the "
+                                            "aggregated update once, 0 = every worker's push"),
     "PSERVER_MAX_MESSAGE_BYTES": ("max_message_bytes", int, "largest accepted message payload"),
     "PSERVER_MAX_KEYS": ("max_keys", int, "most keys accepted in one request"),
     "PSERVER_MAX_DIM": ("max_dim", int, "largest accepted value dimension"),
@@ -58,6 +63,8 @@ class Config:
     request_timeout: float = 0.0
     barrier_timeout: float = 300.0
     virtual_servers: int = 32
+    replication: int = 1
+    replicate_after_aggregation: bool = True
     max_message_bytes: int = 1 << 31
     max_keys: int = 1 << 28
     max_dim: int = 1 << 24
@@ -89,6 +96,8 @@ class Config:
             raise ConfigError("PSERVER_NUM_SERVERS must be >= 1 and PSERVER_NUM_WORKERS >= 0")
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("PSERVER_HEARTBEAT_TIMEOUT must exceed PSERVER_HEARTBEAT_INTERVAL > 0")
+        if min(self.max_message_bytes, self.max_keys, self.max_dim) < 1:
+            raise ConfigError("PSERVER_MAX_MESSAGE_BYTES, PSERVER_MAX_KEYS and PSERVER_MAX_DIM must be >= 1")
         if self.scheduler:
             split_address(self.scheduler)
 

@@ -81,3 +81,27 @@ class KeyCacheMiss(PServerError):
 
 class TaskError(PServerError):
     """A task id passed to a TaskDAG is unknown, not increasing, or would form a cycle."""
+
+
+class LimitError(ProtocolError):
+    """A received message exceeds a configured limit (PSERVER_MAX_MESSAGE_BYTES, PSERVER_MAX_KEYS,
+    PSERVER_MAX_DIM or the header size). It was rejected before anything it declares was allocated:
+    send smaller requests, or raise the limit on the receiving node (--max-message-bytes etc.)."""
+
+
+class CheckpointError(PServerError):
+    """A checkpoint cannot be written, found or read back (missing LATEST or manifest, a shard whose
+    size or sha256 does not match the manifest, a malformed file). The message names the file; an
+    interrupted checkpoint never replaces the last good one, so restore from that one instead."""
+
+
+class DataLostError(PServerError):
+    """Every server holding some key range (its master and all k replicas) died: those keys' values
+    are gone from the running cluster. Restore the cluster from the last checkpoint with
+    ``pserver scheduler --restore DIR`` (and run with more replicas or more frequent checkpoints)."""
+
+
+class WrongOwnerError(PServerError):
+    """A server was asked for keys it does not master under its key ring (the ring changed: a
+    server joined, left or failed). Workers handle it by re-splitting with the new ring and resending;
+    users see it only if their cluster view never catches up."""

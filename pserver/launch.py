@@ -66,7 +66,10 @@ class LocalCluster:
                  port: int = 0, insecure: bool = False, keys: str | None = None,
                  env: dict[str, str] | None = None, server_args: Sequence[str] = (),
                  prefix_output: bool = True, log_level: str | None = None,
-                 heartbeat_timeout: float | None = None):
+                 heartbeat_timeout: float | None = None, replication: int | None = None,
+                 replicate_after_aggregation: bool | None = None,
+                 checkpoint_dir: str | None = None, checkpoint_every: float = 0.0,
+                 restore: str | None = None):
         if num_servers < 1 or num_workers < 0:
             raise ConfigError("a local cluster needs at least one server and zero or more workers")
         self.num_servers, self.num_workers = num_servers, num_workers
@@ -78,6 +81,12 @@ class LocalCluster:
         self.prefix_output = prefix_output
         self.log_level = log_level
         self.heartbeat_timeout = heartbeat_timeout
+        self.replication = replication
+        self.replicate_after_aggregation = replicate_after_aggregation
+        # scheduler flags: checkpoints to checkpoint_dir (every N s if > 0), start from restore
+        flags = {"--checkpoint-dir": checkpoint_dir, "--checkpoint-every": checkpoint_every,
+                 "--restore": restore}
+        self.scheduler_args = [a for flag, v in flags.items() if v for a in (flag, str(v))]
         self.procs: dict[str, subprocess.Popen] = {}
         self._threads: list[threading.Thread] = []
         self._tmp: str | None = None
@@ -103,6 +112,10 @@ class LocalCluster:
             env["PSERVER_LOG_LEVEL"] = self.log_level
         if self.heartbeat_timeout:
             env["PSERVER_HEARTBEAT_TIMEOUT"] = str(self.heartbeat_timeout)
+        if self.replication is not None:
+            env["PSERVER_REPLICATION"] = str(self.replication)
+        if self.replicate_after_aggregation is not None:
+            env["PSERVER_REPLICATE_AFTER_AGGREGATION"] = "1" if self.replicate_after_aggregation else "0"
         if rank is not None:
             env["PSERVER_RANK"] = str(rank)
         else:
@@ -118,7 +131,8 @@ class LocalCluster:
         if not self.insecure and not self.keys:
             self._tmp = tempfile.mkdtemp(prefix="pserver-keys-")
             self.keys = str(security.keygen(os.path.join(self._tmp, "keys")))
-        self._spawn("scheduler", [sys.executable, "-m", "pserver", "scheduler"], self.env())
+        self._spawn("scheduler", [sys.executable, "-m", "pserver", "scheduler",
+                                  *self.scheduler_args], self.env())
         for i in range(self.num_servers):
             self._spawn(f"server {i}", [sys.executable, "-m", "pserver", "server",
                                         *self.server_args], self.env(i))
@@ -186,6 +200,15 @@ class LocalCluster:
             for w in workers:
                 w.kill()
         return worst
+
+    def checkpoint(self, directory: str | None = None, timeout: float = 600.0) -> dict:
+        """Write a checkpoint now (to ``directory``, default the cluster's checkpoint_dir) and return
+        its summary (name, path, keys, bytes, seconds). Raises RemoteError if it was aborted."""
+        from .membership.client import scheduler_request
+
+        meta = {"dir": os.path.abspath(directory)} if directory else {}
+        return scheduler_request(self.config(), "checkpoint", meta, role="scheduler",
+                                 timeout=timeout).meta
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send a signal to one process of the cluster (``"server 1"``, ``"scheduler"``, ...)."""

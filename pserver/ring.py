@@ -55,6 +55,7 @@ class KeyRing:
         self.positions = pos[order]
         self.owners = ids[order].astype(np.int64)
         self._single = len(self.servers) == 1
+        self._replicas: dict[int, np.ndarray] = {}
 
     # -- lookups --------------------------------------------------------------------------------
     def owner_of_blocks(self, blocks: np.ndarray) -> np.ndarray:
@@ -62,6 +63,53 @@ class KeyRing:
         idx = np.searchsorted(self.positions, mix64(blocks), side="left")
         idx[idx == len(self.positions)] = 0
         return self.owners[idx]
+
+    def vnode_of(self, keys: np.ndarray) -> np.ndarray:
+        """Index (into positions/owners) of the virtual server owning each key."""
+        blocks = np.asarray(keys, dtype=np.uint64) >> np.uint64(self.block_bits)
+        idx = np.searchsorted(self.positions, mix64(blocks), side="left")
+        idx[idx == len(self.positions)] = 0
+        return idx
+
+    def replica_table(self, k: int) -> np.ndarray:
+        """(virtual servers, k) array: for each virtual server, the next k distinct physical
+        servers clockwise that are not its owner (-1 where the ring has too few servers).
+
+        Placing replicas this way makes failover free of data movement: when a server leaves the
+        ring, each of its segments falls to the next virtual server clockwise whose owner is
+        another server - the segment's first replica, which already holds the data.
+        """
+        cached = self._replicas.get(k)
+        if cached is not None:
+            return cached
+        n = len(self.owners)
+        table = np.full((n, k), -1, dtype=np.int64)
+        owners = self.owners.tolist()
+        for i in range(n):
+            found: list[int] = []
+            j = i
+            while len(found) < k and len(found) < len(self.servers) - 1:
+                j = (j + 1) % n
+                o = owners[j]
+                if o != owners[i] and o not in found:
+                    found.append(o)
+            table[i, :len(found)] = found
+        self._replicas[k] = table
+        return table
+
+    def holders(self, keys: np.ndarray, k: int) -> np.ndarray:
+        """(n, k+1) server ids holding each key: its master, then its k replicas (-1 = none)."""
+        idx = self.vnode_of(keys)
+        return np.column_stack([self.owners[idx], self.replica_table(k)[idx]])
+
+    def heirs(self, server: int, new: KeyRing) -> list[int]:
+        """Servers of ring ``new`` that master the segments ``server`` mastered on this ring."""
+        pos = self.positions[self.owners == server]
+        if not len(pos):
+            return []
+        idx = np.searchsorted(new.positions, pos, side="left")
+        idx[idx == len(new.positions)] = 0
+        return sorted({int(o) for o in new.owners[idx]})
 
     def owner_of(self, keys: np.ndarray) -> np.ndarray:
         """Server id owning each key."""

@@ -15,11 +15,11 @@ import zmq
 import pserver
 from pserver.errors import (
     BarrierTimeoutError,
+    DataLostError,
     DTypeError,
     InvalidKeysError,
     RemoteError,
     SchedulerUnreachableError,
-    ServerDeadError,
     TableError,
     ValueShapeError,
 )
@@ -147,7 +147,7 @@ def test_malformed_messages_rejected_values_unchanged(one_worker):
 
 
 def test_killed_server_noticed_within_one_second(cluster_factory):
-    cluster = cluster_factory(2, 1)
+    cluster = cluster_factory(2, 1, replication=0)  # no replicas: the dead server's keys are lost
     kv = pserver.KVWorker(cluster.config(0))
     try:
         keys = np.arange(50000, dtype=np.uint64)
@@ -162,7 +162,7 @@ def test_killed_server_noticed_within_one_second(cluster_factory):
                 break
             assert time.monotonic() - killed < 1.0, "dead server not noticed within 1 s"
             time.sleep(0.02)
-        with pytest.raises(ServerDeadError):
+        with pytest.raises(DataLostError, match="restore the cluster from the last checkpoint"):
             kv.pull(keys)
     finally:
         kv.close()

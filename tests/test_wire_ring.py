@@ -54,7 +54,7 @@ def test_malformed_frames_rejected(frames, match):
 
 def test_limits_enforced_before_allocation():
     lim = Limits(max_message_bytes=1000, max_keys=100, max_dim=4)
-    with pytest.raises(ProtocolError, match="bad array spec"):
+    with pytest.raises(ProtocolError, match="exceeds the limit of 100 keys"):
         decode([_hdr('{"op":"x","a":[["<u8",[101]]]}'), b""], lim)
     with pytest.raises(ProtocolError, match="dimension"):
         decode([_hdr('{"op":"x","a":[["<f4",[1,5]]]}'), b""], lim)

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 
 import numpy as np
@@ -22,8 +22,10 @@ import zmq
 
 from .. import security
 from ..config import Config
-from ..consistency.clock import RangeClock
-from ..errors import ProtocolError, PServerError, TableError
+from ..consistency.clock import KEY_SPACE_END, NEVER, RangeClock
+from ..errors import AuthError, LimitError, ProtocolError, PServerError, TableError, WrongOwnerError
+from ..ft import checkpoint as ft_checkpoint
+from ..ft.replication import Replicator
 from ..membership.node import Membership
 from ..store.spec import TableSpec
 from ..store.table import Table
@@ -31,19 +33,33 @@ from ..store.updaters import FunctionUpdater, register_updater
 from ..transport import Transport
 from ..wire import Message
 from . import keys as keyfmt
+from .filtering import FILTER_META, ServerFilters, heartbeat_reporter
 
 log = logging.getLogger(__name__)
 
 
 class _Round:
-    """One synchronous-aggregation round of a table: every live worker's k-th push."""
+    """One synchronous-aggregation round of a table: every live worker's k-th push. Rounds are keyed
+    by (k, origin): pushes resent after a failover form their own round with the failed master as
+    origin, since the new master completed round k for its own keys already."""
 
     __slots__ = ("parts", "senders", "waiting")
 
     def __init__(self) -> None:
         self.parts: list[tuple[np.ndarray, np.ndarray]] = []
-        self.senders: set[int] = set()
-        self.waiting: list[tuple[bytes, int]] = []
+        self.senders: dict[int, int] = {}            # worker -> its request timestamp
+        self.waiting: list[tuple] = []               # ack tokens (identity, ts, part); None = replica
+
+
+class _Ack:
+    """A worker's acknowledgement, sent once the update is applied here and at every replica."""
+
+    __slots__ = ("local", "replicas", "to")
+
+    def __init__(self, to: tuple) -> None:
+        self.local = False
+        self.replicas = 0
+        self.to = to
 
 
 class KVServer:
@@ -71,13 +87,20 @@ class KVServer:
         self.membership = Membership(self.cfg, self.transport, "server", host, self.port)
         self.tables: dict[str, Table] = {
             "default": Table(TableSpec(name="default", updater=default_updater))}
-        self.rounds: dict[str, dict[int, _Round]] = {}
+        self.rounds: dict[str, dict[tuple, _Round]] = {}
         self.held: dict[bytes, deque] = {}   # sender identity -> requests held behind a sync push
+        self.filters = ServerFilters.from_env(self.held, self.cfg.max_message_bytes)
+        self.membership.traffic = heartbeat_reporter(self.transport.counters, self.filters.counters)
+        self.acks: dict[tuple, _Ack] = {}    # (identity, ts, part) -> acknowledgement in progress
+        self.ring = None
+        self.repl = Replicator(self.transport, -1, self._peer_address)
         self.clocks: dict[str, RangeClock] = {}  # table -> range vector clock of applied pushes
         self.errors = 0
+        self.rejections: Counter[str] = Counter()  # reason (exception class) -> rejected requests
         self.duplicates = 0
         self._stop = False
         self._view_version = 0
+        self._as_of_waiting: set[bytes] = set()  # senders whose first held request is an as_of pull
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> None:
@@ -86,17 +109,38 @@ class KVServer:
         log.info("server %d (rank %d) serving on %s:%d", self.membership.node_id,
                  self.membership.rank, self.cfg.bind_host(), self.port)
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
+        self.repl.my_id = self.membership.node_id
+        # started with `pserver scheduler --restore DIR`: load what this server holds before serving
+        tables, clocks = ft_checkpoint.restore_for(self.membership.view, self.membership.node_id)
+        self.tables.update(tables)
+        self.clocks.update(clocks)
+        self._on_view()
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        polled: set = set()
         try:
             while not self._stop:
-                if poller.poll(100):
-                    self._drain()
+                for sock in self.repl.sock_peer:
+                    if sock not in polled:
+                        poller.register(sock, zmq.POLLIN)
+                        polled.add(sock)
+                for sock, _ in poller.poll(100):
+                    if sock is self.sock:
+                        self._drain()
+                    else:
+                        self._drain_replica(sock)
                 if self.membership.view.version != self._view_version:
-                    self._view_version = self.membership.view.version
-                    self._recheck_rounds()
+                    self._on_view()
+                    for sock in list(polled):
+                        if sock not in self.repl.sock_peer:
+                            poller.unregister(sock)
+                            polled.discard(sock)
                 if self.membership.shutdown_requested.is_set():
                     log.info("shutdown requested by the scheduler")
+                    break
+                if self.membership.declared_dead.is_set():
+                    log.error("the scheduler declared this server dead (missed heartbeats) and "
+                              "moved its key ranges to other servers: exiting")
                     break
                 if self.membership.scheduler_lost.is_set():
                     log.error("scheduler lost: exiting so that no orphan server stays behind")
@@ -117,27 +161,46 @@ class KVServer:
     def _on_frames(self, frames: list) -> None:
         identity = bytes(frames[0].buffer)
         ts = 0
+        part = None
         try:
             _, msg, role = self.transport.decode(frames, routed=True)
             ts = msg.ts
+            part = msg.meta.get("p")
             if self.transport.creds.secure and not security.authorise(msg.op, role, True):
-                raise ProtocolError(f"a {role} may not send {msg.op!r} to a server")
+                raise AuthError(f"a {role} may not send {msg.op!r} to a server")
             held = self.held.get(identity)
-            if held is not None:
+            if held is not None and self.filters.is_awaited_resend(identity, msg):
+                held.appendleft(msg)  # resent after a key-cache miss: it goes first
+                self._release(identity)
+            elif held is not None:
                 held.append(msg)
             else:
                 self._process(identity, msg)
         except PServerError as e:
-            self._reject(identity, ts, e)
+            self._reject(identity, ts, e, part)
         except Exception as e:
             log.exception("unexpected error on a request")
-            self._reject(identity, ts, e)
+            self._reject(identity, ts, e, part)
 
-    def _reject(self, identity: bytes, ts: int, err: Exception) -> None:
+    def _reject(self, identity: bytes, ts: int, err: Exception, part=None) -> None:
         self.errors += 1
-        log.warning("rejected a request from %r: %s", identity[:16], err)
-        self._reply(identity, Message("error", ts, meta={"error": str(err)[:1000],
-                                                         "kind": type(err).__name__}))
+        self.rejections[type(err).__name__] += 1
+        meta = {"error": str(err)[:1000], "kind": type(err).__name__}
+        if isinstance(err, WrongOwnerError):
+            meta["rv"] = self._ring_version()
+            log.info("request from %r for keys this server does not master: %s", identity[:16], err)
+        else:
+            log.warning("rejected a request from %r: %s", identity[:16], err)
+        if part is not None:
+            meta["p"] = part
+        self._reply(identity, Message("error", ts, meta=meta))
+
+    def _answer(self, identity: bytes, req: Message, op: str, arrays=(), meta=None) -> None:
+        """Reply to request ``req``, echoing its part id so the worker can match split requests."""
+        meta = dict(meta or {})
+        if "p" in req.meta:
+            meta["p"] = req.meta["p"]
+        self._reply(identity, Message(op, req.ts, meta=meta, arrays=list(arrays)))
 
     def _reply(self, identity: bytes, msg: Message) -> None:
         try:
@@ -156,48 +219,291 @@ class KVServer:
     def _process(self, identity: bytes, msg: Message) -> None:
         op = msg.op
         if op == "push":
-            table = self._table(msg.table)
-            keys, vals = keyfmt.unpack_push(msg, table.spec.push_cols, table.dtype)
-            sender = keyfmt.sender_id(identity)
-            fresh = self._admit(table.spec.name, sender, keys, msg.ts)
-            if fresh is False:  # a resend of an update already applied: acknowledge, apply nothing
-                self.duplicates += 1
-                self._reply(identity, Message("ack", msg.ts, meta={"dup": 1}))
-                return
-            if fresh is not True:
-                keys = keyfmt.KeySet(keys=keys.as_array()[fresh])
-                vals = vals[fresh]
-            if table.spec.sync:
-                self._aggregate(identity, msg, table, keys, vals)
-                return
-            keyfmt.apply_push(table, keys, vals)
-            self._reply(identity, Message("ack", msg.ts))
+            self._push(identity, msg)
         elif op == "pull":
             table = self._table(msg.table)
+            if "as_of" in msg.meta and not self._as_of_met(identity, msg, table):
+                return  # held, with this sender's later requests, until the clocks cover it
+            if table.spec.pull_filters or FILTER_META in msg.meta:
+                keys = self.filters.decode_pull(identity, msg, table)
+                self._check_limits(keys, table)
+                self._check_owner(msg, keys)
+                vals = keyfmt.apply_pull(table, keys)
+                arrays, meta = self.filters.encode_reply(identity, table, vals)
+                self._answer(identity, msg, "vals", arrays, {**meta, **self._clock_meta(msg, table, keys)})
+                return
             keys = keyfmt.unpack_keys(msg)
-            self._reply(identity, Message("vals", msg.ts, arrays=[keyfmt.apply_pull(table, keys)]))
+            self._check_limits(keys, table)
+            self._check_owner(msg, keys)
+            self._answer(identity, msg, "vals", [keyfmt.apply_pull(table, keys)],
+                         self._clock_meta(msg, table, keys))
         elif op == "pull_range":
             table = self._table(msg.table)
             lo, hi = keyfmt.range_bounds(msg.meta)
             k, v = table.range_items(lo, hi)
-            self._reply(identity, Message("range", msg.ts, arrays=[k, v]))
+            if self.ring is not None and len(self.ring.servers) > 1 and len(k):
+                mine = self.ring.owner_of(k) == self.repl.my_id  # replicas answer nothing
+                k, v = k[mine], v[mine]
+            self._answer(identity, msg, "range", [k, v], {"rv": self._ring_version()})
+        elif op in ("replicate", "replicate_agg", "repl_load"):
+            self._replica_update(identity, msg)
+        elif op == "checkpoint_write":  # from the scheduler: write this server's shard
+            report = ft_checkpoint.handle_write(msg.meta, self.membership.node_id, self.tables,
+                                                self.clocks)
+            self._reply(identity, Message("ok", msg.ts, meta=report))
         elif op == "declare_table":
             spec = TableSpec.from_json(msg.meta.get("spec"))
+            if spec.dim > self.transport.limits.max_dim:
+                raise LimitError(f"table dim {spec.dim} exceeds this server's limit of "
+                                 f"{self.transport.limits.max_dim} (--max-dim / PSERVER_MAX_DIM)")
             self._declare(spec)
-            self._reply(identity, Message("ok", msg.ts))
+            self._answer(identity, msg, "ok")
         elif op == "ping":
-            self._reply(identity, Message("pong", msg.ts, meta={"id": self.membership.node_id}))
+            self._answer(identity, msg, "pong", meta={"id": self.membership.node_id})
         elif op == "stats":
-            self._reply(identity, Message("stats", msg.ts, meta=self.stats()))
+            self._answer(identity, msg, "stats", meta=self.stats())
         else:
             raise ProtocolError(f"unknown op {op!r} for a server")
 
-    def _admit(self, table: str, sender: int, keys: keyfmt.KeySet, ts: int):
-        """Range vector clock check of one push: True (all new), False (duplicate) or a mask."""
-        if keys.n == 0:
-            return True
+    def _push(self, identity: bytes, msg: Message) -> None:
+        table = self._table(msg.table)
+        if table.spec.push_filters or FILTER_META in msg.meta:
+            keys, vals = self.filters.decode_push(identity, msg, table)
+        else:
+            keys, vals = keyfmt.unpack_push(msg, table.spec.push_cols, table.dtype)
+        self._check_limits(keys, table)
+        sender = keyfmt.sender_id(identity)
+        self._check_owner(msg, keys)
+        token = (identity, msg.ts, msg.meta.get("p"))
+        orig = msg.meta.get("orig")
+        if orig is not None and self.repl.seen(int(orig), sender, msg.ts):
+            # a resend after failover of an update this server already has (it was the replica)
+            self.duplicates += 1
+            self._answer(identity, msg, "ack", meta={"dup": 1})
+            return
+        self._record_clock(table.spec.name, sender, keys, msg.ts, msg.meta.get("span"))
+        self.repl.note_applied(sender, msg.ts)
+        if table.spec.sync:
+            self._aggregate(token, msg, table, keys, vals, sender)
+            return
+        keyfmt.apply_push(table, keys, vals)
+        if self._as_of_waiting:
+            self._recheck_as_of()
+        ack = self.acks[token] = _Ack(token)
+        if self.repl.active():
+            ack.replicas += self.repl.forward(token, "replicate", table.spec.name,
+                                              {"src": sender, "wts": msg.ts}, keys.as_array(), vals)
+        self._local_done(token)
+
+    def _check_owner(self, msg: Message, keys: keyfmt.KeySet) -> None:
+        """Serve only keys this server masters. A request split with the same ring version is
+        trusted (the hot path); otherwise the keys' owners are computed."""
+        ring = self.ring
+        if ring is None or msg.meta.get("rv") == ring.version or keys.n == 0:
+            return
+        if len(ring.servers) == 1 and ring.servers[0] == self.repl.my_id:
+            return
+        owners = ring.owner_of(keys.as_array())
+        if not (owners == self.repl.my_id).all():
+            raise WrongOwnerError(f"{int((owners != self.repl.my_id).sum())} of {keys.n} keys are "
+                                  f"not mastered here under ring v{ring.version}")
+
+    def _check_limits(self, keys: keyfmt.KeySet, table: Table) -> None:
+        """LimitError unless the keys of a request - a runs request only declares how many - and the
+        rows they read or write fit this node's limits. Before anything is allocated for them."""
+        lim = self.transport.limits
+        if keys.keys is None and ((keys.lengths > lim.max_keys).any()  # checked first: the sum
+                                  or int(keys.lengths.sum()) > lim.max_keys):  # cannot wrap then
+            raise LimitError(f"request declares more than {lim.max_keys} keys (PSERVER_MAX_KEYS)")
+        if keys.n * table.dim * table.dtype.itemsize > lim.max_message_bytes:
+            raise LimitError(f"{keys.n} keys x {table.dim} values exceed the message size limit of "
+                             f"{lim.max_message_bytes} bytes (PSERVER_MAX_MESSAGE_BYTES)")
+
+    def _ring_version(self) -> int:
+        return self.ring.version if self.ring is not None else -1
+
+    # -- acknowledgements and replication ------------------------------------------------------
+    def _local_done(self, token: tuple) -> None:
+        ack = self.acks.get(token)
+        if ack is None:
+            return
+        ack.local = True
+        self._maybe_ack(token, ack)
+
+    def _maybe_ack(self, token: tuple, ack: _Ack) -> None:
+        if ack.local and ack.replicas <= 0:
+            del self.acks[token]
+            identity, ts, part = token
+            meta = {"p": part} if part is not None else None
+            self._reply(identity, Message("ack", ts, meta=meta))
+
+    def _on_replica_ack(self, token) -> None:
+        if token is None:
+            return
+        if token[0] == "agg":  # an aggregated round: every participant's ack
+            for t in token[1:]:
+                ack = self.acks.get(t)
+                if ack is not None:
+                    ack.replicas = 0
+                    self._maybe_ack(t, ack)
+            return
+        ack = self.acks.get(token)  # every replica acknowledged (the Replicator counts them)
+        if ack is not None:
+            ack.replicas = 0
+            self._maybe_ack(token, ack)
+
+    def _drain_replica(self, sock) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                _, msg, _ = self.transport.decode(frames, routed=False)
+            except PServerError as e:
+                log.warning("bad message from a replica: %s", e)
+                continue
+            if msg.op == "repl_ack":
+                token = self.repl.on_ack(msg.ts)
+                if token is not None:
+                    self._on_replica_ack(token)
+            elif msg.op == "error":
+                log.error("a replica refused an update: %s", msg.meta.get("error"))
+                self._on_replica_ack(self.repl.on_ack(msg.ts))
+
+    def _replica_update(self, identity: bytes, msg: Message) -> None:
+        """An update forwarded by the master of the keys (this server is their replica)."""
+        if not identity.startswith(b"s") or not identity[1:].isdigit():
+            raise ProtocolError("replication messages come only from servers")
+        master = int(identity[1:])
+        if msg.op == "repl_load":
+            spec = TableSpec.from_json(msg.meta.get("spec"))
+            if spec.name not in self.tables:
+                self._declare(spec)
+            table = self.tables[spec.name]
+            keys = keyfmt.unpack_keys(msg).as_array()
+            if len(msg.arrays) not in (2, 3) or msg.arrays[1].shape != (len(keys), table.dim):
+                raise ProtocolError("a replica snapshot needs keys, values (and state) that match")
+            table.load(keys, msg.arrays[1], msg.arrays[2] if len(msg.arrays) == 3 else None)
+            for worker, ts in msg.meta.get("applied", []):
+                self.repl.record(master, int(worker), int(ts))
+            return
+        table = self._table(msg.table)
+        keys, vals = keyfmt.unpack_push(msg, table.spec.push_cols, table.dtype)
+        if msg.op == "replicate_agg":
+            keyfmt.apply_push(table, keys, vals)
+            for worker, ts in msg.meta.get("clk", []):
+                self.repl.record(master, int(worker), int(ts))
+        else:
+            src, wts = int(msg.meta["src"]), int(msg.meta["wts"])
+            if not self.repl.seen(master, src, wts):
+                self.repl.record(master, src, wts)
+                self._record_clock(table.spec.name, src, keys, wts)
+                if table.spec.sync and "rnd" in msg.meta:
+                    self._aggregate(None, msg, table, keys, vals, src, origin=master)
+                else:
+                    keyfmt.apply_push(table, keys, vals)
+        self._reply(identity, Message("repl_ack", msg.ts))
+
+    def _peer_address(self, sid: int) -> tuple[str, int]:
+        node = self.membership.view.nodes.get(sid)
+        if node is None:
+            raise PServerError(f"unknown server {sid}")
+        return node.host, node.port
+
+    def _on_view(self) -> None:
+        """React to a new cluster view: a new key ring (failover, join, leave) and membership."""
+        view = self.membership.view
+        self._view_version = view.version
+        settings = view.settings
+        k = int(settings.get("replication", 0))
+        after = bool(settings.get("replicate_after_aggregation", True))
+        old = self.ring
+        new = view.ring
+        if new is not None and (old is None or new.version != old.version):
+            self.ring = new
+            self.repl.configure(new, k, after)
+            for sid in list(self.repl.socks):
+                if not view.alive(sid):
+                    for token in self.repl.drop_replica(sid):
+                        self._on_replica_ack(token)
+            if old is not None:
+                log.info("key ring v%d -> v%d (servers %s)", old.version, new.version, new.servers)
+                self.repl.rebuild(old, new, self.tables)
+        else:
+            self.repl.configure(self.ring, k, after)
+        self.filters.on_view(view)
+        self._recheck_rounds()
+        self._recheck_as_of()
+
+    def _record_clock(self, table: str, sender: int, keys: keyfmt.KeySet, ts: int,
+                      span=None) -> None:
+        """Advance the range vector clock of ``sender`` over the request's key span (for "as of"
+        reads and staleness checks; exactly-once after failover is the replication clock's job).
+        A push may declare the key range it stands for (meta "span"; paper: keys of the range
+        missing from a message get its timestamp too): the clock then covers all of it."""
+        lo_hi = _declared_span(span, keys) if span is not None else None
+        if lo_hi is None and keys.n:
+            lo_hi = keys.span()
+        if lo_hi is not None:
+            self.clocks.setdefault(table, RangeClock()).advance(sender, lo_hi[0], lo_hi[1], ts)
+
+    # -- reads "as of" a time (range vector clocks) -------------------------------------------
+    def _applied_time(self, table: str, node: int, lo: int, hi: int) -> int:
+        """Newest t such that this server's copy of [lo, hi) reflects every push of ``node``
+        stamped <= t (NEVER: none): the range clock, lowered below any push of the node still
+        waiting in an incomplete synchronous round (the clock advances when a push arrives)."""
+        clock = self.clocks.get(table)
+        t = clock.time(node, lo, hi) if clock is not None else NEVER
+        for r in self.rounds.get(table, {}).values():
+            pending = r.senders.get(node)
+            if pending is not None:
+                t = min(t, pending - 1)
+        return t
+
+    def _as_of_met(self, identity: bytes, msg: Message, table: Table) -> bool:
+        """True if a pull with meta "as_of" {node: t} may be answered now: for every listed node
+        that is alive, the pulled keys reflect its pushes up to t. Otherwise the pull is held at
+        the head of its sender's queue (per-sender FIFO) and retried after every applied push."""
+        as_of = msg.meta["as_of"]
+        if table.spec.pull_filters or FILTER_META in msg.meta:
+            raise ProtocolError("as_of pulls are not supported on tables with pull filters")
+        try:
+            wanted = [(int(n), int(t)) for n, t in as_of.items()]
+        except (AttributeError, TypeError, ValueError):
+            raise ProtocolError("as_of must map worker node ids to integer timestamps") from None
+        keys = keyfmt.unpack_keys(msg)
+        if keys.n:
+            lo, hi = keys.span()
+            view = self.membership.view
+            for node, t in wanted:
+                if view.alive(node) and self._applied_time(table.spec.name, node, lo, hi) < t:
+                    self.held.setdefault(identity, deque()).appendleft(msg)
+                    self._as_of_waiting.add(identity)
+                    return False
+        return True
+
+    def _recheck_as_of(self) -> None:
+        """Retry held "as of" pulls (after a push was applied, or a worker left): each is
+        processed again first in its sender's queue, and holds itself again if still early."""
+        for identity in list(self._as_of_waiting):
+            self._as_of_waiting.discard(identity)
+            queue = self.held.get(identity)
+            if queue and queue[0].op == "pull" and "as_of" in queue[0].meta:
+                self._release(identity)
+
+    def _clock_meta(self, msg: Message, table: Table, keys: keyfmt.KeySet) -> dict:
+        """Reply meta of a pull that asked for the clock (meta "vc"): {"vc": {node: applied
+        time over the pulled keys' span}} for every worker that pushed to the table."""
+        if not msg.meta.get("vc") or not keys.n:
+            return {}
         lo, hi = keys.span()
-        return self.clocks.setdefault(table, RangeClock()).admit(sender, lo, hi, ts, keys.as_array)
+        name = table.spec.name
+        clock = self.clocks.get(name)
+        nodes = set(clock.nodes()) if clock is not None else set()
+        for r in self.rounds.get(name, {}).values():
+            nodes.update(r.senders)
+        return {"vc": {str(n): self._applied_time(name, n, lo, hi) for n in sorted(nodes)}}
 
     def _declare(self, spec: TableSpec) -> None:
         have = self.tables.get(spec.name)
@@ -210,44 +516,66 @@ class KVServer:
                              f"declare the same spec (or use another name)")
 
     # -- synchronous aggregation ----------------------------------------------------------------
-    def _aggregate(self, identity: bytes, msg: Message, table: Table, keys, vals) -> None:
-        sender = keyfmt.sender_id(identity)
-        rnd = int(msg.meta.get("rnd", -1))
-        if rnd < 0:
+    def _aggregate(self, token, msg: Message, table: Table, keys, vals, sender: int,
+                   origin: int | None = None) -> None:
+        """Add one worker's push to its synchronous round; apply the round once every live worker
+        has pushed. ``token`` None: a copy forwarded by the master (this server is a replica)."""
+        rnd = msg.meta.get("rnd")
+        if type(rnd) is not int or rnd < 0:
             raise ProtocolError("a push to a synchronous table must carry its round number")
+        if origin is None and msg.meta.get("orig") is not None:
+            origin = int(msg.meta["orig"])
+        key = (rnd, origin)
         rounds = self.rounds.setdefault(table.spec.name, {})
-        r = rounds.setdefault(rnd, _Round())
+        r = rounds.setdefault(key, _Round())
         if sender in r.senders:
             raise ProtocolError(f"duplicate push for round {rnd} of table {table.spec.name!r}")
-        r.senders.add(sender)
+        r.senders[sender] = msg.ts
         if keys.n:
             r.parts.append((keys.as_array(), vals))
-        r.waiting.append((identity, msg.ts))
-        self.held.setdefault(identity, deque())
-        self._maybe_apply(table.spec.name, rnd)
+        if token is not None:
+            r.waiting.append(token)
+            self.acks[token] = ack = _Ack(token)
+            self.held.setdefault(token[0], deque())
+            if self.repl.active() and not self.repl.after_aggregation:
+                ack.replicas += self.repl.forward(
+                    token, "replicate", table.spec.name, {"src": sender, "wts": msg.ts, "rnd": rnd},
+                    keys.as_array(), vals, always=True)
+        self._maybe_apply(table.spec.name, key)
 
     def _live_workers(self) -> set[int]:
         return {n.id for n in self.membership.view.role_nodes("worker")}
 
-    def _maybe_apply(self, name: str, rnd: int) -> None:
+    def _maybe_apply(self, name: str, key: tuple) -> None:
         rounds = self.rounds.get(name, {})
-        r = rounds.get(rnd)
-        if r is None or not self._live_workers() <= r.senders:
+        r = rounds.get(key)
+        if r is None or not self._live_workers() <= set(r.senders):
             return
-        # rounds complete in order: an earlier incomplete round blocks later ones
-        if any(k < rnd for k in rounds):
+        # rounds of one origin complete in order: an earlier incomplete round blocks later ones
+        if any(k[1] == key[1] and k[0] < key[0] for k in rounds):
             return
-        del rounds[rnd]
+        del rounds[key]
         table = self.tables[name]
+        keys = np.empty(0, np.uint64)
+        vals = np.empty((0, table.spec.push_cols), table.dtype)
         if r.parts:
             keys, vals = keyfmt.sum_parts(r.parts, table.spec.push_cols)
             table.push(keys, vals)
-        for identity, ts in r.waiting:
-            self._reply(identity, Message("ack", ts))
-        for identity, _ in r.waiting:
-            self._release(identity)
-        if rounds:
-            self._maybe_apply(name, min(rounds))
+        if r.waiting and self.repl.active() and self.repl.after_aggregation:
+            clk = [[w, t] for w, t in r.senders.items()]
+            if self.repl.forward(("agg", *r.waiting), "replicate_agg", name, {"clk": clk}, keys,
+                                 vals, always=True):
+                for token in r.waiting:
+                    self.acks[token].replicas = 1  # released together by the aggregated ack
+        for token in r.waiting:
+            self._local_done(token)
+        for token in r.waiting:
+            self._release(token[0])
+        if self._as_of_waiting:
+            self._recheck_as_of()
+        later = [k for k in rounds if k[1] == key[1]]
+        if later:
+            self._maybe_apply(name, min(later))
 
     def _release(self, identity: bytes) -> None:
         """Process requests held behind a sender's sync push, in order, until another sync push of
@@ -268,12 +596,32 @@ class KVServer:
 
     def _recheck_rounds(self) -> None:
         for name, rounds in list(self.rounds.items()):
-            if rounds:
-                self._maybe_apply(name, min(rounds))
+            for origin in {k[1] for k in rounds}:
+                mine = [k for k in rounds if k[1] == origin]
+                if mine:
+                    self._maybe_apply(name, min(mine))
 
     def stats(self) -> dict:
         return {"id": self.membership.node_id, "pid": os.getpid(), "errors": self.errors,
+                "rejected": dict(self.rejections),
                 "duplicates": self.duplicates,
                 "tables": {n: {"keys": len(t), "bytes": t.nbytes(), "spec": t.spec.to_json()}
                            for n, t in self.tables.items()},
-                "traffic": self.transport.counters.to_json(), "time": time.time()}
+                "traffic": self.transport.counters.to_json(), "time": time.time(),
+                "filters": self.filters.counters.to_json()}
+
+
+def _declared_span(span, keys: keyfmt.KeySet) -> tuple[int, int]:
+    """The key range [lo, hi) a push declares (meta "span"); ProtocolError unless it is a valid
+    range holding every key of the message."""
+    try:
+        lo, hi = (int(x) for x in span)
+    except (TypeError, ValueError):
+        raise ProtocolError("a push's span must be [lo, hi] with integer bounds") from None
+    if not 0 <= lo < hi <= KEY_SPACE_END:
+        raise ProtocolError(f"a push's span [{lo}, {hi}) is not a key range")
+    if keys.n:
+        first, end = keys.span()
+        if first < lo or end > hi:
+            raise ProtocolError(f"a push's keys [{first}, {end}) leave its span [{lo}, {hi})")
+    return lo, hi

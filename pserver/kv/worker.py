@@ -22,6 +22,7 @@ import zmq
 from .. import security
 from ..config import Config
 from ..errors import (
+    DataLostError,
     DTypeError,
     InvalidKeysError,
     PServerError,
@@ -37,23 +38,43 @@ from ..store.spec import TableSpec
 from ..transport import Transport
 from ..wire import Message
 from . import keys as keyfmt
+from .filtering import FILTER_META, WorkerFilters, heartbeat_reporter
 
 log = logging.getLogger(__name__)
 
-_ERRORS = {"TableError": TableError}
+_ERRORS = {"TableError": TableError, "DataLostError": DataLostError}
+_RETRY_AFTER = 0.01  # seconds before resending a part a server refused as not its own
+
+
+@dataclass
+class _Part:
+    """One message of a request: the keys ``sel`` of the request sent to server ``sid``."""
+
+    sid: int
+    sel: object                        # slice or index array into the request's keys
+    rv: int                            # ring version it was split with
+    orig: int | None = None            # the master it first went to (set on resends)
+    refused_at: float = 0.0            # WrongOwner: when, and the server's ring version
+    refused_rv: int = -1
 
 
 @dataclass
 class _Request:
     kind: str                          # push | pull | range | declare
-    waiting: set[int]                  # server ids that have not answered yet
+    table: str = "default"
+    keys: np.ndarray | None = None     # kept until acknowledged, to re-split after a failover
+    vals: np.ndarray | None = None     # push values (n, cols), kept likewise (not copied)
+    rnd: int | None = None             # synchronous round of a push
+    meta: dict = field(default_factory=dict)
     out: np.ndarray | None = None      # pull: (n, dim) result buffer
-    parts: dict[int, object] = field(default_factory=dict)   # server id -> selector into out
+    parts: dict[int, _Part] = field(default_factory=dict)
+    waiting: set[int] = field(default_factory=set)   # part ids not answered yet
     ranges: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     callback: Callable | None = None
     error: Exception | None = None
     result: object = None
     started: float = 0.0
+    clock: dict[int, int] | None = None  # pull with clock=True: node -> time the values reflect
 
 
 class KVWorker:
@@ -79,7 +100,12 @@ class KVWorker:
         self._finished: dict[int, _Request] = {}   # completed, with a result or error not yet waited for
         self._tables: dict[str, TableSpec] = {"default": TableSpec(name="default")}
         self._rounds: dict[str, int] = {}
+        self._rings = {}            # ring version -> KeyRing, for re-splitting after a change
+        self._routed_rv = -1        # ring version of the last re-routing pass
         self._closed = False
+        self.idle_timer = None      # an IdleTimer: time blocked in wait() counts as waiting_net
+        self.filters = WorkerFilters(self)  # per-table filter chains (set_weights, flush)
+        self.membership.traffic = heartbeat_reporter(self.transport.counters, self.filters.counters)
         atexit.register(self.close)
 
     # -- cluster facts ------------------------------------------------------------------------
@@ -104,18 +130,20 @@ class KVWorker:
     # -- tables -------------------------------------------------------------------------------
     def declare_table(self, name: str, dim: int = 1, dtype: str = "float32", init: str = "zeros",
                       seed: int = 0, updater: str = "sum", updater_args: dict | None = None,
-                      sync: bool = False) -> TableSpec:
+                      sync: bool = False, push_filters: str = "", pull_filters: str = "") -> TableSpec:
         """Declare a table on every server (idempotent for an identical spec; TableError if the
-        table exists with another spec). Returns the spec."""
+        table exists with another spec). Returns the spec. push_filters / pull_filters: filter
+        chains of the table's pushes / pulls (see docs/filters.md), e.g. "key_cache,compress"."""
         spec = TableSpec.from_json(TableSpec(name=name, dim=dim, dtype=dtype, init=init, seed=seed,
                                              updater=updater, updater_args=updater_args or {},
-                                             sync=sync).to_json())
+                                             sync=sync, push_filters=push_filters,
+                                             pull_filters=pull_filters).to_json())
         with self._lock:
             ts = self._next_ts()
-            servers = self._all_servers()
-            for sid in servers:
-                self._send(sid, Message("declare_table", ts, meta={"spec": spec.to_json()}))
-            self._pending[ts] = _Request("declare", set(servers), started=time.monotonic())
+            req = _Request("declare", meta={"spec": spec.to_json()}, started=time.monotonic())
+            self._pending[ts] = req
+            for sid in self._all_servers():
+                self._send_part(ts, req, sid, None)
         self.wait(ts)
         self._tables[name] = spec
         return spec
@@ -130,41 +158,52 @@ class KVWorker:
 
     # -- push / pull ----------------------------------------------------------------------------
     def push(self, keys: np.ndarray, vals: np.ndarray, table: str | None = None,
-             callback: Callable[[], None] | None = None) -> int:
+             callback: Callable[[], None] | None = None, span: tuple[int, int] | None = None) -> int:
         """Send ``vals`` for ``keys`` to the servers; returns a timestamp at once.
 
         keys: 1-D uint64, sorted, unique. vals: the table's dtype, n*cols entries (flat, (n,) or
         (n, cols)), cols = dim (or 2*dim for curvature-carrying updaters such as l1_prox).
+        span: the key range [lo, hi) this push stands for (paper: keys of the range missing from
+        the message get its timestamp too); every server's range clock then covers all of it, so
+        "as of" pulls and staleness checks see it. Must contain the keys (InvalidKeysError).
         """
         spec = self._spec(table)
         keys = _check_keys(keys)
         vals = _check_vals(vals, len(keys), spec.push_cols, spec.dtype, "vals")
+        span = _check_span(span, keys) if span is not None else None
+        if spec.push_filters:
+            self.filters.check(spec)
         with self._lock:
             self._check_usable()
             ts = self._next_ts()
+            req = _Request("push", spec.name, keys, vals, callback=callback, started=time.monotonic())
+            if spec.sync:
+                req.rnd = self._rounds.get(spec.name, 0)
+                self._rounds[spec.name] = req.rnd + 1
+            self._pending[ts] = req
             parts = self._split(keys)
-            if spec.sync:  # every server takes part in every round, with an empty push if need be
-                rnd = self._rounds.get(spec.name, 0)
-                self._rounds[spec.name] = rnd + 1
+            if span is not None:
+                req.meta["span"] = span
+            if spec.sync or span is not None:  # every server takes part (an empty push if need be)
                 for sid in self._all_servers():
                     parts.setdefault(sid, slice(0, 0))
-            req = _Request("push", set(parts), callback=callback, started=time.monotonic())
-            self._pending[ts] = req
             for sid, sel in parts.items():
-                meta, arrays = keyfmt.pack_keys(keys[sel])
-                if spec.sync:
-                    meta["rnd"] = rnd
-                arrays.append(vals[sel])
-                self._send(sid, Message("push", ts, spec.name, meta, arrays))
+                self._send_part(ts, req, sid, sel)
         return ts
 
     def pull(self, keys: np.ndarray, table: str | None = None, out: np.ndarray | None = None,
-             wait: bool = True, callback: Callable[[np.ndarray], None] | None = None):
+             wait: bool = True, callback: Callable[[np.ndarray], None] | None = None,
+             as_of: dict[int, int] | None = None, clock: bool = False):
         """Read the values of ``keys`` (never-written keys read as the table's initial value).
 
         Blocking form returns the values, shaped (n,) for dim 1 and (n, dim) otherwise. With
         ``wait=False`` returns a timestamp; ``wait(ts)`` then returns the values (also written into
         ``out`` when given).
+        as_of: {worker node id: timestamp}: each server answers only once its copy of the keys
+        reflects every listed worker's pushes up to that timestamp (paper: range vector clocks);
+        workers that left are not waited for. clock=True: the result (and the callback's argument)
+        is ``(values, vc)`` with vc = {worker node id: newest timestamp t such that the values
+        reflect all of its pushes <= t} (-1: none).
         """
         spec = self._spec(table)
         keys = _check_keys(keys)
@@ -182,14 +221,16 @@ class KVWorker:
         with self._lock:
             self._check_usable()
             ts = self._next_ts()
-            parts = self._split(keys)
-            req = _Request("pull", set(parts), out=out.reshape(n, spec.dim), parts=parts,
-                           callback=callback, result=out, started=time.monotonic())
+            req = _Request("pull", spec.name, keys, out=out.reshape(n, spec.dim), callback=callback,
+                           result=out, started=time.monotonic())
+            if as_of:
+                req.meta["as_of"] = {str(int(k)): int(v) for k, v in as_of.items()}
+            if clock:
+                req.meta["vc"] = 1
             self._pending[ts] = req
-            for sid, sel in parts.items():
-                meta, arrays = keyfmt.pack_keys(keys[sel])
-                self._send(sid, Message("pull", ts, spec.name, meta, arrays))
-            if not parts:
+            for sid, sel in self._split(keys).items():
+                self._send_part(ts, req, sid, sel)
+            if not req.waiting:
                 self._complete(ts, req)
         return self.wait(ts) if wait else ts
 
@@ -206,18 +247,25 @@ class KVWorker:
         with self._lock:
             self._check_usable()
             ts = self._next_ts()
-            servers = self._all_servers()
-            req = _Request("range", set(servers), started=time.monotonic())
+            req = _Request("range", spec.name, meta={"lo": int(lo), "hi": int(hi)},
+                           started=time.monotonic())
             self._pending[ts] = req
-            for sid in servers:
-                self._send(sid, Message("pull_range", ts, spec.name, {"lo": lo, "hi": hi}))
+            for sid in self._all_servers():
+                self._send_part(ts, req, sid, None)
         return self.wait(ts) if wait else ts
 
     # -- completion -----------------------------------------------------------------------------
     def wait(self, ts: int, timeout: float | None = None):
         """Block until request ``ts`` completed; return its result (pulled values, (keys, values)
         for a range pull, None for a push). Raises the request's error, ServerDeadError when a server
-        it waits on died, RequestTimeoutError after ``timeout`` (default PSERVER_REQUEST_TIMEOUT)."""
+        it waits on died, RequestTimeoutError after ``timeout`` (default PSERVER_REQUEST_TIMEOUT).
+        With an ``idle_timer`` set, the time spent here counts as waiting_net."""
+        if self.idle_timer is not None:
+            with self.idle_timer.waiting_net():
+                return self._wait(ts, timeout)
+        return self._wait(ts, timeout)
+
+    def _wait(self, ts: int, timeout: float | None):
         timeout = timeout if timeout is not None else (self.cfg.request_timeout or None)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -234,10 +282,11 @@ class KVWorker:
                     raise PServerError(f"unknown timestamp {ts}")
                 self._progress(0.02)
                 if ts in self._pending:
-                    self._check_alive(ts, pending)
+                    self._reroute()
             if deadline is not None and time.monotonic() > deadline:
+                servers = sorted({pending.parts[p].sid for p in pending.waiting})
                 raise RequestTimeoutError(f"request {ts} got no reply within {timeout:g} s from "
-                                          f"servers {sorted(pending.waiting)}")
+                                          f"servers {servers}")
 
     def wait_all(self, timeout: float | None = None) -> None:
         """Wait for every outstanding request (errors of un-waited requests are raised here)."""
@@ -268,24 +317,31 @@ class KVWorker:
             log.error("malformed reply from server %d dropped: %s", sid, e)
             return
         req = self._pending.get(msg.ts)
-        if req is None or sid not in req.waiting:
+        pid = msg.meta.get("p")
+        if req is None or pid not in req.waiting or req.parts[pid].sid != sid:
             return
-        req.waiting.discard(sid)
+        part = req.parts[pid]
+        if self.filters.sent or FILTER_META in msg.meta:
+            msg = self.filters.on_reply((msg.ts, pid), sid, msg)
+            if msg is None:  # a key-cache miss: the part was resent with its keys
+                return
         try:
             if msg.op == "error":
+                if msg.meta.get("kind") == "WrongOwnerError":
+                    part.refused_at = time.monotonic()  # re-split and resend with a newer ring
+                    part.refused_rv = int(msg.meta.get("rv", -1))
+                    return
                 err = _ERRORS.get(msg.meta.get("kind"), RemoteError)
                 req.error = err(f"server {sid}: {msg.meta.get('error')}")
             elif req.kind == "pull":
-                vals = msg.arrays[0]
-                sel = req.parts[sid]
-                if len(req.parts) == 1 and req.out is not None and vals.shape == req.out.shape:
-                    req.out[...] = vals
-                else:
-                    req.out[sel] = vals
+                req.out[part.sel] = msg.arrays[0]
+                if "vc" in msg.meta:
+                    req.clock = _merge_clock(req.clock, msg.meta["vc"])
             elif req.kind == "range":
                 req.ranges.append((msg.arrays[0], msg.arrays[1]))
         except (IndexError, ValueError) as e:
             req.error = RemoteError(f"server {sid} sent a reply that does not fit the request: {e}")
+        req.waiting.discard(pid)
         if not req.waiting:
             self._complete(msg.ts, req)
 
@@ -301,6 +357,8 @@ class KVWorker:
             vals = vals[order]
             req.result = (keys[order], vals[:, 0] if vals.ndim == 2 and vals.shape[1] == 1
                           else vals)
+        if req.kind == "pull" and "vc" in req.meta and req.error is None:
+            req.result = (req.result, req.clock or {})
         if req.callback is not None and req.error is None:
             try:
                 req.callback(req.result) if req.kind == "pull" else req.callback()
@@ -309,14 +367,62 @@ class KVWorker:
         if req.kind != "push" or req.error is not None:
             self._finished[ts] = req
 
-    def _check_alive(self, ts: int, req: _Request) -> None:
+    def _reroute(self) -> None:
+        """Failover on the worker side: resend every unanswered part whose server left the ring
+        (died, or handed its keys over) or refused the keys, re-split with the current ring, in
+        timestamp order so per-sender FIFO holds at the new owners. Servers drop the duplicates."""
         view = self.membership.view
-        dead = [sid for sid in req.waiting if not view.alive(sid)]
-        if dead:
-            del self._pending[ts]
-            raise ServerDeadError(f"server(s) {dead} died before answering request {ts}")
+        ring = view.ring
         if self.membership.scheduler_lost.is_set():
             raise SchedulerUnreachableError("lost contact with the scheduler")
+        lost = set(view.settings.get("lost", []))
+        now = time.monotonic()
+        for ts in sorted(self._pending):
+            req = self._pending.get(ts)
+            if req is None:
+                continue
+            for pid in sorted(req.waiting):
+                part = req.parts[pid]
+                gone = part.sid not in ring.servers
+                refused = part.refused_at and now - part.refused_at > _RETRY_AFTER and \
+                    ring.version >= part.refused_rv
+                if not gone and not refused:
+                    if part.sid in lost:
+                        del self._pending[ts]
+                        raise DataLostError(
+                            f"server {part.sid} died and no replica holds its keys (servers lost: "
+                            f"{sorted(lost)}); restore the cluster from the last checkpoint with "
+                            f"`pserver scheduler --restore DIR`")
+                    continue
+                req.waiting.discard(pid)
+                self._resend(ts, req, part, ring)
+            if req.parts and not req.waiting and ts in self._pending:
+                self._complete(ts, req)
+        self._routed_rv = ring.version
+
+    def _resend(self, ts: int, req: _Request, part: _Part, ring) -> None:
+        orig = part.orig if part.orig is not None else part.sid
+        if req.kind in ("declare", "range"):
+            if req.kind == "range":  # answers were filtered by the old ring: ask everyone again
+                req.ranges.clear()
+                for pid in list(req.waiting):
+                    req.waiting.discard(pid)
+                for sid in self._all_servers():
+                    self._send_part(ts, req, sid, None)
+            elif part.sid in ring.servers:
+                self._send_part(ts, req, part.sid, None)
+            return
+        idx = np.arange(len(req.keys))[part.sel]
+        targets = dict(ring.split(req.keys[idx]))
+        if req.rnd is not None:
+            # a synchronous round resent: every server that took over the failed master's ranges
+            # must hear from every worker, with an empty push if need be
+            old = self._rings.get(part.rv)
+            heirs = old.heirs(part.sid, ring) if old is not None else ring.servers
+            for sid in heirs:
+                targets.setdefault(sid, slice(0, 0))
+        for sid, sel in targets.items():
+            self._send_part(ts, req, sid, idx[sel], orig)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -327,10 +433,45 @@ class KVWorker:
     # -- routing --------------------------------------------------------------------------------
     def _split(self, keys: np.ndarray) -> dict[int, object]:
         ring = self.membership.view.ring
+        if ring.version != self._routed_rv and self._pending:
+            self._reroute()
         return dict(ring.split(keys))
 
     def _all_servers(self) -> list[int]:
         return [n.id for n in self.membership.view.role_nodes("server")]
+
+    def _send_part(self, ts: int, req: _Request, sid: int, sel, orig: int | None = None) -> None:
+        """Send the part of request ``ts`` for server ``sid`` (keys ``sel``) and track it."""
+        ring = self.membership.view.ring
+        self._rings.setdefault(ring.version, ring)
+        pid = len(req.parts)
+        req.parts[pid] = _Part(sid, sel, ring.version, orig)
+        req.waiting.add(pid)
+        spec = self._tables.get(req.table) if req.kind in ("push", "pull") else None
+        if spec is not None and (spec.push_filters if req.kind == "push" else spec.pull_filters):
+            vals = req.vals[sel] if req.kind == "push" else None  # the chain packs keys and values
+            meta, arrays = self.filters.encode(sid, (ts, pid), spec, req.kind, req.keys[sel], vals)
+            if req.rnd is not None:
+                meta["rnd"] = req.rnd
+        elif req.kind in ("push", "pull"):
+            meta, arrays = keyfmt.pack_keys(req.keys[sel])
+            if req.kind == "push":
+                arrays.append(req.vals[sel])
+                if req.rnd is not None:
+                    meta["rnd"] = req.rnd
+        else:
+            meta, arrays = dict(req.meta), []
+        if req.kind in ("push", "pull") and req.meta:
+            meta.update(req.meta)  # span / as_of / vc
+        meta["p"] = pid
+        meta["rv"] = ring.version
+        if orig is not None:
+            meta["orig"] = orig
+        op = {"range": "pull_range", "declare": "declare_table"}.get(req.kind, req.kind)
+        try:
+            self._send(sid, Message(op, ts, req.table if req.kind != "declare" else "", meta, arrays))
+        except ServerDeadError:
+            pass  # stays waiting: re-routed once the ring drops that server
 
     def _send(self, sid: int, msg: Message) -> None:
         sock = self._socks.get(sid)
@@ -344,10 +485,18 @@ class KVWorker:
             self._poller.register(sock, zmq.POLLIN)
         self.transport.send(sock, msg)
 
+    def tasks(self, app: str | None = None, model: str | None = None, **kw):
+        """An Executor running this worker's tasks of application ``app`` under a consistency
+        model (see pserver.consistency.executor); its IdleTimer becomes ``idle_timer``."""
+        from ..consistency.executor import Executor
+
+        return Executor(self, model, app=app, **kw)
+
     # -- misc -----------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Traffic of this worker: bytes and messages sent/received, in total and per op."""
-        return self.transport.counters.to_json()
+        """Traffic of this worker: bytes and messages sent/received, in total and per op, and
+        under "filters" bytes and pairs per message kind before/after each filter."""
+        return {**self.transport.counters.to_json(), "filters": self.filters.counters.to_json()}
 
     def close(self) -> None:
         """Wait briefly for outstanding requests, leave the cluster and release sockets."""
@@ -401,3 +550,23 @@ def _check_range(lo: int, hi: int) -> None:
             and 0 <= lo <= hi <= 1 << 64):
         raise InvalidKeysError(f"a key range needs integers 0 <= lo <= hi <= 2**64, got "
                                f"[{lo}, {hi})")
+
+
+def _check_span(span, keys: np.ndarray) -> list[int]:
+    try:
+        lo, hi = (int(x) for x in span)
+    except (TypeError, ValueError):
+        raise InvalidKeysError(f"span must be a pair (lo, hi) of integers, got {span!r}") from None
+    if not 0 <= lo < hi <= 1 << 64 or (len(keys) and not lo <= int(keys[0]) <= int(keys[-1]) < hi):
+        raise InvalidKeysError(f"span [{lo}, {hi}) must be a key range within [0, 2**64) that "
+                               "contains every pushed key")
+    return [lo, hi]
+
+
+def _merge_clock(have: dict[int, int] | None, vc) -> dict[int, int]:
+    """Combine the range clocks of a pull's parts: the values reflect a worker only as far as
+    every part does (a worker missing from a part: -1 there)."""
+    part = {int(k): int(v) for k, v in vc.items()} if isinstance(vc, dict) else {}
+    if have is None:
+        return part
+    return {n: min(have.get(n, -1), part.get(n, -1)) for n in have.keys() | part.keys()}

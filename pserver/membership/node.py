@@ -48,6 +48,8 @@ class Membership:
         self._stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._listeners: list[Callable[[ClusterView], None]] = []
+        # the node's traffic counters (a dict; must not raise), sent on a heartbeat every second
+        self.traffic: Callable[[], dict] | None = None
 
     # -- view ---------------------------------------------------------------------------------
     @property
@@ -159,13 +161,16 @@ class Membership:
         interval = self.cfg.heartbeat_interval
         lost_after = max(3.0, 10 * self.cfg.heartbeat_timeout)
         last_reply = time.monotonic()
-        next_beat = 0.0
+        next_beat = next_report = 0.0
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_beat:
-                    self.transport.send(sock, Message("heartbeat", meta={
-                        "id": self.node_id, "v": self.view.version}))
+                    meta = {"id": self.node_id, "v": self.view.version}
+                    if self.traffic is not None and now >= next_report:
+                        meta["traffic"] = self.traffic()
+                        next_report = now + 1.0
+                    self.transport.send(sock, Message("heartbeat", meta=meta))
                     next_beat = now + interval
                 if sock.poll(max(0.0, next_beat - time.monotonic()) * 1000):
                     while True:

@@ -6,16 +6,20 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import zmq
 
 from .. import security
 from ..config import Config
-from ..errors import ProtocolError
+from ..errors import AuthError, PServerError
+from ..ft.checkpoint_round import CheckpointCoordinator
 from ..ring import KeyRing
-from ..transport import Transport
+from ..transport import Transport, node_token
 from ..wire import Message
+from .tasks import TaskService
 from .view import ClusterView, NodeInfo
 
 log = logging.getLogger(__name__)
@@ -35,15 +39,19 @@ class Scheduler:
     """
 
     def __init__(self, cfg: Config, credentials: security.Credentials | None = None,
-                 exit_when_workers_done: bool = True):
+                 exit_when_workers_done: bool = True, checkpoint_dir: str | None = None,
+                 checkpoint_every: float = 0.0, checkpoint_keep: int = 3, restore: str | None = None):
         self.cfg = cfg
         host, port = cfg.require_scheduler()
         self.transport = Transport(cfg, "scheduler", credentials)
         self.sock, self.port = self.transport.bind_router(cfg.host or _bind_host(host), port)
+        # a node's DEALER that reconnects keeps its secret identity (transport.node_token): let it in
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.view = ClusterView(settings={})
         self.pending: list[tuple[bytes, int, dict]] = []   # registrations waiting for the cluster
         self.identity_of: dict[int, bytes] = {}            # node id -> ROUTER identity (heartbeat sock)
         self.last_seen: dict[int, float] = {}
+        self.traffic: dict[int, dict] = {}                  # node id -> traffic its heartbeats report
         self.started = False
         self.barriers: dict[str, _Barrier] = {}
         self.shutting_down = False
@@ -52,6 +60,18 @@ class Scheduler:
         self.workers_ever = 0
         self._next_id = 1
         self.rejected = 0
+        self.tasks = TaskService(self._send, lambda: self.view, self._bump)  # app task queues
+        self.rejections: Counter[str] = Counter()  # reason (exception class) -> rejected messages
+        self.owner: dict[int, bytes] = {}  # node id -> node_token of the connection that registered it
+        self.checkpoints = CheckpointCoordinator(
+            self.transport, lambda: self.view, self._send, lambda: self._next_id,
+            directory=checkpoint_dir or restore, every=checkpoint_every, keep=checkpoint_keep)
+        if restore:  # new node ids start above the checkpoint's: restored clocks never mix them up
+            try:
+                self._next_id = self.checkpoints.prepare_restore(restore, self.view)
+            except PServerError:
+                self.transport.close()
+                raise
         log.info("scheduler listening on %s:%d, waiting for %d servers and %d workers",
                  cfg.host or host, self.port, cfg.num_servers, cfg.num_workers)
 
@@ -65,6 +85,7 @@ class Scheduler:
                 for _ in poller.poll(tick * 1000):
                     self._drain()
                 self._check_liveness()
+                self.checkpoints.tick(self.started and not self.shutting_down)
                 if self.shutting_down and self._may_exit():
                     break
         finally:
@@ -81,12 +102,30 @@ class Scheduler:
             try:
                 _, msg, role = self.transport.decode(frames, routed=True)
                 if self.transport.creds.secure and not security.authorise(msg.op, role, True):
-                    raise PermissionError(f"a {role} may not send {msg.op!r} to the scheduler")
+                    raise AuthError(f"a {role} may not send {msg.op!r} to the scheduler")
                 self._handle(identity, msg, role)
-            except (ProtocolError, PermissionError, ValueError, KeyError, TypeError) as e:
-                self.rejected += 1
-                log.warning("rejected a message: %s", e)
-                self._send(identity, Message("error", meta={"error": str(e)[:500]}))
+            except (PServerError, PermissionError, ValueError, KeyError, TypeError, OverflowError) as e:
+                self._reject(identity, e)
+            except Exception as e:  # nothing received may stop the control plane
+                log.exception("unexpected error on a message")
+                self._reject(identity, e)
+
+    def _reject(self, identity: bytes, err: Exception) -> None:
+        kind = type(err).__name__
+        self.rejected += 1
+        self.rejections[kind] += 1
+        log.warning("rejected a message: %s: %s", kind, err)
+        self._send(identity, Message("error", meta={"error": str(err)[:500], "kind": kind}))
+
+    def _check_owner(self, nid: int, identity: bytes, op: str) -> None:
+        """Refuse ``op`` for node ``nid`` unless it comes from the node that registered as ``nid``:
+        all nodes of a role share one key, so an id in a message proves nothing by itself."""
+        owner = self.owner.get(nid)
+        if owner is None:
+            raise ValueError(f"{op} for unknown node {nid}")
+        if node_token(identity) != owner:
+            raise AuthError(f"{op} for node {nid} came from another node's connection: a node may "
+                            f"send {op} only for itself")
 
     def _send(self, identity: bytes, msg: Message) -> None:
         try:
@@ -102,7 +141,10 @@ class Scheduler:
             node = self.view.nodes.get(nid)
             if node is None:
                 raise ValueError(f"heartbeat from unknown node {nid}")
+            self._check_owner(nid, identity, op)
             self.last_seen[nid] = time.monotonic()
+            if isinstance(m.get("traffic"), dict):
+                self.traffic[nid] = m["traffic"]
             reply = {"v": self.view.version, "shutdown": self.shutting_down}
             if int(m.get("v", -1)) != self.view.version:
                 reply["view"] = self.view.to_json()
@@ -116,8 +158,15 @@ class Scheduler:
         elif op == "status":
             self._send(identity, Message("status", msg.ts, meta=self.status()))
         elif op == "leave":
+            self._check_owner(int(m["id"]), identity, op)
             self._leave(int(m["id"]))
             self._send(identity, Message("ok", msg.ts))
+        elif op == "checkpoint":  # answered when the checkpoint is committed or aborted
+            self.checkpoints.request(identity, msg)
+        elif op in TaskService.OPS:  # the task scheduler: plans, work, progress, consistency
+            if "id" in m:
+                self._check_owner(int(m["id"]), identity, op)
+            self.tasks.handle(identity, msg)
         elif op == "shutdown":
             log.warning("shutdown requested")
             self._begin_shutdown()
@@ -132,7 +181,7 @@ class Scheduler:
         if node_role not in ("server", "worker"):
             raise ValueError(f"cannot register role {node_role!r}")
         if role is not None and role != node_role:
-            raise PermissionError(f"credentials of a {role} cannot register as a {node_role}")
+            raise AuthError(f"credentials of a {role} cannot register as a {node_role}")
         info = {"role": node_role, "host": str(m["host"]), "port": int(m["port"]),
                 "pid": int(m["pid"]), "rank": int(m.get("rank", -1))}
         if self.shutting_down:
@@ -171,7 +220,12 @@ class Scheduler:
                                                     p[2]["rank"] if p[2]["rank"] >= 0 else 1 << 30))
         admitted = [(ident, ts, self._admit(info, info["role"])) for ident, ts, info in order]
         servers = [n.id for n in self.view.role_nodes("server")]
-        self.view.ring = KeyRing(servers, virtual=self.cfg.virtual_servers)
+        self.view.ring = KeyRing(servers, virtual=self.cfg.virtual_servers, version=1)
+        if "restore" in self.view.settings:  # these servers load the checkpoint before serving
+            self.view.settings["restore"]["servers"] = servers
+        self.view.settings.update({
+            "replication": self.cfg.replication,
+            "replicate_after_aggregation": self.cfg.replicate_after_aggregation})
         self.view.version = 1
         self.started = True
         self.pending.clear()
@@ -180,13 +234,38 @@ class Scheduler:
         log.info("cluster started: %d servers, %d workers", len(servers), self.view.num_workers)
 
     def _welcome(self, identity: bytes, ts: int, node: NodeInfo) -> None:
+        self.owner[node.id] = node_token(identity)  # admitted: bind the id to this node's connections
         self._send(identity, Message("welcome", ts, meta={"id": node.id, "rank": node.rank,
                                                           "view": self.view.to_json()}))
 
     def _bump(self) -> None:
         self.view.version += 1
-        if self.view.ring is not None:
-            self.view.ring.version = self.view.version
+
+    def _server_gone(self, nid: int) -> None:
+        """Failover: take a dead or departed server off the key ring. Its segments fall to their
+        first replicas, which hold the data; if every holder of some segment is gone, the data is
+        lost - the ring is left as it is and workers touching those keys get DataLostError."""
+        ring = self.view.ring
+        if ring is None or nid not in ring.servers:
+            return
+        gone = {s for s in ring.servers if not self.view.alive(s)}
+        k = int(self.view.settings.get("replication", 0))
+        holders = np.column_stack([ring.owners, ring.replica_table(k)]) if k else \
+            ring.owners[:, None]
+        lost_rows = np.isin(holders, list(gone)) | (holders < 0)
+        lost_rows = lost_rows.all(axis=1)
+        if lost_rows.any() or len(gone) == len(ring.servers):
+            lost = sorted({int(o) for o in ring.owners[lost_rows]})
+            self.view.settings["lost"] = lost
+            log.error("servers %s held the only copies of some key ranges (replication k=%d): those "
+                      "keys are lost; restore the cluster from the last checkpoint with `pserver "
+                      "scheduler --restore DIR`", lost, k)
+            return
+        self.view.ring = KeyRing([s for s in ring.servers if s not in gone],
+                                 virtual=ring.virtual, block_bits=ring.block_bits,
+                                 version=ring.version + 1)
+        log.warning("key ring v%d: server(s) %s removed, their ranges fail over to their replicas",
+                    self.view.ring.version, sorted(gone))
 
     # -- liveness ----------------------------------------------------------------------------
     def _check_liveness(self) -> None:
@@ -200,8 +279,11 @@ class Scheduler:
                 log.error("%s %d (rank %d, pid %d at %s:%d) missed heartbeats for %.2f s: marked dead",
                           node.role, nid, node.rank, node.pid, node.host, node.port,
                           now - self.last_seen[nid])
+                if node.role == "server":
+                    self._server_gone(nid)
                 self._bump()
                 self._recheck_barriers()
+                self.tasks.node_gone(nid)
                 self._maybe_finish()
 
     def _leave(self, nid: int) -> None:
@@ -211,8 +293,11 @@ class Scheduler:
         node.alive = False
         node.state = "left"
         log.info("%s %d (rank %d) left", node.role, nid, node.rank)
+        if node.role == "server" and not self.shutting_down:
+            self._server_gone(nid)
         self._bump()
         self._recheck_barriers()
+        self.tasks.node_gone(nid)
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -235,6 +320,7 @@ class Scheduler:
         name = str(msg.meta.get("name", ""))
         group = str(msg.meta.get("group", "worker"))
         nid = int(msg.meta["id"])
+        self._check_owner(nid, identity, "barrier")
         b = self.barriers.setdefault(name, _Barrier(group))
         b.arrived[nid] = (identity, msg.ts)
         self._complete(name, b)
@@ -257,6 +343,8 @@ class Scheduler:
         view = self.view.to_json()
         for n in view["nodes"]:
             n["last_heartbeat"] = round(now - self.last_seen.get(n["id"], now), 3)
+            if n["id"] in self.traffic:
+                n["traffic"] = self.traffic[n["id"]]
         shares = self.view.ring.share() if self.view.ring else {}
         for n in view["nodes"]:
             if n["role"] == "server":
@@ -265,7 +353,10 @@ class Scheduler:
                              "expected_servers": self.cfg.num_servers,
                              "expected_workers": self.cfg.num_workers,
                              "rejected_messages": self.rejected,
+                             "rejected_by_reason": dict(self.rejections),
+                             "checkpoints": self.checkpoints.status(),
                              "traffic": self.transport.counters.to_json()}
+        view["tasks"] = self.tasks.progress()
         return view
 
 

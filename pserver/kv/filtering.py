@@ -1,0 +1,498 @@
+"""The filter chain on the push/pull path (paper: "User-defined filters"), and traffic accounting.
+
+A table's spec names its chains (``TableSpec.push_filters`` / ``pull_filters``); every node parses
+them the same way, so a worker and a server always agree on the chain, and a message whose header
+names other filters is refused with :class:`~pserver.errors.FilterMismatchError`.
+
+On the wire a filtered request carries the chain's header under ``meta["fc"]`` (which holds
+``"filters"``, the names of the filters applied, and one section per filter), a layout field
+``meta["fl"]`` ("kv", "k", "v" or "": which of keys and values travel as plain arrays) and then
+the arrays: keys, values, then the filters' extra frames. Pushes run the push chain on
+(keys, values). Pulls run the pull chain twice: on the request's keys (key caching, compression)
+and on the reply's values (precision, compression). Tables without filters keep the plain path of
+pserver.kv.keys untouched: no payload objects, no copies.
+
+Key-cache misses. A server that does not hold a key list a request names by signature answers
+with an error of kind "KeyCacheMiss" and applies nothing; the worker then resends that part with
+its keys under the same timestamp (``FilterChain.resend_with_keys``). Until the resend arrives the
+server holds every later request of that worker back, so per-sender FIFO order - a pull issued
+right after a push sees that push - survives the miss.
+
+State. Filters keep per-peer state (key caches, residuals) in dicts owned here: on a worker one
+per (server, table, direction), on a server one per (worker identity, table, direction); a server
+drops a worker's state when the worker leaves the cluster.
+
+Counters. Each node has one :class:`~pserver.filters.Counters` (bytes, pairs and messages per
+message kind and filter stage, sent and received) next to its transport's per-op byte counters;
+:func:`traffic_report` packs both for ``KVWorker.stats()``, the server's "stats" op and the
+heartbeats that let ``pserver status`` show every node's traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import ConfigError, KeyCacheMiss, ProtocolError, PServerError, ServerDeadError
+from ..filters import Counters, FilterChain, FilterContext, KeyCaching, Payload, parse_filters
+from ..filters.key_cache import parse_size
+from ..wire import Message
+from .keys import KeySet
+
+if TYPE_CHECKING:
+    from ..membership.view import ClusterView
+    from ..store.spec import TableSpec
+    from ..store.table import Table
+    from ..transport import TrafficCounters
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DATA_OPS_RECEIVED",
+    "DATA_OPS_SENT",
+    "FILTER_META",
+    "LAYOUT",
+    "ServerFilters",
+    "WorkerFilters",
+    "chain_for",
+    "format_traffic",
+    "traffic_report",
+]
+
+FILTER_META = "fc"
+LAYOUT = "fl"
+_LAYOUTS = ("", "k", "v", "kv")
+# Ops of the data plane as a worker sees them (the rest is membership: heartbeats, barriers).
+DATA_OPS_SENT = ("push", "pull", "pull_range")
+DATA_OPS_RECEIVED = ("ack", "vals", "range", "error")
+# A heartbeat carries at most this much traffic report (the header limit is 64 KiB).
+_MAX_REPORT_BYTES = 16 << 10
+# Counter stage of what a filtered message carries after the whole chain, whatever its filters.
+WIRE_STAGE = "on_wire"
+KEY_CACHE_LIMIT_VAR = "PSERVER_KEY_CACHE_LIMIT"
+
+_chains: dict[str, FilterChain] = {}
+_chains_lock = threading.Lock()
+
+
+def chain_for(spec_text: str) -> FilterChain:
+    """The FilterChain of a canonical spec string (from a TableSpec), parsed once per process.
+
+    Raises ConfigError for an invalid spec (a TableSpec never holds one)."""
+    chain = _chains.get(spec_text)
+    if chain is None:
+        with _chains_lock:
+            chain = _chains.get(spec_text)
+            if chain is None:
+                chain = _chains[spec_text] = parse_filters(spec_text)
+    return chain
+
+
+def _message_parts(p: Payload) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """(meta, arrays) of an encoded payload, in the layout described in the module docstring."""
+    layout = ("k" if p.keys is not None else "") + ("v" if p.values is not None else "")
+    arrays = [a for a in (p.keys, p.values) if a is not None]
+    arrays.extend(p.frames)
+    return {FILTER_META: p.meta, LAYOUT: layout}, arrays
+
+
+def _payload_of(msg: Message) -> Payload:
+    """The encoded payload a filtered message carries (ProtocolError if the layout is bad). A
+    message without a chain header gets an empty one, which the chain refuses by name."""
+    meta = msg.meta.get(FILTER_META, {})
+    layout = msg.meta.get(LAYOUT, "")
+    if layout not in _LAYOUTS:
+        raise ProtocolError(f"filtered message has an invalid layout {layout!r:.20}")
+    if len(msg.arrays) < len(layout):
+        raise ProtocolError(f"filtered message with layout {layout!r} has only "
+                            f"{len(msg.arrays)} arrays")
+    arrays = list(msg.arrays)
+    keys = arrays.pop(0) if "k" in layout else None
+    values = arrays.pop(0) if "v" in layout else None
+    return Payload(keys, values, meta, arrays)
+
+
+# -- worker side -------------------------------------------------------------------------------
+@dataclass
+class _Sent:
+    """What a worker keeps of a filtered request part until its reply arrives."""
+
+    chain: FilterChain
+    op: str                 # "push" or "pull"
+    table: str
+    encoded: Payload        # the chain's output, for resend_with_keys
+    meta: dict[str, Any]    # the message meta, shared with the caller (it may add fields)
+    n: int                  # keys in this part
+    dim: int = 0            # pull: value columns expected
+    dtype: str = ""         # pull: value dtype expected
+    resent: bool = False
+
+
+class WorkerFilters:
+    """The filter chains of one KVWorker: encodes its filtered requests, decodes the replies,
+    resends after a key-cache miss, and counts traffic per filter stage.
+
+    Used under the worker's lock (every call comes from KVWorker methods holding it), except
+    :meth:`set_weights` / :meth:`select_all`, which only replace dict entries.
+    """
+
+    def __init__(self, kv: Any) -> None:
+        self._kv = kv  # the KVWorker: sends resends (kv._send), flushes through kv.push
+        self.counters = Counters()
+        self.states: dict[tuple[int, str, str], dict] = {}
+        self.weights: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+        self.sent: dict[Any, _Sent] = {}   # part key (the caller's, e.g. (ts, part id)) -> sent
+        self._select_all: set[str] = set()
+
+    # -- application hooks ------------------------------------------------------------------
+    def set_weights(self, table: str, weights: Callable[[np.ndarray], np.ndarray] | None) -> None:
+        """Give the filters that need the current weights (kkt, significant:rel) a source for
+        ``table``: ``weights(keys) -> w``, one float per key (keys are sorted uint64, a subset of
+        what is pushed; keys never pulled read 0). None removes it."""
+        if weights is None:
+            self.weights.pop(table, None)
+        elif not callable(weights):
+            raise ConfigError("set_weights needs a callable keys -> weights (e.g. a lookup into "
+                              "the worker's last pulled copy of w)")
+        else:
+            self.weights[table] = weights
+
+    def select_all(self, table: str, on: bool = True) -> None:
+        """While on, the select filters of ``table`` (kkt, significant, random_skip) pass every
+        entry, and significant also sends what it held back: the KKT active set is reset, every
+        coordinate is pushed so the servers re-check the optimality conditions."""
+        if on:
+            self._select_all.add(table)
+        else:
+            self._select_all.discard(table)
+
+    def flush(self, table: str) -> int | None:
+        """Push everything the select filters of ``table`` hold back (significant's residuals) to
+        its servers through ``kv.push``; returns the push's timestamp, or None if nothing is held.
+        On a synchronous table every worker must flush in the same round."""
+        kv = self._kv
+        spec = kv._spec(table)
+        chain = chain_for(spec.push_filters)
+        parts: list[Payload] = []
+        for sid, name, direction in list(self.states):
+            if name != spec.name or direction != "push":
+                continue
+            ctx = self._ctx(sid, name, "push")
+            for f in chain.filters:
+                take = getattr(f, "flush", None)
+                p = take(ctx) if callable(take) else None
+                if p is not None and p.keys is not None and p.keys.shape[0]:
+                    parts.append(p)
+        if not parts:
+            return None
+        keys = np.concatenate([p.keys for p in parts])
+        vals = np.concatenate([np.asarray(p.values).reshape(p.keys.shape[0], -1) for p in parts])
+        order = np.argsort(keys, kind="stable")
+        self.select_all(spec.name)
+        try:
+            return kv.push(keys[order], vals[order].astype(spec.dtype, copy=False), table=spec.name)
+        finally:
+            self.select_all(spec.name, False)
+
+    # -- requests ---------------------------------------------------------------------------
+    def _ctx(self, sid: int, table: str, direction: str) -> FilterContext:
+        return FilterContext(peer=f"server-{sid}", direction=direction, table=table,
+                             counters=self.counters,
+                             state=self.states.setdefault((sid, table, direction), {}),
+                             weights=self.weights.get(table), flush=table in self._select_all)
+
+    def check(self, spec: TableSpec) -> None:
+        """Raise ConfigError before a push of ``spec``'s table if a filter of its push chain
+        lacks what it needs (kkt or significant:rel without weights)."""
+        if spec.name not in self.weights and _needs_weights(chain_for(spec.push_filters)):
+            raise ConfigError(f"the push filters {spec.push_filters!r} of table {spec.name!r} need "
+                              f"the current weights: call kv.filters.set_weights({spec.name!r}, "
+                              "keys -> w) first")
+
+    def encode(self, sid: int, part: Any, spec: TableSpec, op: str, keys: np.ndarray,
+               values: np.ndarray | None) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """(meta, arrays) of request part ``part`` (a key the caller passes to :meth:`on_reply`
+        with the reply) for server ``sid``, after ``spec``'s push (``values`` given) or pull chain.
+        The meta dict is kept for a resend: fields the caller adds to it (round, part id) go
+        into the resend too.
+
+        Raises ConfigError when a filter lacks something it needs (see :meth:`check`),
+        DTypeError / ValueShapeError for unsuitable values."""
+        chain = chain_for(spec.push_filters if op == "push" else spec.pull_filters)
+        ctx = self._ctx(sid, spec.name, op)
+        enc = chain.encode(Payload(keys, values), ctx)
+        _count_wire(ctx, chain, enc, "sent")
+        meta, arrays = _message_parts(enc)
+        if len(self.sent) > 4096:
+            self._forget_stale()
+        self.sent[part] = _Sent(chain, op, spec.name, enc, meta, int(keys.shape[0]), spec.dim,
+                                spec.dtype)
+        return meta, arrays
+
+    def _forget_stale(self) -> None:
+        # Parts abandoned without a reply (a dead server, a re-routed part) would otherwise stay
+        # here forever; dicts keep insertion order, so the oldest go first.
+        for key in list(self.sent)[:len(self.sent) // 2]:
+            del self.sent[key]
+
+    def on_reply(self, part: Any, sid: int, msg: Message) -> Message | None:
+        """The reply to request part ``part`` from server ``sid`` as the worker's plain path
+        expects it: pulled values decoded into one (n, dim) array, or an error message if they
+        cannot be. None when the reply was a key-cache miss and the part has been resent with its
+        keys under the same timestamp and meta (the request keeps waiting)."""
+        sent = self.sent.pop(part, None)
+        if sent is None:
+            if FILTER_META in msg.meta:
+                return _error(msg.ts, ProtocolError("a filtered reply to an unfiltered request"),
+                              msg.meta)
+            return msg
+        if msg.op == "error":
+            if msg.meta.get("kind") == "KeyCacheMiss" and not sent.resent:
+                self._resend(part, sid, msg.ts, sent)
+                return None
+            return msg
+        if sent.op != "pull":
+            return msg
+        try:
+            meta = {k: v for k, v in msg.meta.items() if k not in (FILTER_META, LAYOUT)}
+            return Message(msg.op, msg.ts, msg.table, meta,
+                           arrays=[self._decode_values(sid, msg, sent)])
+        except PServerError as e:
+            log.warning("undecodable pull reply from server %d: %s", sid, e)
+            return _error(msg.ts, e, msg.meta)
+
+    def _resend(self, part: Any, sid: int, ts: int, sent: _Sent) -> None:
+        ctx = self._ctx(sid, sent.table, sent.op)
+        enc = sent.chain.resend_with_keys(sent.encoded, ctx)
+        _count_wire(ctx, sent.chain, enc, "sent")
+        meta, arrays = _message_parts(enc)
+        meta = {**sent.meta, **meta}
+        self.sent[part] = replace(sent, encoded=enc, meta=meta, resent=True)
+        self.counters.incr("key_cache.resent")
+        log.info("server %d missed a cached key list of request %d: resent with its keys", sid, ts)
+        try:
+            self._kv._send(sid, Message(sent.op, ts, sent.table, meta, arrays))
+        except ServerDeadError:
+            pass  # the part stays waiting; the worker re-routes it when the ring drops the server
+
+    def _decode_values(self, sid: int, msg: Message, sent: _Sent) -> np.ndarray:
+        p = _decode_counted(sent.chain, _payload_of(msg), self._ctx(sid, sent.table, "pull"))
+        v = p.values
+        if p.keys is not None or v is None or v.dtype != np.dtype(sent.dtype) \
+                or v.size != sent.n * sent.dim:
+            raise ProtocolError(f"pull reply does not hold {sent.n} x {sent.dim} {sent.dtype} "
+                                f"values")
+        return v.reshape(sent.n, sent.dim)
+
+
+def _count_wire(ctx: FilterContext, chain: FilterChain, enc: Payload, side: str) -> None:
+    pairs = chain.filters[-1].pairs_after(enc) if chain.filters else enc.n_pairs()
+    ctx.counters.add(ctx.direction, WIRE_STAGE, side, enc.nbytes(), pairs)
+
+
+def _decode_counted(chain: FilterChain, p: Payload, ctx: FilterContext) -> Payload:
+    """chain.decode, counting the message in the WIRE_STAGE cell (pairs 0 if it fails)."""
+    nbytes, pairs = p.nbytes(), 0
+    try:
+        out = chain.decode(p, ctx)
+        pairs = out.n_pairs()
+        return out
+    finally:
+        ctx.counters.add(ctx.direction, WIRE_STAGE, "received", nbytes, pairs)
+
+
+def _needs_weights(chain: FilterChain) -> bool:
+    return any(f.kind == "kkt" or (f.kind == "significant" and getattr(f, "mode", "") == "rel")
+               for f in chain.filters)
+
+
+def _error(ts: int, err: Exception, reply_meta: dict[str, Any]) -> Message:
+    meta = {k: v for k, v in reply_meta.items() if k not in (FILTER_META, LAYOUT)}
+    return Message("error", ts, meta={**meta, "error": str(err)[:1000], "kind": type(err).__name__})
+
+
+# -- server side -------------------------------------------------------------------------------
+class ServerFilters:
+    """The filter chains of one KVServer: decodes filtered requests, encodes pull replies,
+    tracks key-cache misses whose resend is awaited, and counts traffic per filter stage.
+
+    held: the server's per-sender hold queues (identity -> deque); a miss opens one so that the
+          sender's later requests wait behind the resend.
+    max_bytes: the largest size a decode may allocate (the wire limit).
+    key_cache_limit: bytes a key cache may hold per (worker, table, direction) on this server,
+          at most; None keeps the table's setting. Lists over it are not cached, so requests
+          naming them miss and are resent with keys (PSERVER_KEY_CACHE_LIMIT, e.g. "16M").
+    """
+
+    def __init__(self, held: dict, max_bytes: int, key_cache_limit: int | None = None) -> None:
+        self.held = held
+        self.max_bytes = max_bytes
+        self.key_cache_limit = key_cache_limit
+        self.counters = Counters()
+        self.states: dict[tuple[bytes, str, str], dict] = {}
+        self.awaiting: dict[bytes, int] = {}
+        self._chains: dict[str, FilterChain] = {}
+
+    @classmethod
+    def from_env(cls, held: dict, max_bytes: int) -> ServerFilters:
+        """Configured from PSERVER_KEY_CACHE_LIMIT (bytes, k/M/G suffix; unset = no limit)."""
+        raw = os.environ.get(KEY_CACHE_LIMIT_VAR, "").strip()
+        return cls(held, max_bytes, parse_size(raw) if raw else None)
+
+    def _chain(self, spec_text: str) -> FilterChain:
+        chain = self._chains.get(spec_text)
+        if chain is None:
+            chain = parse_filters(spec_text)  # own objects: the limit below changes them
+            if self.key_cache_limit is not None:
+                for f in chain.filters:
+                    # Same name (the worker's mirror is unchanged), smaller cache here: lists it
+                    # cannot hold are answered with a miss, never mis-applied.
+                    if isinstance(f, KeyCaching):
+                        f.capacity_bytes = min(f.capacity_bytes, self.key_cache_limit)
+            self._chains[spec_text] = chain
+        return chain
+
+    def _decode(self, identity: bytes, msg: Message, spec: TableSpec, direction: str) -> Payload:
+        text = spec.push_filters if direction == "push" else spec.pull_filters
+        ctx = FilterContext(peer=identity.decode("ascii", "replace"), direction=direction,
+                            table=spec.name, counters=self.counters,
+                            state=self.states.setdefault((identity, spec.name, direction), {}),
+                            max_bytes=self.max_bytes)
+        try:
+            return _decode_counted(self._chain(text), _payload_of(msg), ctx)
+        except KeyCacheMiss:
+            # Nothing was applied; hold this sender's later requests until the resend arrives.
+            self.awaiting[identity] = msg.ts
+            self.held.setdefault(identity, deque())
+            raise
+
+    def decode_push(self, identity: bytes, msg: Message, table: Table) -> tuple[KeySet, np.ndarray]:
+        """Keys and (n, push_cols) values of a push to a filtered table (or of a filtered push to
+        a plain table, which fails by name). Raises FilterMismatchError, KeyCacheMiss or
+        ProtocolError; nothing is applied in any of those cases."""
+        spec = table.spec
+        p = self._decode(identity, msg, spec, "push")
+        cols = spec.push_cols
+        v = p.values
+        if p.keys is None or v is None:
+            raise ProtocolError("a filtered push must decode to keys and values")
+        if v.dtype != np.dtype(spec.dtype) or v.size != p.keys.shape[0] * cols:
+            raise ProtocolError(f"filtered push decoded to {v.dtype} values of shape {v.shape}; "
+                                f"table {spec.name!r} takes {p.keys.shape[0]} x {cols} "
+                                f"{spec.dtype}")
+        return KeySet(keys=p.keys), v.reshape(p.keys.shape[0], cols)
+
+    def decode_pull(self, identity: bytes, msg: Message, table: Table) -> KeySet:
+        """Keys of a pull request to a filtered table (errors as :meth:`decode_push`)."""
+        p = self._decode(identity, msg, table.spec, "pull")
+        if p.keys is None or p.values is not None:
+            raise ProtocolError("a filtered pull request must decode to keys only")
+        return KeySet(keys=p.keys)
+
+    def encode_reply(self, identity: bytes, table: Table, values: np.ndarray
+                     ) -> tuple[list[np.ndarray], dict[str, Any]]:
+        """(arrays, meta) of the "vals" reply to a pull of a filtered table: the values through
+        the table's pull chain."""
+        spec = table.spec
+        ctx = FilterContext(peer=identity.decode("ascii", "replace"), direction="pull",
+                            table=spec.name, counters=self.counters,
+                            state=self.states.setdefault((identity, spec.name, "pull"), {}))
+        chain = self._chain(spec.pull_filters)
+        enc = chain.encode(Payload(None, values), ctx)
+        _count_wire(ctx, chain, enc, "sent")
+        meta, arrays = _message_parts(enc)
+        return arrays, meta
+
+    def is_awaited_resend(self, identity: bytes, msg: Message) -> bool:
+        """True (and the wait ends) if ``msg`` is the resend of a request that missed."""
+        if self.awaiting.get(identity) != msg.ts:
+            return False
+        del self.awaiting[identity]
+        return True
+
+    def on_view(self, view: ClusterView) -> None:
+        """Drop the filter state of workers that are no longer alive."""
+        alive = {b"n%d" % n.id for n in view.role_nodes("worker")}
+        for key in [k for k in self.states if k[0] not in alive]:
+            del self.states[key]
+        for identity in [i for i in self.awaiting if i not in alive]:
+            del self.awaiting[identity]
+
+
+# -- traffic accounting ------------------------------------------------------------------------
+def traffic_report(transport: TrafficCounters, counters: Counters) -> dict[str, Any]:
+    """One node's traffic: the transport's bytes/messages per op and the filter stages' bytes,
+    pairs and events (``{..transport.., "filters": counters.to_json()}``)."""
+    return {**transport.to_json(), "filters": counters.to_json()}
+
+
+def heartbeat_reporter(transport: TrafficCounters, counters: Counters
+                       ) -> Callable[[], dict[str, Any]]:
+    """A callable for Membership.traffic: a compact traffic report that never raises and stays
+    small enough for a heartbeat header."""
+
+    def report() -> dict[str, Any]:
+        try:
+            full = traffic_report(transport, counters)
+            out = {k: full[k] for k in ("bytes_sent", "bytes_received", "messages_sent",
+                                        "messages_received")}
+            out["sent_by_op"] = full["sent_by_op"]
+            out["received_by_op"] = full["received_by_op"]
+            out["filters"] = {"stages": full["filters"]["stages"]}
+            if len(json.dumps(out)) > _MAX_REPORT_BYTES:
+                out.pop("filters")
+            return out
+        except Exception:  # a heartbeat must never die of its report
+            log.exception("traffic report failed")
+            return {}
+
+    return report
+
+
+def data_bytes(report: dict[str, Any]) -> tuple[int, int]:
+    """(bytes sent, bytes received) of a worker's report on the data plane only: requests to and
+    replies from servers, without membership traffic (heartbeats, barriers)."""
+    sent = sum(report.get("sent_by_op", {}).get(op, {}).get("bytes", 0) for op in DATA_OPS_SENT)
+    recv = sum(report.get("received_by_op", {}).get(op, {}).get("bytes", 0)
+               for op in DATA_OPS_RECEIVED)
+    return int(sent), int(recv)
+
+
+def stage_totals(report: dict[str, Any], kind: str, side: str = "sent") -> list[tuple[str, int, int]]:
+    """[(stage, bytes, pairs)] of one message kind in a report, in filter order ("raw" first)."""
+    stages = report.get("filters", {}).get("stages", {}).get(kind, {})
+    return [(stage, int(c.get(f"bytes_{side}", 0)), int(c.get(f"pairs_{side}", 0)))
+            for stage, c in stages.items()]
+
+
+def format_traffic(view: dict[str, Any]) -> str:
+    """Lines for ``pserver status``: each node's traffic as last reported on its heartbeats, and
+    for filtered tables the bytes before and after the filters. "" when no node reported."""
+    rows = [("ROLE", "RANK", "SENT MB", "RECV MB", "MSGS OUT", "MSGS IN", "FILTERS (raw -> wire MB)")]
+    for n in sorted(view.get("nodes", []), key=lambda n: (n["role"], n["rank"])):
+        t = n.get("traffic")
+        if not t:
+            continue
+        filt = []
+        for kind in ("push", "pull"):
+            for side in ("sent", "received"):
+                cells = {stage: b for stage, b, _ in stage_totals(t, kind, side)}
+                if cells.get(WIRE_STAGE):
+                    filt.append(f"{kind} {side[:4]} {cells.get('raw', 0) / 1e6:.2f}->"
+                                f"{cells[WIRE_STAGE] / 1e6:.2f}")
+        rows.append((n["role"], str(n["rank"]), f"{t.get('bytes_sent', 0) / 1e6:.2f}",
+                     f"{t.get('bytes_received', 0) / 1e6:.2f}", str(t.get("messages_sent", 0)),
+                     str(t.get("messages_received", 0)), "; ".join(filt) or "-"))
+    if len(rows) == 1:
+        return ""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "traffic (from heartbeats):\n" + "\n".join(lines)
