@@ -3,6 +3,7 @@
   pserver scheduler | server          run one role (configured by flags or PSERVER_* variables)
   pserver launch -s S -w W -- CMD     a local cluster; CMD runs once per worker
   pserver status [--json]             the cluster view as a table
+  pserver consistency --app A [MODEL | --tau N]   show or change an application's consistency
   pserver checkpoint [--dir DIR]      snapshot every table now (restore: scheduler --restore DIR)
   pserver keygen DIR                  the cluster's CURVE keys
   pserver demo | train | gen-data | predict   the sparse logistic regression job
@@ -155,6 +156,38 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_consistency(args: argparse.Namespace) -> int:
+    """Show the applications' consistency models and task progress, or set one (scheduler-only op
+    set_consistency; workers apply it to the tasks they issue after their next heartbeat)."""
+    from .membership.client import scheduler_request
+
+    cfg = _config(args)
+    model = f"bounded_delay:{args.tau}" if args.tau is not None else args.model
+    if model is not None:
+        if not args.app:
+            print("pserver consistency: name the application with --app (e.g. --app lr)",
+                  file=sys.stderr)
+            return 2
+        meta = scheduler_request(cfg, "set_consistency", {"app": args.app, "model": model},
+                                 role="scheduler", timeout=args.timeout).meta
+        print(f"{args.app}: {meta['consistency'][args.app]}")
+        return 0
+    tasks = scheduler_request(cfg, "status", role=args.role or _status_role(cfg),
+                              timeout=args.timeout).meta.get("tasks", {})
+    if args.json:
+        print(json.dumps(tasks, indent=2))
+        return 0
+    for app, p in sorted(tasks.items()):
+        if args.app and app != args.app:
+            continue
+        print(f"{app}: {p['model'] or 'sequential'}, {p['complete']}/{p['tasks']} {p['kind']} tasks "
+              f"complete{' (stopped)' if p['stopped'] else ''}, {p['seconds']:.1f} s")
+        for node, w in p["workers"].items():
+            idle = f", idle {100 * w['idle_share']:.1f}%" if "idle_share" in w else ""
+            print(f"  worker {node}: {w['done']} done, {w['outstanding']} outstanding{idle}")
+    return 0
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     from .security import keygen
 
@@ -185,11 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint-keep", type=int, default=3, metavar="N",
                    help="complete checkpoints kept; older ones are deleted (default 3)")
     s.add_argument("--restore", metavar="DIR",
-                   help="start from the latest checkpoint in DIR (any number of servers)")
+                   help="start from the latest checkpoint in DIR, or from DIR/ckpt-NNNNNN (any "
+                        "number of servers)")
     s.set_defaults(fn=cmd_scheduler)
 
     s = sub.add_parser("server", help="run a server")
     _common(s)
+    s.add_argument("--join", action="store_true",
+                   help="join a running cluster (a server registering after the start always "
+                        "joins: it receives its key ranges by a live two-phase migration)")
     s.add_argument("--plugin", action="append",
                    help="import this module first (it may register update functions)")
     s.set_defaults(fn=cmd_server)
@@ -211,6 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--role", help="credentials to use (default: the first secret found)")
     s.add_argument("--timeout", type=float, default=5.0)
     s.set_defaults(fn=cmd_status)
+
+    s = sub.add_parser("consistency", help="show or change an application's consistency model")
+    _common(s)
+    s.add_argument("model", nargs="?", help="sequential | eventual | bounded_delay:TAU")
+    s.add_argument("--tau", type=int, help="shorthand for bounded_delay:TAU")
+    s.add_argument("--app", help="the application (e.g. lr); required to change the model")
+    s.add_argument("--json", action="store_true", help="print the task progress as JSON")
+    s.add_argument("--role", help="credentials to use for showing (changing needs the scheduler's)")
+    s.add_argument("--timeout", type=float, default=5.0)
+    s.set_defaults(fn=cmd_consistency)
 
     s = sub.add_parser("checkpoint", help="write a checkpoint of every table now")
     _common(s)

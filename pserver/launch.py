@@ -210,6 +210,19 @@ class LocalCluster:
         return scheduler_request(self.config(), "checkpoint", meta, role="scheduler",
                                  timeout=timeout).meta
 
+    def add_server(self) -> str:
+        """Start one more server; it joins the running cluster (its key ranges arrive by a
+        two-phase migration). Returns its process name for kill()/leave()."""
+        n = sum(1 for name in self.procs if name.startswith("server "))
+        name = f"server {n}"
+        self._spawn(name, [sys.executable, "-m", "pserver", "server", "--join", *self.server_args],
+                    self.env())
+        return name
+
+    def leave(self, name: str) -> None:
+        """Ask one server to leave gracefully (SIGTERM: it hands its ranges over, then exits)."""
+        self.procs[name].send_signal(signal.SIGTERM)
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send a signal to one process of the cluster (``"server 1"``, ``"scheduler"``, ...)."""
         self.procs[name].send_signal(sig)

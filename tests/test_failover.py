@@ -22,6 +22,41 @@ def _wait_all(procs, timeout):
     return codes
 
 
+def _start_workers(cluster, tmp_path, rounds, nkeys):
+    cmd = [sys.executable, str(PROGRAMS / "ft_count_worker.py"), str(tmp_path), str(rounds), str(nkeys)]
+    workers = [cluster.spawn_worker(cmd, rank) for rank in range(4)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"started{r}").exists() for r in range(4)):
+        assert time.monotonic() < deadline, "workers did not start"
+        assert all(w.poll() is None for w in workers), "a worker exited early"
+        time.sleep(0.05)
+    return workers
+
+
+def _check_counts(tmp_path, rounds):
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    total = sum(r["acked"] for r in results)
+    assert total == 4 * rounds
+    for r in results:
+        assert r["min"] == total and r["max"] == total, r
+    return results
+
+
+def test_server_joins_and_another_leaves_no_update_lost_or_doubled(cluster_factory, tmp_path):
+    """The same count, while a fourth server joins and then the first one leaves gracefully."""
+    cluster = cluster_factory(3, 4, replication=1)
+    rounds, nkeys = 200, 100_000
+    workers = _start_workers(cluster, tmp_path, rounds, nkeys)
+    cluster.add_server()
+    time.sleep(2.5)
+    assert all(w.poll() is None for w in workers), "workers finished before the leave"
+    cluster.leave("server 0")
+    assert _wait_all(workers, 240) == [0, 0, 0, 0]
+    results = _check_counts(tmp_path, rounds)
+    assert all(r["ring_version"] >= 3 for r in results)  # joined, then left
+    assert cluster.procs["server 0"].wait(30) == 0      # the leaver exited cleanly
+
+
 def test_server_killed_mid_run_no_update_lost_or_doubled(cluster_factory, tmp_path):
     """4 workers push +1 to 100,000 keys 200 times; a server is SIGKILLed in the middle. Every key
     must read exactly the number of acknowledged pushes (4 x 200): none lost, none applied twice."""

@@ -10,16 +10,19 @@ worker's id and timestamp, and acknowledges the worker only once every replica a
 acknowledged push survives any k failures of its range. Under synchronous aggregation the master may instead
 forward the aggregated update once per round (``replicate_after_aggregation``): k/n of the bandwidth.
 
-Exactly-once after failover: every server keeps a *replication clock*, for each (master, worker) pair the
-latest worker timestamp it received through that master. Links are FIFO, so a worker's resend of request t
-(tagged with the master it first went to) is a duplicate at the new master exactly when that clock is >= t:
-the new master was the replica of precisely the keys being resent. Masters also remember the latest
-timestamp they applied from each worker, which travels with replica snapshots.
+Exactly-once after failover: every server keeps a *replication clock*, for each (master, worker) pair
+the recent request parts - (timestamp, part id) - it received through that master (a window of the last
+WINDOW). A worker resending part p of request t names the server p went to and p; the resend is a
+duplicate at the new master exactly when (t, p) is in that window: the new master was the replica of
+precisely the keys of p. Masters also keep the window of parts they applied, which travels with copies of
+their keys. (Parts, not timestamps: one request may reach the same master as several parts after a
+re-split, and a master may refuse part t and apply t+1, so neither "ts seen" nor "latest >= t" is exact.)
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -32,6 +35,25 @@ from ..wire import Message
 log = logging.getLogger(__name__)
 
 SNAPSHOT_KEYS = 1 << 20  # keys per replica-snapshot message
+WINDOW = 4096            # timestamps remembered per (master, worker): far more than are ever in flight
+
+
+class _Window:
+    """The last WINDOW timestamps seen, with O(1) insert and membership."""
+
+    __slots__ = ("order", "seen")
+
+    def __init__(self) -> None:
+        self.order: deque[tuple] = deque()
+        self.seen: set[tuple] = set()
+
+    def add(self, ts: tuple) -> None:
+        if ts in self.seen:
+            return
+        self.seen.add(ts)
+        self.order.append(ts)
+        if len(self.order) > WINDOW:
+            self.seen.discard(self.order.popleft())
 
 
 class Replicator:
@@ -44,15 +66,17 @@ class Replicator:
         self.k = 0
         self.after_aggregation = True
         self.ring: KeyRing | None = None
+        self.next_ring: KeyRing | None = None     # during a migration: the ring being prepared
         self.socks: dict[int, zmq.Socket] = {}
         self.sock_peer: dict[zmq.Socket, int] = {}
         self._next_rid = 0
         self.waiting: dict[int, object] = {}      # replication id -> token of the request it belongs to
         self._rid_peer: dict[int, int] = {}       # replication id -> replica it went to
         self.outstanding: dict[object, int] = {}  # token -> replica acks still missing
-        self.clock: dict[tuple[int, int], int] = {}   # (master, worker) -> latest ts received through it
-        self.applied: dict[int, int] = {}             # worker -> latest ts applied here as master
+        self.clock: dict[tuple[int, int], _Window] = {}  # (master, worker) -> ts received through it
+        self.applied: dict[int, _Window] = {}            # worker -> ts applied here as master
         self.bytes_forwarded = 0
+        self.last_copied = 0
         self.messages_forwarded = 0
 
     # -- configuration --------------------------------------------------------------------------
@@ -60,7 +84,8 @@ class Replicator:
         self.ring, self.k, self.after_aggregation = ring, k, after_aggregation
 
     def active(self) -> bool:
-        return self.k > 0 and self.ring is not None and len(self.ring.servers) > 1
+        return self.ring is not None and (self.next_ring is not None
+                                          or (self.k > 0 and len(self.ring.servers) > 1))
 
     def _sock(self, sid: int) -> zmq.Socket:
         sock = self.socks.get(sid)
@@ -79,17 +104,21 @@ class Replicator:
 
     # -- forwarding -----------------------------------------------------------------------------
     def replica_groups(self, keys: np.ndarray) -> list[tuple[int, slice | np.ndarray]]:
-        """Split keys (which this server masters) by replica: [(server id, selector)]."""
+        """Split keys (which this server masters) by the servers that must receive their updates:
+        their replicas, plus - during a migration - their holders under the ring being prepared."""
         ring = self.ring
         others = [s for s in ring.servers if s != self.my_id]
-        if len(others) <= self.k:  # every other server replicates everything
+        if self.next_ring is None and len(others) <= self.k:  # everyone else replicates everything
             return [(s, slice(0, len(keys))) for s in others]
-        reps = ring.replica_table(self.k)[ring.vnode_of(keys)]
+        targets = ring.replica_table(self.k)[ring.vnode_of(keys)] if self.k else \
+            np.empty((len(keys), 0), np.int64)
+        if self.next_ring is not None:
+            targets = np.column_stack([targets, self.next_ring.holders(keys, self.k)])
         out = []
-        for sid in np.unique(reps):
-            if sid < 0:
+        for sid in np.unique(targets):
+            if sid < 0 or sid == self.my_id:
                 continue
-            mask = (reps == sid).any(axis=1)
+            mask = (targets == sid).any(axis=1)
             out.append((int(sid), slice(0, len(keys)) if mask.all() else np.flatnonzero(mask)))
         return out
 
@@ -158,44 +187,61 @@ class Replicator:
         return done
 
     # -- exactly-once bookkeeping ---------------------------------------------------------------
-    def record(self, master: int, worker: int, ts: int) -> None:
-        key = (master, worker)
-        if ts > self.clock.get(key, -1):
-            self.clock[key] = ts
+    def record(self, master: int, worker: int, ts: int, part) -> None:
+        """Part ``part`` of request ``ts`` of ``worker`` reached this server through ``master``."""
+        window = self.clock.get((master, worker))
+        if window is None:
+            window = self.clock[(master, worker)] = _Window()
+        window.add((ts, part))
 
-    def seen(self, master: int, worker: int, ts: int) -> bool:
-        """True if request ``ts`` of ``worker`` already reached this server through ``master``."""
-        return self.clock.get((master, worker), -1) >= ts or \
-            (master == self.my_id and self.applied.get(worker, -1) >= ts)
+    def seen(self, master: int, worker: int, ts: int, part) -> bool:
+        """True if part ``part`` of request ``ts`` of ``worker`` already reached this server
+        through ``master`` (or was applied here, when ``master`` is this server)."""
+        window = self.clock.get((master, worker))
+        if window is not None and (ts, part) in window.seen:
+            return True
+        mine = self.applied.get(worker) if master == self.my_id else None
+        return mine is not None and (ts, part) in mine.seen
 
-    def note_applied(self, worker: int, ts: int) -> None:
-        if ts > self.applied.get(worker, -1):
-            self.applied[worker] = ts
+    def note_applied(self, worker: int, ts: int, part) -> None:
+        window = self.applied.get(worker)
+        if window is None:
+            window = self.applied[worker] = _Window()
+        window.add((ts, part))
+
+    def applied_json(self) -> list:
+        """The windows of applied parts, to travel with a copy of this master's keys."""
+        return [[w, [list(tp) for tp in win.order]] for w, win in self.applied.items()]
 
     # -- re-replication after a ring change -----------------------------------------------------
-    def rebuild(self, old: KeyRing | None, new: KeyRing, tables: dict) -> int:
-        """Send snapshots of the keys this server masters under ``new`` to replicas that did not
-        hold them under ``old``. Runs in the server loop before any further request, so every later
-        forwarded update reaches the replica after the snapshot (links are FIFO). Returns keys sent."""
-        if self.k == 0 or len(new.servers) < 2:
-            return 0
+    def rebuild(self, old: KeyRing | None, new: KeyRing, tables: dict, masters: KeyRing,
+                token: object = None) -> int:
+        """Copy the keys this server masters under ``masters`` to the servers that hold them under
+        ``new`` but did not under ``old`` (values, optimizer state and the replication clock).
+
+        After a failover (``masters`` = new) this rebuilds replicas; when preparing a migration
+        (``masters`` = the current ring) it pre-copies to the future holders, and ``token`` collects
+        their acknowledgements. Runs in the server loop before any further request, so every later
+        forwarded update reaches the target after the copy (links are FIFO). Returns the number of
+        copy messages sent."""
         sent = 0
+        nkeys = 0
         for name, table in tables.items():
             keys, values, state = table.items()
             if not len(keys):
                 continue
-            mine = new.owner_of(keys) == self.my_id
+            mine = masters.owner_of(keys) == self.my_id
             if not mine.any():
                 continue
             keys, values = keys[mine], values[mine]
             state = state[mine] if state is not None else None
-            new_reps = new.replica_table(self.k)[new.vnode_of(keys)]
+            new_holders = new.holders(keys, self.k)
             old_holders = old.holders(keys, self.k) if old is not None else \
                 np.full((len(keys), 1), -1)
-            for sid in np.unique(new_reps):
+            for sid in np.unique(new_holders):
                 if sid < 0 or sid == self.my_id:
                     continue
-                need = (new_reps == sid).any(axis=1) & ~(old_holders == sid).any(axis=1)
+                need = (new_holders == sid).any(axis=1) & ~(old_holders == sid).any(axis=1)
                 if not need.any():
                     continue
                 idx = np.flatnonzero(need)
@@ -204,11 +250,19 @@ class Replicator:
                     arrays = [keys[part], values[part]]
                     if state is not None:
                         arrays.append(state[part])
-                    meta = {"spec": table.spec.to_json(),
-                            "applied": [[w, t] for w, t in self.applied.items()]}
-                    self.transport.send(self._sock(int(sid)),
-                                        Message("repl_load", 0, name, meta, arrays))
-                    sent += len(part)
-        if sent:
-            log.info("re-replicated %d keys to new replicas (ring v%d)", sent, new.version)
+                    meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_json()}
+                    rid = 0
+                    if token is not None:
+                        self._next_rid += 1
+                        rid = self._next_rid
+                        self.waiting[rid] = token
+                        self._rid_peer[rid] = int(sid)
+                    self.transport.send(self._sock(int(sid)), Message("repl_load", rid, name, meta, arrays))
+                    sent += 1
+                    nkeys += len(part)
+        if sent and token is not None:
+            self.outstanding[token] = self.outstanding.get(token, 0) + sent
+        if nkeys:
+            log.info("copied %d keys to their new holders (ring v%d)", nkeys, new.version)
+        self.last_copied = nkeys
         return sent

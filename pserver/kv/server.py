@@ -27,6 +27,7 @@ from ..errors import AuthError, LimitError, ProtocolError, PServerError, TableEr
 from ..ft import checkpoint as ft_checkpoint
 from ..ft.replication import Replicator
 from ..membership.node import Membership
+from ..ring import KeyRing
 from ..store.spec import TableSpec
 from ..store.table import Table
 from ..store.updaters import FunctionUpdater, register_updater
@@ -36,6 +37,9 @@ from . import keys as keyfmt
 from .filtering import FILTER_META, ServerFilters, heartbeat_reporter
 
 log = logging.getLogger(__name__)
+
+security.allow_op("replicate_agg", "server")
+security.allow_op("repl_load", "server")
 
 
 class _Round:
@@ -99,6 +103,10 @@ class KVServer:
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> rejected requests
         self.duplicates = 0
         self._stop = False
+        self._leaving = False
+        self._known_peers: dict[int, tuple[str, int]] = {}
+        self._drain_ts: int | None = None
+        self._drain_deadline = 0.0
         self._view_version = 0
         self._as_of_waiting: set[bytes] = set()  # senders whose first held request is an as_of pull
 
@@ -108,7 +116,8 @@ class KVServer:
         self.membership.register(self.cfg.rank)
         log.info("server %d (rank %d) serving on %s:%d", self.membership.node_id,
                  self.membership.rank, self.cfg.bind_host(), self.port)
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_stop", True))
+        # SIGTERM = leave gracefully: hand the key ranges over (two-phase migration), then exit
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_leaving", True))
         self.repl.my_id = self.membership.node_id
         # started with `pserver scheduler --restore DIR`: load what this server holds before serving
         tables, clocks = ft_checkpoint.restore_for(self.membership.view, self.membership.node_id)
@@ -135,6 +144,8 @@ class KVServer:
                         if sock not in self.repl.sock_peer:
                             poller.unregister(sock)
                             polled.discard(sock)
+                if self._leaving and self._leave_step():
+                    break
                 if self.membership.shutdown_requested.is_set():
                     log.info("shutdown requested by the scheduler")
                     break
@@ -149,6 +160,21 @@ class KVServer:
             self.membership.leave()
             self.membership.close()
             self.transport.close()
+
+    def _leave_step(self) -> bool:
+        """One step of a graceful leave; True once the scheduler moved this server's ranges."""
+        if self._drain_ts is None:
+            log.warning("leaving: asking the scheduler to move this server's key ranges")
+            self._drain_ts = self.membership.send_request("drain", {"id": self.membership.node_id})
+            self._drain_deadline = time.monotonic() + 120
+        msg = self.membership.read_reply()
+        if msg is not None and msg.op == "drained" and msg.ts == self._drain_ts:
+            log.warning("key ranges handed over: exiting")
+            return True
+        if msg is not None and msg.op == "error":
+            log.error("the scheduler refused the graceful leave: %s", msg.meta.get("error"))
+            return True
+        return time.monotonic() > self._drain_deadline
 
     def _drain(self) -> None:
         for _ in range(1000):  # bounded so liveness checks run between bursts
@@ -247,6 +273,8 @@ class KVServer:
             self._answer(identity, msg, "range", [k, v], {"rv": self._ring_version()})
         elif op in ("replicate", "replicate_agg", "repl_load"):
             self._replica_update(identity, msg)
+        elif op in ("migrate_prepare", "migrate_commit", "migrate_abort"):
+            self._migrate(identity, msg)
         elif op == "checkpoint_write":  # from the scheduler: write this server's shard
             report = ft_checkpoint.handle_write(msg.meta, self.membership.node_id, self.tables,
                                                 self.clocks)
@@ -275,14 +303,17 @@ class KVServer:
         sender = keyfmt.sender_id(identity)
         self._check_owner(msg, keys)
         token = (identity, msg.ts, msg.meta.get("p"))
-        orig = msg.meta.get("orig")
-        if orig is not None and self.repl.seen(int(orig), sender, msg.ts):
+        part = msg.meta.get("p")
+        orig = _origins(msg.meta.get("orig"))
+        if orig and any(self.repl.seen(s, sender, msg.ts, p) for s, p in orig):
             # a resend after failover of an update this server already has (it was the replica)
             self.duplicates += 1
             self._answer(identity, msg, "ack", meta={"dup": 1})
             return
         self._record_clock(table.spec.name, sender, keys, msg.ts, msg.meta.get("span"))
-        self.repl.note_applied(sender, msg.ts)
+        self.repl.note_applied(sender, msg.ts, part)
+        for s, p in orig:  # an old master's own forward of the part may still be on its way
+            self.repl.record(s, sender, msg.ts, p)
         if table.spec.sync:
             self._aggregate(token, msg, table, keys, vals, sender)
             return
@@ -292,7 +323,8 @@ class KVServer:
         ack = self.acks[token] = _Ack(token)
         if self.repl.active():
             ack.replicas += self.repl.forward(token, "replicate", table.spec.name,
-                                              {"src": sender, "wts": msg.ts}, keys.as_array(), vals)
+                                              {"src": sender, "wts": msg.ts, "wp": part},
+                                              keys.as_array(), vals)
         self._local_done(token)
 
     def _check_owner(self, msg: Message, keys: keyfmt.KeySet) -> None:
@@ -340,6 +372,10 @@ class KVServer:
     def _on_replica_ack(self, token) -> None:
         if token is None:
             return
+        if token[0] == "migrate":  # every pre-copy of a migration is in place
+            self._reply(token[1], Message("migrate_ready", token[2],
+                                          meta={"keys": self.repl.last_copied}))
+            return
         if token[0] == "agg":  # an aggregated round: every participant's ack
             for t in token[1:]:
                 ack = self.acks.get(t)
@@ -385,19 +421,22 @@ class KVServer:
             if len(msg.arrays) not in (2, 3) or msg.arrays[1].shape != (len(keys), table.dim):
                 raise ProtocolError("a replica snapshot needs keys, values (and state) that match")
             table.load(keys, msg.arrays[1], msg.arrays[2] if len(msg.arrays) == 3 else None)
-            for worker, ts in msg.meta.get("applied", []):
-                self.repl.record(master, int(worker), int(ts))
+            for worker, parts in msg.meta.get("applied", []):
+                for ts, part in parts[-4096:]:
+                    self.repl.record(master, int(worker), int(ts), part)
+            if msg.ts:  # a pre-copy of a migration: the master waits for it
+                self._reply(identity, Message("repl_ack", msg.ts))
             return
         table = self._table(msg.table)
         keys, vals = keyfmt.unpack_push(msg, table.spec.push_cols, table.dtype)
         if msg.op == "replicate_agg":
             keyfmt.apply_push(table, keys, vals)
-            for worker, ts in msg.meta.get("clk", []):
-                self.repl.record(master, int(worker), int(ts))
+            for worker, ts, part in msg.meta.get("clk", []):
+                self.repl.record(master, int(worker), int(ts), part)
         else:
-            src, wts = int(msg.meta["src"]), int(msg.meta["wts"])
-            if not self.repl.seen(master, src, wts):
-                self.repl.record(master, src, wts)
+            src, wts, wp = int(msg.meta["src"]), int(msg.meta["wts"]), msg.meta.get("wp")
+            if not self.repl.seen(master, src, wts, wp):
+                self.repl.record(master, src, wts, wp)
                 self._record_clock(table.spec.name, src, keys, wts)
                 if table.spec.sync and "rnd" in msg.meta:
                     self._aggregate(None, msg, table, keys, vals, src, origin=master)
@@ -405,11 +444,30 @@ class KVServer:
                     keyfmt.apply_push(table, keys, vals)
         self._reply(identity, Message("repl_ack", msg.ts))
 
+    def _migrate(self, identity: bytes, msg: Message) -> None:
+        """Scheduler-driven change of the key ring (see pserver.ft.migration)."""
+        if msg.op == "migrate_abort":
+            self.repl.next_ring = None
+            return
+        ring = KeyRing.from_json(msg.meta["ring"])
+        if msg.op == "migrate_prepare":
+            for sid, (host, port) in msg.meta.get("servers", {}).items():
+                self._known_peers[int(sid)] = (str(host), int(port))
+            self.repl.next_ring = ring
+            token = ("migrate", identity, msg.ts)
+            if not self.repl.rebuild(self.ring, ring, self.tables, masters=self.ring, token=token):
+                self._reply(identity, Message("migrate_ready", msg.ts, meta={"keys": 0}))
+            return
+        self.repl.next_ring = None  # commit: switch now, before the view's broadcast
+        self._adopt_ring(ring, copied=True)
+
     def _peer_address(self, sid: int) -> tuple[str, int]:
         node = self.membership.view.nodes.get(sid)
-        if node is None:
-            raise PServerError(f"unknown server {sid}")
-        return node.host, node.port
+        if node is not None:
+            return node.host, node.port
+        if sid in self._known_peers:  # a joining server announced by a migration
+            return self._known_peers[sid]
+        raise PServerError(f"unknown server {sid}")
 
     def _on_view(self) -> None:
         """React to a new cluster view: a new key ring (failover, join, leave) and membership."""
@@ -418,23 +476,31 @@ class KVServer:
         settings = view.settings
         k = int(settings.get("replication", 0))
         after = bool(settings.get("replicate_after_aggregation", True))
-        old = self.ring
+        self.repl.k, self.repl.after_aggregation = k, after
         new = view.ring
-        if new is not None and (old is None or new.version != old.version):
-            self.ring = new
-            self.repl.configure(new, k, after)
-            for sid in list(self.repl.socks):
-                if not view.alive(sid):
-                    for token in self.repl.drop_replica(sid):
-                        self._on_replica_ack(token)
-            if old is not None:
-                log.info("key ring v%d -> v%d (servers %s)", old.version, new.version, new.servers)
-                self.repl.rebuild(old, new, self.tables)
-        else:
-            self.repl.configure(self.ring, k, after)
+        if new is not None and (self.ring is None or new.version > self.ring.version):
+            self._adopt_ring(new, copied=False)
+        for sid in list(self.repl.socks):
+            node = view.nodes.get(sid)  # a joiner may not be in this view yet: not dead
+            if node is not None and not node.alive:
+                for token in self.repl.drop_replica(sid):
+                    self._on_replica_ack(token)
         self.filters.on_view(view)
         self._recheck_rounds()
         self._recheck_as_of()
+
+    def _adopt_ring(self, new, copied: bool) -> None:
+        """Serve under ring ``new``. After a failover, copy what new replicas lack; after a
+        migration's commit the copies were made in its prepare phase."""
+        old = self.ring
+        if old is not None and new.version <= old.version:
+            return
+        self.ring = new
+        self.repl.ring = new
+        if old is not None:
+            log.info("key ring v%d -> v%d (servers %s)", old.version, new.version, new.servers)
+            if not copied and self.repl.k:
+                self.repl.rebuild(old, new, self.tables, masters=new)
 
     def _record_clock(self, table: str, sender: int, keys: keyfmt.KeySet, ts: int,
                       span=None) -> None:
@@ -523,14 +589,14 @@ class KVServer:
         rnd = msg.meta.get("rnd")
         if type(rnd) is not int or rnd < 0:
             raise ProtocolError("a push to a synchronous table must carry its round number")
-        if origin is None and msg.meta.get("orig") is not None:
-            origin = int(msg.meta["orig"])
+        if origin is None and msg.meta.get("orig"):
+            origin = _origins(msg.meta["orig"])[0][0]
         key = (rnd, origin)
         rounds = self.rounds.setdefault(table.spec.name, {})
         r = rounds.setdefault(key, _Round())
         if sender in r.senders:
             raise ProtocolError(f"duplicate push for round {rnd} of table {table.spec.name!r}")
-        r.senders[sender] = msg.ts
+        r.senders[sender] = (msg.ts, msg.meta.get("wp" if token is None else "p"))
         if keys.n:
             r.parts.append((keys.as_array(), vals))
         if token is not None:
@@ -539,7 +605,8 @@ class KVServer:
             self.held.setdefault(token[0], deque())
             if self.repl.active() and not self.repl.after_aggregation:
                 ack.replicas += self.repl.forward(
-                    token, "replicate", table.spec.name, {"src": sender, "wts": msg.ts, "rnd": rnd},
+                    token, "replicate", table.spec.name, {"src": sender, "wts": msg.ts, "wp": msg.meta.get("p"),
+                                                            "rnd": rnd},
                     keys.as_array(), vals, always=True)
         self._maybe_apply(table.spec.name, key)
 
@@ -562,7 +629,7 @@ class KVServer:
             keys, vals = keyfmt.sum_parts(r.parts, table.spec.push_cols)
             table.push(keys, vals)
         if r.waiting and self.repl.active() and self.repl.after_aggregation:
-            clk = [[w, t] for w, t in r.senders.items()]
+            clk = [[w, t, p] for w, (t, p) in r.senders.items()]
             if self.repl.forward(("agg", *r.waiting), "replicate_agg", name, {"clk": clk}, keys,
                                  vals, always=True):
                 for token in r.waiting:
@@ -625,3 +692,13 @@ def _declared_span(span, keys: keyfmt.KeySet) -> tuple[int, int]:
         if first < lo or end > hi:
             raise ProtocolError(f"a push's keys [{first}, {end}) leave its span [{lo}, {hi})")
     return lo, hi
+
+
+def _origins(raw) -> list[tuple[int, object]]:
+    """The (server, part id) pairs a resent part names (see KVWorker._resend)."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list) or len(raw) > 64 or not all(
+            isinstance(o, list) and len(o) == 2 and type(o[0]) is int for o in raw):
+        raise ProtocolError("meta 'orig' must be a list of [server id, part id] pairs")
+    return [(o[0], o[1]) for o in raw]

@@ -53,7 +53,7 @@ class _Part:
     sid: int
     sel: object                        # slice or index array into the request's keys
     rv: int                            # ring version it was split with
-    orig: int | None = None            # the master it first went to (set on resends)
+    orig: tuple = ()                   # resends: ((server, part id), ...) that may have applied it
     refused_at: float = 0.0            # WrongOwner: when, and the server's ring version
     refused_rv: int = -1
 
@@ -102,6 +102,7 @@ class KVWorker:
         self._rounds: dict[str, int] = {}
         self._rings = {}            # ring version -> KeyRing, for re-splitting after a change
         self._routed_rv = -1        # ring version of the last re-routing pass
+        self._ring = self.membership.view.ring   # the ring requests are being split with
         self._closed = False
         self.idle_timer = None      # an IdleTimer: time blocked in wait() counts as waiting_net
         self.filters = WorkerFilters(self)  # per-table filter chains (set_weights, flush)
@@ -372,7 +373,7 @@ class KVWorker:
         (died, or handed its keys over) or refused the keys, re-split with the current ring, in
         timestamp order so per-sender FIFO holds at the new owners. Servers drop the duplicates."""
         view = self.membership.view
-        ring = view.ring
+        ring = self._ring = view.ring
         if self.membership.scheduler_lost.is_set():
             raise SchedulerUnreachableError("lost contact with the scheduler")
         lost = set(view.settings.get("lost", []))
@@ -395,13 +396,17 @@ class KVWorker:
                             f"`pserver scheduler --restore DIR`")
                     continue
                 req.waiting.discard(pid)
-                self._resend(ts, req, part, ring)
+                # a refused part was not applied; one whose server left may have been (and forwarded)
+                may_have_applied = () if refused else ((part.sid, pid),)
+                self._resend(ts, req, part, part.orig + may_have_applied, ring)
             if req.parts and not req.waiting and ts in self._pending:
                 self._complete(ts, req)
         self._routed_rv = ring.version
 
-    def _resend(self, ts: int, req: _Request, part: _Part, ring) -> None:
-        orig = part.orig if part.orig is not None else part.sid
+    def _resend(self, ts: int, req: _Request, part: _Part, orig: tuple, ring) -> None:
+        """Re-split one unanswered part with ``ring`` and send it again. ``orig`` names every
+        (server, part id) that may have applied it: those servers, and the replicas they forwarded
+        it to, recognise the resend as a duplicate."""
         if req.kind in ("declare", "range"):
             if req.kind == "range":  # answers were filtered by the old ring: ask everyone again
                 req.ranges.clear()
@@ -432,17 +437,22 @@ class KVWorker:
 
     # -- routing --------------------------------------------------------------------------------
     def _split(self, keys: np.ndarray) -> dict[int, object]:
+        """Split keys by server with the current ring, which then stamps the parts (the view may
+        change under us at any moment: parts must name the ring they were split with)."""
         ring = self.membership.view.ring
         if ring.version != self._routed_rv and self._pending:
             self._reroute()
+        self._ring = ring
         return dict(ring.split(keys))
 
     def _all_servers(self) -> list[int]:
-        return [n.id for n in self.membership.view.role_nodes("server")]
+        """Every server of the current ring (also makes it the ring that stamps the parts)."""
+        self._ring = self.membership.view.ring
+        return list(self._ring.servers)
 
-    def _send_part(self, ts: int, req: _Request, sid: int, sel, orig: int | None = None) -> None:
+    def _send_part(self, ts: int, req: _Request, sid: int, sel, orig: tuple = ()) -> None:
         """Send the part of request ``ts`` for server ``sid`` (keys ``sel``) and track it."""
-        ring = self.membership.view.ring
+        ring = self._ring
         self._rings.setdefault(ring.version, ring)
         pid = len(req.parts)
         req.parts[pid] = _Part(sid, sel, ring.version, orig)
@@ -465,8 +475,8 @@ class KVWorker:
             meta.update(req.meta)  # span / as_of / vc
         meta["p"] = pid
         meta["rv"] = ring.version
-        if orig is not None:
-            meta["orig"] = orig
+        if orig:
+            meta["orig"] = [list(o) for o in orig]
         op = {"range": "pull_range", "declare": "declare_table"}.get(req.kind, req.kind)
         try:
             self._send(sid, Message(op, ts, req.table if req.kind != "declare" else "", meta, arrays))

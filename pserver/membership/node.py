@@ -90,6 +90,19 @@ class Membership:
             if msg.ts == ts and msg.op == expect:
                 return msg
 
+    def send_request(self, op: str, meta: dict) -> int:
+        """Send ``op`` on the control socket without waiting; see :meth:`read_reply`."""
+        ts = next(self._ts)
+        self.transport.send(self.control, Message(op, ts, meta=meta))
+        return ts
+
+    def read_reply(self) -> Message | None:
+        """A reply waiting on the control socket, or None (never blocks)."""
+        if not self.control.poll(0):
+            return None
+        _, msg, _ = self.transport.decode(self.control.recv_multipart(copy=False), routed=False)
+        return msg
+
     def register(self, requested_rank: int = -1) -> None:
         """Register and block until the scheduler admits this node into a started cluster."""
         meta = {"role": self.role, "host": self.host, "port": self.port, "pid": os.getpid(),

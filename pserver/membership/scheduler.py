@@ -16,6 +16,7 @@ from .. import security
 from ..config import Config
 from ..errors import AuthError, PServerError
 from ..ft.checkpoint_round import CheckpointCoordinator
+from ..ft.migration import MigrationCoordinator
 from ..ring import KeyRing
 from ..transport import Transport, node_token
 from ..wire import Message
@@ -23,6 +24,8 @@ from .tasks import TaskService
 from .view import ClusterView, NodeInfo
 
 log = logging.getLogger(__name__)
+
+security.allow_op("drain", "server")
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Scheduler:
         self.rejected = 0
         self.tasks = TaskService(self._send, lambda: self.view, self._bump)  # app task queues
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> rejected messages
+        self.migration = MigrationCoordinator(self.transport, self._server_address, self.view.alive,
+                                              self._commit_ring)
         self.owner: dict[int, bytes] = {}  # node id -> node_token of the connection that registered it
         self.checkpoints = CheckpointCoordinator(
             self.transport, lambda: self.view, self._send, lambda: self._next_id,
@@ -86,6 +91,8 @@ class Scheduler:
                     self._drain()
                 self._check_liveness()
                 self.checkpoints.tick(self.started and not self.shutting_down)
+                if self.started and not self.shutting_down:
+                    self.migration.tick(self.view.ring)
                 if self.shutting_down and self._may_exit():
                     break
         finally:
@@ -157,6 +164,11 @@ class Scheduler:
             self._barrier(identity, msg)
         elif op == "status":
             self._send(identity, Message("status", msg.ts, meta=self.status()))
+        elif op == "drain":  # a server leaving gracefully: answered once its ranges have moved
+            nid = int(m["id"])
+            self._check_owner(nid, identity, op)
+            self.migration.request(lambda: self._ring_with(remove=nid), f"server {nid} leaves",
+                                   lambda: self._send(identity, Message("drained", msg.ts)))
         elif op == "leave":
             self._check_owner(int(m["id"]), identity, op)
             self._leave(int(m["id"]))
@@ -188,10 +200,14 @@ class Scheduler:
             raise ValueError("the cluster is shutting down")
         self._send(identity, Message("registered", msg.ts))
         if self.started:
-            # a late node: joins the running cluster at once (elastic membership)
+            # a late node: joins the running cluster at once (elastic membership); a server gets
+            # its key ranges through a two-phase migration while the cluster keeps serving
             node = self._admit(info, node_role)
             self._bump()
             self._welcome(identity, msg.ts, node)
+            if node_role == "server":
+                self.migration.request(lambda nid=node.id: self._ring_with(add=nid),
+                                       f"server {node.id} joins")
             return
         self.pending.append((identity, msg.ts, info))
         n_s = sum(1 for _, _, i in self.pending if i["role"] == "server")
@@ -240,6 +256,25 @@ class Scheduler:
 
     def _bump(self) -> None:
         self.view.version += 1
+
+    def _ring_with(self, add: int | None = None, remove: int | None = None) -> KeyRing | None:
+        """The current ring with one server added or removed (None if that changes nothing)."""
+        ring = self.view.ring
+        servers = [s for s in ring.servers if s != remove and self.view.alive(s)]
+        if add is not None and self.view.alive(add) and add not in servers:
+            servers.append(add)
+        if not servers:
+            return None
+        return KeyRing(servers, virtual=ring.virtual, block_bits=ring.block_bits,
+                       version=ring.version + 1)
+
+    def _commit_ring(self, ring: KeyRing) -> None:
+        self.view.ring = ring
+        self._bump()
+
+    def _server_address(self, sid: int) -> tuple[str, int]:
+        node = self.view.nodes[sid]
+        return node.host, node.port
 
     def _server_gone(self, nid: int) -> None:
         """Failover: take a dead or departed server off the key ring. Its segments fall to their

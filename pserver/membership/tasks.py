@@ -344,8 +344,8 @@ class TaskService:
         if op == "task_plan":
             created = self.tasks.plan(app, m.get("count"), m.get("kind", "each"), m.get("payloads"))
             model = m.get("model")
-            if model is not None and app not in self.models():
-                self.set_consistency(app, model)  # the first plan sets the default
+            if model is not None and (created or app not in self.models()):
+                self.set_consistency(app, model, announce=False)  # a new plan brings its model
             self._send(identity, Message("ok", msg.ts, meta={
                 "created": created, "model": self.models().get(app)}))
             if created:
@@ -359,6 +359,7 @@ class TaskService:
             self.tasks.done(app, node, ids, self._live(), m.get("metrics"), m.get("app_metrics"))
             if m.get("stop"):
                 self.tasks.stop(app)
+            if self._held and self.tasks.finished(app):  # waiting workers learn there is no more
                 self._retry_held()
             if "max" in m:  # a done report that also asks for more work
                 self._next(identity, msg, app, node)
@@ -385,10 +386,10 @@ class TaskService:
             except (TaskError, ConfigError) as e:
                 self._send(identity, Message("error", msg.ts, meta={"error": str(e)[:500]}))
 
-    def set_consistency(self, app: str, model: Any) -> None:
+    def set_consistency(self, app: str, model: Any, announce: bool = True) -> None:
         """Publish `app`'s consistency model (e.g. "bounded_delay:4") in the cluster view; workers
         apply it to the tasks they issue after they see it. Raises ConfigError if it does not
-        parse."""
+        parse. `announce`: log the change as a warning (a run-time change by an operator)."""
         if not app:
             raise ConfigError("set_consistency needs an application name (e.g. --app lr)")
         text = str(parse_model(model))
@@ -399,13 +400,13 @@ class TaskService:
         current[app] = text
         settings["consistency"] = current
         self._bump()
-        log.warning("consistency of application %s set to %s", app, text)
+        (log.warning if announce else log.info)("consistency of application %s set to %s", app, text)
 
     def node_gone(self, node: int) -> None:
         """A worker died or left: requeue its `any` tasks and serve waiting requests."""
+        self._held = [(i, m) for i, m in self._held if int(m.meta.get("id", -1)) != node]
         if self.tasks.requeue_node(node, self._live()):
             self._retry_held()
-        self._held = [(i, m) for i, m in self._held if int(m.meta.get("id", -1)) != node]
 
     def progress(self) -> dict[str, dict]:
         return self.tasks.progress(self.models())

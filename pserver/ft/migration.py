@@ -1,0 +1,164 @@
+"""Live change of the key ring (a server joins or leaves gracefully), driven by the scheduler.
+
+Two phases, as in the paper:
+
+1. *prepare*: the scheduler sends every server of the old ring the new ring. Each server pre-copies the
+   keys it masters to the servers that will hold them under the new ring but do not hold them now
+   (values, optimizer state and the replication clock), and from then on also forwards every update of
+   those keys to them, exactly like a replica. When every copy is acknowledged it answers *ready*.
+2. *commit*: once every server is ready, the scheduler sends the new ring to every server (they switch
+   at once: the old owner stops serving the moved keys and answers WrongOwner, so workers re-split and
+   resend) and broadcasts it in the cluster view.
+
+Training never stops: requests are served throughout, and an update applied by an old owner before the
+switch reached the new owner through phase 1's forwarding. A server dying during a migration aborts it
+(the servers drop the pending ring); the failover then runs and the migration is started again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+
+from ..ring import KeyRing
+from ..transport import Transport
+from ..wire import Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Migration:
+    ring: KeyRing
+    reason: str
+    waiting: set[int]
+    started: float
+    make_ring: Callable[[], KeyRing | None]
+    done: Callable[[], None] | None = None
+
+
+class MigrationCoordinator:
+    """The scheduler's side: one migration at a time; ``tick()`` on every turn of its loop."""
+
+    def __init__(self, transport: Transport, address: Callable[[int], tuple[str, int]],
+                 alive: Callable[[int], bool], commit: Callable[[KeyRing], None],
+                 timeout: float = 600.0):
+        self.transport = transport
+        self.address = address
+        self.alive = alive
+        self.commit_ring = commit
+        self.timeout = timeout
+        self.socks: dict[int, zmq.Socket] = {}
+        self.current: _Migration | None = None
+        self.queue: list[tuple[Callable[[], KeyRing | None], str, Callable[[], None] | None]] = []
+        self._ts = 0
+        self.completed = 0
+
+    def _sock(self, sid: int) -> zmq.Socket:
+        sock = self.socks.get(sid)
+        if sock is None:
+            host, port = self.address(sid)
+            sock = self.socks[sid] = self.transport.connect_dealer(host, port, "server")
+        return sock
+
+    def _send(self, sid: int, op: str, meta: dict) -> None:
+        try:
+            self.transport.send(self._sock(sid), Message(op, self._ts, meta=meta))
+        except zmq.ZMQError as e:
+            log.warning("cannot reach server %d for %s: %s", sid, op, e)
+
+    def request(self, make_ring: Callable[[], KeyRing | None], reason: str,
+                done: Callable[[], None] | None = None) -> None:
+        """Queue a ring change; ``make_ring`` is called when it starts (so it sees the ring of the
+        time), ``done`` after the commit."""
+        self.queue.append((make_ring, reason, done))
+
+    def busy(self) -> bool:
+        return self.current is not None
+
+    def tick(self, old_ring: KeyRing | None) -> None:
+        if self.current is None:
+            if self.queue and old_ring is not None:
+                make_ring, reason, done = self.queue.pop(0)
+                ring = make_ring()
+                if ring is None or ring.servers_sorted() == old_ring.servers_sorted():
+                    if done:
+                        done()
+                    return
+                self._start(old_ring, ring, reason, make_ring, done)
+            return
+        self._read()
+        m = self.current
+        if m is None:
+            return
+        dead = [s for s in set(m.waiting) | set(m.ring.servers) if not self.alive(s)]
+        if dead:
+            self.abort(f"server(s) {dead} died during the migration")
+            return
+        if time.monotonic() - m.started > self.timeout:
+            self.abort("the migration timed out")
+            return
+        if not m.waiting:
+            self._commit()
+
+    def _start(self, old: KeyRing, ring: KeyRing, reason: str, make_ring, done) -> None:
+        self._ts += 1
+        participants = sorted(s for s in set(old.servers) | set(ring.servers) if self.alive(s))
+        self.current = _Migration(ring, reason, set(old.servers) & set(participants),
+                                  time.monotonic(), make_ring, done)
+        log.warning("migration to key ring v%d (%s): pre-copying to servers %s", ring.version,
+                    reason, sorted(set(ring.servers) - set(old.servers)) or "-")
+        # servers may not have the joiner in their view yet: tell them where everyone is
+        where = {str(s): list(self.address(s)) for s in participants}
+        for sid in participants:
+            self._send(sid, "migrate_prepare", {"ring": ring.to_json(), "servers": where})
+
+    def _read(self) -> None:
+        for sid, sock in list(self.socks.items()):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    _, msg, _ = self.transport.decode(frames, routed=False)
+                except Exception as e:  # noqa: BLE001 - a bad reply must not stop the scheduler
+                    log.warning("bad migration reply from server %d: %s", sid, e)
+                    continue
+                if self.current is not None and msg.ts == self._ts and msg.op == "migrate_ready":
+                    self.current.waiting.discard(sid)
+                    log.info("server %d pre-copied %s keys", sid, msg.meta.get("keys", "?"))
+
+    def _commit(self) -> None:
+        m = self.current
+        self.current = None
+        for sid in sorted(set(m.ring.servers) | set(self.socks)):
+            if self.alive(sid):
+                self._send(sid, "migrate_commit", {"ring": m.ring.to_json()})
+        self.commit_ring(m.ring)
+        self.completed += 1
+        log.warning("key ring v%d committed (%s) after %.2f s", m.ring.version, m.reason,
+                    time.monotonic() - m.started)
+        if m.done is not None:
+            m.done()
+
+    def abort(self, why: str) -> None:
+        m = self.current
+        if m is None:
+            return
+        self.current = None
+        log.error("migration to ring v%d aborted: %s; it will be retried", m.ring.version, why)
+        for sid in self.socks:
+            if self.alive(sid):
+                self._send(sid, "migrate_abort", {})
+        # retried with the servers of the time: make_ring recomputes the ring from the new view
+        self.queue.insert(0, (m.make_ring, m.reason, m.done))
+
+    def forget(self, sid: int) -> None:
+        sock = self.socks.pop(sid, None)
+        if sock is not None:
+            sock.close(linger=0)
