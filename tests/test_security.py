@@ -384,10 +384,10 @@ def test_insecure_mode_allows_everything():
 
 
 def test_allow_op_extends_the_table(restore_table):
-    assert not authorise("checkpoint", "scheduler", secure=True)  # also fills the cache
-    security.allow_op("checkpoint", "scheduler", "server")
-    assert authorise("checkpoint", "server", secure=True)
-    assert not authorise("checkpoint", "worker", secure=True)
+    assert not authorise("example_op", "scheduler", secure=True)  # also fills the cache
+    security.allow_op("example_op", "scheduler", "server")
+    assert authorise("example_op", "server", secure=True)
+    assert not authorise("example_op", "worker", secure=True)
     security.allow_op("sketch_*", "worker")
     assert authorise("sketch_merge", "worker", secure=True)
     with pytest.raises(ValueError):

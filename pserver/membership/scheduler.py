@@ -9,13 +9,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import zmq
 
 from .. import security
 from ..config import Config
 from ..errors import AuthError, PServerError
 from ..ft.checkpoint_round import CheckpointCoordinator
+from ..ft.loss import find_data_loss
 from ..ft.migration import MigrationCoordinator
 from ..ring import KeyRing
 from ..transport import Transport, node_token
@@ -65,6 +65,9 @@ class Scheduler:
         self.rejected = 0
         self.tasks = TaskService(self._send, lambda: self.view, self._bump)  # app task queues
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> rejected messages
+        self.safe_ring: KeyRing | None = None   # last ring whose replicas are all in place
+        self.ring_changed_at = 0.0
+        self.node_view: dict[int, int] = {}     # node id -> view version its heartbeat reported
         self.migration = MigrationCoordinator(self.transport, self._server_address, self.view.alive,
                                               self._commit_ring)
         self.owner: dict[int, bytes] = {}  # node id -> node_token of the connection that registered it
@@ -93,6 +96,7 @@ class Scheduler:
                 self.checkpoints.tick(self.started and not self.shutting_down)
                 if self.started and not self.shutting_down:
                     self.migration.tick(self.view.ring)
+                    self._settle_ring()
                 if self.shutting_down and self._may_exit():
                     break
         finally:
@@ -150,6 +154,7 @@ class Scheduler:
                 raise ValueError(f"heartbeat from unknown node {nid}")
             self._check_owner(nid, identity, op)
             self.last_seen[nid] = time.monotonic()
+            self.node_view[nid] = int(m.get("v", -1))
             if isinstance(m.get("traffic"), dict):
                 self.traffic[nid] = m["traffic"]
             reply = {"v": self.view.version, "shutdown": self.shutting_down}
@@ -236,7 +241,8 @@ class Scheduler:
                                                     p[2]["rank"] if p[2]["rank"] >= 0 else 1 << 30))
         admitted = [(ident, ts, self._admit(info, info["role"])) for ident, ts, info in order]
         servers = [n.id for n in self.view.role_nodes("server")]
-        self.view.ring = KeyRing(servers, virtual=self.cfg.virtual_servers, version=1)
+        self.view.ring = self.safe_ring = KeyRing(servers, virtual=self.cfg.virtual_servers,
+                                                  version=1)
         if "restore" in self.view.settings:  # these servers load the checkpoint before serving
             self.view.settings["restore"]["servers"] = servers
         self.view.settings.update({
@@ -270,7 +276,18 @@ class Scheduler:
 
     def _commit_ring(self, ring: KeyRing) -> None:
         self.view.ring = ring
+        self.safe_ring = ring  # a migration commits only once every copy is acknowledged
         self._bump()
+
+    def _settle_ring(self) -> None:
+        """After a failover, the ring's replicas are complete once every live server runs it (it
+        re-replicates as it adopts the ring) - then it becomes the ring losses are judged by."""
+        ring = self.view.ring
+        if ring is None or ring is self.safe_ring or time.monotonic() - self.ring_changed_at < 0.5:
+            return
+        if all(self.node_view.get(s, -1) >= self.view.version or not self.view.alive(s)
+               for s in ring.servers):
+            self.safe_ring = ring
 
     def _server_address(self, sid: int) -> tuple[str, int]:
         node = self.view.nodes[sid]
@@ -283,22 +300,22 @@ class Scheduler:
         ring = self.view.ring
         if ring is None or nid not in ring.servers:
             return
-        gone = {s for s in ring.servers if not self.view.alive(s)}
         k = int(self.view.settings.get("replication", 0))
-        holders = np.column_stack([ring.owners, ring.replica_table(k)]) if k else \
-            ring.owners[:, None]
-        lost_rows = np.isin(holders, list(gone)) | (holders < 0)
-        lost_rows = lost_rows.all(axis=1)
-        if lost_rows.any() or len(gone) == len(ring.servers):
-            lost = sorted({int(o) for o in ring.owners[lost_rows]})
-            self.view.settings["lost"] = lost
-            log.error("servers %s held the only copies of some key ranges (replication k=%d): those "
-                      "keys are lost; restore the cluster from the last checkpoint with `pserver "
-                      "scheduler --restore DIR`", lost, k)
+        # judge against the last ring whose replicas are known to be complete: servers dying one
+        # after the other faster than re-replication must count together
+        safe = self.safe_ring or ring
+        dead = [s for s in safe.servers if not self.view.alive(s)]
+        loss = find_data_loss(safe, dead, k)
+        if loss is not None:
+            self.view.settings["lost"] = loss.masters
+            self.view.settings["data_loss"] = loss.to_json()
+            log.error("%s", loss.message())
             return
+        gone = {s for s in ring.servers if not self.view.alive(s)}
         self.view.ring = KeyRing([s for s in ring.servers if s not in gone],
                                  virtual=ring.virtual, block_bits=ring.block_bits,
                                  version=ring.version + 1)
+        self.ring_changed_at = time.monotonic()
         log.warning("key ring v%d: server(s) %s removed, their ranges fail over to their replicas",
                     self.view.ring.version, sorted(gone))
 
