@@ -488,6 +488,9 @@ class _Guard(threading.Thread):
             cause = "the handshake did not decrypt: the client uses another server public key"
         elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
             cause = f"ZMTP protocol error 0x{value:x}"
+        elif side == "server":  # the client hung up first: it saw a mechanism or key it rejects
+            cause = (f"the client closed the connection during the handshake ({os.strerror(value)}); "
+                     "a plain-text node, or one without this cluster's keys, does that")
         else:
             cause = f"handshake aborted ({os.strerror(value)})"
         if side == "server":

@@ -9,7 +9,9 @@ thread (or under its owner's lock).
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import threading
 from collections import defaultdict
 
@@ -20,6 +22,20 @@ from .config import Config, zmq_endpoint
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+# DEALERs to the scheduler get the routing identity b"p" + a random per-Transport token + a counter:
+# unguessable (identities travel only inside CURVE boxes) and stable across reconnects, so the scheduler
+# can bind a node id to the node that registered it (node_token) instead of trusting ids in messages.
+_TOKEN_TAG = b"p"
+_TOKEN_LEN = 1 + 8
+
+
+def node_token(identity: bytes) -> bytes:
+    """The part of a routing identity shared by all DEALERs one node opened to the scheduler (the
+    whole identity if it is not of that form, e.g. a DEALER with an explicit identity)."""
+    if identity[:1] == _TOKEN_TAG and len(identity) > _TOKEN_LEN:
+        return identity[:_TOKEN_LEN]
+    return identity
 
 
 class TrafficCounters:
@@ -73,6 +89,8 @@ class Transport:
             self.creds.start_authenticator(self.ctx)
         self.counters = TrafficCounters()
         self._sockets: list[zmq.Socket] = []
+        self._token = _TOKEN_TAG + os.urandom(_TOKEN_LEN - 1)
+        self._dealer_ids = itertools.count()
 
     def _socket(self, kind: int) -> zmq.Socket:
         sock = self.ctx.socket(kind)
@@ -86,6 +104,11 @@ class Transport:
         """A ROUTER bound on host:port (port 0 = any free port). Returns the socket and its port."""
         sock = self._socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises, never drops
+        # libzmq drops a frame larger than any valid message (and the connection) before allocating
+        # it; wire.decode enforces the exact limits on what gets through. The slack covers the header,
+        # the 8-byte padding of inline arrays and CURVE's box overhead.
+        lim = self.limits
+        sock.maxmsgsize = lim.max_message_bytes + lim.max_header_bytes + 8 * lim.max_arrays + 1024
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
         self.creds.configure_server(sock)
@@ -102,6 +125,8 @@ class Transport:
                        identity: bytes | None = None) -> zmq.Socket:
         """A DEALER connected to the ROUTER of a peer of role ``peer_role``."""
         sock = self._socket(zmq.DEALER)
+        if identity is None and peer_role == "scheduler":
+            identity = self._token + b"%d" % next(self._dealer_ids)
         if identity is not None:
             sock.identity = identity
         if ":" in host:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ProtocolError
+from .errors import LimitError, ProtocolError
 
 MAGIC = b"PS1"
 _HLEN = struct.Struct("<I")
@@ -128,11 +128,13 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
     if len(first) < _PREFIX or first[:3] != MAGIC:
         raise ProtocolError("not a pserver message (bad magic or protocol version)")
     (hlen,) = _HLEN.unpack_from(first, 3)
-    if hlen > limits.max_header_bytes or _PREFIX + hlen > len(first):
-        raise ProtocolError(f"header length {hlen} is over the limit or past the frame")
+    if hlen > limits.max_header_bytes:
+        raise LimitError(f"header of {hlen} bytes exceeds the limit of {limits.max_header_bytes}")
+    if _PREFIX + hlen > len(first):
+        raise ProtocolError(f"header length {hlen} runs past the end of the frame")
     try:
         header = json.loads(first[_PREFIX:_PREFIX + hlen].tobytes())
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # deep nesting: RecursionError
         raise ProtocolError(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
@@ -166,7 +168,7 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
         nbytes = count * dtype.itemsize
         total += nbytes
         if total > limits.max_message_bytes:
-            raise ProtocolError(f"message exceeds the size limit of {limits.max_message_bytes} bytes")
+            raise LimitError(f"message exceeds the size limit of {limits.max_message_bytes} bytes")
         if inline:
             if offset + nbytes > len(first):
                 raise ProtocolError("inline arrays run past the end of the frame")
@@ -185,14 +187,16 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
 def _check_spec(spec, limits: Limits) -> tuple[np.dtype, tuple[int, ...]]:
     if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
             and isinstance(spec[1], list) and 1 <= len(spec[1]) <= 2
-            and all(type(d) is int and 0 <= d <= limits.max_keys for d in spec[1])):
+            and all(type(d) is int and d >= 0 for d in spec[1])):
         raise ProtocolError(f"bad array spec {spec!r:.80}")
+    if spec[1][0] > limits.max_keys:
+        raise LimitError(f"array of {spec[1][0]} entries exceeds the limit of {limits.max_keys} keys")
     dtype = DTYPES.get(spec[0])
     if dtype is None:
         raise ProtocolError(f"dtype {spec[0]!r:.20} is not allowed")
     shape = tuple(spec[1])
     if len(shape) == 2 and shape[1] > limits.max_dim:
-        raise ProtocolError(f"value dimension {shape[1]} exceeds the limit {limits.max_dim}")
+        raise LimitError(f"value dimension {shape[1]} exceeds the limit {limits.max_dim}")
     return dtype, shape
 
 

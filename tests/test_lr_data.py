@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,7 +242,7 @@ def test_columns_in_key_range(tmp_path):
 def test_generator_properties(tmp_path):
     out = str(tmp_path / "g")
     meta = gen.generate(out, 5000, features=1 << 12, nnz=30, noise=0.1, seed=5, vw=True)
-    assert json.load(open(os.path.join(out, "meta.json")))["examples"] == 5000
+    assert json.loads(Path(out, "meta.json").read_text())["examples"] == 5000
     train = read_shard(os.path.join(out, "train.libsvm"), raw_keys=True)
     test = read_shard(os.path.join(out, "test.libsvm"), raw_keys=True)
     assert train.num_examples == 5000 and test.num_examples == meta["test_examples"] == 1000
@@ -253,10 +254,9 @@ def test_generator_properties(tmp_path):
     assert freq[0] > 0.3 * 5000 and np.median(freq) < 0.01 * 5000
     # same seed, same bytes; the VW copy has the same examples
     gen.generate(str(tmp_path / "g2"), 5000, features=1 << 12, nnz=30, noise=0.1, seed=5)
-    assert open(os.path.join(out, "train.libsvm"), "rb").read() == \
-        open(str(tmp_path / "g2" / "train.libsvm"), "rb").read()
-    first = open(os.path.join(out, "train.vw")).readline().split()
-    svm = open(os.path.join(out, "train.libsvm")).readline().split()
+    assert Path(out, "train.libsvm").read_bytes() == (tmp_path / "g2" / "train.libsvm").read_bytes()
+    first = Path(out, "train.vw").read_text().split("\n")[0].split()
+    svm = Path(out, "train.libsvm").read_text().split("\n")[0].split()
     assert first[0] == svm[0] and first[1] == "|f" and first[2:] == svm[1:]
     # the truth is sparse, keyed like the reader, and explains the labels
     truth = np.load(os.path.join(out, "truth.npz"))
@@ -266,3 +266,33 @@ def test_generator_properties(tmp_path):
     margin = test.X @ np.array([w.get(int(k), 0.0) for k in test.keys])
     agree = np.mean(np.sign(margin) == test.y)
     assert 0.57 < agree < 0.9                     # signal (~0.65 alone), 10% flipped labels
+
+
+def test_bias_adds_one_constant_column(tmp_path):
+    from pserver.apps.lr.data import BIAS_KEY
+
+    s = read_shard(write(tmp_path, "b.svm", "1 5:2\n-1 7:1\n"), raw_keys=True, bias=True)
+    assert BIAS_KEY in set(s.keys.tolist()) and np.all(np.diff(s.keys.astype(object)) > 0)
+    col = int(np.searchsorted(s.keys, BIAS_KEY))
+    assert s.X[:, col].toarray().ravel().tolist() == [1.0, 1.0]
+    assert dense(s)[(0, 5)] == 2.0 and s.X.nnz == 4
+
+
+@pytest.mark.parametrize("case", ["hashed", "small", "shared_top_bits", "empty"])
+def test_radix_sort_equals_a_stable_argsort(case):
+    from pserver.apps.lr.data import _radix_sort_entries
+
+    rng = np.random.default_rng(0)
+    n = 0 if case == "empty" else 50_000
+    keys = {"hashed": lambda: rng.integers(0, 1 << 63, n).astype(np.uint64) | np.uint64(1 << 63),
+            "small": lambda: rng.integers(0, 1000, n).astype(np.uint64),
+            # distinct keys equal in their top 33 bits: the merge-sort fix-up must order them
+            "shared_top_bits": lambda: (rng.integers(0, 50, n).astype(np.uint64) << np.uint64(40))
+            + rng.integers(0, 3, n).astype(np.uint64),
+            "empty": lambda: np.zeros(0, np.uint64)}[case]()
+    row_nnz = np.full(n // 10, 10)
+    vals = rng.random(n).astype(np.float32)
+    k, r, v = _radix_sort_entries(keys.copy(), vals.copy(), row_nnz)   # sorts in place
+    order = np.argsort(keys, kind="stable")
+    assert np.array_equal(k, keys[order]) and np.array_equal(v, vals[order])
+    assert np.array_equal(r, np.repeat(np.arange(row_nnz.size), row_nnz)[order])

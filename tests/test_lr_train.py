@@ -8,12 +8,21 @@ claims distributed results runs on a real LocalCluster: real processes, real soc
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from pserver.apps.lr import gen
+from pserver.apps.lr.data import read_shard
 from pserver.apps.lr.dbpg import DBPG, DBPGConfig
+from pserver.apps.lr.model import auc, load_model, predict
 
 sklearn = pytest.importorskip("sklearn.linear_model")
 
@@ -173,3 +182,140 @@ def run_fake(shards, cfg: DBPGConfig) -> list:
     if errors:
         raise errors[0]
     return algos
+
+
+# -- shared data and references -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A data set small enough for scikit-learn: 3000 examples over 1500 ids."""
+    d = str(tmp_path_factory.mktemp("lr_small"))
+    gen.generate(d, 3000, features=1500, nnz=20, noise=0.05, seed=1, test_examples=500)
+    return os.path.join(d, "train.libsvm")
+
+
+def objective(X, y, w, l1, l2) -> float:
+    return float(np.logaddexp(0, -y * (X @ w)).sum() + l1 * np.abs(w).sum() + 0.5 * l2 * w @ w)
+
+
+_SKLEARN: dict = {}
+
+
+def sklearn_fit(path: str, l1: float, l2: float) -> tuple[float, np.ndarray]:
+    """(F(w*), w*) of scikit-learn's solution: C = 1/l1 with an L1 penalty, C = 1/l2 with L2
+    (w* over the shard's columns, in key order)."""
+    if (path, l1, l2) not in _SKLEARN:
+        s = read_shard(path)
+        C, ratio = (1 / l1, 1.0) if l1 else (1 / l2, 0.0)
+        clf = sklearn.LogisticRegression(C=C, l1_ratio=ratio, solver="liblinear", tol=1e-8,
+                                         max_iter=10_000, fit_intercept=False).fit(s.X, s.y)
+        w = clf.coef_.ravel()
+        _SKLEARN[(path, l1, l2)] = (objective(s.X, s.y, w, l1, l2), w)
+    return _SKLEARN[(path, l1, l2)]
+
+
+def sklearn_objective(path: str, l1: float, l2: float) -> float:
+    return sklearn_fit(path, l1, l2)[0]
+
+
+# -- the algorithm on the fake --------------------------------------------------------------------
+@pytest.mark.parametrize("l1,l2,curvature", [(2.0, 0.0, "hessian"), (0.0, 2.0, "hessian"),
+                                             (2.0, 0.0, "bound")])
+def test_dbpg_reaches_sklearn_objective_and_descends(small, l1, l2, curvature):
+    shard = read_shard(small)
+    algo = run_fake([shard], DBPGConfig(l1=l1, l2=l2, epochs=12, blocks=16,
+                                        curvature=curvature))[0]
+    objs = [s.objective for s in algo.history]
+    best = sklearn_objective(small, l1, l2)
+    assert objs[-1] <= best * 1.005
+    assert objs[-1] >= best * (1 - 1e-4)          # not below the optimum: F is computed right
+    assert all(b <= a * (1 + 1e-6) for a, b in itertools.pairwise(objs)), objs   # monotone
+    # the reported objective is F of the worker's weights and margins
+    keys, w = algo.weights()
+    assert objs[-1] == pytest.approx(objective(shard.X, shard.y, w, l1, l2), rel=1e-6)
+    assert algo.history[-1].nnz == np.count_nonzero(w)
+    if l1:
+        assert 0 < algo.history[-1].nnz < keys.size      # L1 gives a sparse model
+        # KKT filter: keys whose column mass is <= l1 are never pushed, and are zero at the
+        # optimum (scikit-learn's too)
+        mass = np.add.reduceat(np.abs(shard.X.data), shard.X.indptr[:-1])
+        never = mass <= l1
+        assert algo.filtered == never.sum() > 0
+        assert np.all(w[never] == 0) and np.all(sklearn_fit(small, l1, l2)[1][never] == 0)
+
+
+def test_dbpg_is_the_same_algorithm_for_any_number_of_workers(small):
+    cfg = DBPGConfig(l1=2.0, epochs=3, blocks=4)
+    one = run_fake([read_shard(small)], cfg)[0].history
+    shards = [read_shard(small, rank=r, num_workers=3) for r in range(3)]
+    three = run_fake(shards, cfg)
+    for a, b in zip(one, three[0].history):
+        assert b.objective == pytest.approx(a.objective, rel=1e-5)
+        assert b.nnz == a.nnz and b.examples == 3000
+    # every worker sees the same global objective, and the same weight for a shared key
+    assert len({round(x.history[-1].objective, 3) for x in three}) == 1
+    k0, w0 = three[0].weights()
+    k1, w1 = three[1].weights()
+    common, i0, i1 = np.intersect1d(k0, k1, return_indices=True)
+    assert common.size > 100 and np.array_equal(w0[i0], w1[i1])
+
+
+def test_dbpg_config_errors():
+    from pserver.errors import ConfigError
+    for bad in (dict(tau=1), dict(curvature="newton"), dict(l1=-1.0), dict(blocks=0),
+                dict(eta=0.0)):
+        with pytest.raises(ConfigError):
+            DBPGConfig(**bad).check()
+
+
+# -- on a real cluster: processes and sockets ----------------------------------------------------
+def run_cluster(workers: int, argv: list[str], tmp_path, servers: int = 2) -> dict:
+    from pserver.launch import LocalCluster
+
+    out = str(tmp_path / f"summary_{workers}.json")
+    with LocalCluster(servers, workers, insecure=True, heartbeat_timeout=10.0) as cluster:
+        rc = cluster.run_workers([sys.executable, "-m", "pserver.apps.lr.worker", *argv,
+                                  "--summary-json", out], timeout=120)
+    assert rc == 0
+    return json.loads(Path(out).read_text())
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_real_cluster_matches_sklearn_l1(small, tmp_path, workers):
+    s = run_cluster(workers, ["--data", small, "--l1", "2", "--epochs", "12", "--blocks", "16"],
+                    tmp_path)
+    best = sklearn_objective(small, 2.0, 0.0)
+    assert s["workers"] == workers and s["examples"] == 3000
+    assert best * (1 - 1e-4) <= s["train_objective"] <= best * 1.005
+    assert s["bytes_sent"] > 0 and s["bytes_received"] > 0
+
+
+def test_real_cluster_matches_sklearn_l2(small, tmp_path):
+    s = run_cluster(2, ["--data", small, "--l1", "0", "--l2", "2", "--epochs", "12",
+                        "--blocks", "16"], tmp_path)
+    best = sklearn_objective(small, 0.0, 2.0)
+    assert best * (1 - 1e-4) <= s["train_objective"] <= best * 1.005
+
+
+def test_train_command_recovers_the_true_model(tmp_path):
+    """`pserver train lr` as a user runs it; held-out AUC within 0.01 of the true weights'."""
+    d = str(tmp_path / "data")
+    gen.generate(d, 60_000, features=2000, nnz=20, seed=11, test_examples=5000)
+    model_dir, summary = str(tmp_path / "model"), str(tmp_path / "summary.json")
+    out = subprocess.run(
+        [sys.executable, "-m", "pserver", "train", "lr", "--data", f"{d}/train.libsvm",
+         "--test", f"{d}/test.libsvm", "--servers", "2", "--workers", "2", "--l1", "4",
+         "--epochs", "10", "--blocks", "16", "--model-out", model_dir, "--summary-json",
+         summary, "--insecure"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "pass  10  objective" in out.stdout and "held-out (5,000 examples)" in out.stdout
+    s = json.loads(Path(summary).read_text())
+    test = read_shard(f"{d}/test.libsvm")
+    truth = np.load(f"{d}/truth.npz")
+    order = np.argsort(truth["keys"])
+    from pserver.apps.lr.model import Model
+    true_auc = auc(test.y, predict(Model(truth["keys"][order], truth["weights"][order]), test))
+    model = load_model(model_dir)
+    assert auc(test.y, predict(model, test)) == pytest.approx(s["test_auc"], abs=1e-9)
+    assert true_auc - 0.01 <= s["test_auc"] <= true_auc + 0.01
+    assert model.nnz == s["nnz"] and 0 < s["nnz"] < 2000
+    assert model.meta["l1"] == 4.0 and model.meta["data_format"] == "libsvm"

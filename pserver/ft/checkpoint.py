@@ -276,6 +276,15 @@ def latest(directory: str) -> str | None:
     return name
 
 
+def resolve(path: str) -> tuple[str, str | None]:
+    """A checkpoint given as DIR (its latest: name None) or as DIR/ckpt-NNNNNN (that one) ->
+    (DIR, name). Paths are made absolute."""
+    path = os.path.abspath(path)
+    if _NAME.match(os.path.basename(path)) and os.path.isfile(os.path.join(path, MANIFEST)):
+        return os.path.dirname(path), os.path.basename(path)
+    return path, None
+
+
 def _read_json(path: str) -> dict:
     try:
         with open(path, "rb") as f:
@@ -326,7 +335,7 @@ def _verify(path: str, info: dict) -> None:
             h.update(block)
     if h.hexdigest() != info["sha256"]:
         raise CheckpointError(f"{path} is corrupt: its sha256 differs from the manifest's; restore "
-                              f"an older checkpoint (pass its name) or rewrite this one")
+                              f"an older checkpoint instead (--restore DIR/ckpt-NNNNNN)")
 
 
 def _read_array(zf: zipfile.ZipFile, member: str, dtype: np.dtype, cols: int | None,

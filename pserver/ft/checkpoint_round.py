@@ -21,7 +21,7 @@ import zmq
 from ..errors import CheckpointError, PServerError
 from ..ring import KeyRing
 from ..wire import Message
-from .checkpoint import begin, commit, latest, read_manifest
+from .checkpoint import begin, commit, latest, read_manifest, resolve
 
 if TYPE_CHECKING:
     from ..membership.view import ClusterView
@@ -70,11 +70,12 @@ class CheckpointCoordinator:
         self._poller = zmq.Poller()
 
     def prepare_restore(self, directory: str, view: ClusterView) -> int:
-        """Validate the latest checkpoint of DIR and put it in ``view.settings["restore"]`` (the
-        scheduler adds the starting servers' ids); returns the first node id the restored cluster
-        may use. Raises CheckpointError (the scheduler should not start) if it is unusable."""
-        directory = os.path.abspath(directory)
-        m = read_manifest(directory)
+        """Validate the latest checkpoint of DIR (or the one named by DIR/ckpt-NNNNNN) and put it in
+        ``view.settings["restore"]`` (the scheduler adds the starting servers' ids); returns the first
+        node id the restored cluster may use. Raises CheckpointError (the scheduler should not
+        start) if it is unusable."""
+        directory, name = resolve(directory)
+        m = read_manifest(directory, name)
         view.settings["restore"] = {"dir": directory, "name": m["name"], "servers": []}
         self.directory = self.directory or directory
         log.warning("restoring checkpoint %s of %s (%s keys, %d tables, written %s by %d servers)",

@@ -19,8 +19,10 @@ server holds every later request of that worker back, so per-sender FIFO order -
 right after a push sees that push - survives the miss.
 
 State. Filters keep per-peer state (key caches, residuals) in dicts owned here: on a worker one
-per (server, table, direction), on a server one per (worker identity, table, direction); a server
-drops a worker's state when the worker leaves the cluster.
+per (server, table), on a server one per (worker identity, table); a server drops a worker's
+state when the worker leaves the cluster. Pushes and pulls of a table share it, so a key list
+cached by a push is named by signature in the pull that follows (give both chains the same
+key_cache size, or they evict each other's lists: correct, but no saving).
 
 Counters. Each node has one :class:`~pserver.filters.Counters` (bytes, pairs and messages per
 message kind and filter stage, sent and received) next to its transport's per-op byte counters;
@@ -42,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import ConfigError, KeyCacheMiss, ProtocolError, PServerError, ServerDeadError
-from ..filters import Counters, FilterChain, FilterContext, KeyCaching, Payload, parse_filters
+from ..filters import KEYS, Counters, FilterChain, FilterContext, KeyCaching, Payload, parse_filters
 from ..filters.key_cache import parse_size
 from ..wire import Message
 from .keys import KeySet
@@ -64,7 +66,11 @@ __all__ = [
     "WorkerFilters",
     "chain_for",
     "format_traffic",
+    "format_traffic_summary",
+    "lossless_part",
     "traffic_report",
+    "traffic_row",
+    "traffic_summary",
 ]
 
 FILTER_META = "fc"
@@ -147,7 +153,7 @@ class WorkerFilters:
     def __init__(self, kv: Any) -> None:
         self._kv = kv  # the KVWorker: sends resends (kv._send), flushes through kv.push
         self.counters = Counters()
-        self.states: dict[tuple[int, str, str], dict] = {}
+        self.states: dict[tuple[int, str], dict] = {}   # (server id, table) -> filter state
         self.weights: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
         self.sent: dict[Any, _Sent] = {}   # part key (the caller's, e.g. (ts, part id)) -> sent
         self._select_all: set[str] = set()
@@ -182,8 +188,8 @@ class WorkerFilters:
         spec = kv._spec(table)
         chain = chain_for(spec.push_filters)
         parts: list[Payload] = []
-        for sid, name, direction in list(self.states):
-            if name != spec.name or direction != "push":
+        for sid, name in list(self.states):
+            if name != spec.name:
                 continue
             ctx = self._ctx(sid, name, "push")
             for f in chain.filters:
@@ -206,7 +212,7 @@ class WorkerFilters:
     def _ctx(self, sid: int, table: str, direction: str) -> FilterContext:
         return FilterContext(peer=f"server-{sid}", direction=direction, table=table,
                              counters=self.counters,
-                             state=self.states.setdefault((sid, table, direction), {}),
+                             state=self.states.setdefault((sid, table), {}),
                              weights=self.weights.get(table), flush=table in self._select_all)
 
     def check(self, spec: TableSpec) -> None:
@@ -337,7 +343,7 @@ class ServerFilters:
         self.max_bytes = max_bytes
         self.key_cache_limit = key_cache_limit
         self.counters = Counters()
-        self.states: dict[tuple[bytes, str, str], dict] = {}
+        self.states: dict[tuple[bytes, str], dict] = {}  # (worker identity, table) -> state
         self.awaiting: dict[bytes, int] = {}
         self._chains: dict[str, FilterChain] = {}
 
@@ -364,7 +370,7 @@ class ServerFilters:
         text = spec.push_filters if direction == "push" else spec.pull_filters
         ctx = FilterContext(peer=identity.decode("ascii", "replace"), direction=direction,
                             table=spec.name, counters=self.counters,
-                            state=self.states.setdefault((identity, spec.name, direction), {}),
+                            state=self.states.setdefault((identity, spec.name), {}),
                             max_bytes=self.max_bytes)
         try:
             return _decode_counted(self._chain(text), _payload_of(msg), ctx)
@@ -404,7 +410,7 @@ class ServerFilters:
         spec = table.spec
         ctx = FilterContext(peer=identity.decode("ascii", "replace"), direction="pull",
                             table=spec.name, counters=self.counters,
-                            state=self.states.setdefault((identity, spec.name, "pull"), {}))
+                            state=self.states.setdefault((identity, spec.name), {}))
         chain = self._chain(spec.pull_filters)
         enc = chain.encode(Payload(None, values), ctx)
         _count_wire(ctx, chain, enc, "sent")
@@ -496,3 +502,38 @@ def format_traffic(view: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "traffic (from heartbeats):\n" + "\n".join(lines)
+
+
+def traffic_row(report: dict[str, Any]) -> list[float]:
+    """Four numbers of a worker's report that sum meaningfully over workers: data-plane bytes
+    sent to servers, data-plane bytes received from servers (= sent by the servers to it),
+    pairs pushed through filter chains before the filters, and after them."""
+    sent, recv = data_bytes(report)
+    stages = report.get("filters", {}).get("stages", {}).get("push", {})
+    raw = stages.get("raw", {}).get("pairs_sent", 0)
+    wire = stages.get(WIRE_STAGE, {}).get("pairs_sent", 0)
+    return [float(sent), float(recv), float(raw), float(wire)]
+
+
+def traffic_summary(row: Any) -> dict[str, int]:
+    """The summed :func:`traffic_row` of all workers as a dict (for job summaries)."""
+    sent, recv, raw, wire = (round(float(x)) for x in row)
+    return {"workers_sent_bytes": sent, "servers_sent_bytes": recv,
+            "filtered_push_pairs_raw": raw, "filtered_push_pairs_sent": wire}
+
+
+def format_traffic_summary(t: dict[str, int]) -> str:
+    """One line for a job summary from :func:`traffic_summary`."""
+    line = (f"  data traffic: workers sent {t['workers_sent_bytes'] / 1e6:,.2f} MB, servers sent "
+            f"{t['servers_sent_bytes'] / 1e6:,.2f} MB")
+    if t["filtered_push_pairs_raw"]:
+        kept = t["filtered_push_pairs_sent"] / t["filtered_push_pairs_raw"]
+        line += (f"; push filters passed {t['filtered_push_pairs_sent']:,} of "
+                 f"{t['filtered_push_pairs_raw']:,} pairs ({100 * kept:.1f}%)")
+    return line
+
+
+def lossless_part(spec: str) -> str:
+    """The filters of ``spec`` that change only the encoding, never the values (key caching and
+    compression: the keys and pack stages), as a spec - safe for tables of exact counts."""
+    return ",".join(f.name for f in parse_filters(spec).filters if f.stage >= KEYS)

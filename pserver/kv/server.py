@@ -653,10 +653,10 @@ class KVServer:
             try:
                 self._process(identity, msg)
             except PServerError as e:
-                self._reject(identity, msg.ts, e)
+                self._reject(identity, msg.ts, e, msg.meta.get("p"))
             except Exception as e:
                 log.exception("unexpected error on a held request")
-                self._reject(identity, msg.ts, e)
+                self._reject(identity, msg.ts, e, msg.meta.get("p"))
             if identity in self.held:  # blocked again: keep the rest behind it
                 self.held[identity].extend(queue)
                 return

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, fields
 
-from ..errors import TableError
+from ..errors import ConfigError, TableError
+from ..filters import SELECT, parse_filters
 from .init import parse_init
 from .updaters import make_updater
 
-MAX_DIM = 1 << 16            # value columns per key; larger rows belong in several tables
+MAX_DIM = 1 << 24  # a 16 M-float row: one key may hold a whole tensor
 MAX_NAME_LEN = 128
 MAX_UPDATER_ARGS = 32
 DTYPES = ("float32", "float64")
@@ -29,6 +30,9 @@ class TableSpec:
     seed: initializer seed, 0 <= seed < 2^64. updater: registered updater name.
     updater_args: keyword arguments of the updater (JSON numbers; do not mutate).
     sync: synchronous aggregation (handled by the server loop, not the store).
+    push_filters, pull_filters: filter chains applied to pushes / pulls of this table (specs of
+    pserver.filters.parse_filters, e.g. "kkt:1,key_cache,compress"; "" = none), stored in
+    canonical form so that nodes with different settings conflict at declare time.
     """
 
     name: str = "default"
@@ -39,6 +43,8 @@ class TableSpec:
     updater: str = "sum"
     updater_args: dict = field(default_factory=dict)
     sync: bool = False
+    push_filters: str = ""
+    pull_filters: str = ""
 
     def __post_init__(self) -> None:
         _check_str("name", self.name)
@@ -67,6 +73,8 @@ class TableSpec:
         object.__setattr__(self, "updater_args", dict(self.updater_args))
         u = make_updater(self.updater, self.updater_args)
         object.__setattr__(self, "_push_factor", u.push_factor)
+        for name in ("push_filters", "pull_filters"):
+            object.__setattr__(self, name, _canonical_filters(name, getattr(self, name)))
 
     @property
     def push_cols(self) -> int:
@@ -93,7 +101,8 @@ class TableSpec:
 
     def _key(self) -> tuple:
         return (self.name, self.dim, self.dtype, self.init, self.seed, self.updater,
-                tuple(sorted(self.updater_args.items())), self.sync)
+                tuple(sorted(self.updater_args.items())), self.sync, self.push_filters,
+                self.pull_filters)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TableSpec):
@@ -102,6 +111,23 @@ class TableSpec:
 
     def __hash__(self) -> int:
         return hash(self._key())
+
+
+def _canonical_filters(name: str, text: object) -> str:
+    """The canonical spec of a filter chain field (TableError if invalid). Pull chains also run on
+    the replies, which carry no keys, so filters that select pairs (kkt, significant, random_skip)
+    are refused there."""
+    _check_str(name, text)
+    if not text:
+        return ""
+    try:
+        chain = parse_filters(text)
+    except ConfigError as e:
+        raise TableError(f"table spec field {name!r}: {e}") from None
+    if name == "pull_filters" and any(f.stage == SELECT for f in chain.filters):
+        raise TableError(f"pull_filters {text!r}: kkt, significant and random_skip select pairs of "
+                         "pushes and cannot filter pulls; put them in push_filters")
+    return ",".join(chain.names)
 
 
 def _is_finite_number(v: object) -> bool:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 RUN_MIN = 64        # shortest consecutive group that gets contiguous slots and a registry entry
 SLICE_MIN = 1024    # covered runs at least this long are applied as slices, shorter ones gathered
+_INITIAL_BYTES = 1 << 28
 
 
 def _ranges(first: np.ndarray, lengths: np.ndarray, dtype) -> np.ndarray:
@@ -117,8 +118,10 @@ class Table:
         self.push_cols = self.dim * self.updater.push_factor
         self.state_cols = self.dim * self.updater.state_factor
         self._kernel = kernel_of(self.updater)
-        cap = max(16, int(capacity))
-        self._index = HashIndex(cap)
+        self._index = HashIndex(max(16, int(capacity)))
+        # The value arrays start at most _INITIAL_BYTES large (rows may be huge) and double.
+        row_bytes = self.dim * self.dtype.itemsize * (1 + self.updater.state_factor)
+        cap = max(1, min(max(16, int(capacity)), _INITIAL_BYTES // row_bytes))
         self._values = np.empty((cap, self.dim), dtype=self.dtype)
         # Shape (cap, 0) would still be indexable; (1, 0) keeps one compiled kernel signature.
         self._state = np.zeros((cap, self.state_cols) if self.state_cols else (1, 0), self.dtype)

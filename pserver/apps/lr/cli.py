@@ -82,6 +82,11 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         if value:
             argv += [flag, os.path.abspath(value)]
     argv += ["--skip-bad"] * args.skip_bad + ["--raw-keys"] * args.raw_keys
+    argv += ["--kkt", "--kkt-delta", str(args.kkt_delta)] if getattr(args, "kkt", False) else []
+    for flag in ("filters", "pull_filters"):
+        if getattr(args, flag, ""):
+            argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
+    argv += ["--bias"] * args.bias + ["--test-every-pass"] * args.test_every_pass
     return argv
 
 
@@ -111,7 +116,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     test = read_shard(args.data, model.meta.get("data_format", "libsvm"), skip_bad=args.skip_bad,
                       raw_keys=model.meta.get("raw_keys", False),
-                      int_bins=model.meta.get("int_bins", "log"))
+                      int_bins=model.meta.get("int_bins", "log"),
+                      bias=model.meta.get("bias", False))
     p = predict(model, test)
     text = "\n".join(f"{v:.6f}" for v in p) + ("\n" if p.size else "")
     if args.out:
@@ -137,8 +143,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"training on 2 servers x 2 workers", flush=True)
         ns = argparse.Namespace(
             data=[os.path.join(d, "train.libsvm")], test=[os.path.join(d, "test.libsvm")],
-            format="libsvm", l1=1.0, l2=0.0, epochs=8, blocks=16, tau=0, curvature="hessian",
+            format="libsvm", l1=4.0, l2=0.0, epochs=5, blocks=64, tau=0, curvature="hessian",
             eta=1.0, tol=0.0, split="bytes", int_bins="log", table="lr_w",
             model_out=os.path.join(d, "model"), summary_json=None, skip_bad=False,
-            raw_keys=False, servers=2, workers=2, insecure=False)
+            raw_keys=False, bias=False, servers=2, workers=2, insecure=False,
+            test_every_pass=False)
         return cmd_train_lr(ns)

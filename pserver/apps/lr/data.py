@@ -27,11 +27,13 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import ConfigError, DataFormatError
+from .hashing import str_keys
 from .parsers import REASONS, parse_criteo, parse_libsvm
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("libsvm", "criteo")
+BIAS_KEY = str_keys(["bias"], 0)[0]   # the constant feature's key (bias=True)
 CHUNK_BYTES = 16 << 20
 
 
@@ -124,15 +126,9 @@ def _lines_before(path: str, offset: int) -> int:
     return count
 
 
-def iter_chunks(rng: ByteRange, fmt: str = "libsvm", *, skip_bad: bool = False,
-                raw_keys: bool = False, int_bins: str = "log", chunk_bytes: int = CHUNK_BYTES):
-    """Yield (labels, row_nnz, keys, vals, skipped) for the lines of one byte range, a chunk of
-    whole lines at a time. Raises DataFormatError naming file:line for a bad line (unless
-    skip_bad)."""
-    if fmt not in FORMATS:
-        raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
-    if int_bins not in ("log", "raw"):
-        raise ConfigError(f"int_bins must be 'log' or 'raw', got {int_bins!r}")
+def _line_chunks(rng: ByteRange, chunk_bytes: int):
+    """Yield (bytes of whole lines, newlines before them within the range, range's first byte)
+    for the lines whose first byte lies in [rng.start, rng.end)."""
     size = os.path.getsize(rng.path)
     with open(rng.path, "rb") as f:
         begin = 0 if rng.start == 0 else _first_newline_at_or_after(f, rng.start - 1) + 1
@@ -154,48 +150,93 @@ def iter_chunks(rng: ByteRange, fmt: str = "libsvm", *, skip_bad: bool = False,
                 data, carry = data[:cut], data[cut:]
             else:
                 carry = b""
-            buf = np.frombuffer(data, dtype=np.uint8)
             newlines = data.count(b"\n")
-            n_lines = newlines + 1
-            cap = data.count(b":") if fmt == "libsvm" else 39 * n_lines
-            labels = np.empty(n_lines, np.float64)
-            row_nnz = np.empty(n_lines, np.int64)
-            keys = np.empty(cap, np.uint64)
-            vals = np.empty(cap, np.float32)
-            if fmt == "libsvm":
-                out = parse_libsvm(buf, raw_keys, skip_bad, labels, row_nnz, keys, vals)
-            else:
-                out = parse_criteo(buf, int_bins == "log", skip_bad, labels, row_nnz, keys, vals)
-            nr, ne, nbad, code, err_line, err_off = out
-            if code:
-                line_no = _lines_before(rng.path, begin) + lines_done + err_line + 1
-                end = data.find(b"\n", err_off)
-                text = data[err_off: end if end >= 0 else len(data)][:120]
-                raise DataFormatError(
-                    f"{rng.path}:{line_no}: {REASONS[code]}: {text.decode('utf-8', 'replace')!r}"
-                    " (fix the line, or pass --skip-bad / skip_bad=True to skip bad lines)")
+            yield data, newlines, lines_done, begin
             lines_done += newlines
-            yield labels[:nr], row_nnz[:nr], keys[:ne], vals[:ne], nbad
+
+
+class _Entries:
+    """Row-major parsed examples in growable buffers that the parsers write into directly
+    (no per-chunk arrays to concatenate afterwards)."""
+
+    def __init__(self, lines: int, entries: int):
+        self.labels, self.row_nnz = np.empty(lines), np.empty(lines, np.int64)
+        self.keys, self.vals = np.empty(entries, np.uint64), np.empty(entries, np.float32)
+        self.rows = self.n = self.skipped = 0
+
+    def reserve(self, lines: int, entries: int) -> None:
+        def grow(a: np.ndarray, used: int, need: int) -> np.ndarray:
+            if need <= a.size:
+                return a
+            b = np.empty(max(need, 2 * a.size), a.dtype)
+            b[:used] = a[:used]
+            return b
+        self.labels = grow(self.labels, self.rows, self.rows + lines)
+        self.row_nnz = grow(self.row_nnz, self.rows, self.rows + lines)
+        self.keys = grow(self.keys, self.n, self.n + entries)
+        self.vals = grow(self.vals, self.n, self.n + entries)
+
+
+def _parse_range(rng: ByteRange, fmt: str, out: _Entries, *, skip_bad: bool = False,
+                 raw_keys: bool = False, int_bins: str = "log",
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Parse the lines of one byte range into `out`, a chunk of whole lines at a time. Raises
+    DataFormatError naming file:line for a bad line (unless skip_bad), ConfigError."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if int_bins not in ("log", "raw"):
+        raise ConfigError(f"int_bins must be 'log' or 'raw', got {int_bins!r}")
+    for data, newlines, lines_before, begin in _line_chunks(rng, chunk_bytes):
+        buf = np.frombuffer(data, dtype=np.uint8)
+        cap = data.count(b":") if fmt == "libsvm" else 39 * (newlines + 1)
+        out.reserve(newlines + 1, cap)
+        args = (skip_bad, out.labels[out.rows:], out.row_nnz[out.rows:], out.keys[out.n:],
+                out.vals[out.n:])
+        if fmt == "libsvm":
+            nr, ne, nbad, code, err_line, err_off = parse_libsvm(buf, raw_keys, *args)
+        else:
+            nr, ne, nbad, code, err_line, err_off = parse_criteo(buf, int_bins == "log", *args)
+        if code:
+            line_no = _lines_before(rng.path, begin) + lines_before + err_line + 1
+            end = data.find(b"\n", err_off)
+            text = data[err_off: end if end >= 0 else len(data)][:120]
+            raise DataFormatError(
+                f"{rng.path}:{line_no}: {REASONS[code]}: {text.decode('utf-8', 'replace')!r}"
+                " (fix the line, or pass --skip-bad / skip_bad=True to skip bad lines)")
+        out.rows += nr
+        out.n += ne
+        out.skipped += nbad
 
 
 RADIX_BITS = 11
+RADIX_PASSES = 3
 
 
 @numba.njit(cache=True, nogil=True)
 def _radix_sort_entries(keys, vals, row_nnz):
-    """Stable LSD radix sort of the row-major entries by key, RADIX_BITS a pass, carrying each
-    entry's row and value along (so no gather afterwards); a pass whose digit is the same for
-    every key (e.g. the high bits of small raw keys) is skipped. Returns (keys, rows, vals)."""
+    """Stable sort of the row-major entries by key, carrying each entry's row and value along
+    (so no gather afterwards). Overwrites keys and vals. Returns (keys, rows, vals).
+
+    LSD radix, RADIX_BITS a pass, over the top RADIX_PASSES * RADIX_BITS bits of the keys'
+    bit-length only (all bits of small raw keys); a pass whose digit is the same for every key
+    is skipped. Distinct keys sharing those top bits (rare for hashed keys) end up in one run,
+    which is then merge-sorted by the full key."""
     n = keys.size
     nb = 1 << RADIX_BITS
-    npass = (64 + RADIX_BITS - 1) // RADIX_BITS
     mask = np.uint64(nb - 1)
-    counts = np.zeros((npass, nb), np.int64)
+    top = np.uint64(0)
     for i in range(n):
-        k = keys[i]
-        for p in range(npass):
+        top |= keys[i]
+    length = 0
+    while length < 64 and (top >> np.uint64(length)) != 0:
+        length += 1
+    lo = max(length - RADIX_PASSES * RADIX_BITS, 0)
+    counts = np.zeros((RADIX_PASSES, nb), np.int64)
+    for i in range(n):
+        k = keys[i] >> np.uint64(lo)
+        for p in range(RADIX_PASSES):
             counts[p, (k >> np.uint64(RADIX_BITS * p)) & mask] += 1
-    src_k, src_v = keys.copy(), vals.copy()
+    src_k, src_v = keys, vals      # sorted in place: the caller hands its buffers over
     src_r = np.empty(n, np.int32)
     pos = 0
     for r in range(row_nnz.size):
@@ -203,12 +244,12 @@ def _radix_sort_entries(keys, vals, row_nnz):
             src_r[pos] = r
             pos += 1
     dst_k, dst_r, dst_v = np.empty_like(src_k), np.empty_like(src_r), np.empty_like(src_v)
-    for p in range(npass):
+    for p in range(RADIX_PASSES):
         if counts[p].max() == n:
             continue
         start = np.zeros(nb, np.int64)
         start[1:] = np.cumsum(counts[p])[:-1]
-        shift = np.uint64(RADIX_BITS * p)
+        shift = np.uint64(lo + RADIX_BITS * p)
         for i in range(n):
             d = (src_k[i] >> shift) & mask
             q = start[d]
@@ -219,6 +260,21 @@ def _radix_sort_entries(keys, vals, row_nnz):
         src_k, dst_k = dst_k, src_k
         src_r, dst_r = dst_r, src_r
         src_v, dst_v = dst_v, src_v
+    if lo > 0:
+        shift = np.uint64(lo)
+        i = 0
+        while i < n:
+            j = i + 1
+            mixed = False
+            while j < n and (src_k[j] >> shift) == (src_k[i] >> shift):
+                mixed |= src_k[j] != src_k[i]
+                j += 1
+            if mixed:
+                order = np.argsort(src_k[i:j], kind="mergesort")
+                src_k[i:j] = src_k[i:j][order]
+                src_r[i:j] = src_r[i:j][order]
+                src_v[i:j] = src_v[i:j][order]
+            i = j
     return src_k, src_r, src_v
 
 
@@ -226,7 +282,8 @@ def csc_by_key(keys: np.ndarray, vals: np.ndarray, row_nnz: np.ndarray
                ) -> tuple[sp.csc_matrix, np.ndarray]:
     """CSC matrix of the row-major entries (keys, vals; row i has row_nnz[i] of them) whose
     column j is the j-th smallest distinct key. Returns (X, distinct keys). One radix sort: the
-    sorted entries are already in CSC order, rows ascending within a column."""
+    sorted entries are already in CSC order, rows ascending within a column. keys and vals are
+    overwritten (used as sort buffers)."""
     ks, rows, v = _radix_sort_entries(keys, vals, row_nnz)
     first = np.ones(ks.size, dtype=bool)
     first[1:] = ks[1:] != ks[:-1]
@@ -238,29 +295,40 @@ def csc_by_key(keys: np.ndarray, vals: np.ndarray, row_nnz: np.ndarray
     return X, ks[starts]
 
 
-def read_ranges(ranges: list[ByteRange], fmt: str = "libsvm", **opts) -> Shard:
-    """Read byte ranges into a Shard (keys are mapped to columns once, by one radix sort)."""
-    parts = [c for r in ranges for c in iter_chunks(r, fmt, **opts)]
-    if parts:
-        labels, row_nnz, keys, vals, nbad = (list(t) for t in zip(*parts))
-        y = np.concatenate(labels)
-        nnz = np.concatenate(row_nnz)
-        keys_all = np.concatenate(keys)
-        vals_all = np.concatenate(vals)
-        skipped = int(sum(nbad))
-    else:
-        y, nnz = np.empty(0), np.empty(0, np.int64)
-        keys_all, vals_all, skipped = np.empty(0, np.uint64), np.empty(0, np.float32), 0
-    X, uniq = csc_by_key(keys_all, vals_all, nnz)
-    if skipped:
-        log.warning("skipped %d malformed lines in %s", skipped, [r.path for r in ranges])
-    return Shard(X=X, y=y, keys=uniq, skipped=skipped, ranges=list(ranges))
+def add_bias(shard: Shard) -> Shard:
+    """The shard with a constant feature (key BIAS_KEY, value 1) in every example: an intercept
+    that the model learns (and regularises) like any other weight."""
+    pos = int(np.searchsorted(shard.keys, BIAS_KEY))
+    if pos < shard.keys.size and shard.keys[pos] == BIAS_KEY:
+        return shard
+    ones = sp.csc_matrix(np.ones((shard.num_examples, 1), np.float32))
+    X = sp.hstack([shard.X[:, :pos], ones, shard.X[:, pos:]], format="csc")
+    keys = np.insert(shard.keys, pos, BIAS_KEY)
+    return Shard(X=X, y=shard.y, keys=keys, skipped=shard.skipped, ranges=shard.ranges)
+
+
+def read_ranges(ranges: list[ByteRange], fmt: str = "libsvm", bias: bool = False,
+                **opts) -> Shard:
+    """Read byte ranges into a Shard (keys are mapped to columns once, by one radix sort);
+    bias=True adds the constant feature BIAS_KEY to every example. opts: see _parse_range."""
+    total = sum(r.end - r.start for r in ranges)
+    out = _Entries(total // 64 + 16, total // 8 + 16)   # grown if the guess is short
+    for r in ranges:
+        _parse_range(r, fmt, out, **opts)
+    nnz = out.row_nnz[:out.rows]
+    X, uniq = csc_by_key(out.keys[:out.n], out.vals[:out.n], nnz)
+    if out.skipped:
+        log.warning("skipped %d malformed lines in %s", out.skipped, [r.path for r in ranges])
+    shard = Shard(X=X, y=out.labels[:out.rows].copy(), keys=uniq, skipped=out.skipped,
+                  ranges=list(ranges))
+    return add_bias(shard) if bias else shard
 
 
 def read_shard(paths: str | list[str], fmt: str = "libsvm", rank: int = 0, num_workers: int = 1,
                split: str = "bytes", **opts) -> Shard:
-    """Read worker `rank`'s share (of num_workers) of the files. opts: skip_bad, raw_keys,
-    int_bins, chunk_bytes (see iter_chunks). Raises ConfigError, DataFormatError."""
+    """Read worker `rank`'s share (of num_workers) of the files. opts: bias (read_ranges),
+    skip_bad, raw_keys, int_bins, chunk_bytes (see _parse_range). Raises ConfigError,
+    DataFormatError."""
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not 0 <= rank < num_workers:
         raise ConfigError(f"rank {rank} is not in [0, {num_workers})")

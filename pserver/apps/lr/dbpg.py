@@ -39,6 +39,7 @@ import numba
 import numpy as np
 
 from ...errors import ConfigError
+from ...kv.filtering import lossless_part
 from .data import Shard
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,19 @@ class DBPGConfig:
     curvature: str = "hessian"
     eta: float = 1.0
     tol: float = 0.0           # stop when a pass lowers F by less than tol * F (0 = never)
+    warm_start: bool = False   # start from the table's weights (else the table must be new)
     table: str = "lr_w"        # tables used: table, table + "_stats", table + "_count"
+    kkt: bool = False          # KKT filter on the pushes (pserver.filters.KKTFilter), with...
+    kkt_delta: float = 0.0     # ...its safety margin delta
+    filters: str = ""          # more push filters of the weight table, e.g. "key_cache,compress"
+    pull_filters: str = ""     # pull filters of the weight table, e.g. "key_cache,compress"
+
+    def push_filters(self, num_workers: int) -> str:
+        """The weight table's push filter spec. A worker holds 1/num_workers of the data, so the
+        KKT filter tests its estimate num_workers * g_k of the full gradient: it skips k when
+        w_k = 0 and |g_k| <= (l1 - delta) / num_workers."""
+        kkt = f"kkt:{self.l1 / num_workers!r}:{self.kkt_delta / num_workers!r}" if self.kkt else ""
+        return ",".join(f for f in (kkt, self.filters) if f)
 
     def check(self) -> None:
         """Raise ConfigError on an invalid setting."""
@@ -105,44 +118,77 @@ def _row_terms(y, m, hessian, rd):
 
 
 @numba.njit(cache=True, nogil=True)
-def _block_grad_curv(indptr, indices, data, scale, c0, c1, rd, out):
-    """out[j - c0] = [sum x r, sum scale c] over column j of [c0, c1)."""
-    for j in range(c0, c1):
+def _block_grad_curv(indptr, indices, data, scale, cols, rd, out):
+    """out[q] = [sum x r, sum scale c] over column cols[q]."""
+    for q in range(cols.size):
+        j = cols[q]
         gs = 0.0
         us = 0.0
         for p in range(indptr[j], indptr[j + 1]):
             i = indices[p]
             gs += data[p] * rd[i, 0]
             us += scale[p] * rd[i, 1]
-        out[j - c0, 0] = gs
-        out[j - c0, 1] = us
+        out[q, 0] = gs
+        out[q, 1] = us
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_block_margins(indptr, indices, data, c0, delta, m):
-    """m += X[:, c0:c0+len(delta)] @ delta (skipping unchanged coordinates)."""
-    for jj in range(delta.size):
-        dj = delta[jj]
+def _block_grad_curv_lazy(indptr, indices, data, scale, cols, y, m, hessian, out):
+    """_block_grad_curv computing each entry's row terms from its margin on the spot: cheaper
+    than refreshing all rows when a block touches few of them (many blocks)."""
+    for q in range(cols.size):
+        j = cols[q]
+        gs = 0.0
+        us = 0.0
+        for p in range(indptr[j], indptr[j + 1]):
+            i = indices[p]
+            s = 1.0 / (1.0 + np.exp(-m[i]))
+            gs += data[p] * (s - (1.0 if y[i] > 0 else 0.0))
+            us += scale[p] * (s * (1.0 - s) if hessian else 1.0)
+        out[q, 0] = gs
+        out[q, 1] = us
+
+
+@numba.njit(cache=True, nogil=True)
+def _add_block_margins(indptr, indices, data, cols, delta, m):
+    """m += X[:, cols] @ delta (skipping unchanged coordinates)."""
+    for q in range(cols.size):
+        dj = delta[q]
         if dj != 0.0:
-            j = c0 + jj
+            j = cols[q]
             for p in range(indptr[j], indptr[j + 1]):
                 m[indices[p]] += data[p] * dj
 
 
 @numba.njit(cache=True, nogil=True)
-def _curvature_scale(indptr, indices, data, bounds, n_rows):
-    """scale[p] = x_p^2 * (non-zeros of x_p's row inside x_p's block) for every entry p."""
-    scale = np.empty(data.size, np.float32)
+def _curvature_scale(indptr, indices, data, bounds, active, n_rows):
+    """scale[p] = x_p^2 * n_ib: the active non-zeros of x_p's row inside x_p's block."""
+    scale = np.zeros(data.size, np.float32)
     count = np.zeros(n_rows, np.int64)
     for b in range(bounds.size - 1):
-        lo, hi = indptr[bounds[b]], indptr[bounds[b + 1]]
-        for p in range(lo, hi):
-            count[indices[p]] += 1
-        for p in range(lo, hi):
-            scale[p] = data[p] * data[p] * count[indices[p]]
-        for p in range(lo, hi):
+        for j in range(bounds[b], bounds[b + 1]):
+            if active[j]:
+                for p in range(indptr[j], indptr[j + 1]):
+                    count[indices[p]] += 1
+        for j in range(bounds[b], bounds[b + 1]):
+            if active[j]:
+                for p in range(indptr[j], indptr[j + 1]):
+                    scale[p] = data[p] * data[p] * count[indices[p]]
+        for p in range(indptr[bounds[b]], indptr[bounds[b + 1]]):
             count[indices[p]] = 0
     return scale
+
+
+def _warm_up() -> None:
+    """Call every kernel once on tiny inputs (loading numba's cached machine code)."""
+    ptr, idx, one = np.array([0, 1]), np.zeros(1, np.int32), np.ones(1, np.float32)
+    cols, m, y, out = np.zeros(1, np.int64), np.zeros(1), np.ones(1), np.empty((1, 2), np.float32)
+    rd = np.empty((1, 2))
+    _row_terms(y, m, True, rd)
+    _block_grad_curv(ptr, idx, one, one, cols, rd, out)
+    _block_grad_curv_lazy(ptr, idx, one, one, cols, y, m, True, out)
+    _add_block_margins(ptr, idx, one, cols, np.zeros(1), m)
+    _curvature_scale(ptr, idx, one, np.array([0, 1]), np.ones(1, np.bool_), 1)
 
 
 def block_bounds(blocks: int, key_bound: int = KEY_SPACE) -> list[int]:
@@ -165,53 +211,81 @@ class DBPG:
         self.w = np.zeros(shard.keys.size)              # this worker's view of w[keys]
         self.rd = np.empty((shard.num_examples, 2))   # per row: dloss/dm, curvature weight
         self.history: list[PassStats] = []
+        # filters only when set: stand-ins for the KV API (tests) need not know them
+        filters = {k: v for k, v in (("push_filters", cfg.push_filters(kv.num_workers)),
+                                     ("pull_filters", cfg.pull_filters)) if v}
         kv.declare_table(cfg.table, dim=1, updater="l1_prox", sync=True,
-                         updater_args={"l1": cfg.l1, "l2": cfg.l2, "eta": cfg.eta})
+                         updater_args={"l1": cfg.l1, "l2": cfg.l2, "eta": cfg.eta}, **filters)
+        self.full_pass = False     # KKT: this pass pushes every coordinate (active set reset)
+        if cfg.kkt:
+            kv.filters.set_weights(cfg.table, lambda k: self.w[np.searchsorted(shard.keys, k)])
         kv.declare_table(cfg.table + "_stats", dim=4, dtype="float64", updater="sum", sync=True)
-        kv.declare_table(cfg.table + "_count", dim=1, updater="sum", sync=True)
+        exact = {k: lossless_part(v) for k, v in filters.items() if lossless_part(v)}
+        kv.declare_table(cfg.table + "_count", dim=2, updater="sum", sync=True, **exact)
         self._setup()
 
     # -- setup ------------------------------------------------------------------------------
     def _setup(self) -> None:
-        kv, keys, cfg = self.kv, self.shard.keys, self.cfg
-        # 1. How many workers hold each key (for the exact regulariser shares), and the global
-        #    key bit-length (so raw, small keys are still split into B non-empty blocks).
+        kv, keys, cfg, X = self.kv, self.shard.keys, self.cfg, self.shard.X
+        t0 = time.perf_counter()
+        # 1. Per key, summed over workers: how many workers hold it (for exact regulariser
+        #    shares) and its column mass a_k = sum_i |x_ik|. Since |dloss/dm| < 1, |g_k| < a_k:
+        #    where a_k <= l1 a zero weight stays zero for ever (the KKT condition), so such
+        #    keys are never pushed - the paper's KKT filter, exact here and agreed by all.
+        mass = np.add.reduceat(np.abs(X.data), X.indptr[:-1]) if X.nnz else np.zeros(0)
+        kv.push(keys, np.column_stack([np.ones(keys.size), mass]).astype(np.float32),
+                table=cfg.table + "_count")
+        # 2. The global key bit-length (so raw, small keys still split into B non-empty
+        #    blocks): stats keys 2**64 - 1 - bits carry a one-hot of each worker's bit-length.
         bits = int(keys[-1]).bit_length() if keys.size else 0
-        kv.push(keys, np.ones(keys.size, np.float32), table=cfg.table + "_count")
-        # stats keys 2**64 - 1 - bits (bits = 0..64) carry a one-hot of each worker's bit-length
         flag = np.array([[1.0, 0, 0, 0]])
         kv.push(np.array([KEY_SPACE - 1 - bits], np.uint64), flag, table=cfg.table + "_stats")
-        self.holders = kv.pull(keys, table=cfg.table + "_count").astype(np.float64)
+        _warm_up()   # load the compiled kernels while the servers aggregate the counts
+        counts = kv.pull(keys, table=cfg.table + "_count").astype(np.float64).reshape(-1, 2)
+        t_counts = time.perf_counter()
+        self.holders = counts[:, 0]
         bkeys, bvals = kv.pull_range(KEY_SPACE - 65, KEY_SPACE, table=cfg.table + "_stats")
         bits = max([KEY_SPACE - 1 - int(k) for k in bkeys[np.atleast_2d(bvals)[:, 0] > 0]] + [1])
         self.key_bound = 1 << bits
+        # 3. Warm start from whatever the table holds (a new table holds zeros: no pull).
+        if cfg.warm_start:
+            self.w = kv.pull(keys, table=cfg.table).astype(np.float64)
+            self.m = np.asarray(X @ self.w).ravel()
+        active = (counts[:, 1] > cfg.l1 * (1 + 1e-6)) | (self.w != 0)
+        self.filtered = int(keys.size - np.count_nonzero(active))
+        # 4. Blocks: key ranges -> the active columns of each.
         bounds = block_bounds(cfg.blocks, self.key_bound)
-        self.cols = [self.shard.columns_in(bounds[b], bounds[b + 1] if b < cfg.blocks - 1
-                                           else None) for b in range(cfg.blocks)]
-        col_bounds = np.array([c0 for c0, _ in self.cols] + [keys.size], np.int64)
+        ranges = [self.shard.columns_in(bounds[b], bounds[b + 1] if b < cfg.blocks - 1
+                                        else None) for b in range(cfg.blocks)]
+        self.cols = [c0 + np.flatnonzero(active[c0:c1]) for c0, c1 in ranges]
+        col_bounds = np.array([c0 for c0, _ in ranges] + [keys.size], np.int64)
         self.scale = _curvature_scale(self.indptr, self.indices, self.data, col_bounds,
-                                      self.shard.num_examples)
+                                      active, self.shard.num_examples)
         if cfg.curvature == "bound":
             self.scale *= 0.25
-        # 2. Warm start from whatever the table holds (zeros for a new table).
-        self.w = kv.pull(keys, table=cfg.table).astype(np.float64)
-        if np.any(self.w):
-            self.m = np.asarray(self.shard.X @ self.w).ravel()
+        self.entries = [int(np.sum(self.indptr[c + 1] - self.indptr[c])) for c in self.cols]
+        self.setup_seconds = {"counts": t_counts - t0, "total": time.perf_counter() - t0}
 
     # -- one iteration = one block ----------------------------------------------------------
     def _compute(self, block: int) -> tuple[np.ndarray, np.ndarray]:
-        c0, c1 = self.cols[block]
-        gu = np.empty((c1 - c0, 2), np.float32)
+        cols = self.cols[block]
+        gu = np.empty((cols.size, 2), np.float32)
         # with the "bound" curvature, scale already holds n_ib * x^2 / 4 and c_i = 1
-        _row_terms(self.y, self.m, self.cfg.curvature == "hessian", self.rd)
-        _block_grad_curv(self.indptr, self.indices, self.data, self.scale, c0, c1, self.rd, gu)
-        return self.shard.keys[c0:c1], gu
+        hessian = self.cfg.curvature == "hessian"
+        if self.entries[block] < self.m.size:   # the block touches few rows: terms per entry
+            _block_grad_curv_lazy(self.indptr, self.indices, self.data, self.scale, cols,
+                                  self.y, self.m, hessian, gu)
+        else:
+            _row_terms(self.y, self.m, hessian, self.rd)
+            _block_grad_curv(self.indptr, self.indices, self.data, self.scale, cols, self.rd,
+                             gu)
+        return self.shard.keys[cols], gu
 
     def _apply(self, block: int, w_new: np.ndarray) -> None:
-        c0, c1 = self.cols[block]
-        delta = w_new.astype(np.float64) - self.w[c0:c1]
-        self.w[c0:c1] += delta
-        _add_block_margins(self.indptr, self.indices, self.data, c0, delta, self.m)
+        cols = self.cols[block]
+        delta = w_new.astype(np.float64) - self.w[cols]
+        self.w[cols] += delta
+        _add_block_margins(self.indptr, self.indices, self.data, cols, delta, self.m)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, on_pass=None) -> list[PassStats]:
@@ -248,10 +322,22 @@ class DBPG:
             self.history.append(stats)
             if on_pass is not None:
                 on_pass(stats)
-            if cfg.tol > 0 and prev.objective - stats.objective < cfg.tol * abs(stats.objective):
+            if self._converged(cfg.tol > 0 and
+                               prev.objective - stats.objective < cfg.tol * abs(stats.objective)):
                 break
             prev = stats
         return self.history
+
+    def _converged(self, converged: bool) -> bool:
+        """Whether to stop after a pass that ``converged``. With the KKT filter, convergence on
+        the active set is not the end (the paper's active-set reset): the next pass pushes every
+        coordinate, so the servers re-check the KKT conditions of those the filter skipped, and
+        the run stops only when such a full pass converges too."""
+        if not self.cfg.kkt:
+            return converged
+        full, self.full_pass = self.full_pass, converged and not self.full_pass
+        self.kv.filters.select_all(self.cfg.table, self.full_pass)
+        return converged and full
 
     def _objective(self, epoch: int, seconds: float, waited: float) -> PassStats:
         """Global F(w) after a pass, summed through the stats table (key = epoch)."""
@@ -265,7 +351,8 @@ class DBPG:
         kv.push(np.array([epoch + 1], np.uint64), row, table=table)
         loss, reg_sum, nnz_sum, n = kv.pull(np.array([epoch + 1], np.uint64), table=table)[0]
         waited += time.perf_counter() - tw
-        return PassStats(epoch, loss + reg_sum, loss, int(round(nnz_sum)), int(n), seconds, waited)
+        return PassStats(epoch, loss + reg_sum, loss, round(nnz_sum), int(n), seconds, waited,
+                         {"kkt_filtered_keys": self.filtered})
 
     def weights(self) -> tuple[np.ndarray, np.ndarray]:
         """This worker's (keys, weights) view after the last pass."""

@@ -15,6 +15,7 @@ Examples are generated and written `chunk` at a time, so any size fits in memory
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -128,15 +129,12 @@ def generate(out: str, examples: int, *, features: int = 1 << 22, nnz: int = 40,
         names = {"libsvm": os.path.join(out, f"{part}.libsvm")}
         if vw:
             names["vw"] = os.path.join(out, f"{part}.vw")
-        files = {fmt: open(p, "wb") for fmt, p in names.items()}
-        try:
+        with contextlib.ExitStack() as stack:
+            files = {fmt: stack.enter_context(open(p, "wb")) for fmt, p in names.items()}
             for lo in range(0, n_part, chunk):
                 y, ids, keep = truth.sample(rng, min(chunk, n_part - lo), nnz, zipf, noise)
                 for fmt, f in files.items():
                     f.write(_format(y, ids, keep, fmt == "vw").tobytes())
-        finally:
-            for f in files.values():
-                f.close()
         paths.update({f"{part}_{fmt}": p for fmt, p in names.items()})
     nz = np.flatnonzero(truth.w)
     np.savez(os.path.join(out, "truth.npz"), ids=nz.astype(np.int64),

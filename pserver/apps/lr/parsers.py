@@ -31,7 +31,13 @@ CRITEO_CAT_COLUMNS = 26
 
 @numba.njit(cache=True, nogil=True, inline="always")
 def _is_space(c: np.uint8) -> bool:
-    return c == SPACE or c == TAB or c == CR
+    return c in (SPACE, TAB, CR)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _ends_token(buf, j, n) -> bool:
+    """Whether buf[j] ends a token: end of buffer, whitespace or newline."""
+    return j >= n or buf[j] == NEWLINE or _is_space(buf[j])
 
 
 @numba.njit(cache=True, nogil=True, inline="always")
@@ -115,33 +121,37 @@ def parse_libsvm(buf, raw_keys, skip_bad, labels, row_nnz, keys, vals):
     ne = 0
     nbad = 0
     while i < n:
-        e = i
-        while e < n and buf[e] != NEWLINE:
-            e += 1
+        # One pass over the bytes: a newline ends every number and token scan.
         j = i
-        while j < e and _is_space(buf[j]):
+        while j < n and _is_space(buf[j]):
             j += 1
-        if j < e and buf[j] != HASH:
-            ne0 = ne
-            code = 0
-            lab, j, ok = _parse_float(buf, j, e)
-            if not ok or (j < e and not _is_space(buf[j])):
+        code = 0
+        ne0 = ne
+        if j < n and buf[j] != NEWLINE and buf[j] != HASH:
+            lab, j, ok = _parse_float(buf, j, n)
+            if not ok or not _ends_token(buf, j, n):
                 code = 1
             elif not (lab == 1.0 or lab == 0.0 or lab == -1.0):
                 code = 2
             while code == 0:
-                while j < e and _is_space(buf[j]):
+                while j < n and _is_space(buf[j]):
                     j += 1
-                if j >= e or buf[j] == HASH:
+                if j >= n or buf[j] == NEWLINE or buf[j] == HASH:
                     break
-                idx, j, ok = _parse_int(buf, j, e)
-                if not ok or idx < 0 or j >= e or buf[j] != COLON:
+                idx, j, ok = _parse_int(buf, j, n)
+                if not ok or idx < 0 or j >= n or buf[j] != COLON:
                     code = 3
                     break
-                v, j, ok = _parse_float(buf, j + 1, e)
-                if not ok or (j < e and not _is_space(buf[j])):
-                    code = 4
-                    break
+                j += 1
+                d = np.int64(buf[j]) - 48 if j < n else -1
+                if 0 <= d <= 9 and _ends_token(buf, j + 1, n):   # one digit: binary data
+                    v = float(d)
+                    j += 1
+                else:
+                    v, j, ok = _parse_float(buf, j, n)
+                    if not ok or not _ends_token(buf, j, n):
+                        code = 4
+                        break
                 k = np.uint64(idx)
                 keys[ne] = k if raw_keys else mix64_scalar(k ^ salt)
                 vals[ne] = v
@@ -155,8 +165,10 @@ def parse_libsvm(buf, raw_keys, skip_bad, labels, row_nnz, keys, vals):
                 labels[nr] = 1.0 if lab > 0 else -1.0
                 row_nnz[nr] = ne - ne0
                 nr += 1
+        while j < n and buf[j] != NEWLINE:   # a comment, or the rest of a bad line
+            j += 1
         line += 1
-        i = e + 1
+        i = j + 1
     return nr, ne, nbad, 0, -1, -1
 
 

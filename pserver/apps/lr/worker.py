@@ -17,6 +17,7 @@ import numpy as np
 
 from ... import logs
 from ...errors import PServerError
+from ...kv.filtering import format_traffic_summary, traffic_row, traffic_summary
 from .data import read_shard
 from .dbpg import DBPG, DBPGConfig, PassStats
 from .model import auc, logloss, predict, save_model
@@ -32,7 +33,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--l1", type=float, default=1.0, help="L1 penalty (sklearn C = 1/l1)")
     p.add_argument("--l2", type=float, default=0.0, help="L2 penalty (sklearn C = 1/l2)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the data")
-    p.add_argument("--blocks", type=int, default=16, help="feature blocks (key ranges)")
+    p.add_argument("--blocks", type=int, default=64, help="feature blocks (key ranges)")
     p.add_argument("--tau", type=int, default=0, help="bounded delay (only 0 so far)")
     p.add_argument("--curvature", default="hessian", choices=("hessian", "bound"))
     p.add_argument("--eta", type=float, default=1.0, help="step scale (u' = u / eta)")
@@ -46,8 +47,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="libsvm: use the feature index itself as the key (default: hashed)")
     p.add_argument("--int-bins", default="log", choices=("log", "raw"),
                    help="criteo integer columns: log-binned or raw values")
+    p.add_argument("--bias", action="store_true",
+                   help="add a constant feature (an intercept, regularised like the others)")
     p.add_argument("--table", default="lr_w", help="name of the weight table")
+    p.add_argument("--kkt", action="store_true",
+                   help="KKT filter: skip pushing coordinates the L1 step keeps at zero")
+    p.add_argument("--kkt-delta", type=float, default=0.0, help="safety margin of --kkt")
+    p.add_argument("--filters", default="",
+                   help='more push filters of the weight table, e.g. "key_cache,compress"')
+    p.add_argument("--pull-filters", default="",
+                   help='pull filters of the weight table, e.g. "key_cache,compress"')
     p.add_argument("--summary-json", help="rank 0 writes the summary (and per-pass history) here")
+    p.add_argument("--test-every-pass", action="store_true",
+                   help="rank 0 scores the held-out set after every pass (time not counted)")
 
 
 def _progress(s: PassStats, rank_examples: int) -> None:
@@ -60,26 +72,51 @@ def _progress(s: PassStats, rank_examples: int) -> None:
 def train(kv, args: argparse.Namespace) -> dict | None:
     """Train as one worker of kv's cluster. Returns the summary dict on rank 0, else None."""
     t_start = time.perf_counter()
-    opts = dict(skip_bad=args.skip_bad, raw_keys=args.raw_keys, int_bins=args.int_bins)
+    opts = dict(skip_bad=args.skip_bad, raw_keys=args.raw_keys, int_bins=args.int_bins,
+                bias=args.bias)
     shard = read_shard(args.data, args.format, kv.rank, kv.num_workers, args.split, **opts)
     t_read = time.perf_counter() - t_start
     log.info("worker %d: %d examples, %d features, %d non-zeros, read in %.2f s", kv.rank,
              shard.num_examples, shard.keys.size, shard.X.nnz, t_read)
     cfg = DBPGConfig(l1=args.l1, l2=args.l2, epochs=args.epochs, blocks=args.blocks,
                      tau=args.tau, curvature=args.curvature, eta=args.eta, tol=args.tol,
-                     table=args.table)
+                     table=args.table, kkt=args.kkt, kkt_delta=args.kkt_delta,
+                     filters=args.filters, pull_filters=args.pull_filters)
     algo = DBPG(kv, shard, cfg)
+    if kv.rank == 0:
+        print(f"worker 0: {shard.num_examples:,} examples, {shard.keys.size:,} keys "
+              f"({algo.filtered:,} can never leave zero: KKT-filtered), read in {t_read:.2f} s, "
+              f"set up in {algo.setup_seconds['total']:.2f} s (key counts "
+              f"{algo.setup_seconds['counts']:.2f} s)", flush=True)
+    test, t_test = None, time.perf_counter()
+    if kv.rank == 0 and args.test:
+        test = read_shard(args.test, args.format, **opts)
+    t_test = time.perf_counter() - t_test   # not part of training: excluded from the clock
+    evals: list[dict] = []
     t_train = time.perf_counter()
-    on_pass = (lambda s: _progress(s, shard.num_examples)) if kv.rank == 0 else None
+
+    def on_pass(s: PassStats) -> None:
+        if kv.rank != 0:
+            return
+        _progress(s, shard.num_examples)
+        if test is not None and args.test_every_pass:
+            t0 = time.perf_counter()
+            p = 1.0 / (1.0 + np.exp(-(test.X @ kv.pull(test.keys, table=args.table))))
+            spent = sum(e["eval_seconds"] for e in evals)
+            evals.append({"epoch": s.epoch, "logloss": logloss(test.y, p), "auc": auc(test.y, p),
+                          "seconds_since_start": t0 - t_start - t_test - spent,
+                          "eval_seconds": time.perf_counter() - t0})
+
     history = algo.run(on_pass)
-    train_seconds = time.perf_counter() - t_train
+    train_seconds = time.perf_counter() - t_train - sum(e["eval_seconds"] for e in evals)
     # Totals over workers through the stats table (sync sum): traffic, read and wait time.
     st = kv.stats()
     waited = sum(h.wait_seconds for h in history)
-    row = np.array([[st["bytes_sent"], st["bytes_received"], t_read, waited]])
-    key = np.array([(1 << 63) + 1], np.uint64)
+    row = np.array([[st["bytes_sent"], st["bytes_received"], t_read, waited], traffic_row(st)])
+    key = np.array([(1 << 63) + 1, (1 << 63) + 2], np.uint64)
     kv.push(key, row, table=args.table + "_stats")
-    sent, received, read_sum, wait_sum = kv.pull(key, table=args.table + "_stats")[0]
+    totals = kv.pull(key, table=args.table + "_stats")
+    sent, received, read_sum, wait_sum = totals[0]
     summary = None
     if kv.rank == 0:
         keys, w = kv.pull_range(table=args.table)
@@ -87,22 +124,24 @@ def train(kv, args: argparse.Namespace) -> dict | None:
             "workers": kv.num_workers, "servers": kv.num_servers,
             "examples": history[-1].examples if history else shard.num_examples,
             "skipped_lines_rank0": shard.skipped,
+            "kkt_filtered_fraction_rank0": algo.filtered / max(shard.keys.size, 1),
             "train_objective": history[-1].objective if history else float("nan"),
             "nnz": int(np.count_nonzero(w)), "passes": len(history),
-            "train_seconds": train_seconds, "read_seconds_mean": read_sum / kv.num_workers,
+            "train_seconds": train_seconds, "setup_seconds_rank0": algo.setup_seconds,
+            "read_seconds_mean": read_sum / kv.num_workers,
             "idle_fraction": wait_sum / max(kv.num_workers * train_seconds, 1e-9),
             "bytes_sent": int(sent), "bytes_received": int(received),
+            "traffic": traffic_summary(totals[1]),
             "history": [{"epoch": h.epoch, "objective": h.objective, "loss": h.loss,
                          "nnz": h.nnz, "seconds": h.seconds, "wait_seconds": h.wait_seconds,
                          "examples_per_s": h.examples_per_s} for h in history],
-            "config": vars(cfg),
+            "config": vars(cfg), "test_every_pass": evals,
         }
         meta = {"data_format": args.format, "raw_keys": args.raw_keys, "int_bins": args.int_bins,
-                "l1": args.l1, "l2": args.l2, "passes": len(history),
+                "bias": args.bias, "l1": args.l1, "l2": args.l2, "passes": len(history),
                 "train_objective": summary["train_objective"]}
         model = save_model(args.model_out, keys, w, meta) if args.model_out else None
-        if args.test:
-            test = read_shard(args.test, args.format, **opts)
+        if test is not None:
             if model is None:
                 from .model import Model
                 nz = w != 0
@@ -130,6 +169,8 @@ def format_summary(s: dict) -> str:
                      f"{s['test_logloss']:.5f}   AUC {s['test_auc']:.5f}")
     lines.append(f"  traffic of all workers: sent {s['bytes_sent'] / 1e6:,.1f} MB, received "
                  f"{s['bytes_received'] / 1e6:,.1f} MB; total time {s['total_seconds']:.2f} s")
+    if "traffic" in s:
+        lines.append(format_traffic_summary(s["traffic"]))
     return "\n".join(lines)
 
 

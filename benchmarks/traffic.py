@@ -1,0 +1,171 @@
+"""Traffic of the sparse-LR job with and without filters (the paper's traffic figure, our scale).
+
+Job: `pserver train lr` (DBPG, L1 logistic regression) on 2 servers x 2 workers (LocalCluster:
+real processes, loopback sockets), on data from `pserver gen-data` with about 1M feature ids
+(2**20 id space, power-law frequencies, ~40 features per example). Every run does the same number
+of passes from scratch; runs differ only in the weight table's filters:
+
+  none          no filter
+  key_cache     push and pull requests name cached key lists by signature
+  compress      zero values dropped, keys delta-coded, frames zstd-compressed
+  kkt           the KKT filter on pushes (skip k when w_k = 0 and |g_k| is small; see
+                DBPGConfig.push_filters for the threshold each worker uses)
+  all           kkt + key_cache + compress on pushes; key_cache + compress (+ precision, see
+                --all-pull) on pulls
+
+Measured per run: data-plane bytes sent by the workers (push and pull requests) and by the servers
+(pull replies and acks), summed over nodes - counted by the workers' transports: every byte a
+server sends to a worker is a byte that worker receives (membership traffic is excluded) - and
+the final objective. Writes JSON and a bar chart (PNG).
+
+Usage: python benchmarks/traffic.py [--examples 300000] [--epochs 8] [--l1 1] [--data-dir DIR]
+       [--out benchmarks/results/traffic.json] [--png benchmarks/results/traffic.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pserver.apps.lr.data import read_shard
+from pserver.apps.lr.gen import generate
+from pserver.launch import LocalCluster
+
+RESULTS = Path(__file__).parent / "results"
+CONFIGS: dict[str, list[str]] = {
+    "none": [],
+    "key_cache": ["--filters", "key_cache", "--pull-filters", "key_cache"],
+    "compress": ["--filters", "compress", "--pull-filters", "compress"],
+    "kkt": ["--kkt"],
+    "all": ["--kkt", "--filters", "key_cache,compress"],   # + --pull-filters from --all-pull
+}
+
+
+def ensure_data(d: str, examples: int, features: int) -> dict:
+    meta_path = os.path.join(d, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("examples") == examples and meta.get("features") == features:
+            return meta
+    return generate(d, examples, features=features, nnz=40, noise=0.02, seed=5)
+
+
+def run(d: str, name: str, extra: list[str], args: argparse.Namespace) -> dict:
+    out = os.path.join(d, f"traffic_{name}.json")
+    argv = [sys.executable, "-m", "pserver.apps.lr.worker", "--data", f"{d}/train.libsvm",
+            "--l1", str(args.l1), "--epochs", str(args.epochs), "--blocks", str(args.blocks),
+            "--summary-json", out, *extra]
+    t0 = time.perf_counter()
+    with LocalCluster(2, 2, insecure=True, heartbeat_timeout=30.0) as cluster:
+        rc = cluster.run_workers(argv)
+    if rc != 0:
+        raise SystemExit(f"run {name!r} failed with exit code {rc}")
+    with open(out) as f:
+        s = json.load(f)
+    t = s["traffic"]
+    return {"filters": extra, "workers_sent_bytes": t["workers_sent_bytes"],
+            "servers_sent_bytes": t["servers_sent_bytes"],
+            "push_pairs_raw": t["filtered_push_pairs_raw"],
+            "push_pairs_sent": t["filtered_push_pairs_sent"],
+            "objective": s["train_objective"], "nnz": s["nnz"], "passes": s["passes"],
+            "train_seconds": s["train_seconds"], "wall_seconds": time.perf_counter() - t0,
+            "history": [h["objective"] for h in s["history"]]}
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(results["runs"])
+    base = results["runs"]["none"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, who in zip(axes, ("servers", "workers")):
+        vals = [results["runs"][n][f"{who}_sent_bytes"] / 1e6 for n in names]
+        bars = ax.bar(np.arange(len(names)), vals, color=["0.6"] + ["C0"] * (len(names) - 2)
+                      + ["C3"])
+        for b, n in zip(bars, names):
+            x = base[f"{who}_sent_bytes"] / max(results["runs"][n][f"{who}_sent_bytes"], 1)
+            ax.annotate(f"{x:.1f}x" if n != "none" else "", (b.get_x() + b.get_width() / 2,
+                        b.get_height()), ha="center", va="bottom", fontsize=9)
+        ax.set_xticks(np.arange(len(names)), [n.replace("_", " ") for n in names])
+        ax.set_title(f"bytes sent by the {who}")
+        ax.set_ylabel("MB (all nodes, all passes)")
+    fig.suptitle(f"sparse LR, L1={results['setup']['l1']}, {results['setup']['epochs']} passes, "
+                 f"2 workers x 2 servers, {results['setup']['features_seen']:,} features")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--examples", type=int, default=300_000)
+    p.add_argument("--features", type=int, default=1 << 20)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--blocks", type=int, default=16)
+    p.add_argument("--l1", type=float, default=1.0)
+    p.add_argument("--all-pull", default="fp16,key_cache,compress",
+                   help="pull filters of the 'all' run")
+    p.add_argument("--runs", default=",".join(CONFIGS), help="comma-separated subset")
+    p.add_argument("--data-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                      "pserver-traffic"))
+    p.add_argument("--out", default=str(RESULTS / "traffic.json"))
+    p.add_argument("--png", default=str(RESULTS / "traffic.png"))
+    args = p.parse_args()
+    os.makedirs(args.data_dir, exist_ok=True)
+    meta = ensure_data(args.data_dir, args.examples, args.features)
+    meta["features_seen"] = int(read_shard([os.path.join(args.data_dir, "train.libsvm")],
+                                           "libsvm").keys.size)
+    runs = {}
+    for name in args.runs.split(","):
+        extra = list(CONFIGS[name])
+        if name == "all" and args.all_pull:
+            extra += ["--pull-filters", args.all_pull]
+        print(f"run {name}: {' '.join(extra) or '(no filters)'}", flush=True)
+        runs[name] = r = run(args.data_dir, name, extra, args)
+        print(f"  workers sent {r['workers_sent_bytes'] / 1e6:.1f} MB, servers sent "
+              f"{r['servers_sent_bytes'] / 1e6:.1f} MB, objective {r['objective']:.6e}, "
+              f"{r['wall_seconds']:.0f} s", flush=True)
+    results = {"setup": {"examples": args.examples, "id_space": args.features,
+                         "features_seen": meta.get("features_seen", args.features),
+                         "epochs": args.epochs, "blocks": args.blocks, "l1": args.l1,
+                         "workers": 2, "servers": 2, "all_pull_filters": args.all_pull},
+               "runs": runs}
+    if "none" in runs:
+        base = runs["none"]
+        for r in runs.values():
+            r["servers_reduction"] = base["servers_sent_bytes"] / max(r["servers_sent_bytes"], 1)
+            r["workers_reduction"] = base["workers_sent_bytes"] / max(r["workers_sent_bytes"], 1)
+            r["objective_rel_diff"] = (r["objective"] - base["objective"]) / base["objective"]
+        checks = {}
+        if "key_cache" in runs:
+            kc = runs["key_cache"]
+            checks["key_cache_workers_saving>=40%"] = 1 - 1 / kc["workers_reduction"] >= 0.40
+        if "all" in runs:
+            a = runs["all"]
+            checks["all_servers>=10x"] = a["servers_reduction"] >= 10
+            checks["all_workers>=5x"] = a["workers_reduction"] >= 5
+            checks["all_objective_within_1%"] = abs(a["objective_rel_diff"]) <= 0.01
+        results["targets"] = checks
+        for name, r in runs.items():
+            print(f"{name:10s} servers {r['servers_reduction']:6.1f}x  workers "
+                  f"{r['workers_reduction']:6.1f}x  objective {100 * r['objective_rel_diff']:+.3f}%")
+        print("targets:", json.dumps(checks))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    if "none" in runs:
+        plot(results, args.png)
+    print(f"wrote {args.out} and {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
