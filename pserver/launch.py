@@ -178,6 +178,7 @@ class LocalCluster:
         workers = [self.spawn_worker(cmd, rank, env) for rank in range(self.num_workers)]
         deadline = None if timeout is None else time.monotonic() + timeout
         worst = 0
+        stopped: set[int] = set()  # workers we terminated: their exit codes are not the failure
         try:
             while workers:
                 for w in list(workers):
@@ -185,10 +186,13 @@ class LocalCluster:
                     if rc is None:
                         continue
                     workers.remove(w)
+                    if w.pid in stopped:
+                        continue
                     worst = _worse(worst, rc)
                     if rc != 0:
                         log.error("a worker exited with code %d: stopping the others", rc)
                         for other in workers:
+                            stopped.add(other.pid)
                             other.terminate()
                 if deadline is not None and time.monotonic() > deadline:
                     raise PServerError(f"workers did not finish within {timeout} s")

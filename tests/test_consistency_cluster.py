@@ -345,4 +345,4 @@ def test_bounded_delay_never_reads_weights_older_than_tau(lr_data, tmp_path):
                     assert vc[str(node)] >= p[need], (t, b, node)
     assert max(lags) == tau == s["max_lag"]                # the delay was used, never exceeded
     objs = [h["objective"] for h in s["history"]]
-    assert objs[-1] < 0.9 * objs[0] and all(np.isfinite(objs))
+    assert all(np.isfinite(objs)) and objs[-1] < objs[0] < 6000 * np.log(2)  # F(0) = n log 2

@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 import pserver
+from pserver.cli import format_status
 from pserver.errors import ConfigError, RemoteError, TableError
 from pserver.filters import FilterContext, Payload, parse_filters
 from pserver.kv.filtering import WIRE_STAGE, _message_parts, format_traffic
@@ -124,8 +125,10 @@ def test_filtered_push_pull_exact_and_counted_on_both_sides(kv2):
         time.sleep(0.2)
     assert _cell(worker["filters"], "push", WIRE_STAGE)["bytes_sent"] == push_wire["bytes_sent"]
     assert "server" in reports
-    text = format_traffic(view)
-    assert "push sent" in text and "push rece" in text and text.count("\n") >= 3
+    text = format_status(view)                                          # `pserver status`
+    assert "traffic (from heartbeats)" in text
+    assert "push out" in text and "push in" in text and "pull in" in text
+    assert format_traffic(view) in text
 
 
 def test_mixed_filter_settings_fail_loudly(kv2):
@@ -243,7 +246,7 @@ def test_key_cache_miss_resent_with_keys_in_order(cluster_factory):
                 total[i] = total[i] + v
                 pulls.append((kv.pull(k, table="k", wait=False), total[i].copy()))
         for ts, want in pulls:
-            np.testing.assert_array_equal(kv.wait(ts), want)
+            np.testing.assert_array_equal(kv.wait(ts, timeout=30), want)
         resent = kv.stats()["filters"]["events"].get("key_cache.resent", 0)
         missed = sum(s["filters"]["events"].get("key_cache.miss", 0) for s in _server_stats(kv))
         assert resent > 10
@@ -333,3 +336,49 @@ def test_significantly_modified_holds_back_then_flush_delivers_everything(kv2):
     kv.wait(ts)
     np.testing.assert_allclose(kv.pull(keys, table="s"), total, atol=1e-5)
     assert kv.filters.flush("s") is None                        # nothing left
+
+
+# -- the integration's pure parts, without sockets ------------------------------------------------
+def test_spec_carries_canonical_filter_chains():
+    a = pserver.TableSpec(name="t", push_filters="kkt:1, key_cache ,compress",
+                          pull_filters="fp16,compress:zstd")
+    assert a.push_filters == "kkt:1:0,key_cache:64M,compress:zstd:1"
+    assert a.pull_filters == "fp16,compress:zstd:1"
+    assert pserver.TableSpec.from_json(a.to_json()) == a
+    assert a != pserver.TableSpec(name="t", push_filters="kkt:1,key_cache,compress:lz4",
+                                  pull_filters="fp16,compress")
+    assert pserver.TableSpec.from_json({"name": "t"}).push_filters == ""   # old peers: no field
+    for bad in ({"push_filters": "nope"}, {"push_filters": 3}, {"pull_filters": "random_skip:0.5"},
+                {"push_filters": "compress,kkt:1"}):
+        with pytest.raises(TableError):
+            pserver.TableSpec(name="t", **bad)
+
+
+def test_message_layout_and_traffic_helpers():
+    from pserver.errors import ProtocolError
+    from pserver.kv.filtering import (
+        _payload_of,
+        lossless_part,
+        traffic_row,
+        traffic_summary,
+    )
+
+    keys = np.arange(40, dtype=np.uint64)
+    enc = parse_filters("key_cache,compress").encode(Payload(keys, np.ones(40, np.float32)),
+                                                     FilterContext(peer="p", direction="push"))
+    meta, arrays = _message_parts(enc)
+    assert meta["fl"] == "" and len(arrays) == 2                 # compress packed both away
+    back = _payload_of(Message("push", 1, "t", meta, arrays))
+    assert back.keys is None and back.values is None and len(back.frames) == 2
+    for m, a in (({"fl": "kvk"}, []), ({"fl": "kv"}, [keys])):
+        with pytest.raises(ProtocolError):
+            _payload_of(Message("push", 1, "t", m, a))
+    assert lossless_part("kkt:1,fp16,key_cache:1M,compress:lz4") == "key_cache:1M,compress:lz4"
+    assert lossless_part("significant:abs:1") == ""
+    report = {"sent_by_op": {"push": {"bytes": 100}, "pull": {"bytes": 20},
+                             "heartbeat": {"bytes": 999}},
+              "received_by_op": {"vals": {"bytes": 30}, "ack": {"bytes": 5}, "hb": {"bytes": 7}},
+              "filters": {"stages": {"push": {"raw": {"pairs_sent": 50},
+                                              WIRE_STAGE: {"pairs_sent": 8}}}}}
+    assert traffic_row(report) == [120.0, 35.0, 50.0, 8.0]
+    assert traffic_summary([120.0, 35.0, 50.0, 8.0])["servers_sent_bytes"] == 35

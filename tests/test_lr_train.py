@@ -261,7 +261,7 @@ def test_dbpg_is_the_same_algorithm_for_any_number_of_workers(small):
 
 def test_dbpg_config_errors():
     from pserver.errors import ConfigError
-    for bad in (dict(tau=1), dict(curvature="newton"), dict(l1=-1.0), dict(blocks=0),
+    for bad in (dict(tau=-1), dict(curvature="newton"), dict(l1=-1.0), dict(blocks=0),
                 dict(eta=0.0)):
         with pytest.raises(ConfigError):
             DBPGConfig(**bad).check()

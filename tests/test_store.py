@@ -425,7 +425,7 @@ def test_spec_json_round_trip_and_identity():
     {"init": "constant:nan"}, {"init": 0},
     {"seed": -1}, {"seed": 2**64}, {"seed": 1.5},
     {"name": ""}, {"name": 3}, {"name": "a\nb"}, {"name": "x" * 200},
-    {"updater": "nope"}, {"updater": None},
+    {"updater": None},
     {"updater": "sgd"},                                        # lr missing
     {"updater": "sgd", "updater_args": {"lr": -1}},
     {"updater": "sgd", "updater_args": {"lr": "0.1"}},
@@ -458,3 +458,13 @@ def test_huge_rows_start_small():
     table.push(k, row)
     table.push(k, row)
     assert (table.pull(k) == 2).all()
+
+
+def test_spec_with_a_rule_registered_only_on_the_servers():
+    """A worker need not import a server plugin: the rule's name is kept, and the push width comes
+    from the servers (KVWorker.declare_table); using the spec before that is a clear error."""
+    spec = TableSpec.from_json({"name": "w", "updater": "not_registered_here"})
+    assert spec.push_factor is None
+    with pytest.raises(TableError, match="not registered here"):
+        _ = spec.push_cols
+    assert spec.with_push_factor(2).push_cols == 2

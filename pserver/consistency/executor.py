@@ -217,6 +217,13 @@ class Executor:
         if self._channel is not None and len(self._done) >= _REPORT_EVERY:
             self._report()
 
+    def wait(self, t: int) -> None:
+        """Block until task t and the tasks before it have collected their replies (their
+        `then` callbacks ran), counted as waiting_deps. Returns at once for finished tasks."""
+        with self.timer.waiting_deps():
+            while self._subs and self._subs[0].parent <= t:
+                self._complete_next()
+
     def drain(self) -> None:
         """Wait until every issued task finished (waiting_deps), then report to the scheduler."""
         with self.timer.waiting_deps():

@@ -157,6 +157,7 @@ class WorkerFilters:
         self.weights: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
         self.sent: dict[Any, _Sent] = {}   # part key (the caller's, e.g. (ts, part id)) -> sent
         self._select_all: set[str] = set()
+        self._purge_at = 4096
 
     # -- application hooks ------------------------------------------------------------------
     def set_weights(self, table: str, weights: Callable[[np.ndarray], np.ndarray] | None) -> None:
@@ -188,25 +189,28 @@ class WorkerFilters:
         spec = kv._spec(table)
         chain = chain_for(spec.push_filters)
         parts: list[Payload] = []
-        for sid, name in list(self.states):
-            if name != spec.name:
-                continue
-            ctx = self._ctx(sid, name, "push")
-            for f in chain.filters:
-                take = getattr(f, "flush", None)
-                p = take(ctx) if callable(take) else None
-                if p is not None and p.keys is not None and p.keys.shape[0]:
-                    parts.append(p)
-        if not parts:
-            return None
-        keys = np.concatenate([p.keys for p in parts])
-        vals = np.concatenate([np.asarray(p.values).reshape(p.keys.shape[0], -1) for p in parts])
-        order = np.argsort(keys, kind="stable")
-        self.select_all(spec.name)
-        try:
-            return kv.push(keys[order], vals[order].astype(spec.dtype, copy=False), table=spec.name)
-        finally:
-            self.select_all(spec.name, False)
+        with kv._lock:  # no push of this worker may add to the residuals meanwhile
+            for sid, name in list(self.states):
+                if name != spec.name:
+                    continue
+                ctx = self._ctx(sid, name, "push")
+                for f in chain.filters:
+                    take = getattr(f, "flush", None)
+                    p = take(ctx) if callable(take) else None
+                    if p is not None and p.keys is not None and p.keys.shape[0]:
+                        parts.append(p)
+            if not parts:
+                return None
+            keys = np.concatenate([p.keys for p in parts])
+            vals = np.concatenate([np.asarray(p.values).reshape(p.keys.shape[0], -1)
+                                   for p in parts])
+            order = np.argsort(keys, kind="stable")
+            self.select_all(spec.name)
+            try:
+                return kv.push(keys[order], vals[order].astype(spec.dtype, copy=False),
+                               table=spec.name)
+            finally:
+                self.select_all(spec.name, False)
 
     # -- requests ---------------------------------------------------------------------------
     def _ctx(self, sid: int, table: str, direction: str) -> FilterContext:
@@ -237,17 +241,19 @@ class WorkerFilters:
         enc = chain.encode(Payload(keys, values), ctx)
         _count_wire(ctx, chain, enc, "sent")
         meta, arrays = _message_parts(enc)
-        if len(self.sent) > 4096:
+        if len(self.sent) > self._purge_at:
             self._forget_stale()
         self.sent[part] = _Sent(chain, op, spec.name, enc, meta, int(keys.shape[0]), spec.dim,
                                 spec.dtype)
         return meta, arrays
 
     def _forget_stale(self) -> None:
-        # Parts abandoned without a reply (a dead server, a re-routed part) would otherwise stay
-        # here forever; dicts keep insertion order, so the oldest go first.
-        for key in list(self.sent)[:len(self.sent) // 2]:
+        # Parts abandoned without a reply (a dead server, a re-routed part, a request that failed
+        # elsewhere) would otherwise stay here forever: keep those of requests still pending.
+        pending = self._kv._pending
+        for key in [k for k in self.sent if k[0] not in pending]:
             del self.sent[key]
+        self._purge_at = max(4096, 2 * len(self.sent))
 
     def on_reply(self, part: Any, sid: int, msg: Message) -> Message | None:
         """The reply to request part ``part`` from server ``sid`` as the worker's plain path
@@ -492,8 +498,8 @@ def format_traffic(view: dict[str, Any]) -> str:
             for side in ("sent", "received"):
                 cells = {stage: b for stage, b, _ in stage_totals(t, kind, side)}
                 if cells.get(WIRE_STAGE):
-                    filt.append(f"{kind} {side[:4]} {cells.get('raw', 0) / 1e6:.2f}->"
-                                f"{cells[WIRE_STAGE] / 1e6:.2f}")
+                    filt.append(f"{kind} {'out' if side == 'sent' else 'in'} "
+                                f"{cells.get('raw', 0) / 1e6:.2f}->{cells[WIRE_STAGE] / 1e6:.2f}")
         rows.append((n["role"], str(n["rank"]), f"{t.get('bytes_sent', 0) / 1e6:.2f}",
                      f"{t.get('bytes_received', 0) / 1e6:.2f}", str(t.get("messages_sent", 0)),
                      str(t.get("messages_received", 0)), "; ".join(filt) or "-"))

@@ -60,7 +60,8 @@ def pack_keys(keys: np.ndarray) -> tuple[dict, list[np.ndarray]]:
         return {"kf": "k"}, [keys]
     if int(keys[-1]) - int(keys[0]) == n - 1:  # one contiguous run (keys are sorted and unique)
         return {"kf": "r"}, [keys[:1].copy(), np.array([n], dtype=np.uint64)]
-    if n >= _RUNS_MIN_KEYS:
+    # runs pay only for mostly-consecutive ids: test a prefix before scanning everything
+    if n >= _RUNS_MIN_KEYS and int(keys[_RUNS_MIN_KEYS - 1]) - int(keys[0]) < 2 * _RUNS_MIN_KEYS:
         breaks = np.flatnonzero(np.diff(keys) != 1) + 1
         if 2 * (len(breaks) + 1) < n:
             starts = keys[np.concatenate(([0], breaks))]

@@ -284,8 +284,12 @@ class KVServer:
             if spec.dim > self.transport.limits.max_dim:
                 raise LimitError(f"table dim {spec.dim} exceeds this server's limit of "
                                  f"{self.transport.limits.max_dim} (--max-dim / PSERVER_MAX_DIM)")
+            if spec.push_factor is None:
+                raise TableError(f"update rule {spec.updater!r} is not registered on this server: "
+                                 f"start servers with --plugin MODULE (a module that calls "
+                                 f"pserver.register_updater)")
             self._declare(spec)
-            self._answer(identity, msg, "ok")
+            self._answer(identity, msg, "ok", meta={"push_factor": spec.push_factor})
         elif op == "ping":
             self._answer(identity, msg, "pong", meta={"id": self.membership.node_id})
         elif op == "stats":
@@ -522,9 +526,9 @@ class KVServer:
         clock = self.clocks.get(table)
         t = clock.time(node, lo, hi) if clock is not None else NEVER
         for r in self.rounds.get(table, {}).values():
-            pending = r.senders.get(node)
+            pending = r.senders.get(node)  # its request timestamp (with the part id)
             if pending is not None:
-                t = min(t, pending - 1)
+                t = min(t, (pending[0] if isinstance(pending, tuple) else pending) - 1)
         return t
 
     def _as_of_met(self, identity: bytes, msg: Message, table: Table) -> bool:

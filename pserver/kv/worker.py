@@ -145,7 +145,9 @@ class KVWorker:
             self._pending[ts] = req
             for sid in self._all_servers():
                 self._send_part(ts, req, sid, None)
-        self.wait(ts)
+        factor = self.wait(ts)
+        if spec.push_factor is None and factor:  # a rule registered only on the servers
+            spec.with_push_factor(factor)
         self._tables[name] = spec
         return spec
 
@@ -340,6 +342,8 @@ class KVWorker:
                     req.clock = _merge_clock(req.clock, msg.meta["vc"])
             elif req.kind == "range":
                 req.ranges.append((msg.arrays[0], msg.arrays[1]))
+            elif req.kind == "declare" and "push_factor" in msg.meta:
+                req.result = int(msg.meta["push_factor"])
         except (IndexError, ValueError) as e:
             req.error = RemoteError(f"server {sid} sent a reply that does not fit the request: {e}")
         req.waiting.discard(pid)

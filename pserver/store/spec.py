@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, fields
 from ..errors import ConfigError, TableError
 from ..filters import SELECT, parse_filters
 from .init import parse_init
-from .updaters import make_updater
+from .updaters import make_updater, updater_names
 
 MAX_DIM = 1 << 24  # a 16 M-float row: one key may hold a whole tensor
 MAX_NAME_LEN = 128
@@ -71,15 +71,37 @@ class TableSpec:
             raise TableError(f"sync must be true or false, got {self.sync!r}")
         # A private copy: the caller's dict may change later, the spec must not.
         object.__setattr__(self, "updater_args", dict(self.updater_args))
-        u = make_updater(self.updater, self.updater_args)
-        object.__setattr__(self, "_push_factor", u.push_factor)
+        # Resolve the rule where it is registered (built-ins everywhere; a user rule may live only in
+        # the servers' plugin): a worker that does not know it learns the width from the servers.
+        try:
+            factor = make_updater(self.updater, self.updater_args).push_factor
+        except TableError:
+            if self.updater in updater_names():
+                raise  # a known rule with bad arguments
+            factor = None
+        object.__setattr__(self, "_push_factor", factor)
         for name in ("push_filters", "pull_filters"):
             object.__setattr__(self, name, _canonical_filters(name, getattr(self, name)))
 
     @property
     def push_cols(self) -> int:
-        """Value columns a worker pushes per key: dim * updater.push_factor."""
+        """Value columns a worker pushes per key: dim * updater.push_factor. TableError when the
+        update rule is not registered in this process (the server then tells, see with_push_factor)."""
+        if self._push_factor is None:
+            raise TableError(f"update rule {self.updater!r} is not registered here: import the module "
+                             f"that registers it (pserver.register_updater) or declare the table "
+                             f"through kv.declare_table, which asks the servers")
         return self.dim * self._push_factor
+
+    @property
+    def push_factor(self) -> int | None:
+        return self._push_factor
+
+    def with_push_factor(self, factor: int) -> TableSpec:
+        """This spec with the push width of a rule registered only on the servers."""
+        if self._push_factor is None:
+            object.__setattr__(self, "_push_factor", int(factor))
+        return self
 
     def to_json(self) -> dict:
         """A JSON-ready dict of every field (from_json(to_json()) == self)."""

@@ -87,6 +87,11 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         if getattr(args, flag, ""):
             argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
     argv += ["--bias"] * args.bias + ["--test-every-pass"] * args.test_every_pass
+    for flag in ("delay_damping", "target_objective", "straggler", "clock_log"):  # consistency
+        value = getattr(args, flag, None)
+        if value is not None and value != "":
+            argv += ["--" + flag.replace("_", "-"),
+                     os.path.abspath(value) if flag == "clock_log" else str(value)]
     return argv
 
 

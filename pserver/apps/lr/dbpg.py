@@ -20,8 +20,15 @@ In iteration t (block b = t mod B) every worker, on its shard:
 The margins are kept up to date incrementally, so the work per iteration is two sparse products
 over the block's columns and O(n) vector work (compiled; no Python loop over examples or keys).
 
-Consistency: iteration t may start once iteration t - tau - 1 has finished; tau = 0 (sequential)
-is what is implemented (the loop keeps a queue of outstanding iterations for tau > 0 later).
+Consistency (paper: bounded delay): iteration t may start once every iteration <= t - tau - 1 has
+finished, i.e. its pull applied; tau = 0 is sequential. The iterations are tasks of the
+application "lr" at the scheduler (pserver.consistency.executor), so tau can also be changed
+while running (`pserver consistency --app lr --tau 4`). A pull is applied to the margins as soon
+as it is collected, in order, so after applying iteration t's pull the worker's w equals the
+servers' w after round t exactly (rounds of a synchronous table apply in order). A gradient
+computed with `lag` earlier iterations still unapplied is stale; its curvature is raised by
+1 + delay_damping * lag, since the tau + 1 blocks then move together without seeing each other
+(the DBPG convergence theorem likewise shrinks the step with the delay).
 
 Per-pass objective: each worker's loss plus its share of the regulariser, summed through a small
 synchronous "sum" table. Shares are exact without a gather of w: at setup every worker pushes 1 per
@@ -31,13 +38,16 @@ key it holds, so it knows c_k, the number of workers holding key k, and adds |w_
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 
 import numba
 import numpy as np
 
+from ...consistency.executor import Executor
 from ...errors import ConfigError
 from ...kv.filtering import lossless_part
 from .data import Shard
@@ -66,6 +76,11 @@ class DBPGConfig:
     kkt_delta: float = 0.0     # ...its safety margin delta
     filters: str = ""          # more push filters of the weight table, e.g. "key_cache,compress"
     pull_filters: str = ""     # pull filters of the weight table, e.g. "key_cache,compress"
+    target: float = 0.0        # stop after the first pass with F <= target (0 = never)
+    delay_damping: float = 0.2  # curvature *= 1 + delay_damping * (unapplied earlier iterations)
+    slowdown: float = 1.0      # straggler simulation: computing takes slowdown x as long ...
+    slowdown_share: float = 0.0  # ... on this random share of the iterations
+    app: str = "lr"            # the application's name at the scheduler (tasks, consistency)
 
     def push_filters(self, num_workers: int) -> str:
         """The weight table's push filter spec. A worker holds 1/num_workers of the data, so the
@@ -80,9 +95,12 @@ class DBPGConfig:
             raise ConfigError(f"l1 and l2 must be >= 0, got l1={self.l1} l2={self.l2}")
         if self.blocks < 1 or self.epochs < 0:
             raise ConfigError(f"need blocks >= 1 and epochs >= 0, got {self.blocks}, {self.epochs}")
-        if self.tau != 0:
-            raise ConfigError(f"tau={self.tau}: only sequential consistency (tau=0) is "
-                              "implemented so far")
+        if self.tau < 0 or self.delay_damping < 0:
+            raise ConfigError(f"tau and delay_damping must be >= 0, got {self.tau}, "
+                              f"{self.delay_damping}")
+        if self.slowdown < 1 or not 0 <= self.slowdown_share <= 1:
+            raise ConfigError(f"a straggler needs slowdown >= 1 and 0 <= share <= 1, got "
+                              f"{self.slowdown}, {self.slowdown_share}")
         if self.curvature not in CURVATURES:
             raise ConfigError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
         if not self.eta > 0:
@@ -99,7 +117,7 @@ class PassStats:
     nnz: int
     examples: int              # global
     seconds: float             # wall time of the pass on this worker
-    wait_seconds: float        # of which blocked in kv.wait (idle)
+    wait_seconds: float        # of which idle: waiting on earlier iterations or replies
     extra: dict = field(default_factory=dict)
 
     @property
@@ -109,10 +127,11 @@ class PassStats:
 
 # -- compiled kernels over the CSC shard -------------------------------------------------------
 @numba.njit(cache=True, nogil=True)
-def _row_terms(y, m, hessian, rd):
-    """rd[i] = [dloss/dm_i, c_i] = [p_i - [y_i = 1], p_i (1 - p_i) or 1]; p_i = sigmoid(m_i)."""
-    for i in range(m.size):
-        p = 1.0 / (1.0 + np.exp(-m[i]))
+def _row_terms(y, q, hessian, rd):
+    """rd[i] = [dloss/dm_i, c_i] = [p_i - [y_i = 1], p_i (1 - p_i) or 1]; p_i = sigmoid(m_i)
+    = 1 / (1 + q_i) with q_i = exp(-m_i) kept beside the margins (see _add_block_margins)."""
+    for i in range(q.size):
+        p = 1.0 / (1.0 + q[i])
         rd[i, 0] = p - (1.0 if y[i] > 0 else 0.0)
         rd[i, 1] = p * (1.0 - p) if hessian else 1.0
 
@@ -133,31 +152,37 @@ def _block_grad_curv(indptr, indices, data, scale, cols, rd, out):
 
 
 @numba.njit(cache=True, nogil=True)
-def _block_grad_curv_lazy(indptr, indices, data, scale, cols, y, m, hessian, out):
-    """_block_grad_curv computing each entry's row terms from its margin on the spot: cheaper
-    than refreshing all rows when a block touches few of them (many blocks)."""
-    for q in range(cols.size):
-        j = cols[q]
+def _block_grad_curv_lazy(indptr, indices, data, scale, cols, y, q, hessian, out):
+    """_block_grad_curv computing each entry's row terms on the spot from q_i = exp(-m_i):
+    cheaper than refreshing all rows when a block touches few of them (many blocks)."""
+    for c in range(cols.size):
+        j = cols[c]
         gs = 0.0
         us = 0.0
         for p in range(indptr[j], indptr[j + 1]):
             i = indices[p]
-            s = 1.0 / (1.0 + np.exp(-m[i]))
+            s = 1.0 / (1.0 + q[i])
             gs += data[p] * (s - (1.0 if y[i] > 0 else 0.0))
             us += scale[p] * (s * (1.0 - s) if hessian else 1.0)
-        out[q, 0] = gs
-        out[q, 1] = us
+        out[c, 0] = gs
+        out[c, 1] = us
 
 
 @numba.njit(cache=True, nogil=True)
-def _add_block_margins(indptr, indices, data, cols, delta, m):
-    """m += X[:, cols] @ delta (skipping unchanged coordinates)."""
-    for q in range(cols.size):
-        dj = delta[q]
+def _add_block_margins(indptr, indices, data, cols, delta, m, q):
+    """m += X[:, cols] @ delta (skipping unchanged coordinates), and q = exp(-m) with it. For a
+    binary feature q_i *= exp(-delta_j), one exp per column instead of one per non-zero (the
+    caller refreshes q = exp(-m) exactly once a pass); q is capped at 1e300."""
+    for c in range(cols.size):
+        dj = delta[c]
         if dj != 0.0:
-            j = cols[q]
+            j = cols[c]
+            factor = np.exp(-dj)
             for p in range(indptr[j], indptr[j + 1]):
-                m[indices[p]] += data[p] * dj
+                i = indices[p]
+                x = data[p]
+                m[i] += x * dj
+                q[i] = min(q[i] * factor if x == 1.0 else np.exp(-m[i]), 1e300)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -187,7 +212,7 @@ def _warm_up() -> None:
     _row_terms(y, m, True, rd)
     _block_grad_curv(ptr, idx, one, one, cols, rd, out)
     _block_grad_curv_lazy(ptr, idx, one, one, cols, y, m, True, out)
-    _add_block_margins(ptr, idx, one, cols, np.zeros(1), m)
+    _add_block_margins(ptr, idx, one, cols, np.zeros(1), m, np.ones(1))
     _curvature_scale(ptr, idx, one, np.array([0, 1]), np.ones(1, np.bool_), 1)
 
 
@@ -208,9 +233,13 @@ class DBPG:
         self.data = X.data.astype(np.float32)
         self.y = shard.y.astype(np.float64)
         self.m = np.zeros(shard.num_examples)
+        self.q = np.ones(shard.num_examples)             # exp(-m), kept with the margins
         self.w = np.zeros(shard.keys.size)              # this worker's view of w[keys]
         self.rd = np.empty((shard.num_examples, 2))   # per row: dloss/dm, curvature weight
         self.history: list[PassStats] = []
+        self.clock_log: dict | None = None  # set to {} to record the clocks of every read
+        self.timing: dict[str, float] = {}  # computing / waiting seconds of the last run()
+        self.max_lag = 0                    # most unapplied earlier iterations any gradient saw
         # filters only when set: stand-ins for the KV API (tests) need not know them
         filters = {k: v for k, v in (("push_filters", cfg.push_filters(kv.num_workers)),
                                      ("pull_filters", cfg.pull_filters)) if v}
@@ -251,6 +280,7 @@ class DBPG:
         if cfg.warm_start:
             self.w = kv.pull(keys, table=cfg.table).astype(np.float64)
             self.m = np.asarray(X @ self.w).ravel()
+            self.q = np.minimum(np.exp(-self.m), 1e300)
         active = (counts[:, 1] > cfg.l1 * (1 + 1e-6)) | (self.w != 0)
         self.filtered = int(keys.size - np.count_nonzero(active))
         # 4. Blocks: key ranges -> the active columns of each.
@@ -274,9 +304,9 @@ class DBPG:
         hessian = self.cfg.curvature == "hessian"
         if self.entries[block] < self.m.size:   # the block touches few rows: terms per entry
             _block_grad_curv_lazy(self.indptr, self.indices, self.data, self.scale, cols,
-                                  self.y, self.m, hessian, gu)
+                                  self.y, self.q, hessian, gu)
         else:
-            _row_terms(self.y, self.m, hessian, self.rd)
+            _row_terms(self.y, self.q, hessian, self.rd)
             _block_grad_curv(self.indptr, self.indices, self.data, self.scale, cols, self.rd,
                              gu)
         return self.shard.keys[cols], gu
@@ -285,48 +315,116 @@ class DBPG:
         cols = self.cols[block]
         delta = w_new.astype(np.float64) - self.w[cols]
         self.w[cols] += delta
-        _add_block_margins(self.indptr, self.indices, self.data, cols, delta, self.m)
+        _add_block_margins(self.indptr, self.indices, self.data, cols, delta, self.m, self.q)
+        if block == self.cfg.blocks - 1:   # once a pass: q exactly exp(-m) again (no drift)
+            np.minimum(np.exp(-self.m), 1e300, out=self.q)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, on_pass=None) -> list[PassStats]:
-        """Run cfg.epochs passes (fewer when cfg.tol is met). on_pass(PassStats) is called after
-        every pass on every worker. Returns the history."""
-        kv, cfg = self.kv, self.cfg
+        """Run cfg.epochs passes (fewer when cfg.tol or cfg.target is met) under the consistency
+        model (bounded delay cfg.tau). on_pass(PassStats) is called after every pass on every
+        worker, once the pass's global objective is known. Returns the history.
+
+        Under bounded delay a pass's objective is known only tau iterations later, so the stop
+        rule looks at pass e when the first iteration of pass e + 2 is due (e + 1 when tau = 0):
+        the same iteration on every worker, as synchronous rounds need.
+        """
+        kv, cfg, B = self.kv, self.cfg, self.cfg.blocks
+        model = "sequential" if cfg.tau == 0 else f"bounded_delay:{cfg.tau}"
+        self._real = hasattr(kv, "tasks")   # a KVWorker (stand-ins in tests lack the extras)
+        ex = self._ex = kv.tasks(app=cfg.app, model=model) if self._real else Executor(kv, model)
         prev = self._objective(-1, 0.0, 0.0) if not self.history else self.history[-1]
-        for epoch in range(len(self.history), len(self.history) + cfg.epochs):
-            t0 = time.perf_counter()
-            waited = 0.0
-            pending: deque = deque()   # outstanding iterations: (t, block, push ts, pull ts)
-            for t in range(cfg.blocks):
-                # Bounded delay: iteration t starts once iteration t - tau - 1 has finished.
-                while pending and pending[0][0] <= t - cfg.tau - 1:
-                    _, blk, push_ts, pull_ts = pending.popleft()
-                    tw = time.perf_counter()
-                    w_new = kv.wait(pull_ts)
-                    kv.wait(push_ts)
-                    waited += time.perf_counter() - tw
-                    self._apply(blk, w_new)
-                keys, gu = self._compute(t)
-                push_ts = kv.push(keys, gu, table=cfg.table)
-                # Per-sender FIFO: this pull is answered once the round of that push is applied.
-                pull_ts = kv.pull(keys, table=cfg.table, wait=False)
-                pending.append((t, t, push_ts, pull_ts))
-            while pending:
-                _, blk, push_ts, pull_ts = pending.popleft()
-                tw = time.perf_counter()
-                w_new = kv.wait(pull_ts)
-                kv.wait(push_ts)
-                waited += time.perf_counter() - tw
-                self._apply(blk, w_new)
-            stats = self._objective(epoch, time.perf_counter() - t0, waited)
+        self._base, self._stats = len(self.history), deque()
+        self._bounds = block_bounds(B, self.key_bound)
+        self._rng = random.Random(7919 + kv.rank)
+        self._t0 = time.perf_counter()
+        self._mark = (self._t0, ex.timer.snapshot(), 0)
+        self._applied_t = self._pass_lag = -1
+        lead = 1 if cfg.tau == 0 else 2
+        ex.plan(cfg.epochs * B)
+        last = -1
+        for t, _ in ex.assigned():
+            if t % B == 0 and t >= lead * B:
+                stats = self._collect(t // B - lead, on_pass)
+                reached = cfg.target > 0 and stats.objective <= cfg.target
+                if reached or self._converged(cfg.tol > 0 and prev.objective - stats.objective
+                                              < cfg.tol * abs(stats.objective)):
+                    ex.stop()
+                    break
+                prev = stats
+            ex.run(t, self._iteration)
+            last = t
+        ex.drain()
+        for k in range(len(self.history) - self._base, (last + 1) // B):
+            self._collect(k, on_pass)
+        self.timing = ex.stats()
+        ex.close()
+        return self.history
+
+    def _iteration(self, t: int) -> None:
+        """Iteration t: the gradient of block t mod B, pushed; the new weights pulled (applied
+        when collected, in order)."""
+        cfg, ex, b = self.cfg, self._ex, t % self.cfg.blocks
+        t0 = time.perf_counter()
+        keys, gu = self._compute(b)
+        lag = ex.lag
+        if self.clock_log is not None:  # what this gradient reads: pulls applied up to _applied_t
+            self.clock_log.setdefault("starts", []).append([t, self._applied_t, lag])
+        self.max_lag = max(self.max_lag, lag)
+        self._pass_lag = max(self._pass_lag, lag)
+        if lag and cfg.delay_damping:
+            gu[:, 1] *= 1.0 + cfg.delay_damping * lag
+        if cfg.slowdown_share and self._rng.random() < cfg.slowdown_share:
+            time.sleep((cfg.slowdown - 1.0) * (time.perf_counter() - t0))
+        extra = {"span": (self._bounds[b], self._bounds[b + 1])} if self._real else {}
+        ts = ex.push(keys, gu, cfg.table, **extra)
+        clock = {"clock": True} if self.clock_log is not None else {}
+        ex.pull(keys, cfg.table, then=partial(self._applied, t, b), **clock)
+        if self.clock_log is not None:
+            self.clock_log.setdefault("push_ts", {})[t] = ts
+
+    def _applied(self, t: int, b: int, result) -> None:
+        w_new, vc = result if isinstance(result, tuple) else (result, None)
+        self._apply(b, w_new)
+        self._applied_t = t
+        if vc is not None:
+            self.clock_log.setdefault("pulls", []).append([t, {str(n): v for n, v in vc.items()}])
+        if b == self.cfg.blocks - 1:
+            self._pass_done(t // self.cfg.blocks)
+
+    def _pass_done(self, k: int) -> None:
+        """The last block of pass k is applied: w and the margins are the servers' after that
+        pass, so this worker's share of F is pushed now and its sum collected later."""
+        ell = float(np.logaddexp(0.0, -self.y * self.m).sum())
+        share = 1.0 / np.maximum(self.holders, 1.0)
+        reg = float(np.dot(share, self.cfg.l1 * np.abs(self.w) + 0.5 * self.cfg.l2 * self.w ** 2))
+        nnz = float(np.dot(share, self.w != 0))
+        key = np.array([self._base + k + 1], np.uint64)
+        table = self.cfg.table + "_stats"
+        self.kv.push(key, np.array([[ell, reg, nnz, self.shard.num_examples]]), table=table)
+        ts = self.kv.pull(key, table=table, wait=False)
+        self._stats.append((k, ts, time.perf_counter(), self._ex.timer.snapshot(), self._pass_lag))
+        self._pass_lag = -1
+
+    def _collect(self, k: int, on_pass) -> PassStats:
+        """PassStats of pass k of this run (and of the passes before it), waiting for them."""
+        B = self.cfg.blocks
+        while len(self.history) - self._base <= k:
+            self._ex.wait((len(self.history) - self._base + 1) * B - 1)
+            kk, ts, now, snap, lag = self._stats.popleft()
+            loss, reg, nnz, n = self.kv.wait(ts)[0]
+            t_prev, s_prev, _ = self._mark
+            self._mark = (now, snap, lag)
+            spent = {c: snap[c] - s_prev[c] for c in ("computing_s", "waiting_deps_s",
+                                                      "waiting_net_s")}
+            extra = {"kkt_filtered_keys": self.filtered, "elapsed_s": now - self._t0,
+                     "max_lag": lag, **spent}
+            stats = PassStats(self._base + kk, loss + reg, loss, round(nnz), int(n), now - t_prev,
+                              spent["waiting_deps_s"] + spent["waiting_net_s"], extra)
             self.history.append(stats)
             if on_pass is not None:
                 on_pass(stats)
-            if self._converged(cfg.tol > 0 and
-                               prev.objective - stats.objective < cfg.tol * abs(stats.objective)):
-                break
-            prev = stats
-        return self.history
+        return self.history[self._base + k]
 
     def _converged(self, converged: bool) -> bool:
         """Whether to stop after a pass that ``converged``. With the KKT filter, convergence on

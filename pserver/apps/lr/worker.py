@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 
 import numpy as np
 
 from ... import logs
-from ...errors import PServerError
+from ...errors import ConfigError, PServerError
 from ...kv.filtering import format_traffic_summary, traffic_row, traffic_summary
 from .data import read_shard
 from .dbpg import DBPG, DBPGConfig, PassStats
@@ -34,7 +35,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--l2", type=float, default=0.0, help="L2 penalty (sklearn C = 1/l2)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the data")
     p.add_argument("--blocks", type=int, default=64, help="feature blocks (key ranges)")
-    p.add_argument("--tau", type=int, default=0, help="bounded delay (only 0 so far)")
+    p.add_argument("--tau", type=int, default=0,
+                   help="bounded delay: iteration t may start while iterations t-tau..t-1 are "
+                        "unfinished (0 = sequential); changeable while running with "
+                        "`pserver consistency --app lr --tau N`")
+    p.add_argument("--delay-damping", type=float, default=0.2,
+                   help="curvature *= 1 + this * (earlier iterations a gradient did not see)")
+    p.add_argument("--target-objective", type=float, default=0.0,
+                   help="stop after the first pass whose objective is <= this (0 = never)")
+    p.add_argument("--straggler", metavar="RANK[:FACTOR[:SHARE]]",
+                   help="simulate a straggler: worker RANK computes FACTOR (2) x slower on a "
+                        "random SHARE (0.25) of its iterations (benchmarks/delay.py)")
+    p.add_argument("--clock-log", metavar="DIR",
+                   help="every worker writes DIR/rank<r>.json: its push timestamps and the range "
+                        "clocks of every pull it applied (to check the staleness bound)")
     p.add_argument("--curvature", default="hessian", choices=("hessian", "bound"))
     p.add_argument("--eta", type=float, default=1.0, help="step scale (u' = u / eta)")
     p.add_argument("--tol", type=float, default=0.0,
@@ -78,11 +92,16 @@ def train(kv, args: argparse.Namespace) -> dict | None:
     t_read = time.perf_counter() - t_start
     log.info("worker %d: %d examples, %d features, %d non-zeros, read in %.2f s", kv.rank,
              shard.num_examples, shard.keys.size, shard.X.nnz, t_read)
+    slowdown, share = _straggler(args.straggler, kv.rank)
     cfg = DBPGConfig(l1=args.l1, l2=args.l2, epochs=args.epochs, blocks=args.blocks,
                      tau=args.tau, curvature=args.curvature, eta=args.eta, tol=args.tol,
                      table=args.table, kkt=args.kkt, kkt_delta=args.kkt_delta,
-                     filters=args.filters, pull_filters=args.pull_filters)
+                     filters=args.filters, pull_filters=args.pull_filters,
+                     delay_damping=args.delay_damping, target=args.target_objective,
+                     slowdown=slowdown, slowdown_share=share)
     algo = DBPG(kv, shard, cfg)
+    if args.clock_log:
+        algo.clock_log = {}
     if kv.rank == 0:
         print(f"worker 0: {shard.num_examples:,} examples, {shard.keys.size:,} keys "
               f"({algo.filtered:,} can never leave zero: KKT-filtered), read in {t_read:.2f} s, "
@@ -109,13 +128,22 @@ def train(kv, args: argparse.Namespace) -> dict | None:
 
     history = algo.run(on_pass)
     train_seconds = time.perf_counter() - t_train - sum(e["eval_seconds"] for e in evals)
+    if args.clock_log:
+        os.makedirs(args.clock_log, exist_ok=True)
+        with open(os.path.join(args.clock_log, f"rank{kv.rank}.json"), "w") as f:
+            json.dump({"node": kv.membership.node_id, "tau": cfg.tau, **algo.clock_log}, f)
     # Totals over workers through the stats table (sync sum): traffic, read and wait time.
     st = kv.stats()
     waited = sum(h.wait_seconds for h in history)
-    row = np.array([[st["bytes_sent"], st["bytes_received"], t_read, waited], traffic_row(st)])
-    key = np.array([(1 << 63) + 1, (1 << 63) + 2], np.uint64)
+    tm = algo.timing
+    row = np.array([[st["bytes_sent"], st["bytes_received"], t_read, waited], traffic_row(st),
+                    [tm["computing_s"], tm["waiting_deps_s"], tm["waiting_net_s"], 0.0],
+                    [algo.max_lag, 0.0, 0.0, 0.0]])
+    base = 1 << 63   # + 1..3: sums over workers; + 16 + rank: one worker's largest lag
+    key = np.array([base + 1, base + 2, base + 3, base + 16 + kv.rank], np.uint64)
     kv.push(key, row, table=args.table + "_stats")
-    totals = kv.pull(key, table=args.table + "_stats")
+    totals = kv.pull(np.array([base + 1, base + 2, base + 3] + [
+        base + 16 + r for r in range(kv.num_workers)], np.uint64), table=args.table + "_stats")
     sent, received, read_sum, wait_sum = totals[0]
     summary = None
     if kv.rank == 0:
@@ -132,9 +160,15 @@ def train(kv, args: argparse.Namespace) -> dict | None:
             "idle_fraction": wait_sum / max(kv.num_workers * train_seconds, 1e-9),
             "bytes_sent": int(sent), "bytes_received": int(received),
             "traffic": traffic_summary(totals[1]),
+            "timing": dict(zip(("computing_s", "waiting_deps_s", "waiting_net_s"),
+                               totals[2][:3].tolist())),
+            "max_lag": int(totals[3:, 0].max()), "consistency": algo.timing.get("model"),
             "history": [{"epoch": h.epoch, "objective": h.objective, "loss": h.loss,
                          "nnz": h.nnz, "seconds": h.seconds, "wait_seconds": h.wait_seconds,
-                         "examples_per_s": h.examples_per_s} for h in history],
+                         "examples_per_s": h.examples_per_s,
+                         **{k: h.extra[k] for k in ("elapsed_s", "max_lag", "computing_s",
+                                                    "waiting_deps_s", "waiting_net_s")
+                            if k in h.extra}} for h in history],
             "config": vars(cfg), "test_every_pass": evals,
         }
         meta = {"data_format": args.format, "raw_keys": args.raw_keys, "int_bins": args.int_bins,
@@ -156,6 +190,21 @@ def train(kv, args: argparse.Namespace) -> dict | None:
                 json.dump(summary, f, indent=2)
     kv.barrier()
     return summary
+
+
+def _straggler(spec: str | None, rank: int) -> tuple[float, float]:
+    """(slowdown, share) of this worker from --straggler RANK[:FACTOR[:SHARE]]."""
+    if not spec:
+        return 1.0, 0.0
+    parts = spec.split(":")
+    try:
+        who = int(parts[0])
+        factor = float(parts[1]) if len(parts) > 1 else 2.0
+        share = float(parts[2]) if len(parts) > 2 else 0.25
+    except (ValueError, IndexError):
+        raise ConfigError(f"--straggler {spec!r}: use RANK[:FACTOR[:SHARE]], e.g. 3:2:0.25") \
+            from None
+    return (factor, share) if who == rank else (1.0, 0.0)
 
 
 def format_summary(s: dict) -> str:

@@ -1,0 +1,113 @@
+"""The launcher and the CLI, as a user runs them (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import pserver
+
+from .conftest import PROGRAMS, pserver_cli
+
+
+def _pids_alive(pids):
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive.append(pid)
+        except ProcessLookupError:
+            pass
+    return alive
+
+
+def test_launch_runs_the_readme_job_securely_and_prefixes_output():
+    r = pserver_cli("launch", "-s", "2", "-w", "2", "--", sys.executable,
+                    str(PROGRAMS / "readme_train.py"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "[worker 0] rank 0 of 2 done" in r.stdout and "[worker 1] rank 1 of 2 done" in r.stdout
+    assert "keys in" in r.stderr            # the default cluster is secure, with ephemeral keys
+    assert "WITHOUT authentication" not in r.stdout + r.stderr
+
+
+def test_launch_exits_with_the_worst_code_and_leaves_no_process(tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import os, sys, pserver\n"
+        "kv = pserver.KVWorker()\n"
+        "open(os.environ['OUT'] + f'/pids{kv.rank}', 'w').write(' '.join(\n"
+        "    str(n.pid) for n in kv.membership.view.nodes.values()))\n"
+        "kv.barrier()\n"
+        "sys.exit(3 if kv.rank == 1 else 0)\n")
+    r = pserver_cli("launch", "-s", "1", "-w", "2", "--insecure", "--", sys.executable, str(script),
+                    env={"OUT": str(tmp_path)})
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "WITHOUT authentication" in r.stdout + r.stderr  # --insecure warns
+    pids = [int(p) for p in (tmp_path / "pids0").read_text().split()]
+    assert pids and _pids_alive(pids) == []
+
+
+def test_launch_without_a_command_is_a_clear_error():
+    r = pserver_cli("launch", "-s", "1", "-w", "1")
+    assert r.returncode == 2 and "give the worker command after --" in r.stderr
+
+
+def test_status_table_and_json(cluster_factory):
+    cluster = cluster_factory(2, 1)
+    kv = pserver.KVWorker(cluster.config(0))
+    try:
+        env = {"PSERVER_SCHEDULER": cluster.scheduler, "PSERVER_INSECURE": "1"}
+        r = pserver_cli("status", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        view = json.loads(r.stdout)
+        roles = sorted(n["role"] for n in view["nodes"])
+        assert roles == ["server", "server", "worker"]
+        assert all(n["state"] == "up" and n["last_heartbeat"] < 1.0 for n in view["nodes"])
+        shares = [n["ring_share"] for n in view["nodes"] if n["role"] == "server"]
+        assert sum(shares) == pytest.approx(1.0, abs=0.01)
+        table = pserver_cli("status", env=env).stdout
+        assert "ROLE" in table and "RING SHARE" in table and table.count("server") >= 2
+    finally:
+        kv.close()
+
+
+def test_status_of_an_absent_scheduler_is_a_clear_error():
+    from pserver.launch import free_port
+
+    r = pserver_cli("status", "--timeout", "0.5",
+                    env={"PSERVER_SCHEDULER": f"127.0.0.1:{free_port()}", "PSERVER_INSECURE": "1"})
+    assert r.returncode == 1 and "no answer from the scheduler" in r.stderr
+
+
+def test_missing_keys_is_a_clear_error():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PSERVER_")}
+    env["PSERVER_SCHEDULER"] = "127.0.0.1:9"
+    r = pserver_cli("status", env=env)
+    assert r.returncode == 1 and "pserver keygen" in r.stderr
+
+
+def test_user_update_rule_from_a_plugin(cluster_factory):
+    cluster = cluster_factory(1, 1, server_args=["--plugin", "myrules"],
+                              env={"PYTHONPATH": str(PROGRAMS)})
+    kv = pserver.KVWorker(cluster.config(0))
+    try:
+        kv.declare_table("w", updater="clip")
+        keys = np.arange(3, dtype=np.uint64)
+        kv.wait(kv.push(keys, np.array([0.5, 5.0, -7.0], np.float32), table="w"))
+        assert kv.pull(keys, table="w").tolist() == [0.5, 1.0, -1.0]
+        with pytest.raises(pserver.errors.TableError, match="not registered on this server"):
+            kv.declare_table("v", updater="no_such_rule")
+    finally:
+        kv.close()
+
+
+def test_keygen_cli(tmp_path):
+    r = pserver_cli("keygen", str(tmp_path / "k"))
+    assert r.returncode == 0
+    assert (tmp_path / "k" / "private" / "worker.key_secret").exists()
+    again = pserver_cli("keygen", str(tmp_path / "k"))
+    assert again.returncode == 1  # refuses to overwrite
