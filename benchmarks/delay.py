@@ -24,6 +24,7 @@ Usage: python benchmarks/delay.py [--examples 200000] [--reps 1] [--out benchmar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -41,16 +42,26 @@ from pserver.launch import LocalCluster
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
 def ensure_data(d: str, args: argparse.Namespace) -> str:
     """Generate the training set once per parameter set (kept in the data directory)."""
     want = {"examples": args.examples, "features": args.features, "nnz": args.nnz, "seed": 5}
     meta_path = os.path.join(d, "bench_meta.json")
     train = os.path.join(d, "train.libsvm")
-    if os.path.exists(meta_path) and json.load(open(meta_path)) == want and os.path.exists(train):
+    if os.path.exists(meta_path) and read_json(meta_path) == want and os.path.exists(train):
         return train
     generate(d, args.examples, features=args.features, nnz=args.nnz, noise=0.02, seed=5,
              test_examples=1000)
-    json.dump(want, open(meta_path, "w"))
+    write_json(want, meta_path)
     return train
 
 
@@ -58,7 +69,7 @@ def optimum(train: str, l1: float, d: str) -> float:
     """F* = min_w sum_i log(1 + exp(-y_i x_i.w)) + l1 ||w||_1 by liblinear (cached)."""
     cache = os.path.join(d, f"optimum_l1_{l1}.json")
     if os.path.exists(cache):
-        return json.load(open(cache))["objective"]
+        return read_json(cache)["objective"]
     from sklearn.linear_model import LogisticRegression
 
     s = read_shard(train)
@@ -66,7 +77,7 @@ def optimum(train: str, l1: float, d: str) -> float:
                              fit_intercept=False).fit(s.X, s.y)
     w = clf.coef_.ravel()
     f = float(np.logaddexp(0, -s.y * (s.X @ w)).sum() + l1 * np.abs(w).sum())
-    json.dump({"objective": f, "nnz": int(np.count_nonzero(w))}, open(cache, "w"))
+    write_json({"objective": f, "nnz": int(np.count_nonzero(w))}, cache)
     return f
 
 
@@ -81,12 +92,15 @@ def run_one(train: str, tau: int, target: float, args: argparse.Namespace, d: st
             "--straggler", f"{args.workers - 1}:{args.slowdown}:{args.slow_share}",
             "--summary-json", out]
     load = os.getloadavg()[0]
-    with LocalCluster(args.servers, args.workers, insecure=True, heartbeat_timeout=30.0,
-                      prefix_output=args.verbose) as cluster:
-        rc = cluster.run_workers(argv, timeout=900)
+    with open(os.devnull, "w") as devnull:
+        # the cluster's output is copied to our stdout: dropped unless --verbose
+        quiet = contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(devnull)
+        with quiet, LocalCluster(args.servers, args.workers, insecure=True,
+                                 heartbeat_timeout=30.0) as cluster:
+            rc = cluster.run_workers(argv, timeout=900)
     if rc != 0:
         raise SystemExit(f"tau={tau}: training failed with exit code {rc}")
-    s = json.load(open(out))
+    s = read_json(out)
     hist = s["history"]
     hit = next((h for h in hist if h["objective"] <= target), None)
     t = s["timing"]
@@ -185,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             tto = r["time_to_objective_s"]
             print(f"rep {rep} tau={tau:2d}: idle {100 * r['idle_share']:5.1f}% (deps "
                   f"{100 * r['waiting_deps_share']:4.1f}%, net {100 * r['waiting_net_share']:4.1f}%)"
-                  f"  to objective: {'%.2f s' % tto if tto else 'NOT REACHED'} in "
+                  f"  to objective: {f'{tto:.2f} s' if tto else 'NOT REACHED'} in "
                   f"{r['passes_to_objective']} passes, {r['seconds_per_pass']:.3f} s/pass, max lag "
                   f"{r['max_lag']}, load {r['load_avg_before']:.1f}", flush=True)
     per_tau = []
@@ -224,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary, "per_tau": per_tau, "seconds": time.time() - t0,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(results, args.out)
     if args.plot:
         plot(results, args.plot, fstar)
     print(json.dumps(summary, indent=2))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import platform
 import random
@@ -36,6 +37,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import zmq
@@ -109,18 +111,38 @@ class SchedulerProbe:
         self.transport.close()
 
 
-@contextlib.contextmanager
-def child_output(path: Path):
-    """Send the output of cluster processes started inside the block to ``path`` (LocalCluster's
+def child_output(log: TextIO):
+    """Send the output of cluster processes started inside the block to ``log`` (LocalCluster's
     prefixer threads write to whatever sys.stdout is when a process is spawned)."""
-    with open(path, "a") as f, contextlib.redirect_stdout(f):
-        yield
+    return contextlib.redirect_stdout(log)
+
+
+def server_traffic(cluster: LocalCluster, probe: SchedulerProbe) -> dict[str, list[int]]:
+    """Messages and bytes the live servers sent so far, by op, summed over servers."""
+    transport = Transport(cluster.config(), "worker")
+    total: dict[str, list[int]] = {}
+    try:
+        for node in probe.status()["nodes"]:
+            if node["role"] != "server" or not node["alive"]:
+                continue
+            sock = transport.connect_dealer(node["host"], node["port"], "server")
+            transport.send(sock, Message("stats", 1))
+            if not sock.poll(5000):
+                raise PServerError(f"server {node['id']} did not answer a stats request")
+            _, msg, _ = transport.decode(sock.recv_multipart(copy=False), routed=False)
+            for op, c in msg.meta["traffic"]["sent_by_op"].items():
+                t = total.setdefault(op, [0, 0])
+                t[0] += c["messages"]
+                t[1] += c["bytes"]
+    finally:
+        transport.close()
+    return total
 
 
 # -- 1. recovery after SIGKILL ---------------------------------------------------------------------
 class ProbeWorker(pserver.KVWorker):
-    """A KVWorker that, once ``replies`` is a list, logs every reply: (time, server, op, error kind,
-    the server's ring version) - to see heirs refusing keys until they have the new ring."""
+    """A KVWorker that, while ``replies`` is a list, logs every reply as (time, server, op, error
+    kind, request ts): to see heirs refusing keys (WrongOwner) until they serve under the new ring."""
 
     replies: list | None = None
 
@@ -128,7 +150,7 @@ class ProbeWorker(pserver.KVWorker):
         if self.replies is not None:
             with contextlib.suppress(PServerError):
                 _, msg, _ = self.transport.decode(frames, routed=False)
-                self.replies.append((time.monotonic(), sid, msg.op, msg.meta.get("kind"), msg.meta.get("rv")))
+                self.replies.append((time.monotonic(), sid, msg.op, msg.meta.get("kind"), msg.ts))
         super()._on_reply(sid, frames)
 
 
@@ -143,21 +165,23 @@ def segment_keys(ring) -> np.ndarray:
 
 
 class Prober:
-    """Keeps one single-key push in flight per segment (the background load) and sends probes."""
+    """Keeps one single-key push in flight per ring segment (the background load); sends probes."""
 
     def __init__(self, kv: pserver.KVWorker, keys: np.ndarray, interval: float):
         self.kv, self.keys, self.interval = kv, keys, interval
         self.one = np.ones(1, np.float32)
         self.busy: set[int] = set()                 # segments with a background push in flight
         self.pending: dict[int, list] = {}          # ts -> [segment, is_probe, ts]
+        self.segment: dict[int, int] = {}           # ts -> segment, of every push issued
         self.probe_sent = np.full(len(keys), np.nan)
         self.probe_acked = np.full(len(keys), np.nan)
         self.background_acks = 0
 
     def _issue(self, j: int, probe: bool) -> None:
         rec = [j, probe, 0]
-        rec[2] = self.kv.push(self.keys[j:j + 1], self.one, callback=lambda: self._acked(rec))
-        self.pending[rec[2]] = rec
+        rec[2] = ts = self.kv.push(self.keys[j:j + 1], self.one, callback=lambda: self._acked(rec))
+        self.pending[ts] = rec
+        self.segment[ts] = j
         if probe:
             self.probe_sent[j] = time.monotonic()
         else:
@@ -187,7 +211,7 @@ class Prober:
                         self._issue(j, probe=False)
                 next_tick = now + self.interval
             if self.pending:
-                with contextlib.suppress(RequestTimeoutError):  # wait() drives replies and resends
+                with contextlib.suppress(RequestTimeoutError):  # wait() reads replies and resends
                     self.kv.wait(min(self.pending), timeout=0.005)
             else:
                 time.sleep(max(0.0, min(next_tick, end) - time.monotonic()))
@@ -211,33 +235,37 @@ def watch_scheduler(probe: SchedulerProbe, victim: int, ring_v0: int, out: dict,
         time.sleep(0.005)
 
 
-def recovery_once(i: int, args, log: Path) -> dict:
+def _ms(t: float, t0: float) -> float | None:
+    return round(t - t0, 4) if np.isfinite(t) else None
+
+
+def recovery_once(i: int, args, log: TextIO, hb_timeout: float, preload: int) -> dict:
+    """One fresh cluster, one SIGKILL; see the module docstring."""
     victim_rank = i % args.servers
     name = f"server {victim_rank}"
     with child_output(log), LocalCluster(args.servers, 1, insecure=True, replication=1,
-                                         heartbeat_timeout=args.heartbeat_timeout) as cluster:
+                                         heartbeat_timeout=hb_timeout) as cluster:
         kv = ProbeWorker(cluster.config(0))
         probe = SchedulerProbe(cluster)
         try:
             view = kv.membership.view
             ring = view.ring
-            victim = next(n.id for n in view.role_nodes("server") if n.rank == victim_rank)
-            assert next(n.pid for n in view.role_nodes("server") if n.id == victim) == cluster.procs[name].pid
-            if args.preload:
-                kv.wait(kv.push(np.arange(args.preload, dtype=np.uint64), np.ones(args.preload, np.float32)))
+            victim = next(n for n in view.role_nodes("server") if n.rank == victim_rank)
+            if victim.pid != cluster.procs[name].pid:
+                raise RuntimeError("the victim's node id does not match its process")
+            if preload:
+                kv.wait(kv.push(np.arange(preload, dtype=np.uint64), np.ones(preload, np.float32)))
             keys = segment_keys(ring)
-            mastered = ring.owners == victim
-            replicated = (ring.replica_table(1)[:, 0] == victim) & ~mastered
             prober = Prober(kv, keys, args.probe_interval)
-            prober.run(args.warmup + random.uniform(0, 0.1))
-            views: dict[str, float] = {}
+            prober.run(args.warmup + random.uniform(0, 0.1))  # random phase against the heartbeats
+            seen: dict[str, float] = {}
             kv.membership.on_view_change(
-                lambda v: views.setdefault("worker", time.monotonic()) if v.ring.version > ring.version else None)
-            st = probe.status()
-            hb_age = next(n["last_heartbeat"] for n in st["nodes"] if n["id"] == victim)
+                lambda v: seen.setdefault("ring", time.monotonic()) if v.ring.version > ring.version else 0)
+            hb_age = next(n["last_heartbeat"] for n in probe.status()["nodes"] if n["id"] == victim.id)
             sched: dict[str, float] = {}
             stop = threading.Event()
-            watcher = threading.Thread(target=watch_scheduler, args=(probe, victim, ring.version, sched, stop))
+            watcher = threading.Thread(target=watch_scheduler,
+                                       args=(probe, victim.id, ring.version, sched, stop))
             kv.replies = []
             t_kill = time.monotonic()
             cluster.kill(name)
@@ -246,64 +274,82 @@ def recovery_once(i: int, args, log: Path) -> dict:
             prober.run(args.recovery_timeout, until=lambda: np.isfinite(prober.probe_acked).all())
             stop.set()
             watcher.join()
-            replies = kv.replies
-            kv.replies = None
+            replies, kv.replies = kv.replies, None
         finally:
             probe.close()
             kv.close()
     rec = prober.probe_acked - t_kill
-    heirs = ring.replica_table(1)[mastered, 0]
-    refusals = [r for r in replies if r[3] == "WrongOwnerError"]
-    first_heir_ack = [min((r[0] for r in replies if r[1] == h and r[2] == "ack"), default=np.nan) - t_kill
-                      for h in sorted(set(heirs.tolist()))]
+    mastered = ring.owners == victim.id
+    heir_of = ring.replica_table(1)[:, 0]          # a segment's master if its owner dies
+    replicated = (heir_of == victim.id) & ~mastered
+    heirs = []
+    for h in sorted(set(heir_of[mastered].tolist())):
+        mine = set(np.flatnonzero(mastered & (heir_of == h)).tolist())
+        refused = [r[0] for r in replies if r[1] == h and r[3] == "WrongOwnerError"]
+        acked = [r[0] for r in replies if r[1] == h and r[2] == "ack" and prober.segment.get(r[4]) in mine]
+        heirs.append({"heir": h, "segments": len(mine), "wrong_owner_refusals": len(refused),
+                      "last_refusal_s": _ms(max(refused, default=np.nan), t_kill),
+                      "first_ack_s": _ms(min(acked, default=np.nan), t_kill),
+                      "probes_acked_max_s": _ms(float(np.max(rec[list(mine)])), 0.0)})
     return {
-        "kill": i, "victim_rank": victim_rank, "victim_id": victim,
+        "kill": i, "victim_rank": victim_rank, "victim_id": victim.id,
         "victim_heartbeat_age_at_kill_s": hb_age,
-        "scheduler_marked_dead_s": round(sched.get("dead", np.nan) - t_kill, 4),
-        "scheduler_new_ring_s": round(sched.get("ring", np.nan) - t_kill, 4),
-        "worker_got_ring_s": round(views.get("worker", np.nan) - t_kill, 4),
-        "heirs_first_ack_s": [round(x, 4) for x in first_heir_ack],
-        "wrong_owner_refusals": len(refusals),
-        "last_refusal_s": round(max((r[0] for r in refusals), default=t_kill) - t_kill, 4) if refusals else None,
-        "probe_issue_lag_s": round(float(np.nanmax(prober.probe_sent)) - t_kill, 4),
+        "scheduler_marked_dead_s": _ms(sched.get("dead", np.nan), t_kill),
+        "scheduler_new_ring_s": _ms(sched.get("ring", np.nan), t_kill),
+        "worker_got_ring_s": _ms(seen.get("ring", np.nan), t_kill),
+        "probes_issued_by_s": _ms(float(np.nanmax(prober.probe_sent)), t_kill),
+        "heirs": heirs,
         "mastered_segments": int(mastered.sum()), "replicated_segments": int(replicated.sum()),
-        "recovery_mastered_s": [round(x, 4) for x in rec[mastered]],
-        "recovery_replicated_s": [round(x, 4) for x in rec[replicated]],
+        "recovery_mastered_s": [_ms(x, 0.0) for x in rec[mastered]],
+        "recovery_replicated_s": [_ms(x, 0.0) for x in rec[replicated]],
         "recovery_unaffected_s": stats(rec[~mastered & ~replicated]),
         "unrecovered_segments": int((~np.isfinite(rec)).sum()),
         "background_acks": prober.background_acks,
     }
 
 
-def run_recovery(args, log: Path) -> dict:
-    kills = []
-    for i in range(args.kills):
-        r = recovery_once(i, args, log)
-        kills.append(r)
-        print(f"  kill {i}: victim rank {r['victim_rank']}, dead after {r['scheduler_marked_dead_s']:.3f} s, "
-              f"worker ring {r['worker_got_ring_s']:.3f} s, mastered ranges recovered median "
-              f"{np.median(r['recovery_mastered_s']):.3f} max {max(r['recovery_mastered_s']):.3f} s",
-              flush=True)
-    every = [x for r in kills for x in r["recovery_mastered_s"]]
-    return {
-        "servers": args.servers, "replication": 1, "heartbeat_interval_s": 0.1,
-        "heartbeat_timeout_s": args.heartbeat_timeout or 0.6, "preloaded_keys": args.preload,
-        "probe_interval_s": args.probe_interval,
-        "mastered_ranges_all_kills_s": stats(every),
-        "mastered_ranges_worst_per_kill_s": stats([max(r["recovery_mastered_s"]) for r in kills]),
-        "replicated_ranges_all_kills_s": stats([x for r in kills for x in r["recovery_replicated_s"]]),
-        "breakdown_median_s": {
-            key: round(float(np.nanmedian([r[key] for r in kills])), 4)
-            for key in ("victim_heartbeat_age_at_kill_s", "scheduler_marked_dead_s", "scheduler_new_ring_s",
-                        "worker_got_ring_s")},
-        "kills": kills,
-    }
+def _finite(xs) -> list[float]:
+    return [x for x in xs if x is not None]
+
+
+def run_recovery(args, log: TextIO) -> list[dict]:
+    out = []
+    for conf in args.recovery.split(","):
+        hb, preload, *n = conf.split(":")
+        hb_timeout, preload, kills = float(hb), int(preload), int(n[0]) if n else args.kills
+        print(f" heartbeat timeout {hb_timeout} s, {preload} keys stored:", flush=True)
+        runs = []
+        for i in range(kills):
+            r = recovery_once(i, args, log, hb_timeout, preload)
+            runs.append(r)
+            m = _finite(r["recovery_mastered_s"])
+            print(f"  kill {i}: rank {r['victim_rank']} marked dead after {r['scheduler_marked_dead_s']} s, "
+                  f"worker has the ring {r['worker_got_ring_s']} s, its ranges recovered median "
+                  f"{np.median(m) if m else None} max {max(m, default=None)} s", flush=True)
+        worst = [max(_finite(r["recovery_mastered_s"]), default=np.inf) for r in runs]
+        gap = [max((h["first_ack_s"] or np.nan) for h in r["heirs"]) - (r["worker_got_ring_s"] or np.nan)
+               for r in runs]
+        everyone = [x for r in runs for x in _finite(r["recovery_mastered_s"])]
+        replicated = [x for r in runs for x in _finite(r["recovery_replicated_s"])]
+        keys = ("victim_heartbeat_age_at_kill_s", "scheduler_marked_dead_s", "worker_got_ring_s")
+        out.append({
+            "heartbeat_interval_s": 0.1, "heartbeat_timeout_s": hb_timeout, "stored_keys": preload,
+            "servers": args.servers, "replication": 1, "probe_interval_s": args.probe_interval,
+            "victims_ranges_all_kills_s": stats(everyone),
+            "victims_ranges_worst_per_kill_s": stats(worst),
+            "replicated_ranges_all_kills_s": stats(replicated),
+            "unrecovered_segments": sum(r["unrecovered_segments"] for r in runs),
+            "breakdown_median_s": {
+                **{key: round(float(np.nanmedian([r[key] or np.nan for r in runs])), 4) for key in keys},
+                "worker_ring_to_last_heir_serving": round(float(np.nanmedian(gap)), 4)},
+            "kills": runs})
+    return out
 
 
 # -- 2 and 3: throughput with worker processes ---------------------------------------------------
 def worker_main(argv: list[str]) -> None:
-    """A throughput worker (run by the cluster): preload its slice, then push PUSH_KEYS random keys of
-    the table with WINDOW pushes in flight until STOP_FILE exists; save the acknowledgement times."""
+    """A throughput worker (run by the cluster): preload its slice of the table, then push PUSH_KEYS
+    random keys of it, WINDOW pushes in flight, until OUT/stop exists; save the acknowledgement times."""
     out, mode, nkeys, push_keys, window = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
     kv = pserver.KVWorker()
     kv.declare_table("bench", sync=mode == "sync")
@@ -332,13 +378,13 @@ def worker_main(argv: list[str]) -> None:
 
 
 def _rate(acks: np.ndarray, lo: float, hi: float) -> float:
-    return float(((acks >= lo) & (acks < hi)).sum() / (hi - lo)) if hi > lo else float("nan")
+    return round(float(((acks >= lo) & (acks < hi)).sum() / (hi - lo)), 1) if hi > lo else float("nan")
 
 
-def throughput_run(args, log: Path, servers: int, k: int, sync: bool, after: bool = True,
+def throughput_run(args, log: TextIO, servers: int, k: int, sync: bool, after: bool = True,
                    join: bool = False) -> dict:
-    """One fresh cluster; returns pushes/s (all workers) over the measured window, and for ``join``
-    the rates of each phase around a server join."""
+    """One fresh cluster and ``args.workers`` worker processes: pushes/s over the measured window,
+    CPU and messages per push; with ``join``, the rates before, during and after a server joins."""
     tmp = tempfile.mkdtemp(prefix="pserver-recovery-")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", tmp, "sync" if sync else "async",
            str(args.table_keys), str(args.push_keys), str(args.window)]
@@ -346,80 +392,92 @@ def throughput_run(args, log: Path, servers: int, k: int, sync: bool, after: boo
     with child_output(log), LocalCluster(servers, w, insecure=True, replication=k,
                                          replicate_after_aggregation=after) as cluster:
         procs = [cluster.spawn_worker(cmd, rank) for rank in range(w)]
+        probe = SchedulerProbe(cluster)
         deadline = time.monotonic() + 180
         while not all(Path(tmp, f"ready{r}").exists() for r in range(w)):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
-                raise RuntimeError(f"throughput workers did not start (see {log})")
+                raise RuntimeError(f"throughput workers did not start (see {log.name})")
             time.sleep(0.02)
-        t0 = time.monotonic() + args.warmup
         time.sleep(args.warmup)
-        cpu0, load0 = server_cpu(cluster), load()
+        t0, cpu0, wcpu0, net0 = time.monotonic(), server_cpu(cluster), \
+            sum(cpu_seconds(p.pid) for p in procs), server_traffic(cluster, probe)
         phases: dict[str, float] = {}
+        time.sleep(args.seconds)
         if join:
-            probe = SchedulerProbe(cluster)
-            time.sleep(args.seconds)
             phases["join"] = time.monotonic()
-            with child_output(log):
-                cluster.add_server()
+            cluster.add_server()
             while "commit" not in phases and time.monotonic() < phases["join"] + 120:
                 st = probe.status()
-                if "registered" not in phases and len([n for n in st["nodes"] if n["role"] == "server"]) > servers:
+                if "registered" not in phases and sum(n["role"] == "server" for n in st["nodes"]) > servers:
                     phases["registered"] = time.monotonic()
                 if st["ring"]["version"] > 1:
                     phases["commit"] = time.monotonic()
-                time.sleep(0.05)
-            probe.close()
+                time.sleep(0.02)
             time.sleep(args.seconds)
-        else:
-            time.sleep(args.seconds)
-        t1 = time.monotonic()
-        cpu1, load1 = server_cpu(cluster), load()
+        t1, cpu1, wcpu1, net1 = time.monotonic(), server_cpu(cluster), \
+            sum(cpu_seconds(p.pid) for p in procs), server_traffic(cluster, probe)
+        probe.close()
         Path(tmp, "stop").touch()
         for p in procs:
             if p.wait(120) != 0:
-                raise RuntimeError(f"a throughput worker failed (see {log})")
+                raise RuntimeError(f"a throughput worker failed (see {log.name})")
     acks = np.sort(np.concatenate([np.load(Path(tmp, f"acks{r}.npy")) for r in range(w)]))
-    pushes = int(((acks >= t0) & (acks < t1)).sum())
-    out = {"pushes_per_s": round(pushes / (t1 - t0), 1), "keys_per_s": round(pushes * args.push_keys / (t1 - t0)),
-           "server_cpu_ms_per_push": round(1e3 * (cpu1 - cpu0) / max(pushes, 1), 3),
-           "seconds": round(t1 - t0, 2), "load": [load0, load1]}
+    n = max(int(((acks >= t0) & (acks < t1)).sum()), 1)
+    sent = {op: [net1.get(op, [0, 0])[i] - net0.get(op, [0, 0])[i] for i in (0, 1)] for op in net1}
+    repl = [sum(sent.get(op, [0, 0])[i] for op in ("replicate", "replicate_agg")) for i in (0, 1)]
+    out = {"pushes_per_s": _rate(acks, t0, t1), "keys_per_s": round(n * args.push_keys / (t1 - t0)),
+           "server_cpu_ms_per_push": round(1e3 * (cpu1 - cpu0) / n, 3),
+           "worker_cpu_ms_per_push": round(1e3 * (wcpu1 - wcpu0) / n, 3),
+           "server_messages_sent_per_push": round(sum(v[0] for v in sent.values()) / n, 2),
+           "replica_messages_per_push": round(repl[0] / n, 2),
+           "replica_kb_per_push": round(repl[1] / n / 1e3, 1),
+           "seconds": round(t1 - t0, 2), "load_after": load()}
     if join:
         j, reg, com = phases["join"], phases.get("registered", np.nan), phases.get("commit", np.nan)
+        inside = acks[(acks >= t0) & (acks < t1)]
+        gaps = np.diff(inside)
         bins = np.arange(t0, t1 + 1e-9, 0.25)
         out.update({
             "joiner_registered_after_s": round(reg - j, 3), "migration_s": round(com - reg, 3),
-            "pushes_per_s_before": round(_rate(acks, t0, j), 1),
-            "pushes_per_s_joiner_starting": round(_rate(acks, j, reg), 1),
-            "pushes_per_s_during_migration": round(_rate(acks, reg, com), 1),
-            "pushes_per_s_after": round(_rate(acks, com, t1), 1),
-            "longest_gap_between_acks_s": round(float(np.diff(acks[(acks >= t0) & (acks < t1)]).max()), 3),
+            "pushes_per_s_before": _rate(acks, t0, j), "pushes_per_s_joiner_starting": _rate(acks, j, reg),
+            "pushes_per_s_during_migration": _rate(acks, reg, com), "pushes_per_s_after": _rate(acks, com, t1),
+            "longest_gap_between_acks_s": round(float(gaps.max()), 3),
+            "longest_gap_starts_at_s": round(float(inside[gaps.argmax()] - t0), 3),
+            "repl_load_messages": sent.get("repl_load", [0, 0])[0],
+            "repl_load_mb": round(sent.get("repl_load", [0, 0])[1] / 1e6, 1),
             "timeline": {"bin_s": 0.25, "join_at_s": round(j - t0, 3), "registered_at_s": round(reg - t0, 3),
                          "commit_at_s": round(com - t0, 3),
                          "pushes_per_s": (np.histogram(acks, bins)[0] / 0.25).round(1).tolist()}})
     return out
 
 
-def run_replication(args, log: Path) -> dict:
-    cases = [("async", 0, True), ("async", 1, True), ("async", 2, True), ("sync", 0, True),
-             ("sync", 1, True), ("sync", 1, False), ("sync", 2, True), ("sync", 2, False)]
+CASES = [("async", 0, True), ("async", 1, True), ("async", 2, True), ("sync", 0, True),
+         ("sync", 1, True), ("sync", 1, False), ("sync", 2, True), ("sync", 2, False)]
+_MEDIANS = ("pushes_per_s", "server_cpu_ms_per_push", "worker_cpu_ms_per_push", "replica_messages_per_push",
+            "replica_kb_per_push")
+
+
+def run_replication(args, log: TextIO) -> dict:
     runs: dict[str, list[dict]] = {}
     for rep in range(args.repeats):  # interleaved, so a burst of load elsewhere hits every case
-        for mode, k, after in cases:
-            name = f"{mode}_k{k}" + ("" if mode == "async" or k == 0 else ("_after_agg" if after else "_per_push"))
+        for mode, k, after in CASES:
+            how = "" if mode == "async" or k == 0 else "_after_agg" if after else "_per_push"
+            name = f"{mode}_k{k}{how}"
             r = throughput_run(args, log, 4, k, mode == "sync", after)
             runs.setdefault(name, []).append(r)
             print(f"  [{rep}] {name}: {r['pushes_per_s']:.0f} pushes/s, server CPU "
-                  f"{r['server_cpu_ms_per_push']:.2f} ms/push, load {r['load'][1]}", flush=True)
-    res = {name: {"pushes_per_s": round(float(np.median([r["pushes_per_s"] for r in rs])), 1),
-                  "server_cpu_ms_per_push": round(float(np.median([r["server_cpu_ms_per_push"] for r in rs])), 3),
-                  "runs": rs} for name, rs in runs.items()}
+                  f"{r['server_cpu_ms_per_push']:.2f} ms/push, {r['replica_messages_per_push']} replica "
+                  f"msgs/push, load {r['load_after']}", flush=True)
+    cases = {name: {**{m: round(float(np.median([r[m] for r in rs])), 3) for m in _MEDIANS}, "runs": rs}
+             for name, rs in runs.items()}
     ratios = {}
-    for name, r in res.items():
-        base = res[f"{name.split('_')[0]}_k0"]
-        ratios[name] = {"throughput_vs_k0": round(r["pushes_per_s"] / base["pushes_per_s"], 3),
-                        "server_cpu_vs_k0": round(r["server_cpu_ms_per_push"] / base["server_cpu_ms_per_push"], 3)}
+    for name, c in cases.items():
+        base = cases[name.split("_")[0] + "_k0"]
+        cpu = "server_cpu_ms_per_push"
+        ratios[name] = {"pushes_vs_k0": round(c["pushes_per_s"] / base["pushes_per_s"], 3),
+                        "server_cpu_vs_k0": round(c[cpu] / base[cpu], 3)}
     return {"servers": 4, "workers": args.workers, "push_keys": args.push_keys, "table_keys": args.table_keys,
-            "window": args.window, "cases": res, "ratios": ratios}
+            "window": args.window, "cases": cases, "ratios": ratios}
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -429,16 +487,18 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="recovery,join,replication", help="comma-separated parts to run")
-    p.add_argument("--kills", type=int, default=10, help="SIGKILLs (a fresh cluster each)")
+    p.add_argument("--recovery", default="0.6:1000000,0.6:0", help="recovery configurations, comma-separated "
+                   "HEARTBEAT_TIMEOUT:STORED_KEYS[:KILLS]")
+    p.add_argument("--kills", type=int, default=10, help="SIGKILLs per recovery configuration (a fresh "
+                   "cluster each)")
     p.add_argument("--servers", type=int, default=3, help="servers of the recovery cluster")
-    p.add_argument("--heartbeat-timeout", type=float, default=None, help="PSERVER_HEARTBEAT_TIMEOUT (0.6)")
-    p.add_argument("--preload", type=int, default=1_000_000, help="keys stored before the kill")
-    p.add_argument("--probe-interval", type=float, default=0.01, help="s between background pushes")
+    p.add_argument("--probe-interval", type=float, default=0.01, help="s between background pushes of a "
+                   "segment")
     p.add_argument("--recovery-timeout", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=1.0, help="s of load before measuring / killing")
-    p.add_argument("--seconds", type=float, default=4.0, help="measured s per throughput case (and "
-                   "before and after the join)")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seconds", type=float, default=4.0, help="measured s per throughput case (and before and "
+                   "after the join)")
+    p.add_argument("--workers", type=int, default=2, help="worker processes of the throughput parts")
     p.add_argument("--push-keys", type=int, default=10_000)
     p.add_argument("--table-keys", type=int, default=1_000_000)
     p.add_argument("--window", type=int, default=4, help="pushes in flight per worker")
@@ -446,22 +506,27 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/recovery.json")
     args = p.parse_args()
     parts = set(args.only.split(","))
-    log = Path(tempfile.mkdtemp(prefix="pserver-recovery-logs-"), "cluster.log")
-    print(f"cluster output: {log}", flush=True)
+    path = Path(tempfile.mkdtemp(prefix="pserver-recovery-logs-"), "cluster.log")
+    print(f"cluster output: {path}", flush=True)
     started = time.monotonic()
     result: dict = {"command": shlex.join([sys.executable, *sys.argv]), "machine": machine_info(),
-                    "load_at_start": load(), "args": vars(args)}
-    if "recovery" in parts:
-        print("recovery after SIGKILL:", flush=True)
-        result["recovery"] = run_recovery(args, log)
-    if "join" in parts:
-        print("throughput around a server join:", flush=True)
-        result["join"] = {"servers_before": 3, "replication": 1, "workers": args.workers,
-                          "push_keys": args.push_keys, "table_keys": args.table_keys,
-                          **throughput_run(args, log, 3, 1, sync=False, join=True)}
-    if "replication" in parts:
-        print("cost of replication:", flush=True)
-        result["replication"] = run_replication(args, log)
+                    "load_at_start": load(), "args": vars(args), "transport": "plain text (insecure)"}
+    with open(path, "w") as log:
+        handler = logging.StreamHandler(log)  # this process's own worker logs go there too
+        handler.setFormatter(logging.Formatter("[bench] %(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        if "recovery" in parts:
+            print("recovery after SIGKILL (3 servers, k=1):", flush=True)
+            result["recovery"] = run_recovery(args, log)
+        if "join" in parts:
+            print("throughput around a server join:", flush=True)
+            result["join"] = {"servers_before": 3, "replication": 1, "workers": args.workers,
+                              "push_keys": args.push_keys, "table_keys": args.table_keys,
+                              **throughput_run(args, log, 3, 1, sync=False, join=True)}
+        if "replication" in parts:
+            print("cost of replication (4 servers):", flush=True)
+            result["replication"] = run_replication(args, log)
+        logging.getLogger().removeHandler(handler)
     result["load_at_end"] = load()
     result["seconds"] = round(time.monotonic() - started, 1)
     result["targets"] = targets(result)
@@ -472,12 +537,13 @@ def main() -> None:
 
 def targets(res: dict) -> dict:
     out = {}
-    if "recovery" in res:
-        r = res["recovery"]["mastered_ranges_all_kills_s"]
-        out["recovery_under_1s_median_and_max"] = {"median_s": r.get("median"), "max_s": r.get("max"),
-                                                   "met": r.get("n", 0) > 0 and r["max"] < 1.0}
+    for conf in res.get("recovery", []):
+        r = conf["victims_ranges_all_kills_s"]
+        name = f"recovery_under_1s_hb{conf['heartbeat_timeout_s']}_{conf['stored_keys']}keys"
+        out[name] = {"median_s": r.get("median"), "max_s": r.get("max"),
+                     "met": r.get("n", 0) > 0 and r["max"] < 1.0 and not conf["unrecovered_segments"]}
     if "replication" in res:
-        ratio = res["replication"]["ratios"]["sync_k1_after_agg"]["throughput_vs_k0"]
+        ratio = res["replication"]["ratios"]["sync_k1_after_agg"]["pushes_vs_k0"]
         out["k1_costs_at_most_30pct_with_aggregation"] = {"throughput_vs_k0": ratio, "met": ratio >= 0.7}
     return out
 
@@ -485,24 +551,28 @@ def targets(res: dict) -> dict:
 def summary(res: dict) -> str:
     lines = [f"machine: {res['machine']['cpus']} cpus, load {res['load_at_start']} -> {res['load_at_end']}; "
              f"{res['seconds']} s"]
-    if "recovery" in res:
-        r = res["recovery"]
-        a, w, b = r["mastered_ranges_all_kills_s"], r["mastered_ranges_worst_per_kill_s"], r["breakdown_median_s"]
-        lines.append(f"recovery ({r['kills'].__len__()} kills): ranges of the victim median {a['median']} s, max "
-                     f"{a['max']} s (worst range per kill: median {w['median']} s); ranges it replicated median "
-                     f"{r['replicated_ranges_all_kills_s'].get('median')} s")
-        lines.append(f"  medians: heartbeat age at kill {b['victim_heartbeat_age_at_kill_s']} s, marked dead "
-                     f"{b['scheduler_marked_dead_s']} s, worker has the ring {b['worker_got_ring_s']} s")
+    for conf in res.get("recovery", []):
+        a, w = conf["victims_ranges_all_kills_s"], conf["victims_ranges_worst_per_kill_s"]
+        b = conf["breakdown_median_s"]
+        lines.append(f"recovery, heartbeat timeout {conf['heartbeat_timeout_s']} s, {conf['stored_keys']} keys "
+                     f"stored, {len(conf['kills'])} kills: victim's ranges median {a.get('median')} s max "
+                     f"{a.get('max')} s (worst range per kill: median {w.get('median')} s); ranges it "
+                     f"replicated median {conf['replicated_ranges_all_kills_s'].get('median')} s")
+        lines.append(f"  medians: marked dead {b['scheduler_marked_dead_s']} s, worker has the new ring "
+                     f"{b['worker_got_ring_s']} s, then {b['worker_ring_to_last_heir_serving']} s until the "
+                     f"last heir serves")
     if "join" in res:
         j = res["join"]
-        lines.append(f"join: pushes/s before {j['pushes_per_s_before']}, joiner starting "
+        lines.append(f"join (3 -> 4 servers, k=1): pushes/s before {j['pushes_per_s_before']}, joiner starting "
                      f"{j['pushes_per_s_joiner_starting']}, migrating {j['pushes_per_s_during_migration']} "
-                     f"({j['migration_s']} s), after {j['pushes_per_s_after']}")
+                     f"({j['migration_s']} s), after {j['pushes_per_s_after']}; longest stall "
+                     f"{j['longest_gap_between_acks_s']} s")
     if "replication" in res:
         for name, c in res["replication"]["cases"].items():
             q = res["replication"]["ratios"][name]
-            lines.append(f"  {name:20} {c['pushes_per_s']:8.1f} pushes/s ({q['throughput_vs_k0']:.2f} of k=0), "
-                         f"server CPU {c['server_cpu_ms_per_push']:.2f} ms/push ({q['server_cpu_vs_k0']:.2f})")
+            lines.append(f"  {name:18} {c['pushes_per_s']:7.1f} pushes/s ({q['pushes_vs_k0']:.2f} of k=0), "
+                         f"server CPU {c['server_cpu_ms_per_push']:.2f} ms/push ({q['server_cpu_vs_k0']:.2f}), "
+                         f"{c['replica_messages_per_push']} replica msgs/push")
     for name, t in res["targets"].items():
         lines.append(f"target {name}: {'met' if t['met'] else 'MISSED'} {t}")
     return "\n".join(lines)

@@ -140,8 +140,10 @@ def test_executor_model_change_applies_to_tasks_issued_after_it():
     # tasks 0..2 ran with tau 4 (nothing waited), task 3 (sequential) waited for everything
     assert lags == [0, 1, 2, 0, 0, 0]
     assert ex.tau == 0
+    t = ex.issue(100)
     with pytest.raises(TaskError):
-        ex.issue(2)                                       # ids must increase
+        ex.issue(100)                                     # an open task cannot be issued again
+    ex.finish(t)
 
 
 # -- on a real cluster: scheduler, servers and workers ----------------------------------------

@@ -3,6 +3,7 @@ sides, mixed settings refused, hostile compressed frames refused, key-cache miss
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -382,3 +383,27 @@ def test_message_layout_and_traffic_helpers():
                                               WIRE_STAGE: {"pairs_sent": 8}}}}}
     assert traffic_row(report) == [120.0, 35.0, 50.0, 8.0]
     assert traffic_summary([120.0, 35.0, 50.0, 8.0])["servers_sent_bytes"] == 35
+
+
+def test_lr_job_with_filters_same_objective_less_traffic(tmp_path):
+    from pserver.apps.lr.gen import generate
+
+    from .conftest import pserver_cli
+
+    generate(str(tmp_path), 6000, features=1 << 14, nnz=20, noise=0.02, seed=3)
+    common = ["train", "lr", "--data", str(tmp_path / "train.libsvm"), "--l1", "2",
+              "--epochs", "6", "--blocks", "4", "--insecure"]
+    runs = {}
+    for name, extra in (("none", []), ("all", ["--kkt", "--filters", "key_cache,compress",
+                                               "--pull-filters", "key_cache,compress"])):
+        out = tmp_path / f"{name}.json"
+        proc = pserver_cli(*common, "--summary-json", str(out), *extra, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        runs[name] = json.loads(out.read_text())
+    none, full = runs["none"], runs["all"]
+    assert "data traffic: workers sent" in proc.stdout                   # the summary shows it
+    assert full["train_objective"] == pytest.approx(none["train_objective"], rel=0.01)
+    t0, t1 = none["traffic"], full["traffic"]
+    assert t1["workers_sent_bytes"] < t0["workers_sent_bytes"] / 2
+    assert t1["servers_sent_bytes"] < t0["servers_sent_bytes"] / 2
+    assert 0 < t1["filtered_push_pairs_sent"] < t1["filtered_push_pairs_raw"]  # kkt dropped some

@@ -121,14 +121,15 @@ class Executor:
     # -- tasks --------------------------------------------------------------------------------
     def issue(self, t: int | None = None) -> int:
         """Register task `t` (default: the last one + 1) under the current model; returns t.
-        Application ids must increase; TaskError otherwise."""
+        The DAG orders tasks by issue, so application ids may come in any order (a dead worker's
+        requeued shards arrive late); TaskError for an id that is still open."""
         if t is None:
             t = 0 if self._last is None else self._last + 1
-        if self._last is not None and t <= self._last:
-            raise TaskError(f"task {t} is not newer than the last issued task {self._last}")
+        if t in self._ids:
+            raise TaskError(f"task {t} is already issued and not finished")
         self._ids[t] = self.dag.issue()
         self._open.append(t)
-        self._last = t
+        self._last = t if self._last is None else max(self._last, t)
         return t
 
     def start(self, t: int) -> int:
@@ -235,14 +236,19 @@ class Executor:
             self._report()
 
     # -- the scheduler's task queue ------------------------------------------------------------
-    def plan(self, count: int, kind: str = "each", payloads: list | None = None) -> None:
+    def plan(self, count: int, kind: str = "each", payloads: list | None = None,
+             on_failure: str = "requeue") -> None:
         """Declare the application's tasks 0 .. count-1 (idempotent across workers). With the
         scheduler, its consistency setting for the app (set by the first plan) is adopted.
+        on_failure ("any" tasks): what happens to the unfinished tasks of a worker that dies -
+        "requeue" (default: another worker runs them) or "drop" (the job finishes without them;
+        `pserver status` lists them under "dropped").
         Raises RemoteError if the scheduler refuses (e.g. a conflicting running plan)."""
         if self._channel is None:
             self._count = int(count)
             return
-        meta = {"app": self.app, "count": int(count), "kind": kind, "model": str(self.dag.model)}
+        meta = {"app": self.app, "count": int(count), "kind": kind, "model": str(self.dag.model),
+                "on_failure": on_failure}
         if payloads is not None:
             meta["payloads"] = payloads
         reply = self._channel.request("task_plan", meta, "ok")

@@ -103,6 +103,8 @@ class _App:
     metrics: dict[str, float] = field(default_factory=dict)  # latest application-level metrics
     started: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
+    on_failure: str = "requeue"                       # any: a dead worker's tasks: requeue | drop
+    dropped: list[int] = field(default_factory=list)  # any, drop: tasks given up with their worker
 
 
 class TaskScheduler:
@@ -118,7 +120,8 @@ class TaskScheduler:
         self._generation = 0
 
     # -- plans -----------------------------------------------------------------------------
-    def plan(self, app: str, count: int, kind: str = "each", payloads: list | None = None) -> bool:
+    def plan(self, app: str, count: int, kind: str = "each", payloads: list | None = None,
+             on_failure: str = "requeue") -> bool:
         """Create the task plan of `app` (idempotent: every worker may send the same plan).
 
         Returns True if a new plan was made. An identical plan of a running application is
@@ -131,6 +134,8 @@ class TaskScheduler:
             raise ConfigError(f"task kind must be one of {KINDS}, got {kind!r}")
         if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_TASKS:
             raise ConfigError(f"a plan needs 0 <= count <= {MAX_TASKS} tasks, got {count!r}")
+        if on_failure not in ("requeue", "drop"):
+            raise ConfigError(f"on_failure must be 'requeue' or 'drop', got {on_failure!r}")
         if payloads is not None and (not isinstance(payloads, list) or len(payloads) != count):
             raise ConfigError("payloads must be a list with one entry per task")
         have = self.apps.get(app)
@@ -141,7 +146,7 @@ class TaskScheduler:
                             f"{have.kind} tasks); use another application name or wait until it "
                             "finished")
         self._generation += 1
-        a = _App(app, kind, count, payloads, self._generation)
+        a = _App(app, kind, count, payloads, self._generation, on_failure=on_failure)
         if kind == "any":
             a.queue.extend(range(count))
         self.apps[app] = a
@@ -260,6 +265,13 @@ class TaskScheduler:
                 back = sorted(t for t in w.assigned if t not in a.complete)
                 for t in back:
                     a.owner.pop(t, None)
+                if a.on_failure == "drop":  # ML tolerates a lost shard: finish without it
+                    a.dropped.extend(back)
+                    for t in back:
+                        a.complete.add(t)
+                    if back:
+                        log.warning("worker %d is gone: task(s) %s of %s dropped", node, back, a.name)
+                    continue
                 a.queue.extendleft(reversed(back))
                 out.extend((a.name, t) for t in back)
             else:
@@ -290,6 +302,7 @@ class TaskScheduler:
                          "stopped": a.stopped, "finished": self._finished(a),
                          "seconds": round(end - a.started, 3), "queued": len(a.queue),
                          "model": (models or {}).get(name), "metrics": dict(a.metrics),
+                         "on_failure": a.on_failure, "dropped": sorted(a.dropped),
                          "workers": workers}
         return out
 
@@ -342,7 +355,8 @@ class TaskService:
         if not isinstance(app, str):
             raise ProtocolError(f"{op} needs the application name in meta 'app'")
         if op == "task_plan":
-            created = self.tasks.plan(app, m.get("count"), m.get("kind", "each"), m.get("payloads"))
+            created = self.tasks.plan(app, m.get("count"), m.get("kind", "each"), m.get("payloads"),
+                                      m.get("on_failure", "requeue"))
             model = m.get("model")
             if model is not None and (created or app not in self.models()):
                 self.set_consistency(app, model, announce=False)  # a new plan brings its model
