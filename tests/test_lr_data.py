@@ -271,6 +271,7 @@ def test_generator_properties(tmp_path):
 def test_bias_adds_one_constant_column(tmp_path):
     from pserver.apps.lr.data import BIAS_KEY
 
+    assert BIAS_KEY == str_keys(["bias"], 0)[0] == ref_str_key("bias", 0)
     s = read_shard(write(tmp_path, "b.svm", "1 5:2\n-1 7:1\n"), raw_keys=True, bias=True)
     assert BIAS_KEY in set(s.keys.tolist()) and np.all(np.diff(s.keys.astype(object)) > 0)
     col = int(np.searchsorted(s.keys, BIAS_KEY))

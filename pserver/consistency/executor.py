@@ -41,7 +41,7 @@ import zmq
 
 from pserver.consistency.dag import BoundedDelay, ConsistencyModel, Eventual, TaskDAG, parse_model
 from pserver.consistency.timing import IdleTimer
-from pserver.errors import RemoteError, SchedulerUnreachableError, TaskError
+from pserver.errors import ConfigError, RemoteError, SchedulerUnreachableError, TaskError
 from pserver.wire import Message
 
 __all__ = ["Executor"]
@@ -114,9 +114,15 @@ class Executor:
         return float("inf") if isinstance(m, Eventual) else 0
 
     def _on_view(self, view: Any) -> None:
+        """Adopt the application's model from a new cluster view (heartbeat thread: must not
+        raise, or the heartbeats would stop)."""
         text = view.settings.get("consistency", {}).get(self.app)
         if self._active and text and text != str(self.dag.model):
-            self.dag.set_model(parse_model(text))
+            try:
+                self.dag.set_model(parse_model(text))
+            except ConfigError as e:
+                log.error("ignoring the consistency model %r of %s from the scheduler: %s", text,
+                          self.app, e)
 
     # -- tasks --------------------------------------------------------------------------------
     def issue(self, t: int | None = None) -> int:

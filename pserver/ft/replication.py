@@ -77,6 +77,9 @@ class Replicator:
         self.applied: dict[int, _Window] = {}            # worker -> ts applied here as master
         self.bytes_forwarded = 0
         self.last_copied = 0
+        self.jobs: deque[tuple[str, int, np.ndarray]] = deque()  # background copies: table, to, keys
+        self.rebuilt_version = 0   # ring version whose background copies are all sent
+        self._rebuilding_version = 0
         self.messages_forwarded = 0
 
     # -- configuration --------------------------------------------------------------------------
@@ -214,6 +217,59 @@ class Replicator:
         return [[w, [list(tp) for tp in win.order]] for w, win in self.applied.items()]
 
     # -- re-replication after a ring change -----------------------------------------------------
+    def plan_rebuild(self, old: KeyRing, new: KeyRing, tables: dict) -> int:
+        """After a failover: queue copies of the keys this server masters under ``new`` to their
+        new replicas; :meth:`rebuild_step` sends them a chunk at a time between requests, so the
+        failed ranges are served at once while replicas are rebuilt in the background. Each chunk
+        is read from the table when sent and links are FIFO, so a replica ends with the master's
+        state: updates forwarded before a chunk are overwritten by it, later ones follow it."""
+        self.jobs.clear()
+        self._rebuilding_version = new.version
+        total = 0
+        for name, table in tables.items():
+            keys, _, _ = table.items()
+            if not len(keys):
+                continue
+            keys = keys[new.owner_of(keys) == self.my_id]
+            if not len(keys):
+                continue
+            new_holders = new.holders(keys, self.k)
+            old_holders = old.holders(keys, self.k)
+            for sid in np.unique(new_holders):
+                if sid < 0 or sid == self.my_id:
+                    continue
+                need = (new_holders == sid).any(axis=1) & ~(old_holders == sid).any(axis=1)
+                if need.any():
+                    self.jobs.append((name, int(sid), keys[need]))
+                    total += int(need.sum())
+        if not self.jobs:
+            self.rebuilt_version = new.version
+        return total
+
+    def rebuild_step(self, tables: dict, budget: int = 1 << 16) -> bool:
+        """Send up to ``budget`` keys of queued copies; True while more remain."""
+        while budget > 0 and self.jobs:
+            name, sid, keys = self.jobs[0]
+            table = tables.get(name)
+            chunk, rest = keys[:budget], keys[budget:]
+            if rest.size:
+                self.jobs[0] = (name, sid, rest)
+            else:
+                self.jobs.popleft()
+            budget -= chunk.size
+            if table is None or sid not in (self.ring.servers if self.ring else ()):
+                continue
+            values, state = table.rows(chunk)
+            arrays = [chunk, values] + ([state] if state is not None else [])
+            meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_json()}
+            try:
+                self.transport.send(self._sock(sid), Message("repl_load", 0, name, meta, arrays))
+            except zmq.ZMQError as e:
+                log.warning("cannot copy to replica %d: %s", sid, e)
+        if not self.jobs:
+            self.rebuilt_version = self._rebuilding_version
+        return bool(self.jobs)
+
     def rebuild(self, old: KeyRing | None, new: KeyRing, tables: dict, masters: KeyRing,
                 token: object = None) -> int:
         """Copy the keys this server masters under ``masters`` to the servers that hold them under

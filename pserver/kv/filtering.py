@@ -162,8 +162,9 @@ class WorkerFilters:
     # -- application hooks ------------------------------------------------------------------
     def set_weights(self, table: str, weights: Callable[[np.ndarray], np.ndarray] | None) -> None:
         """Give the filters that need the current weights (kkt, significant:rel) a source for
-        ``table``: ``weights(keys) -> w``, one float per key (keys are sorted uint64, a subset of
-        what is pushed; keys never pulled read 0). None removes it."""
+        ``table``: ``weights(keys) -> w``, one float per key (``keys``: sorted uint64, one
+        server's part of a push; keys the worker has no weight for must read 0). It is called
+        while the push is encoded, so it sees the weights as they are then. None removes it."""
         if weights is None:
             self.weights.pop(table, None)
         elif not callable(weights):

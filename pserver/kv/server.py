@@ -133,11 +133,14 @@ class KVServer:
                     if sock not in polled:
                         poller.register(sock, zmq.POLLIN)
                         polled.add(sock)
-                for sock, _ in poller.poll(100):
+                for sock, _ in poller.poll(0 if self.repl.jobs else 100):
                     if sock is self.sock:
                         self._drain()
                     else:
                         self._drain_replica(sock)
+                if self.repl.jobs:
+                    self.repl.rebuild_step(self.tables)
+                self.membership.report["rebuilt"] = self.repl.rebuilt_version
                 if self.membership.view.version != self._view_version:
                     self._on_view()
                     for sock in list(polled):
@@ -504,7 +507,11 @@ class KVServer:
         if old is not None:
             log.info("key ring v%d -> v%d (servers %s)", old.version, new.version, new.servers)
             if not copied and self.repl.k:
-                self.repl.rebuild(old, new, self.tables, masters=new)
+                n = self.repl.plan_rebuild(old, new, self.tables)
+                if n:
+                    log.info("re-replicating %d keys in the background (ring v%d)", n, new.version)
+            else:
+                self.repl.rebuilt_version = new.version
 
     def _record_clock(self, table: str, sender: int, keys: keyfmt.KeySet, ts: int,
                       span=None) -> None:

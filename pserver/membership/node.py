@@ -50,6 +50,8 @@ class Membership:
         self._listeners: list[Callable[[ClusterView], None]] = []
         # the node's traffic counters (a dict; must not raise), sent on a heartbeat every second
         self.traffic: Callable[[], dict] | None = None
+        # small facts the node reports on every heartbeat (a server: the ring it finished re-replicating)
+        self.report: dict[str, int] = {}
 
     # -- view ---------------------------------------------------------------------------------
     @property
@@ -179,7 +181,7 @@ class Membership:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_beat:
-                    meta = {"id": self.node_id, "v": self.view.version}
+                    meta = {"id": self.node_id, "v": self.view.version, **self.report}
                     if self.traffic is not None and now >= next_report:
                         meta["traffic"] = self.traffic()
                         next_report = now + 1.0

@@ -68,6 +68,7 @@ class Scheduler:
         self.safe_ring: KeyRing | None = None   # last ring whose replicas are all in place
         self.ring_changed_at = 0.0
         self.node_view: dict[int, int] = {}     # node id -> view version its heartbeat reported
+        self.node_rebuilt: dict[int, int] = {}  # server id -> ring version it finished re-replicating
         self.migration = MigrationCoordinator(self.transport, self._server_address, self.view.alive,
                                               self._commit_ring)
         self.owner: dict[int, bytes] = {}  # node id -> node_token of the connection that registered it
@@ -155,6 +156,8 @@ class Scheduler:
             self._check_owner(nid, identity, op)
             self.last_seen[nid] = time.monotonic()
             self.node_view[nid] = int(m.get("v", -1))
+            if "rebuilt" in m:
+                self.node_rebuilt[nid] = int(m["rebuilt"])
             if isinstance(m.get("traffic"), dict):
                 self.traffic[nid] = m["traffic"]
             reply = {"v": self.view.version, "shutdown": self.shutting_down}
@@ -280,12 +283,13 @@ class Scheduler:
         self._bump()
 
     def _settle_ring(self) -> None:
-        """After a failover, the ring's replicas are complete once every live server runs it (it
-        re-replicates as it adopts the ring) - then it becomes the ring losses are judged by."""
+        """After a failover, the ring's replicas are complete once every live server of it reports
+        (on its heartbeats) that it finished re-replicating for it - then it becomes the ring
+        losses are judged by."""
         ring = self.view.ring
-        if ring is None or ring is self.safe_ring or time.monotonic() - self.ring_changed_at < 0.5:
+        if ring is None or ring is self.safe_ring:
             return
-        if all(self.node_view.get(s, -1) >= self.view.version or not self.view.alive(s)
+        if all(self.node_rebuilt.get(s, -1) >= ring.version or not self.view.alive(s)
                for s in ring.servers):
             self.safe_ring = ring
 

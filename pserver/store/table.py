@@ -205,6 +205,19 @@ class Table:
         order = np.argsort(keys)
         return keys[order], self._values[slots[order]]
 
+    def rows(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(values, state or None) of ``keys`` as stored now (absent keys: initial values, zero
+        state) - a fresh copy of part of the table, e.g. for re-replication in chunks."""
+        keys = self._keys(keys)
+        values = self.pull(keys)
+        if not self.state_cols:
+            return values, None
+        slots, _ = self._index.lookup(keys)
+        state = np.zeros((len(keys), self.state_cols), self.dtype)
+        have = slots >= 0
+        state[have] = self._state[slots[have]]
+        return values, state
+
     def items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(keys sorted, values, state or None) of every stored key, for checkpoints."""
         keys, slots = self._index.scan(0, (1 << 64) - 1)

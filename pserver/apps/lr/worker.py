@@ -137,12 +137,11 @@ def train(kv, args: argparse.Namespace) -> dict | None:
     waited = sum(h.wait_seconds for h in history)
     tm = algo.timing
     row = np.array([[st["bytes_sent"], st["bytes_received"], t_read, waited], traffic_row(st),
-                    [tm["computing_s"], tm["waiting_deps_s"], tm["waiting_net_s"], 0.0],
-                    [algo.max_lag, 0.0, 0.0, 0.0]])
-    base = 1 << 63   # + 1..3: sums over workers; + 16 + rank: one worker's largest lag
-    key = np.array([base + 1, base + 2, base + 3, base + 16 + kv.rank], np.uint64)
+                    [tm["computing_s"], tm["waiting_deps_s"], tm["waiting_net_s"], algo.max_lag]])
+    base = 1 << 63   # + 1, + 2: sums over workers; + 16 + rank: one worker's time split and lag
+    key = np.array([base + 1, base + 2, base + 16 + kv.rank], np.uint64)
     kv.push(key, row, table=args.table + "_stats")
-    totals = kv.pull(np.array([base + 1, base + 2, base + 3] + [
+    totals = kv.pull(np.array([base + 1, base + 2] + [
         base + 16 + r for r in range(kv.num_workers)], np.uint64), table=args.table + "_stats")
     sent, received, read_sum, wait_sum = totals[0]
     summary = None
@@ -161,8 +160,10 @@ def train(kv, args: argparse.Namespace) -> dict | None:
             "bytes_sent": int(sent), "bytes_received": int(received),
             "traffic": traffic_summary(totals[1]),
             "timing": dict(zip(("computing_s", "waiting_deps_s", "waiting_net_s"),
-                               totals[2][:3].tolist())),
-            "max_lag": int(totals[3:, 0].max()), "consistency": algo.timing.get("model"),
+                               totals[2:, :3].sum(axis=0).tolist())),
+            "timing_per_worker": [dict(zip(("computing_s", "waiting_deps_s", "waiting_net_s",
+                                            "max_lag"), r)) for r in totals[2:].tolist()],
+            "max_lag": int(totals[2:, 3].max()), "consistency": algo.timing.get("model"),
             "history": [{"epoch": h.epoch, "objective": h.objective, "loss": h.loss,
                          "nnz": h.nnz, "seconds": h.seconds, "wait_seconds": h.wait_seconds,
                          "examples_per_s": h.examples_per_s,
