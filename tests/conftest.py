@@ -22,6 +22,9 @@ def cluster_factory():
     def make(num_servers: int = 2, num_workers: int = 1, **kw) -> LocalCluster:
         kw.setdefault("insecure", True)
         kw.setdefault("prefix_output", True)
+        # a loaded 2-core CI machine can starve a heartbeat thread for a while: tests that are not
+        # about failure detection use a patient timeout (those that are pass 0.6 s, the default)
+        kw.setdefault("heartbeat_timeout", 2.0)
         c = LocalCluster(num_servers, num_workers, **kw).start()
         made.append(c)
         return c

@@ -147,7 +147,8 @@ def test_malformed_messages_rejected_values_unchanged(one_worker):
 
 
 def test_killed_server_noticed_within_one_second(cluster_factory):
-    cluster = cluster_factory(2, 1, replication=0)  # no replicas: the dead server's keys are lost
+    # no replicas: the dead server's keys are lost; the default heartbeat timeout
+    cluster = cluster_factory(2, 1, replication=0, heartbeat_timeout=0.6)
     kv = pserver.KVWorker(cluster.config(0))
     try:
         keys = np.arange(50000, dtype=np.uint64)

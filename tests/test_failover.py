@@ -44,7 +44,7 @@ def _check_counts(tmp_path, rounds):
 
 def test_server_joins_and_another_leaves_no_update_lost_or_doubled(cluster_factory, tmp_path):
     """The same count, while a fourth server joins and then the first one leaves gracefully."""
-    cluster = cluster_factory(3, 4, replication=1)
+    cluster = cluster_factory(3, 4, replication=1, heartbeat_timeout=0.6)
     rounds, nkeys = 200, 100_000
     workers = _start_workers(cluster, tmp_path, rounds, nkeys)
     cluster.add_server()
@@ -60,7 +60,7 @@ def test_server_joins_and_another_leaves_no_update_lost_or_doubled(cluster_facto
 def test_server_killed_mid_run_no_update_lost_or_doubled(cluster_factory, tmp_path):
     """4 workers push +1 to 100,000 keys 200 times; a server is SIGKILLed in the middle. Every key
     must read exactly the number of acknowledged pushes (4 x 200): none lost, none applied twice."""
-    cluster = cluster_factory(3, 4, replication=1)
+    cluster = cluster_factory(3, 4, replication=1, heartbeat_timeout=0.6)
     rounds, nkeys = 200, 100_000
     cmd = [sys.executable, str(PROGRAMS / "ft_count_worker.py"), str(tmp_path), str(rounds), str(nkeys)]
     workers = [cluster.spawn_worker(cmd, rank) for rank in range(4)]
