@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
@@ -96,12 +97,15 @@ def run_one(train: str, tau: int, target: float, args: argparse.Namespace, d: st
             "--straggler", f"{args.workers - 1}:{args.slowdown}:{args.slow_share}",
             "--summary-json", out]
     load = os.getloadavg()[0]
+    ru0, w0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
     with open(os.devnull, "w") as devnull:
         # the cluster's output is copied to our stdout: dropped unless --verbose
         quiet = contextlib.nullcontext() if args.verbose else contextlib.redirect_stdout(devnull)
         with quiet, LocalCluster(args.servers, args.workers, insecure=True, heartbeat_timeout=30.0,
                                  env={"PSERVER_REPLICATION": str(args.replication)}) as cluster:
             rc = cluster.run_workers(argv, timeout=900)
+    ru1, w1 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+    cpu = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     if rc != 0:
         raise SystemExit(f"tau={tau}: training failed with exit code {rc}")
     s = read_json(out)
@@ -123,6 +127,9 @@ def run_one(train: str, tau: int, target: float, args: argparse.Namespace, d: st
         "train_seconds": s["train_seconds"], "passes": len(hist),
         "final_objective": s["train_objective"], "max_lag": s.get("max_lag"),
         "load_avg_before": load, "objectives": [[h["elapsed_s"], h["objective"]] for h in hist],
+        # CPU seconds of every process of the job (start, data loading and training) over the
+        # cores' wall seconds: near 1 means the job was bound by this machine's CPUs
+        "job_cpu_utilisation": cpu / ((w1 - w0) * (os.cpu_count() or 1)),
         "idle_share_per_worker": [(w["waiting_deps_s"] + w["waiting_net_s"]) / max(
             w["computing_s"] + w["waiting_deps_s"] + w["waiting_net_s"], 1e-12)
             for w in s["timing_per_worker"]],

@@ -82,6 +82,33 @@ def run_vw(d: str, l1: float, passes: int = 3) -> dict:
             "test_auc": auc(y, p)}
 
 
+def read_speed(d: str) -> dict:
+    """One process reading half of the training file (a worker's shard of 2), best of 2."""
+    from pserver.apps.lr.data import read_shard
+    from pserver.apps.lr.parsers import parse_libsvm
+
+    best, shard = float("inf"), None
+    for _ in range(2):
+        t = time.perf_counter()
+        shard = read_shard(f"{d}/train.libsvm", rank=0, num_workers=2)
+        best = min(best, time.perf_counter() - t)
+    with open(f"{d}/train.libsvm", "rb") as f:
+        data = f.read(100 << 20)
+    data = data[:data.rfind(b"\n") + 1]
+    buf = np.frombuffer(data, np.uint8)
+    n, cap = data.count(b"\n"), data.count(b":")
+    out = (np.empty(n), np.empty(n, np.int64), np.empty(cap, np.uint64), np.empty(cap, np.float32))
+    parse_s = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        parse_libsvm(buf, False, False, *out)
+        parse_s = min(parse_s, time.perf_counter() - t)
+    return {"shard_lines": shard.num_examples, "shard_seconds": best,
+            "lines_per_s": shard.num_examples / best, "nonzeros_per_s": shard.X.nnz / best,
+            "parse_only_lines_per_s": n / parse_s, "parse_only_mb_per_s": len(data) / parse_s / 1e6,
+            "load": os.getloadavg()[0]}
+
+
 def first_reach(history: list[dict], key: str, target: float, time_key: str) -> float | None:
     for h in history:
         if h[key] <= target:
@@ -104,6 +131,7 @@ def main() -> None:
     args = ap.parse_args()
 
     meta = ensure_data(args.data_dir, args.examples)
+    reading = read_speed(args.data_dir)
     # This machine is shared: other jobs' load changes run times by 2-3x. So VW's --l1 is chosen
     # once, then VW and ours run alternately `repeat` times and the best time of each counts.
     sweep = [run_vw(args.data_dir, l1) for l1 in args.vw_l1]
@@ -168,6 +196,7 @@ def main() -> None:
                                             "reach_vw", "launch_overhead_seconds",
                                             "test_logloss")} for r in our_runs],
         },
+        "reading_one_process": reading,
         "vw": {"best": vw, "runs": vw_runs, "l1_sweep": sweep},
         "ours_vs_vw": {
             "faster_to_vw_logloss": reach_vw is not None and reach_vw < vw["train_seconds"],

@@ -70,6 +70,13 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def cpu_pressure() -> str:
+    """/proc/pressure/cpu "some" line: the share of time some task waited for a CPU."""
+    with contextlib.suppress(OSError), open("/proc/pressure/cpu") as f:
+        return f.readline().strip()
+    return ""
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a live process (0 if it is gone)."""
     try:
@@ -252,6 +259,8 @@ def recovery_once(i: int, args, log: TextIO, hb_timeout: float, preload: int) ->
                                          heartbeat_timeout=hb_timeout) as cluster:
         kv = ProbeWorker(cluster.config(0))
         probe = SchedulerProbe(cluster)
+        stop = threading.Event()
+        watcher: threading.Thread | None = None
         try:
             view = kv.membership.view
             ring = view.ring
@@ -268,7 +277,6 @@ def recovery_once(i: int, args, log: TextIO, hb_timeout: float, preload: int) ->
                 lambda v: seen.setdefault("ring", time.monotonic()) if v.ring.version > ring.version else 0)
             hb_age = next(n["last_heartbeat"] for n in probe.status()["nodes"] if n["id"] == victim.id)
             sched: dict[str, float] = {}
-            stop = threading.Event()
             watcher = threading.Thread(target=watch_scheduler,
                                        args=(probe, victim.id, ring.version, sched, stop))
             kv.replies = []
@@ -281,7 +289,16 @@ def recovery_once(i: int, args, log: TextIO, hb_timeout: float, preload: int) ->
             watcher.join()
             replies, kv.replies = kv.replies, None
             wrongly_dead = [n["id"] for n in probe.status()["nodes"] if not n["alive"] and n["id"] != victim.id]
+        except PServerError as e:  # e.g. a live server wrongly declared dead too: its ranges are "lost"
+            stop.set()
+            with contextlib.suppress(PServerError):
+                dead = [n["id"] for n in probe.status(0.5)["nodes"] if not n["alive"]]
+                e.add_note(f"(nodes declared dead: {dead}; the victim was rank {victim_rank})")
+            raise
         finally:
+            stop.set()
+            if watcher is not None and watcher.is_alive():
+                watcher.join()
             probe.close()
             kv.close()
     rec = prober.probe_acked - t_kill
@@ -333,7 +350,8 @@ def run_recovery(args, log: TextIO) -> list[dict]:
             try:
                 r = recovery_once(i, args, log, hb_timeout, preload)
             except Exception as e:  # e.g. the only worker wrongly declared dead: the cluster shuts down
-                failed.append({"kill": i, "error": f"{type(e).__name__}: {e}"})
+                notes = " ".join(getattr(e, "__notes__", []))
+                failed.append({"kill": i, "error": f"{type(e).__name__}: {e} {notes}".strip()})
                 print(f"  kill {i}: FAILED {failed[-1]['error']}", flush=True)
                 continue
             runs.append(r)
@@ -466,8 +484,11 @@ def throughput_run(args, log: TextIO, servers: int, k: int, sync: bool, after: b
         time.sleep(args.seconds)
         if join:
             phases["join"] = time.monotonic()
-            cluster.add_server()
+            joiner = cluster.procs[cluster.add_server()]
             while "commit" not in phases and time.monotonic() < phases["join"] + 120:
+                if joiner.poll() is not None:  # e.g. declared dead during the migration: it exits
+                    phases["joiner_exited"] = time.monotonic()
+                    break
                 st = probe.status()
                 if "registered" not in phases and sum(n["role"] == "server" for n in st["nodes"]) > servers:
                     phases["registered"] = time.monotonic()
@@ -499,6 +520,8 @@ def throughput_run(args, log: TextIO, servers: int, k: int, sync: bool, after: b
         gaps = np.diff(inside)
         bins = np.arange(t0, t1 + 1e-9, 0.25)
         out.update({
+            "committed": "commit" in phases,
+            "joiner_exited_after_s": round(phases.get("joiner_exited", np.nan) - j, 3),
             "joiner_registered_after_s": round(reg - j, 3), "migration_s": round(com - reg, 3),
             "pushes_per_s_before": _rate(acks, t0, j), "pushes_per_s_joiner_starting": _rate(acks, j, reg),
             "pushes_per_s_during_migration": _rate(acks, reg, com), "pushes_per_s_after": _rate(acks, com, t1),
@@ -571,7 +594,8 @@ def main() -> None:
     print(f"cluster output: {path}", flush=True)
     started = time.monotonic()
     result: dict = {"command": shlex.join([sys.executable, *sys.argv]), "machine": machine_info(),
-                    "load_at_start": load(), "args": vars(args), "transport": "plain text (insecure)"}
+                    "load_at_start": load(), "cpu_pressure_at_start": cpu_pressure(),
+                    "args": vars(args), "transport": "plain text (insecure)"}
     with open(path, "w") as log:
         handler = logging.StreamHandler(log)  # this process's own worker logs go there too
         handler.setFormatter(logging.Formatter("[bench] %(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -584,19 +608,39 @@ def main() -> None:
             result["rebuild"] = {"load": load(), "sizes": rebuild_cost([250_000, 1_000_000, 4_000_000])}
         if "join" in parts:
             print("throughput around a server join:", flush=True)
+            failed = []
+            for _ in range(3):  # a join that did not commit is reported, and tried again (twice at most)
+                run = throughput_run(args, log, 3, 1, sync=False, join=True)
+                if run["committed"]:
+                    break
+                failed.append(run)
+                print(f"  the join did not commit (joiner exited after {run['joiner_exited_after_s']} s)",
+                      flush=True)
             result["join"] = {"servers_before": 3, "replication": 1, "workers": args.workers,
-                              "push_keys": args.push_keys, "table_keys": args.table_keys,
-                              **throughput_run(args, log, 3, 1, sync=False, join=True)}
+                              "push_keys": args.push_keys, "table_keys": args.table_keys, **run,
+                              "failed_attempts": failed}
         if "replication" in parts:
             print("cost of replication (4 servers):", flush=True)
             result["replication"] = run_replication(args, log)
         logging.getLogger().removeHandler(handler)
     result["load_at_end"] = load()
+    result["cpu_pressure_at_end"] = cpu_pressure()
     result["seconds"] = round(time.monotonic() - started, 1)
     result["targets"] = targets(result)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    Path(args.out).write_text(json.dumps(_no_nan(result), indent=1))
     print(summary(result))
+
+
+def _no_nan(x):
+    """JSON has no NaN: unmeasured values (a join that did not commit, ...) become null."""
+    if isinstance(x, dict):
+        return {k: _no_nan(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_no_nan(v) for v in x]
+    if isinstance(x, float | np.floating) and not np.isfinite(x):
+        return None
+    return x
 
 
 def targets(res: dict) -> dict:
@@ -604,12 +648,17 @@ def targets(res: dict) -> dict:
     for conf in res.get("recovery", []):
         r = conf["victims_ranges_all_kills_s"]
         name = f"recovery_under_1s_hb{conf['heartbeat_timeout_s']}_{conf['stored_keys']}keys"
-        out[name] = {"median_s": r.get("median"), "max_s": r.get("max"),
-                     "met": r.get("n", 0) > 0 and r["max"] < 1.0 and not conf["unrecovered_segments"]
-                     and not conf["failed_kills"]}
+        timing = r.get("n", 0) > 0 and r["max"] < 1.0 and not conf["unrecovered_segments"]
+        out[name] = {"median_s": r.get("median"), "max_s": r.get("max"), "timing_met": timing,
+                     "failed_kills": len(conf["failed_kills"]), "met": timing and not conf["failed_kills"]}
     if "replication" in res:
-        ratio = res["replication"]["ratios"]["sync_k1_after_agg"]["pushes_vs_k0"]
-        out["k1_costs_at_most_30pct_with_aggregation"] = {"throughput_vs_k0": ratio, "met": ratio >= 0.7}
+        q = res["replication"]["ratios"]["sync_k1_after_agg"]
+        # throughput_vs_k0 is measured on a shared 2-core machine; 1 / server_cpu_vs_k0 is the ratio
+        # when the servers are the bottleneck (each on its own core)
+        out["k1_costs_at_most_30pct_with_aggregation"] = {
+            "throughput_vs_k0": q["pushes_vs_k0"],
+            "server_bound_throughput_vs_k0": round(1 / q["server_cpu_vs_k0"], 3),
+            "met": q["pushes_vs_k0"] >= 0.7}
     return out
 
 
@@ -633,6 +682,7 @@ def summary(res: dict) -> str:
                      f"{r['holders_old_and_new_s']} s)")
     if "join" in res:
         j = res["join"]
+        lines.append(f"join: committed {j['committed']}, failed attempts {len(j['failed_attempts'])}")
         lines.append(f"join (3 -> 4 servers, k=1): pushes/s before {j['pushes_per_s_before']}, joiner starting "
                      f"{j['pushes_per_s_joiner_starting']}, migrating {j['pushes_per_s_during_migration']} "
                      f"({j['migration_s']} s), after {j['pushes_per_s_after']}; longest stall "

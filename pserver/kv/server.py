@@ -103,6 +103,7 @@ class KVServer:
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> rejected requests
         self.duplicates = 0
         self._stop = False
+        self._ack_batch: dict[bytes, list] | None = None
         self._leaving = False
         self._known_peers: dict[int, tuple[str, int]] = {}
         self._drain_ts: int | None = None
@@ -180,12 +181,25 @@ class KVServer:
         return time.monotonic() > self._drain_deadline
 
     def _drain(self) -> None:
-        for _ in range(1000):  # bounded so liveness checks run between bursts
-            try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._on_frames(frames)
+        # Acknowledgements of one burst go out together, one message per worker: with many
+        # requests in flight a send per ack would cost more than the updates themselves.
+        self._ack_batch = {}
+        try:
+            for _ in range(1000):  # bounded so liveness checks run between bursts
+                try:
+                    frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return
+                self._on_frames(frames)
+        finally:
+            batch, self._ack_batch = self._ack_batch, None
+            for identity, acks in batch.items():
+                if len(acks) == 1:
+                    ts, part = acks[0]
+                    self._reply(identity, Message("ack", ts, meta={"p": part} if part is not None
+                                                  else None))
+                else:
+                    self._reply(identity, Message("acks", 0, meta={"a": acks}))
 
     def _on_frames(self, frames: list) -> None:
         identity = bytes(frames[0].buffer)
@@ -373,6 +387,9 @@ class KVServer:
         if ack.local and ack.replicas <= 0:
             del self.acks[token]
             identity, ts, part = token
+            if self._ack_batch is not None:
+                self._ack_batch.setdefault(identity, []).append((ts, part))
+                return
             meta = {"p": part} if part is not None else None
             self._reply(identity, Message("ack", ts, meta=meta))
 

@@ -319,6 +319,18 @@ class KVWorker:
         except PServerError as e:
             log.error("malformed reply from server %d dropped: %s", sid, e)
             return
+        if msg.op == "acks":  # several acknowledgements in one message
+            acks = msg.meta.get("a")
+            if not isinstance(acks, list):
+                log.error("malformed acks from server %d dropped", sid)
+                return
+            for entry in acks:
+                if isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int:
+                    self._on_message(sid, Message("ack", entry[0], meta={"p": entry[1]}))
+            return
+        self._on_message(sid, msg)
+
+    def _on_message(self, sid: int, msg: Message) -> None:
         req = self._pending.get(msg.ts)
         pid = msg.meta.get("p")
         if req is None or pid not in req.waiting or req.parts[pid].sid != sid:
