@@ -56,20 +56,35 @@ class KeyRing:
         self.owners = ids[order].astype(np.int64)
         self._single = len(self.servers) == 1
         self._replicas: dict[int, np.ndarray] = {}
+        # top-16-bit bucket of a ring position -> its virtual server, or -1 where one starts inside
+        nxt = (np.arange(1, 1 << 16, dtype=np.uint64) << np.uint64(48))
+        lut = np.searchsorted(self.positions, nxt, side="left")
+        lut = np.append(lut, len(self.positions))       # the last bucket wraps around to the first
+        lut[lut == len(self.positions)] = 0
+        lut = lut.astype(np.intp)
+        lut[(self.positions >> np.uint64(48)).astype(np.intp)] = -1
+        self._lut = lut
 
     # -- lookups --------------------------------------------------------------------------------
+    def _vnode_of_positions(self, pos: np.ndarray) -> np.ndarray:
+        """Index of the virtual server owning each ring position: a table lookup on the top 16
+        bits, with a binary search only for the few buckets a virtual server splits."""
+        idx = self._lut[(pos >> np.uint64(48)).astype(np.intp)]
+        split = idx < 0
+        if split.any():
+            found = np.searchsorted(self.positions, pos[split], side="left")
+            found[found == len(self.positions)] = 0
+            idx[split] = found
+        return idx
+
     def owner_of_blocks(self, blocks: np.ndarray) -> np.ndarray:
         """Server id owning each block number."""
-        idx = np.searchsorted(self.positions, mix64(blocks), side="left")
-        idx[idx == len(self.positions)] = 0
-        return self.owners[idx]
+        return self.owners[self._vnode_of_positions(mix64(blocks))]
 
     def vnode_of(self, keys: np.ndarray) -> np.ndarray:
         """Index (into positions/owners) of the virtual server owning each key."""
         blocks = np.asarray(keys, dtype=np.uint64) >> np.uint64(self.block_bits)
-        idx = np.searchsorted(self.positions, mix64(blocks), side="left")
-        idx[idx == len(self.positions)] = 0
-        return idx
+        return self._vnode_of_positions(mix64(blocks))
 
     def replica_table(self, k: int) -> np.ndarray:
         """(virtual servers, k) array: for each virtual server, the next k distinct physical
@@ -126,6 +141,16 @@ class KeyRing:
             return [(int(self.owners[0]), slice(0, n))] if n else []
         blocks = keys >> np.uint64(self.block_bits)
         starts = np.flatnonzero(blocks[1:] != blocks[:-1]) + 1
+        if len(starts) > n // 8:  # hashed keys: nearly one block per key, split key by key
+            owners = self.owner_of_blocks(blocks)
+            out = []
+            for sid in self.servers:  # np.unique would sort all n owners
+                idx = np.flatnonzero(owners == sid)
+                if not len(idx):
+                    continue
+                contiguous = idx[-1] - idx[0] + 1 == len(idx)
+                out.append((int(sid), slice(int(idx[0]), int(idx[-1]) + 1) if contiguous else idx))
+            return out
         starts = np.concatenate(([0], starts))
         owners = self.owner_of_blocks(blocks[starts])
         if (owners == owners[0]).all():
