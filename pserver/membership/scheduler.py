@@ -53,6 +53,8 @@ class Scheduler:
         self.view = ClusterView(settings={})
         self.pending: list[tuple[bytes, int, dict]] = []   # registrations waiting for the cluster
         self.identity_of: dict[int, bytes] = {}            # node id -> ROUTER identity (heartbeat sock)
+        self._announce = False                              # the view changed: push it to the nodes
+        self._last_check = time.monotonic()
         self.last_seen: dict[int, float] = {}
         self.traffic: dict[int, dict] = {}                  # node id -> traffic its heartbeats report
         self.started = False
@@ -94,6 +96,8 @@ class Scheduler:
                 for _ in poller.poll(tick * 1000):
                     self._drain()
                 self._check_liveness()
+                if self._announce:
+                    self._announce_view()
                 self.checkpoints.tick(self.started and not self.shutting_down)
                 if self.started and not self.shutting_down:
                     self.migration.tick(self.view.ring)
@@ -155,6 +159,7 @@ class Scheduler:
                 raise ValueError(f"heartbeat from unknown node {nid}")
             self._check_owner(nid, identity, op)
             self.last_seen[nid] = time.monotonic()
+            self.identity_of[nid] = identity
             self.node_view[nid] = int(m.get("v", -1))
             if "rebuilt" in m:
                 self.node_rebuilt[nid] = int(m["rebuilt"])
@@ -265,6 +270,16 @@ class Scheduler:
 
     def _bump(self) -> None:
         self.view.version += 1
+        self._announce = True
+
+    def _announce_view(self) -> None:
+        """Send a changed view to every live node's heartbeat socket at once (a failover must
+        not wait for each node's next heartbeat to ask for it)."""
+        self._announce = False
+        meta = {"v": self.view.version, "shutdown": self.shutting_down, "view": self.view.to_json()}
+        for nid, identity in list(self.identity_of.items()):
+            if self.view.alive(nid):
+                self._send(identity, Message("hb", 0, meta=meta))
 
     def _ring_with(self, add: int | None = None, remove: int | None = None) -> KeyRing | None:
         """The current ring with one server added or removed (None if that changes nothing)."""
@@ -328,6 +343,14 @@ class Scheduler:
         if not self.started:
             return
         now = time.monotonic()
+        stalled = now - self._last_check > 2 * self.cfg.heartbeat_interval
+        self._last_check = now
+        if stalled:
+            # this loop did not run for a while (a starved machine): the silence measured now is
+            # ours, not the nodes' - give them a fresh interval rather than declare them dead
+            for nid in self.last_seen:
+                self.last_seen[nid] = max(self.last_seen[nid], now - self.cfg.heartbeat_interval)
+            return
         for nid, node in self.view.nodes.items():
             if node.alive and now - self.last_seen.get(nid, now) > self.cfg.heartbeat_timeout:
                 node.alive = False
