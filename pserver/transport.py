@@ -14,12 +14,13 @@ import logging
 import os
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 
 import zmq
 
 from . import security, wire
 from .config import Config, zmq_endpoint
-from .errors import ConfigError
+from .errors import ConfigError, PServerError
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,21 @@ class Transport:
         msg = wire.decode(body, self.limits)
         self.counters.count(self.counters.received, msg.op, nbytes)
         return identity, msg, role
+
+    def drain(self, sock: zmq.Socket, peer: str) -> Iterator[wire.Message]:
+        """Every message waiting on a DEALER socket, decoded, without blocking. A malformed one is
+        logged (naming ``peer``) and skipped: nothing received may stop the caller's loop."""
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                _, msg, _ = self.decode(frames, routed=False)
+            except PServerError as e:
+                log.warning("malformed message from %s dropped: %s", peer, e)
+                continue
+            yield msg
 
     def close(self) -> None:
         for sock in self._sockets:

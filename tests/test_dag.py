@@ -304,7 +304,7 @@ def test_compaction_keeps_memory_bounded():
         dag.finish(c)
     assert len(dag) == 0 and dag.finished(998)
     dag2 = TaskDAG(BoundedDelay(8))
-    for t in range(5000):
+    for _ in range(5000):
         tid = dag2.issue()
         child = dag2.add_subtask(tid)
         dag2.finish(tid)

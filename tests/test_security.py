@@ -293,7 +293,7 @@ def test_a_node_needs_only_its_own_secret(tmp_path):
 
 
 def test_load_errors(tmp_path, caplog):
-    with pytest.raises(AuthError, match="does not exist.*pserver keygen"):
+    with pytest.raises(AuthError, match=r"does not exist.*pserver keygen"):
         Credentials.load(tmp_path / "nowhere", "worker")
     root = keygen(tmp_path / "k")
     with pytest.raises(AuthError, match="unknown role"):

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from ..errors import CheckpointError, PServerError
+from ..errors import CheckpointError
 from ..ring import KeyRing
 from ..wire import Message
 from .checkpoint import begin, commit, latest, read_manifest, resolve
@@ -160,16 +160,7 @@ class CheckpointCoordinator:
     def _read_replies(self) -> None:
         for sock, _ in self._poller.poll(0):
             sid = next((s for s, k in self._socks.items() if k is sock), -1)
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                try:
-                    _, msg, _ = self.transport.decode(frames, routed=False)
-                except PServerError as e:
-                    log.warning("bad reply from server %d: %s", sid, e)
-                    continue
+            for msg in self.transport.drain(sock, f"server {sid}"):
                 rnd = self.round
                 if rnd is None or msg.ts != rnd.ts or sid not in rnd.waiting:
                     continue  # a late reply of an aborted round

@@ -119,16 +119,7 @@ class MigrationCoordinator:
 
     def _read(self) -> None:
         for sid, sock in list(self.socks.items()):
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                try:
-                    _, msg, _ = self.transport.decode(frames, routed=False)
-                except Exception as e:  # noqa: BLE001 - a bad reply must not stop the scheduler
-                    log.warning("bad migration reply from server %d: %s", sid, e)
-                    continue
+            for msg in self.transport.drain(sock, f"server {sid}"):
                 if self.current is not None and msg.ts == self._ts and msg.op == "migrate_ready":
                     self.current.waiting.discard(sid)
                     log.info("server %d pre-copied %s keys", sid, msg.meta.get("keys", "?"))

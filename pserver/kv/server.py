@@ -413,16 +413,7 @@ class KVServer:
             self._maybe_ack(token, ack)
 
     def _drain_replica(self, sock) -> None:
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                _, msg, _ = self.transport.decode(frames, routed=False)
-            except PServerError as e:
-                log.warning("bad message from a replica: %s", e)
-                continue
+        for msg in self.transport.drain(sock, "a replica"):
             if msg.op == "repl_ack":
                 token = self.repl.on_ack(msg.ts)
                 if token is not None:

@@ -87,7 +87,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
         if getattr(args, flag, ""):
             argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
     argv += ["--bias"] * args.bias + ["--test-every-pass"] * args.test_every_pass
-    for flag in ("delay_damping", "target_objective", "straggler", "clock_log"):  # consistency
+    for flag in ("delay_damping", "delay_free", "target_objective", "straggler",
+                 "clock_log"):  # consistency
         value = getattr(args, flag, None)
         if value is not None and value != "":
             argv += ["--" + flag.replace("_", "-"),

@@ -26,9 +26,11 @@ application "lr" at the scheduler (pserver.consistency.executor), so tau can als
 while running (`pserver consistency --app lr --tau 4`). A pull is applied to the margins as soon
 as it is collected, in order, so after applying iteration t's pull the worker's w equals the
 servers' w after round t exactly (rounds of a synchronous table apply in order). A gradient
-computed with `lag` earlier iterations still unapplied is stale; its curvature is raised by
-1 + delay_damping * lag, since the tau + 1 blocks then move together without seeing each other
-(the DBPG convergence theorem likewise shrinks the step with the delay).
+computed with `lag` earlier iterations still unapplied is stale: the blocks then move together
+without seeing each other and overshoot (the DBPG convergence theorem likewise shrinks the step
+with the delay). Its curvature is raised by 1 + delay_damping * max(0, lag - delay_free). How
+much damping a data set needs depends on how many of a row's features a delay leaves stale; the
+defaults are conservative, benchmarks/delay.py uses values tuned on its data (docs/consistency.md).
 
 Per-pass objective: each worker's loss plus its share of the regulariser, summed through a small
 synchronous "sum" table. Shares are exact without a gather of w: at setup every worker pushes 1 per
@@ -77,7 +79,8 @@ class DBPGConfig:
     filters: str = ""          # more push filters of the weight table, e.g. "key_cache,compress"
     pull_filters: str = ""     # pull filters of the weight table, e.g. "key_cache,compress"
     target: float = 0.0        # stop after the first pass with F <= target (0 = never)
-    delay_damping: float = 0.2  # curvature *= 1 + delay_damping * (unapplied earlier iterations)
+    delay_damping: float = 0.2  # curvature *= 1 + delay_damping * max(0, lag - delay_free), lag:
+    delay_free: int = 0        # earlier iterations not yet applied when a gradient is computed
     slowdown: float = 1.0      # straggler simulation: computing takes slowdown x as long ...
     slowdown_share: float = 0.0  # ... on this random share of the iterations
     app: str = "lr"            # the application's name at the scheduler (tasks, consistency)
@@ -95,9 +98,9 @@ class DBPGConfig:
             raise ConfigError(f"l1 and l2 must be >= 0, got l1={self.l1} l2={self.l2}")
         if self.blocks < 1 or self.epochs < 0:
             raise ConfigError(f"need blocks >= 1 and epochs >= 0, got {self.blocks}, {self.epochs}")
-        if self.tau < 0 or self.delay_damping < 0:
-            raise ConfigError(f"tau and delay_damping must be >= 0, got {self.tau}, "
-                              f"{self.delay_damping}")
+        if self.tau < 0 or self.delay_damping < 0 or self.delay_free < 0:
+            raise ConfigError(f"tau, delay_damping and delay_free must be >= 0, got {self.tau}, "
+                              f"{self.delay_damping}, {self.delay_free}")
         if self.slowdown < 1 or not 0 <= self.slowdown_share <= 1:
             raise ConfigError(f"a straggler needs slowdown >= 1 and 0 <= share <= 1, got "
                               f"{self.slowdown}, {self.slowdown_share}")
@@ -372,8 +375,8 @@ class DBPG:
             self.clock_log.setdefault("starts", []).append([t, self._applied_t, lag])
         self.max_lag = max(self.max_lag, lag)
         self._pass_lag = max(self._pass_lag, lag)
-        if lag and cfg.delay_damping:
-            gu[:, 1] *= 1.0 + cfg.delay_damping * lag
+        if lag > cfg.delay_free and cfg.delay_damping:
+            gu[:, 1] *= 1.0 + cfg.delay_damping * (lag - cfg.delay_free)
         if cfg.slowdown_share and self._rng.random() < cfg.slowdown_share:
             time.sleep((cfg.slowdown - 1.0) * (time.perf_counter() - t0))
         extra = {"span": (self._bounds[b], self._bounds[b + 1])} if self._real else {}

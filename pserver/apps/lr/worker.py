@@ -40,7 +40,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "unfinished (0 = sequential); changeable while running with "
                         "`pserver consistency --app lr --tau N`")
     p.add_argument("--delay-damping", type=float, default=0.2,
-                   help="curvature *= 1 + this * (earlier iterations a gradient did not see)")
+                   help="curvature *= 1 + this * max(0, lag - --delay-free), lag = earlier "
+                        "iterations a gradient did not see")
+    p.add_argument("--delay-free", type=int, default=0, help="lag tolerated without damping")
     p.add_argument("--target-objective", type=float, default=0.0,
                    help="stop after the first pass whose objective is <= this (0 = never)")
     p.add_argument("--straggler", metavar="RANK[:FACTOR[:SHARE]]",
@@ -97,7 +99,8 @@ def train(kv, args: argparse.Namespace) -> dict | None:
                      tau=args.tau, curvature=args.curvature, eta=args.eta, tol=args.tol,
                      table=args.table, kkt=args.kkt, kkt_delta=args.kkt_delta,
                      filters=args.filters, pull_filters=args.pull_filters,
-                     delay_damping=args.delay_damping, target=args.target_objective,
+                     delay_damping=args.delay_damping, delay_free=args.delay_free,
+                     target=args.target_objective,
                      slowdown=slowdown, slowdown_share=share)
     algo = DBPG(kv, shard, cfg)
     if args.clock_log:
