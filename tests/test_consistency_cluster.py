@@ -180,8 +180,10 @@ def test_scheduler_assigns_iterations_tracks_progress_and_changes_tau(cluster_fa
                                       {"app": "demo", "model": "sequential"}, role="scheduler")
                     changed.set()
                 if t == 20:
-                    changed.wait(5)
-                    time.sleep(0.4)                       # a few heartbeats: the view arrives
+                    changed.wait(10)
+                    deadline = time.monotonic() + 10      # the view arrives with a heartbeat
+                    while str(ex.model) != "sequential" and time.monotonic() < deadline:
+                        time.sleep(0.01)
                 ex.run(t, lambda t: ex.pull(keys, "it", then=lambda v: None))
                 seen[r].append((t, ex.lag, str(ex.model)))
                 time.sleep(0.002)

@@ -419,7 +419,8 @@ class TaskService:
     def node_gone(self, node: int) -> None:
         """A worker died or left: requeue its `any` tasks and serve waiting requests."""
         self._held = [(i, m) for i, m in self._held if int(m.meta.get("id", -1)) != node]
-        if self.tasks.requeue_node(node, self._live()):
+        self.tasks.requeue_node(node, self._live())
+        if self._held:  # requeued tasks to hand out, or (dropped) an application now finished
             self._retry_held()
 
     def progress(self) -> dict[str, dict]:
