@@ -83,9 +83,6 @@ class Replicator:
         self.messages_forwarded = 0
 
     # -- configuration --------------------------------------------------------------------------
-    def configure(self, ring: KeyRing | None, k: int, after_aggregation: bool) -> None:
-        self.ring, self.k, self.after_aggregation = ring, k, after_aggregation
-
     def active(self) -> bool:
         return self.ring is not None and (self.next_ring is not None
                                           or (self.k > 0 and len(self.ring.servers) > 1))
@@ -217,80 +214,18 @@ class Replicator:
         return [[w, [list(tp) for tp in win.order]] for w, win in self.applied.items()]
 
     # -- re-replication after a ring change -----------------------------------------------------
-    def plan_rebuild(self, old: KeyRing, new: KeyRing, tables: dict) -> int:
-        """After a failover: queue copies of the keys this server masters under ``new`` to their
-        new replicas; :meth:`rebuild_step` sends them a chunk at a time between requests, so the
-        failed ranges are served at once while replicas are rebuilt in the background. Each chunk
-        is read from the table when sent and links are FIFO, so a replica ends with the master's
-        state: updates forwarded before a chunk are overwritten by it, later ones follow it."""
-        self.jobs.clear()
-        self._rebuilding_version = new.version
-        total = 0
+    def _copies(self, old: KeyRing | None, new: KeyRing, tables: dict, masters: KeyRing
+                ) -> list[tuple[str, int, np.ndarray]]:
+        """(table, server, keys): the keys this server masters under ``masters`` that a server
+        holds under ``new`` but did not under ``old``."""
+        out = []
         for name, table in tables.items():
             keys, _, _ = table.items()
             if not len(keys):
                 continue
-            keys = keys[new.owner_of(keys) == self.my_id]
+            keys = keys[masters.owner_of(keys) == self.my_id]
             if not len(keys):
                 continue
-            new_holders = new.holders(keys, self.k)
-            old_holders = old.holders(keys, self.k)
-            for sid in np.unique(new_holders):
-                if sid < 0 or sid == self.my_id:
-                    continue
-                need = (new_holders == sid).any(axis=1) & ~(old_holders == sid).any(axis=1)
-                if need.any():
-                    self.jobs.append((name, int(sid), keys[need]))
-                    total += int(need.sum())
-        if not self.jobs:
-            self.rebuilt_version = new.version
-        return total
-
-    def rebuild_step(self, tables: dict, budget: int = 1 << 16) -> bool:
-        """Send up to ``budget`` keys of queued copies; True while more remain."""
-        while budget > 0 and self.jobs:
-            name, sid, keys = self.jobs[0]
-            table = tables.get(name)
-            chunk, rest = keys[:budget], keys[budget:]
-            if rest.size:
-                self.jobs[0] = (name, sid, rest)
-            else:
-                self.jobs.popleft()
-            budget -= chunk.size
-            if table is None or sid not in (self.ring.servers if self.ring else ()):
-                continue
-            values, state = table.rows(chunk)
-            arrays = [chunk, values] + ([state] if state is not None else [])
-            meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_json()}
-            try:
-                self.transport.send(self._sock(sid), Message("repl_load", 0, name, meta, arrays))
-            except zmq.ZMQError as e:
-                log.warning("cannot copy to replica %d: %s", sid, e)
-        if not self.jobs:
-            self.rebuilt_version = self._rebuilding_version
-        return bool(self.jobs)
-
-    def rebuild(self, old: KeyRing | None, new: KeyRing, tables: dict, masters: KeyRing,
-                token: object = None) -> int:
-        """Copy the keys this server masters under ``masters`` to the servers that hold them under
-        ``new`` but did not under ``old`` (values, optimizer state and the replication clock).
-
-        After a failover (``masters`` = new) this rebuilds replicas; when preparing a migration
-        (``masters`` = the current ring) it pre-copies to the future holders, and ``token`` collects
-        their acknowledgements. Runs in the server loop before any further request, so every later
-        forwarded update reaches the target after the copy (links are FIFO). Returns the number of
-        copy messages sent."""
-        sent = 0
-        nkeys = 0
-        for name, table in tables.items():
-            keys, values, state = table.items()
-            if not len(keys):
-                continue
-            mine = masters.owner_of(keys) == self.my_id
-            if not mine.any():
-                continue
-            keys, values = keys[mine], values[mine]
-            state = state[mine] if state is not None else None
             new_holders = new.holders(keys, self.k)
             old_holders = old.holders(keys, self.k) if old is not None else \
                 np.full((len(keys), 1), -1)
@@ -298,27 +233,68 @@ class Replicator:
                 if sid < 0 or sid == self.my_id:
                     continue
                 need = (new_holders == sid).any(axis=1) & ~(old_holders == sid).any(axis=1)
-                if not need.any():
-                    continue
-                idx = np.flatnonzero(need)
-                for start in range(0, len(idx), SNAPSHOT_KEYS):
-                    part = idx[start:start + SNAPSHOT_KEYS]
-                    arrays = [keys[part], values[part]]
-                    if state is not None:
-                        arrays.append(state[part])
-                    meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_json()}
-                    rid = 0
-                    if token is not None:
-                        self._next_rid += 1
-                        rid = self._next_rid
-                        self.waiting[rid] = token
-                        self._rid_peer[rid] = int(sid)
-                    self.transport.send(self._sock(int(sid)), Message("repl_load", rid, name, meta, arrays))
-                    sent += 1
-                    nkeys += len(part)
-        if sent and token is not None:
+                if need.any():
+                    out.append((name, int(sid), keys[need]))
+        return out
+
+    def _send_copy(self, table, sid: int, keys: np.ndarray, rid: int = 0) -> None:
+        """One repl_load: the keys' values and state as stored now, and this master's applied
+        parts. ``rid`` > 0 asks the receiver to acknowledge it."""
+        values, state = table.rows(keys)
+        arrays = [keys, values] + ([state] if state is not None else [])
+        meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_json()}
+        self.transport.send(self._sock(sid), Message("repl_load", rid, table.spec.name, meta, arrays))
+
+    def plan_rebuild(self, old: KeyRing, new: KeyRing, tables: dict) -> int:
+        """After a failover: queue copies of the keys this server masters under ``new`` to their
+        new replicas; :meth:`rebuild_step` sends them a chunk at a time between requests, so the
+        failed ranges are served at once while replicas are rebuilt in the background. Each chunk
+        is read from the table when sent and links are FIFO, so a replica ends with the master's
+        state: updates forwarded before a chunk are overwritten by it, later ones follow it."""
+        self.jobs = deque(self._copies(old, new, tables, masters=new))
+        self._rebuilding_version = new.version
+        if not self.jobs:
+            self.rebuilt_version = new.version
+        return sum(len(keys) for _, _, keys in self.jobs)
+
+    def rebuild_step(self, tables: dict, budget: int = 1 << 16) -> bool:
+        """Send up to ``budget`` keys of queued copies; True while more remain."""
+        while budget > 0 and self.jobs:
+            name, sid, keys = self.jobs[0]
+            chunk, rest = keys[:budget], keys[budget:]
+            if rest.size:
+                self.jobs[0] = (name, sid, rest)
+            else:
+                self.jobs.popleft()
+            budget -= chunk.size
+            table = tables.get(name)
+            if table is None or self.ring is None or sid not in self.ring.servers:
+                continue
+            try:
+                self._send_copy(table, sid, chunk)
+            except zmq.ZMQError as e:
+                log.warning("cannot copy to replica %d: %s", sid, e)
+        if not self.jobs:
+            self.rebuilt_version = self._rebuilding_version
+        return bool(self.jobs)
+
+    def precopy(self, new: KeyRing, tables: dict, token: object) -> int:
+        """Phase 1 of a migration: copy the keys this server masters now to the servers that will
+        hold them under ``new``, at once, each copy acknowledged to ``token``. Afterwards every
+        update of those keys is forwarded to them too (see replica_groups). Returns the number of
+        copy messages sent (0: nothing to wait for)."""
+        sent = nkeys = 0
+        for name, sid, keys in self._copies(self.ring, new, tables, masters=self.ring):
+            for start in range(0, len(keys), SNAPSHOT_KEYS):
+                chunk = keys[start:start + SNAPSHOT_KEYS]
+                self._next_rid += 1
+                self.waiting[self._next_rid] = token
+                self._rid_peer[self._next_rid] = sid
+                self._send_copy(tables[name], sid, chunk, self._next_rid)
+                sent += 1
+                nkeys += len(chunk)
+        if sent:
             self.outstanding[token] = self.outstanding.get(token, 0) + sent
-        if nkeys:
-            log.info("copied %d keys to their new holders (ring v%d)", nkeys, new.version)
+            log.info("pre-copied %d keys to their holders under ring v%d", nkeys, new.version)
         self.last_copied = nkeys
         return sent

@@ -470,7 +470,7 @@ class KVServer:
                 self._known_peers[int(sid)] = (str(host), int(port))
             self.repl.next_ring = ring
             token = ("migrate", identity, msg.ts)
-            if not self.repl.rebuild(self.ring, ring, self.tables, masters=self.ring, token=token):
+            if not self.repl.precopy(ring, self.tables, token):
                 self._reply(identity, Message("migrate_ready", msg.ts, meta={"keys": 0}))
             return
         self.repl.next_ring = None  # commit: switch now, before the view's broadcast

@@ -68,7 +68,6 @@ class Scheduler:
         self.tasks = TaskService(self._send, lambda: self.view, self._bump)  # app task queues
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> rejected messages
         self.safe_ring: KeyRing | None = None   # last ring whose replicas are all in place
-        self.ring_changed_at = 0.0
         self.node_view: dict[int, int] = {}     # node id -> view version its heartbeat reported
         self.node_rebuilt: dict[int, int] = {}  # server id -> ring version it finished re-replicating
         self.migration = MigrationCoordinator(self.transport, self._server_address, self.view.alive,
@@ -334,7 +333,6 @@ class Scheduler:
         self.view.ring = KeyRing([s for s in ring.servers if s not in gone],
                                  virtual=ring.virtual, block_bits=ring.block_bits,
                                  version=ring.version + 1)
-        self.ring_changed_at = time.monotonic()
         log.warning("key ring v%d: server(s) %s removed, their ranges fail over to their replicas",
                     self.view.ring.version, sorted(gone))
 
