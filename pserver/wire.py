@@ -30,6 +30,8 @@ _HLEN = struct.Struct("<I")
 _PREFIX = len(MAGIC) + _HLEN.size
 INLINE_BYTES = 32 * 1024  # below this, copying arrays into one frame beats sending several frames
 _ZEROS = bytes(8)
+# one encoder for every message: json.dumps with arguments builds a new one per call
+_json_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
 
 # dtype code on the wire -> numpy dtype. Little-endian only; anything else is rejected.
 DTYPES: dict[str, np.dtype] = {
@@ -100,7 +102,7 @@ def encode(msg: Message) -> list:
         inline = sum(a.nbytes for a in arrays) <= INLINE_BYTES
         if inline:
             header["i"] = 1
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = _json_encode(header).encode()
     prefix = MAGIC + _HLEN.pack(len(head)) + head
     if not inline:
         return [prefix, *arrays]
