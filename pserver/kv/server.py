@@ -92,6 +92,7 @@ class KVServer:
         self.tables: dict[str, Table] = {
             "default": Table(TableSpec(name="default", updater=default_updater))}
         self.rounds: dict[str, dict[tuple, _Round]] = {}
+        self.done_rounds: dict[tuple, int] = {}  # (table, origin) -> last round applied here
         self.held: dict[bytes, deque] = {}   # sender identity -> requests held behind a sync push
         self.filters = ServerFilters.from_env(self.held, self.cfg.max_message_bytes)
         self.membership.traffic = heartbeat_reporter(self.transport.counters, self.filters.counters)
@@ -608,12 +609,17 @@ class KVServer:
         rnd = msg.meta.get("rnd")
         if type(rnd) is not int or rnd < 0:
             raise ProtocolError("a push to a synchronous table must carry its round number")
-        if origin is None and msg.meta.get("orig"):
-            origin = _origins(msg.meta["orig"])[0][0]
+        # A part resent after a failover joins this server's own round r: the other workers may send
+        # round r here only after the failover, as ordinary parts. If round r is already applied
+        # here, the resent part is applied on its own (it holds keys no earlier part of r had).
+        resend = origin is None and bool(msg.meta.get("orig"))
         key = (rnd, origin)
         rounds = self.rounds.setdefault(table.spec.name, {})
+        if resend and rnd <= self.done_rounds.get((table.spec.name, None), -1):
+            self._apply_late_part(token, msg, table, keys, vals, sender)
+            return
         r = rounds.setdefault(key, _Round())
-        if sender in r.senders:
+        if sender in r.senders and not resend:
             raise ProtocolError(f"duplicate push for round {rnd} of table {table.spec.name!r}")
         r.senders[sender] = (msg.ts, msg.meta.get("wp" if token is None else "p"))
         if keys.n:
@@ -629,6 +635,20 @@ class KVServer:
                     keys.as_array(), vals, always=True)
         self._maybe_apply(table.spec.name, key)
 
+    def _apply_late_part(self, token, msg: Message, table: Table, keys, vals, sender: int) -> None:
+        """A resent part of a synchronous round this server already applied: apply it alone,
+        replicate it like an aggregate, and acknowledge it once the replicas have it."""
+        if keys.n:
+            keyfmt.apply_push(table, keys, vals)
+        if token is None:
+            return
+        ack = self.acks[token] = _Ack(token)
+        if self.repl.active():
+            ack.replicas += self.repl.forward(
+                token, "replicate_agg", table.spec.name,
+                {"clk": [[sender, msg.ts, msg.meta.get("p")]]}, keys.as_array(), vals)
+        self._local_done(token)
+
     def _live_workers(self) -> set[int]:
         return {n.id for n in self.membership.view.role_nodes("worker")}
 
@@ -641,6 +661,8 @@ class KVServer:
         if any(k[1] == key[1] and k[0] < key[0] for k in rounds):
             return
         del rounds[key]
+        done = self.done_rounds.get((name, key[1]), -1)
+        self.done_rounds[(name, key[1])] = max(done, key[0])
         table = self.tables[name]
         keys = np.empty(0, np.uint64)
         vals = np.empty((0, table.spec.push_cols), table.dtype)
