@@ -210,6 +210,9 @@ class KVServer:
             _, msg, role = self.transport.decode(frames, routed=True)
             ts = msg.ts
             part = msg.meta.get("p")
+            if part is not None and type(part) is not int:
+                part = None
+                raise ProtocolError("meta 'p' (the request part) must be an integer")
             if self.transport.creds.secure and not security.authorise(msg.op, role, True):
                 raise AuthError(f"a {role} may not send {msg.op!r} to a server")
             held = self.held.get(identity)
@@ -451,6 +454,8 @@ class KVServer:
                 self.repl.record(master, int(worker), int(ts), part)
         else:
             src, wts, wp = int(msg.meta["src"]), int(msg.meta["wts"]), msg.meta.get("wp")
+            if wp is not None and type(wp) is not int:
+                raise ProtocolError("meta 'wp' must be an integer part id")
             if not self.repl.seen(master, src, wts, wp):
                 self.repl.record(master, src, wts, wp)
                 self._record_clock(table.spec.name, src, keys, wts)
@@ -740,6 +745,7 @@ def _origins(raw) -> list[tuple[int, object]]:
     if raw is None:
         return []
     if not isinstance(raw, list) or len(raw) > 64 or not all(
-            isinstance(o, list) and len(o) == 2 and type(o[0]) is int for o in raw):
+            isinstance(o, list) and len(o) == 2 and type(o[0]) is int and type(o[1]) is int
+            for o in raw):
         raise ProtocolError("meta 'orig' must be a list of [server id, part id] pairs")
     return [(o[0], o[1]) for o in raw]
