@@ -15,6 +15,10 @@ applies that push too, decoded with the same codec. At the end of each example t
 pulled and compared bit for bit (NaN and infinity are valid values), and at the end of the test
 the server is alive, answers correctly, and its error counters (total and per reason) equal the
 error replies this test received.
+
+A second test sends mutated control messages (heartbeat, leave, barrier naming the server,
+scheduler-only ops, random headers) to the scheduler from a worker's socket: it answers every one,
+stays up, counts its rejections, and the server stays a live member of the cluster.
 """
 
 from __future__ import annotations
@@ -37,8 +41,6 @@ from pserver.launch import LocalCluster
 from pserver.security import Credentials
 from pserver.store.spec import TableSpec
 from pserver.wire import Message
-
-pytestmark = pytest.mark.slow
 
 TABLES = {"default": 1, "emb": 3}  # name -> dim (float32, "sum", zeros)
 REPLY_TIMEOUT_MS = 10_000
@@ -305,11 +307,9 @@ class Model:
             for key, row in zip(keys.tolist(), vals.reshape(len(keys), dim)):
                 rows[key] = rows.get(key, np.zeros(dim, np.float32)) + row
 
-    def expected(self, table: str) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.rows[table]
-        keys = np.array(sorted(rows), dtype=np.uint64)
-        return keys, np.array([rows[k] for k in keys.tolist()], np.float32).reshape(len(keys),
-                                                                                   TABLES[table])
+    def keys(self, table: str) -> np.ndarray:
+        """Every key ever written to ``table``, sorted."""
+        return np.array(sorted(self.rows[table]), dtype=np.uint64)
 
 
 def same_values(got: np.ndarray, want: np.ndarray) -> bool:
@@ -319,6 +319,8 @@ def same_values(got: np.ndarray, want: np.ndarray) -> bool:
 
 
 class Harness:
+    """The attacker's and the checker's sockets at the cluster's server, and the model."""
+
     def __init__(self, cluster: LocalCluster):
         self.cluster = cluster
         status = cluster.wait_scheduler()
@@ -385,7 +387,7 @@ class Harness:
 
     def check_all(self) -> None:
         for table in TABLES:
-            keys, _ = self.model.expected(table)
+            keys = self.model.keys(table)
             if len(keys):
                 self.check_pull(table, keys)
 
@@ -398,7 +400,7 @@ class Harness:
         msg = wire.decode(frames)
         assert msg.op == "push", (how, msg)
         if reply.meta.get("dup") or (msg.table or "default") not in TABLES:
-            return
+            return  # a resend the server recognised, or a table this test does not model
         self._apply(msg)
 
     def stats(self) -> dict:
@@ -451,13 +453,14 @@ def test_builder_matches_the_codec(msg, one_frame):
     assert inline == one_frame
 
 
+@pytest.mark.slow
 def test_fuzzed_server_stays_up_and_keeps_exact_values(harness):
     h = harness
     before = h.stats()
     proc = h.cluster.procs["server 0"]
     sent = Counter()
 
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=False,
+    @settings(max_examples=MAX_EXAMPLES, deadline=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                      HealthCheck.large_base_example])
     @given(actions=st.lists(ACTIONS, min_size=MIN_ACTIONS, max_size=2 * MIN_ACTIONS))
@@ -465,7 +468,6 @@ def test_fuzzed_server_stays_up_and_keeps_exact_values(harness):
         for kind, arg in actions:
             sent[kind] += 1
             if kind == "push":
-                arg.ts = 0
                 h.valid_push(arg)
             elif kind == "pull":
                 h.check_pull(arg.table, _keys_of(arg))
@@ -516,6 +518,7 @@ SCHEDULER_OPS = tuple(op for op in OPS if op != "register")
 SCHEDULER_EXPECTED_KINDS = {"ValueError", "KeyError", "TypeError", "OverflowError"}
 
 
+@pytest.mark.slow
 def test_fuzzed_scheduler_stays_up_and_keeps_the_cluster(harness):
     h = harness
     sock = h.ctx.socket(zmq.DEALER)
