@@ -92,6 +92,12 @@ class Precision(Filter):
         return Payload(p.keys, self._from_wire(w, shape, dtype), meta, p.frames)
 
 
+def _clip(v: np.ndarray, limit: float) -> tuple[np.ndarray, int]:
+    """Values clipped to [-limit, limit] (a copy only when needed) and how many were clipped."""
+    clipped = int(np.count_nonzero(np.abs(v) > limit))
+    return (np.clip(v, -limit, limit) if clipped else v), clipped
+
+
 class FP16(Precision):
     """IEEE half precision (``fp16``)."""
 
@@ -100,10 +106,7 @@ class FP16(Precision):
     wire_dtype = np.dtype("<f2")
 
     def _to_wire(self, v: np.ndarray, ctx: FilterContext) -> tuple[np.ndarray, int]:
-        big = np.abs(v) > _FP16_MAX
-        clipped = int(np.count_nonzero(big))
-        if clipped:
-            v = np.clip(v, -_FP16_MAX, _FP16_MAX)
+        v, clipped = _clip(v, _FP16_MAX)
         return v.astype("<f2"), clipped
 
     def _from_wire(self, w: np.ndarray, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -118,10 +121,7 @@ class BF16(Precision):
     wire_dtype = np.dtype("<u2")
 
     def _to_wire(self, v: np.ndarray, ctx: FilterContext) -> tuple[np.ndarray, int]:
-        big = np.abs(v) > _BF16_MAX
-        clipped = int(np.count_nonzero(big))
-        if clipped:
-            v = np.clip(v, -_BF16_MAX, _BF16_MAX)
+        v, clipped = _clip(v, _BF16_MAX)
         u = np.ascontiguousarray(v, dtype="<f4").view("<u4")
         # Round to nearest even on the 16 bits dropped; NaN is handled apart because adding the
         # rounding bias could carry a NaN payload into the exponent (-> inf).
