@@ -16,6 +16,7 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 
+import numpy as np
 import zmq
 
 from . import security, wire
@@ -141,7 +142,10 @@ class Transport:
         if identity is not None:
             frames.insert(0, identity)
         sock.send_multipart(frames, copy=False)
-        self.counters.count(self.counters.sent, msg.op, wire.payload_bytes(frames))
+        nbytes = 0  # the identity and frames of wire.encode: bytes and numpy arrays
+        for f in frames:
+            nbytes += f.nbytes if type(f) is np.ndarray else len(f)
+        self.counters.count(self.counters.sent, msg.op, nbytes)
 
     def decode(self, frames: list, routed: bool) -> tuple[bytes | None, wire.Message, str | None]:
         """Decode received frames -> (identity or None, message, authenticated peer role or None).

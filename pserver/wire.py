@@ -3,6 +3,7 @@
 A message is a multipart ZeroMQ message::
 
     frame 0   b"PS1" + u32 length + JSON header {"op", "ts", "t": table, "m": {...}, "a": [[dtype, shape], ...]}
+              (the length's top bit set: the header holds integers beyond 64 bits, see _dumps)
     frame 1.. one frame per numpy array listed in "a", raw bytes in C order
 
 or, for small messages (header "i": 1), a single frame holding the header and then the arrays, each
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from .errors import LimitError, ProtocolError
 
@@ -30,8 +32,21 @@ _HLEN = struct.Struct("<I")
 _PREFIX = len(MAGIC) + _HLEN.size
 INLINE_BYTES = 32 * 1024  # below this, copying arrays into one frame beats sending several frames
 _ZEROS = bytes(8)
-# one encoder for every message: json.dumps with arguments builds a new one per call
+# Headers are parsed and built with orjson (5-15x faster than the json module on our small headers,
+# a measurable share of a 1,000-key request). orjson handles integers of at most 64 bits and parses
+# larger ones as floats, so a header holding one (a key bound of 2**64) is built by the json module
+# and flagged in the top bit of its length word; the receiver then parses it with the json module too.
 _json_encode = json.JSONEncoder(separators=(",", ":"), check_circular=False).encode
+_WIDE_INTS = 1 << 31
+
+
+def _dumps(header: dict) -> tuple[bytes, int]:
+    """(JSON bytes, flag for the length word)."""
+    try:
+        return orjson.dumps(header), 0
+    except TypeError:  # an integer beyond 64 bits, or a value only the json module converts
+        return _json_encode(header).encode(), _WIDE_INTS
+
 
 # dtype code on the wire -> numpy dtype. Little-endian only; anything else is rejected.
 DTYPES: dict[str, np.dtype] = {
@@ -102,8 +117,8 @@ def encode(msg: Message) -> list:
         inline = sum(a.nbytes for a in arrays) <= INLINE_BYTES
         if inline:
             header["i"] = 1
-    head = _json_encode(header).encode()
-    prefix = MAGIC + _HLEN.pack(len(head)) + head
+    head, flag = _dumps(header)
+    prefix = MAGIC + _HLEN.pack(len(head) | flag) + head
     if not inline:
         return [prefix, *arrays]
     parts: list = [prefix, _ZEROS[: _pad(len(prefix))]]
@@ -130,12 +145,14 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
     if len(first) < _PREFIX or first[:3] != MAGIC:
         raise ProtocolError("not a pserver message (bad magic or protocol version)")
     (hlen,) = _HLEN.unpack_from(first, 3)
+    wide, hlen = hlen & _WIDE_INTS, hlen & (_WIDE_INTS - 1)
     if hlen > limits.max_header_bytes:
         raise LimitError(f"header of {hlen} bytes exceeds the limit of {limits.max_header_bytes}")
     if _PREFIX + hlen > len(first):
         raise ProtocolError(f"header length {hlen} runs past the end of the frame")
     try:
-        header = json.loads(first[_PREFIX:_PREFIX + hlen].tobytes())
+        raw = first[_PREFIX:_PREFIX + hlen].tobytes()
+        header = json.loads(raw) if wide else orjson.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # deep nesting: RecursionError
         raise ProtocolError(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
@@ -174,8 +191,9 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
         if inline:
             if offset + nbytes > len(first):
                 raise ProtocolError("inline arrays run past the end of the frame")
-            arrays.append(np.frombuffer(first, dtype=dtype, count=count, offset=offset).reshape(shape))
-            offset += nbytes + _pad(nbytes)
+            arr = np.frombuffer(first, dtype=dtype, count=count, offset=offset)
+            arrays.append(arr.reshape(shape) if len(shape) == 2 else arr)
+            offset += nbytes + (-nbytes & 7)
         else:
             buf = _buffer(frames[i + 1])
             if len(buf) != nbytes:
@@ -187,18 +205,29 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
 
 
 def _check_spec(spec, limits: Limits) -> tuple[np.dtype, tuple[int, ...]]:
-    if not (isinstance(spec, list) and len(spec) == 2 and isinstance(spec[0], str)
-            and isinstance(spec[1], list) and 1 <= len(spec[1]) <= 2
-            and all(type(d) is int and d >= 0 for d in spec[1])):
+    # unrolled for the one or two dimensions allowed: this runs for every array received
+    if type(spec) is not list or len(spec) != 2 or type(spec[1]) is not list:
         raise ProtocolError(f"bad array spec {spec!r:.80}")
-    if spec[1][0] > limits.max_keys:
-        raise LimitError(f"array of {spec[1][0]} entries exceeds the limit of {limits.max_keys} keys")
-    dtype = DTYPES.get(spec[0])
+    code, dims = spec
+    dtype = DTYPES.get(code) if type(code) is str else None
     if dtype is None:
-        raise ProtocolError(f"dtype {spec[0]!r:.20} is not allowed")
-    shape = tuple(spec[1])
-    if len(shape) == 2 and shape[1] > limits.max_dim:
-        raise LimitError(f"value dimension {shape[1]} exceeds the limit {limits.max_dim}")
+        raise ProtocolError(f"dtype {code!r:.20} is not allowed")
+    if len(dims) == 1:
+        n = dims[0]
+        if type(n) is not int or n < 0:
+            raise ProtocolError(f"bad array spec {spec!r:.80}")
+        shape: tuple[int, ...] = (n,)
+    elif len(dims) == 2:
+        n, d = dims
+        if type(n) is not int or type(d) is not int or n < 0 or d < 0:
+            raise ProtocolError(f"bad array spec {spec!r:.80}")
+        if d > limits.max_dim:
+            raise LimitError(f"value dimension {d} exceeds the limit {limits.max_dim}")
+        shape = (n, d)
+    else:
+        raise ProtocolError(f"bad array spec {spec!r:.80}")
+    if n > limits.max_keys:
+        raise LimitError(f"array of {n} entries exceeds the limit of {limits.max_keys} keys")
     return dtype, shape
 
 

@@ -280,10 +280,11 @@ def test_malformed_messages_to_the_scheduler_get_error_replies(secure, peer):
     deep = "[" * 30_000  # deeper than the JSON parser's recursion limit
     bad = {
         "ProtocolError": [[wire.MAGIC + struct.pack("<I", len(deep)) + deep.encode()],
-                          [b"junk"], raw({"op": "status", "ts": 1.5})],
-        "OverflowError": [raw({"op": "heartbeat", "ts": 1, "m": {"id": float("inf")}})],
-        "ValueError": [raw({"op": "barrier", "ts": 1, "m": {"id": float("nan")}}),
-                       raw({"op": "heartbeat", "ts": 1, "m": {"id": 10**6}})],
+                          [b"junk"], raw({"op": "status", "ts": 1.5}),
+                          # Infinity and NaN are not JSON: refused by the header parser
+                          raw({"op": "heartbeat", "ts": 1, "m": {"id": float("inf")}}),
+                          raw({"op": "barrier", "ts": 1, "m": {"id": float("nan")}})],
+        "ValueError": [raw({"op": "heartbeat", "ts": 1, "m": {"id": 10**6}})],
         "KeyError": [raw({"op": "leave", "ts": 1})],
         "TypeError": [raw({"op": "heartbeat", "ts": 1, "m": {"id": [1]}})],
     }

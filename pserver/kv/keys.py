@@ -12,6 +12,7 @@ wrap-around, and that the values frame matches the number of keys and the table'
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from ..errors import ProtocolError
@@ -19,6 +20,20 @@ from ..wire import Message
 
 U64 = np.dtype(np.uint64)
 _RUNS_MIN_KEYS = 32  # below this the runs test is not worth its cost
+
+
+@numba.njit(cache=True, nogil=True)
+def _increasing(keys: np.ndarray) -> bool:
+    for i in range(1, keys.size):
+        if keys[i] <= keys[i - 1]:
+            return False
+    return True
+
+
+def sorted_unique(keys: np.ndarray) -> bool:
+    """Whether a 1-D uint64 array is strictly increasing (sorted, no duplicates). One compiled
+    pass without temporaries: every request's keys are checked, on both ends."""
+    return keys.size < 2 or _increasing(keys)
 
 
 class KeySet:
@@ -84,7 +99,7 @@ def unpack_keys(msg: Message, first: int = 0) -> KeySet:
         keys = arrays[first]
         if keys.dtype != U64 or keys.ndim != 1:
             raise ProtocolError("keys must be a 1-D uint64 array")
-        if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+        if not sorted_unique(keys):
             raise ProtocolError("keys must be sorted and unique")
         return KeySet(keys=keys)
     if kf == "r":

@@ -327,8 +327,8 @@ class KVServer:
         self._check_limits(keys, table)
         sender = keyfmt.sender_id(identity)
         self._check_owner(msg, keys)
-        token = (identity, msg.ts, msg.meta.get("p"))
         part = msg.meta.get("p")
+        token = (identity, msg.ts, part)
         orig = _origins(msg.meta.get("orig"))
         if orig and any(self.repl.seen(s, sender, msg.ts, p) for s, p in orig):
             # a resend after failover of an update this server already has (it was the replica)
@@ -345,11 +345,13 @@ class KVServer:
         keyfmt.apply_push(table, keys, vals)
         if self._as_of_waiting:
             self._recheck_as_of()
+        if not self.repl.active():
+            self._send_ack(identity, msg.ts, part)
+            return
         ack = self.acks[token] = _Ack(token)
-        if self.repl.active():
-            ack.replicas += self.repl.forward(token, "replicate", table.spec.name,
-                                              {"src": sender, "wts": msg.ts, "wp": part},
-                                              keys.as_array(), vals)
+        ack.replicas += self.repl.forward(token, "replicate", table.spec.name,
+                                          {"src": sender, "wts": msg.ts, "wp": part},
+                                          keys.as_array(), vals)
         self._local_done(token)
 
     def _check_owner(self, msg: Message, keys: keyfmt.KeySet) -> None:
@@ -390,12 +392,18 @@ class KVServer:
     def _maybe_ack(self, token: tuple, ack: _Ack) -> None:
         if ack.local and ack.replicas <= 0:
             del self.acks[token]
-            identity, ts, part = token
-            if self._ack_batch is not None:
-                self._ack_batch.setdefault(identity, []).append((ts, part))
-                return
-            meta = {"p": part} if part is not None else None
-            self._reply(identity, Message("ack", ts, meta=meta))
+            self._send_ack(*token)
+
+    def _send_ack(self, identity: bytes, ts: int, part) -> None:
+        """Acknowledge part ``part`` of push ``ts`` - with the rest of this burst's, if draining."""
+        if self._ack_batch is not None:
+            batch = self._ack_batch.get(identity)
+            if batch is None:
+                self._ack_batch[identity] = [(ts, part)]
+            else:
+                batch.append((ts, part))
+            return
+        self._reply(identity, Message("ack", ts, meta={"p": part} if part is not None else None))
 
     def _on_replica_ack(self, token) -> None:
         if token is None:

@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 import zmq
@@ -46,35 +45,46 @@ _ERRORS = {"TableError": TableError, "DataLostError": DataLostError}
 _RETRY_AFTER = 0.01  # seconds before resending a part a server refused as not its own
 
 
-@dataclass
 class _Part:
     """One message of a request: the keys ``sel`` of the request sent to server ``sid``."""
 
-    sid: int
-    sel: object                        # slice or index array into the request's keys
-    rv: int                            # ring version it was split with
-    orig: tuple = ()                   # resends: ((server, part id), ...) that may have applied it
-    refused_at: float = 0.0            # WrongOwner: when, and the server's ring version
-    refused_rv: int = -1
+    __slots__ = ("sid", "sel", "rv", "orig", "refused_at", "refused_rv")
+
+    def __init__(self, sid: int, sel, rv: int, orig: tuple = ()):
+        self.sid = sid
+        self.sel = sel                 # slice or index array into the request's keys
+        self.rv = rv                   # ring version it was split with
+        self.orig = orig               # resends: ((server, part id), ...) that may have applied it
+        self.refused_at = 0.0          # WrongOwner: when, and the server's ring version
+        self.refused_rv = -1
 
 
-@dataclass
 class _Request:
-    kind: str                          # push | pull | range | declare
-    table: str = "default"
-    keys: np.ndarray | None = None     # kept until acknowledged, to re-split after a failover
-    vals: np.ndarray | None = None     # push values (n, cols), kept likewise (not copied)
-    rnd: int | None = None             # synchronous round of a push
-    meta: dict = field(default_factory=dict)
-    out: np.ndarray | None = None      # pull: (n, dim) result buffer
-    parts: dict[int, _Part] = field(default_factory=dict)
-    waiting: set[int] = field(default_factory=set)   # part ids not answered yet
-    ranges: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
-    callback: Callable | None = None
-    error: Exception | None = None
-    result: object = None
-    started: float = 0.0
-    clock: dict[int, int] | None = None  # pull with clock=True: node -> time the values reflect
+    """One push, pull, range pull or table declaration, until every part is answered. Plain slots:
+    one is built per call on the hot path."""
+
+    __slots__ = ("kind", "table", "keys", "vals", "rnd", "meta", "out", "parts", "waiting",
+                 "ranges", "callback", "error", "result", "started", "clock")
+
+    def __init__(self, kind: str, table: str = "default", keys: np.ndarray | None = None,
+                 vals: np.ndarray | None = None, *, meta: dict | None = None,
+                 out: np.ndarray | None = None, callback: Callable | None = None,
+                 result: object = None, started: float = 0.0):
+        self.kind = kind               # push | pull | range | declare
+        self.table = table
+        self.keys = keys               # kept until acknowledged, to re-split after a failover
+        self.vals = vals               # push values (n, cols), kept likewise (not copied)
+        self.rnd: int | None = None    # synchronous round of a push
+        self.meta = meta if meta is not None else {}
+        self.out = out                 # pull: (n, dim) result buffer
+        self.parts: dict[int, _Part] = {}
+        self.waiting: set[int] = set()  # part ids not answered yet
+        self.ranges: list[tuple[np.ndarray, np.ndarray]] = []
+        self.callback = callback
+        self.error: Exception | None = None
+        self.result = result
+        self.started = started
+        self.clock: dict[int, int] | None = None  # pull with clock=True: node -> time reflected
 
 
 class KVWorker:
@@ -102,6 +112,9 @@ class KVWorker:
         self._rounds: dict[str, int] = {}
         self._rings = {}            # ring version -> KeyRing, for re-splitting after a change
         self._routed_rv = -1        # ring version of the last re-routing pass
+        self._routed_view = -1      # view version of the last re-routing pass
+        self._reroute_due = 0.0     # monotonic time of the next safety-net re-routing pass
+        self._reroute_flag = False  # a part was refused or could not be sent: re-route soon
         self._ring = self.membership.view.ring   # the ring requests are being split with
         self._closed = False
         self.idle_timer = None      # an IdleTimer: time blocked in wait() counts as waiting_net
@@ -284,7 +297,7 @@ class KVWorker:
                         return None  # completed earlier and already collected
                     raise PServerError(f"unknown timestamp {ts}")
                 self._progress(0.02)
-                if ts in self._pending:
+                if ts in self._pending and self._reroute_needed():
                     self._reroute()
             if deadline is not None and time.monotonic() > deadline:
                 servers = sorted({pending.parts[p].sid for p in pending.waiting})
@@ -325,10 +338,22 @@ class KVWorker:
                 log.error("malformed acks from server %d dropped", sid)
                 return
             for entry in acks:
-                if isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int:
-                    self._on_message(sid, Message("ack", entry[0], meta={"p": entry[1]}))
+                if type(entry) is list and len(entry) == 2 and type(entry[0]) is int:
+                    self._on_ack(sid, entry[0], entry[1])
             return
         self._on_message(sid, msg)
+
+    def _on_ack(self, sid: int, ts: int, pid) -> None:
+        """One acknowledged part of a push (the common reply, kept short)."""
+        if self.filters.sent:  # a filtered push: its reply may ask for a resend
+            self._on_message(sid, Message("ack", ts, meta={"p": pid}))
+            return
+        req = self._pending.get(ts)
+        if req is None or pid not in req.waiting or req.parts[pid].sid != sid:
+            return
+        req.waiting.discard(pid)
+        if not req.waiting:
+            self._complete(ts, req)
 
     def _on_message(self, sid: int, msg: Message) -> None:
         req = self._pending.get(msg.ts)
@@ -345,6 +370,7 @@ class KVWorker:
                 if msg.meta.get("kind") == "WrongOwnerError":
                     part.refused_at = time.monotonic()  # re-split and resend with a newer ring
                     part.refused_rv = int(msg.meta.get("rv", -1))
+                    self._reroute_flag = True
                     return
                 err = _ERRORS.get(msg.meta.get("kind"), RemoteError)
                 req.error = err(f"server {sid}: {msg.meta.get('error')}")
@@ -384,6 +410,12 @@ class KVWorker:
         if req.kind != "push" or req.error is not None:
             self._finished[ts] = req
 
+    def _reroute_needed(self) -> bool:
+        """Whether a re-routing pass may find work: the view changed since the last one, a part
+        was refused or could not be sent, or - as a safety net - 50 ms went by."""
+        return (self._reroute_flag or self.membership.view.version != self._routed_view
+                or time.monotonic() >= self._reroute_due)
+
     def _reroute(self) -> None:
         """Failover on the worker side: resend every unanswered part whose server left the ring
         (died, or handed its keys over) or refused the keys, re-split with the current ring, in
@@ -394,6 +426,7 @@ class KVWorker:
             raise SchedulerUnreachableError("lost contact with the scheduler")
         lost = set(view.settings.get("lost", []))
         now = time.monotonic()
+        self._routed_view, self._reroute_due, self._reroute_flag = view.version, now + 0.05, False
         for ts in sorted(self._pending):
             req = self._pending.get(ts)
             if req is None:
@@ -403,6 +436,8 @@ class KVWorker:
                 gone = part.sid not in ring.servers
                 refused = part.refused_at and now - part.refused_at > _RETRY_AFTER and \
                     ring.version >= part.refused_rv
+                if part.refused_at and not refused:
+                    self._reroute_flag = True  # refused: resent once the retry delay passed
                 if not gone and not refused:
                     if part.sid in lost:
                         del self._pending[ts]
@@ -497,7 +532,7 @@ class KVWorker:
         try:
             self._send(sid, Message(op, ts, req.table if req.kind != "declare" else "", meta, arrays))
         except ServerDeadError:
-            pass  # stays waiting: re-routed once the ring drops that server
+            self._reroute_flag = True  # stays waiting: re-routed once the ring drops that server
 
     def _send(self, sid: int, msg: Message) -> None:
         sock = self._socks.get(sid)
@@ -553,7 +588,7 @@ def _check_keys(keys) -> np.ndarray:
         raise DTypeError(f"keys must be uint64, got {keys.dtype}; use keys.astype(np.uint64)")
     if keys.ndim != 1:
         raise InvalidKeysError(f"keys must be 1-D, got shape {keys.shape}")
-    if len(keys) > 1 and not (keys[1:] > keys[:-1]).all():
+    if not keyfmt.sorted_unique(keys):
         raise InvalidKeysError("keys must be sorted and unique; use np.unique(keys), which sorts "
                                "and removes duplicates (and reorder the values the same way)")
     return np.ascontiguousarray(keys)
