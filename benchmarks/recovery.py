@@ -506,7 +506,7 @@ def throughput_run(args, log: TextIO, servers: int, k: int, sync: bool, after: b
     acks = np.sort(np.concatenate([np.load(Path(tmp, f"acks{r}.npy")) for r in range(w)]))
     n = max(int(((acks >= t0) & (acks < t1)).sum()), 1)
     sent = {op: [net1.get(op, [0, 0])[i] - net0.get(op, [0, 0])[i] for i in (0, 1)] for op in net1}
-    repl = [sum(sent.get(op, [0, 0])[i] for op in ("replicate", "replicate_agg")) for i in (0, 1)]
+    repl = [sum(sent.get(op, [0, 0])[i] for op in ("replicate", "replicate_agg", "repl_batch")) for i in (0, 1)]
     out = {"pushes_per_s": _rate(acks, t0, t1), "keys_per_s": round(n * args.push_keys / (t1 - t0)),
            "server_cpu_ms_per_push": round(1e3 * (cpu1 - cpu0) / n, 3),
            "worker_cpu_ms_per_push": round(1e3 * (wcpu1 - wcpu0) / n, 3),

@@ -50,7 +50,7 @@ MIN_ACTIONS = 25
 # Ops a peer might send: data path, membership, control and made-up ones.
 OPS = ["push", "pull", "pull_range", "declare_table", "ping", "stats", "status", "shutdown",
        "register", "heartbeat", "leave", "barrier", "report", "view", "ring", "set_consistency",
-       "replicate", "replicate_agg", "repl_load", "migrate_data", "migrate_range",
+       "replicate", "replicate_agg", "repl_load", "repl_batch", "migrate_data", "migrate_range",
        "checkpoint_write", "frobnicate", "PUSH", "push\x00"]
 DTYPE_CODES = [*wire.DTYPES, ">f4", ">u8", "O", "<U4", "<c8", "|b1", "<f16", "V8", ""]
 META_KEYS = ["fc", "fl", "orig", "kf", "rnd", "lo", "hi", "spec", "p", "rv", "id", "v", "name", "group"]

@@ -233,12 +233,12 @@ def test_worker_cannot_send_scheduler_only_commands(secure, peer):
     stats0 = server_stats(peer, kv, cluster.keys)
     sock = peer.dealer(server_addr(kv), Credentials.load(cluster.keys, "worker"), "server",
                        identity=b"n4244")
-    for op in ("replicate", "migrate_data", "checkpoint_write", "view", "shutdown"):
+    for op in ("replicate", "repl_batch", "migrate_data", "checkpoint_write", "view", "shutdown"):
         reply = ask(sock, wire.encode(Message(op, 3, "", {"src": 1})))
         assert (reply.op, reply.meta["kind"]) == ("error", "AuthError"), reply
         assert f"a worker may not send '{op}'" in reply.meta["error"]
     assert delta(server_stats(peer, kv, cluster.keys)["rejected"], stats0["rejected"]) == \
-        {"AuthError": 5}
+        {"AuthError": 6}
 
     # and the cluster carries on
     time.sleep(5 * kv.cfg.heartbeat_interval)

@@ -10,6 +10,12 @@ worker's id and timestamp, and acknowledges the worker only once every replica a
 acknowledged push survives any k failures of its range. Under synchronous aggregation the master may instead
 forward the aggregated update once per round (``replicate_after_aggregation``): k/n of the bandwidth.
 
+Batching: while the server drains a burst of requests, forwards are collected per replica and sent
+at the end of the burst as one ``repl_batch`` message per replica (at most BATCH_ITEMS updates or
+half the message-size limit each), which the replica applies item by item, in order, and acknowledges
+once. Under load a burst completes several updates per replica, and each message saved is a send, a
+receive, a decode and an acknowledgement on both ends.
+
 Exactly-once after failover: every server keeps a *replication clock*, for each (master, worker) pair
 the recent request parts - (timestamp, part id) - it received through that master (a window of the last
 WINDOW). A worker resending part p of request t names the server p went to and p; the resend is a
@@ -35,6 +41,8 @@ from ..wire import Message
 log = logging.getLogger(__name__)
 
 SNAPSHOT_KEYS = 1 << 20  # keys per replica-snapshot message
+PRECOPY_KEYS = 1 << 16   # keys per migration pre-copy chunk, sent between request bursts
+BATCH_ITEMS = 31         # updates per repl_batch message (two arrays each, under the array limit)
 WINDOW = 4096            # timestamps remembered per (master, worker): far more than are ever in flight
 
 
@@ -70,7 +78,7 @@ class Replicator:
         self.socks: dict[int, zmq.Socket] = {}
         self.sock_peer: dict[zmq.Socket, int] = {}
         self._next_rid = 0
-        self.waiting: dict[int, object] = {}      # replication id -> token of the request it belongs to
+        self.waiting: dict[int, list] = {}        # replication id -> tokens of the requests it carries
         self._rid_peer: dict[int, int] = {}       # replication id -> replica it went to
         self.outstanding: dict[object, int] = {}  # token -> replica acks still missing
         self.clock: dict[tuple[int, int], _Window] = {}  # (master, worker) -> ts received through it
@@ -81,6 +89,7 @@ class Replicator:
         self.rebuilt_version = 0   # ring version whose background copies are all sent
         self._rebuilding_version = 0
         self.messages_forwarded = 0
+        self._batch: dict[int, list[tuple]] | None = None  # while draining: replica -> queued updates
 
     # -- configuration --------------------------------------------------------------------------
     def active(self) -> bool:
@@ -114,17 +123,23 @@ class Replicator:
             np.empty((len(keys), 0), np.int64)
         if self.next_ring is not None:
             targets = np.column_stack([targets, self.next_ring.holders(keys, self.k)])
-        out = []
-        for sid in np.unique(targets):
-            if sid < 0 or sid == self.my_id:
+        out: list[tuple[int, slice | np.ndarray]] = []
+        if not targets.shape[1]:
+            return out
+        # candidates from the ring's few servers, not np.unique over every key's targets
+        for sid in (s for s in (self.next_ring or ring).servers + ring.servers if s != self.my_id):
+            if any(sid == o for o, _ in out):
                 continue
-            mask = (targets == sid).any(axis=1)
+            mask = (targets == sid).any(axis=1) if targets.shape[1] > 1 else targets[:, 0] == sid
+            if not mask.any():
+                continue
             out.append((int(sid), slice(0, len(keys)) if mask.all() else np.flatnonzero(mask)))
         return out
 
     def forward(self, token: object, op: str, table: str, meta: dict, keys: np.ndarray,
                 vals: np.ndarray, always: bool = False) -> int:
-        """Send an update to the replicas of its keys; returns how many acks to wait for.
+        """Send an update to the replicas of its keys (or queue it, inside a batch); returns how
+        many replica acks to wait for.
 
         ``always``: send to every replica even with no keys (synchronous rounds need the message).
         """
@@ -137,52 +152,93 @@ class Replicator:
             k, v = keys[sel], vals[sel]
             if not len(k) and not always:
                 continue
-            self._next_rid += 1
-            rid = self._next_rid
-            self.waiting[rid] = token
-            self._rid_peer[rid] = sid
-            msg = Message(op, rid, table, dict(meta, kf="k"), [k, v])
-            try:
-                self.transport.send(self._sock(sid), msg)
-            except zmq.ZMQError as e:
-                log.warning("cannot forward to replica %d: %s", sid, e)
-                del self.waiting[rid]
-                del self._rid_peer[rid]
+            item = (token, op, table, dict(meta, kf="k"), k, v)
+            if self._batch is not None:
+                self._batch.setdefault(sid, []).append(item)
+            elif not self._send_items(sid, [item]):
                 continue
-            self.bytes_forwarded += k.nbytes + v.nbytes
-            self.messages_forwarded += 1
             sent += 1
         if sent:
             self.outstanding[token] = self.outstanding.get(token, 0) + sent
         return sent
 
-    def on_ack(self, rid: int) -> object | None:
-        """A replica acknowledged ``rid``; returns the request token when it has no acks left."""
-        token = self.waiting.pop(rid, None)
-        self._rid_peer.pop(rid, None)
-        if token is None:
-            return None
+    def begin_batch(self) -> None:
+        """Queue forwards from now on, until :meth:`flush`."""
+        self._batch = {}
+
+    def flush(self) -> list[object]:
+        """Send the queued forwards, one message per replica (chunked). Returns the tokens whose
+        acks can no longer come (their replica could not be reached)."""
+        batch, self._batch = self._batch, None
+        lost: list[object] = []
+        for sid, items in (batch or {}).items():
+            limit = self.transport.limits.max_message_bytes // 2
+            start = 0
+            while start < len(items):
+                end, size = start, 0
+                while end < len(items) and end - start < BATCH_ITEMS and (
+                        end == start or size + items[end][4].nbytes + items[end][5].nbytes <= limit):
+                    size += items[end][4].nbytes + items[end][5].nbytes
+                    end += 1
+                if not self._send_items(sid, items[start:end]):
+                    lost += [tok for tok in (it[0] for it in items[start:end]) if self._lose(tok)]
+                start = end
+        return lost
+
+    def _lose(self, token: object) -> bool:
+        """One expected ack of ``token`` will not come; True when it has none left."""
         left = self.outstanding.get(token, 1) - 1
         if left > 0:
             self.outstanding[token] = left
-            return None
+            return False
         self.outstanding.pop(token, None)
-        return token
+        return True
+
+    def _send_items(self, sid: int, items: list[tuple]) -> bool:
+        """One message to replica ``sid`` with ``items`` (token, op, table, meta, keys, values);
+        False if it could not be sent."""
+        self._next_rid += 1
+        rid = self._next_rid
+        if len(items) == 1:
+            _, op, table, meta, k, v = items[0]
+            msg = Message(op, rid, table, meta, [k, v])
+        else:
+            msg = Message("repl_batch", rid, "", {"items": [[op, table, meta] for _, op, table, meta, _, _
+                                                            in items]},
+                          [a for it in items for a in it[4:]])
+        try:
+            self.transport.send(self._sock(sid), msg)
+        except zmq.ZMQError as e:
+            log.warning("cannot forward to replica %d: %s", sid, e)
+            return False
+        self.waiting[rid] = [it[0] for it in items]
+        self._rid_peer[rid] = sid
+        self.bytes_forwarded += sum(it[4].nbytes + it[5].nbytes for it in items)
+        self.messages_forwarded += 1
+        return True
+
+    def on_ack(self, rid: int) -> list[object]:
+        """A replica acknowledged ``rid``; returns the request tokens that have no acks left."""
+        tokens = self.waiting.pop(rid, None)
+        self._rid_peer.pop(rid, None)
+        return [t for t in tokens or () if self._lose(t)]
 
     def drop_replica(self, sid: int) -> list[object]:
         """A replica died: stop waiting for its acks (its keys have fewer copies until the
         snapshot rebuilds them). Returns the tokens that became complete."""
         done = []
-        for rid, token in list(self.waiting.items()):
-            if self._rid_peer.get(rid) == sid:
-                del self.waiting[rid]
-                del self._rid_peer[rid]
-                left = self.outstanding.get(token, 1) - 1
-                if left > 0:
-                    self.outstanding[token] = left
-                else:
-                    self.outstanding.pop(token, None)
-                    done.append(token)
+        for rid in [r for r, peer in self._rid_peer.items() if peer == sid]:
+            del self._rid_peer[rid]
+            done += [t for t in self.waiting.pop(rid, ()) if self._lose(t)]
+        if self._batch is not None:  # queued for it, not sent yet
+            done += [it[0] for it in self._batch.pop(sid, ()) if self._lose(it[0])]
+        lost = [j for j in self.jobs if j[3] is not None and j[1] == sid]  # pre-copies to it
+        if lost:
+            self.jobs = deque(j for j in self.jobs if j[3] is None or j[1] != sid)
+            for _, _, keys, token in lost:
+                for _ in range(_chunks(len(keys))):
+                    if self._lose(token):
+                        done.append(token)
         self.forget_peer(sid)
         return done
 
@@ -251,50 +307,68 @@ class Replicator:
         failed ranges are served at once while replicas are rebuilt in the background. Each chunk
         is read from the table when sent and links are FIFO, so a replica ends with the master's
         state: updates forwarded before a chunk are overwritten by it, later ones follow it."""
-        self.jobs = deque(self._copies(old, new, tables, masters=new))
+        self.jobs = deque((name, sid, keys, None)
+                          for name, sid, keys in self._copies(old, new, tables, masters=new))
         self._rebuilding_version = new.version
         if not self.jobs:
             self.rebuilt_version = new.version
-        return sum(len(keys) for _, _, keys in self.jobs)
+        return sum(len(job[2]) for job in self.jobs)
 
     def rebuild_step(self, tables: dict, budget: int = 1 << 16) -> bool:
-        """Send up to ``budget`` keys of queued copies; True while more remain."""
+        """Send up to ``budget`` keys of queued copies (re-replication, migration pre-copies);
+        True while more remain."""
         while budget > 0 and self.jobs:
-            name, sid, keys = self.jobs[0]
-            chunk, rest = keys[:budget], keys[budget:]
+            name, sid, keys, token = self.jobs[0]
+            size = budget if token is None else PRECOPY_KEYS  # pre-copies go in counted chunks
+            chunk, rest = keys[:size], keys[size:]
             if rest.size:
-                self.jobs[0] = (name, sid, rest)
+                self.jobs[0] = (name, sid, rest, token)
             else:
                 self.jobs.popleft()
             budget -= chunk.size
             table = tables.get(name)
+            if token is not None:
+                if self.next_ring is None:  # the migration was aborted
+                    self.outstanding.pop(token, None)
+                    continue
+                self._next_rid += 1
+                self.waiting[self._next_rid] = [token]
+                self._rid_peer[self._next_rid] = sid
+                try:
+                    self._send_copy(table, sid, chunk, self._next_rid)
+                except zmq.ZMQError as e:  # the migration then times out and is aborted
+                    log.warning("cannot pre-copy to server %d: %s", sid, e)
+                continue
             if table is None or self.ring is None or sid not in self.ring.servers:
                 continue
             try:
                 self._send_copy(table, sid, chunk)
             except zmq.ZMQError as e:
                 log.warning("cannot copy to replica %d: %s", sid, e)
-        if not self.jobs:
+        if not any(job[3] is None for job in self.jobs):
             self.rebuilt_version = self._rebuilding_version
         return bool(self.jobs)
 
     def precopy(self, new: KeyRing, tables: dict, token: object) -> int:
-        """Phase 1 of a migration: copy the keys this server masters now to the servers that will
-        hold them under ``new``, at once, each copy acknowledged to ``token``. Afterwards every
-        update of those keys is forwarded to them too (see replica_groups). Returns the number of
-        copy messages sent (0: nothing to wait for)."""
-        sent = nkeys = 0
+        """Phase 1 of a migration: queue copies of the keys this server masters now to the
+        servers that will hold them under ``new``, each chunk acknowledged to ``token``; they go
+        out between request bursts (:meth:`rebuild_step`), so serving never stops for the copy.
+        Meanwhile every update of those keys is forwarded to the new holders too (see
+        replica_groups) - before or after their chunk, which is read from the table when sent, so
+        the holder ends with the master's state either way. Returns the number of chunks to be
+        acknowledged (0: nothing to wait for)."""
+        chunks = nkeys = 0
         for name, sid, keys in self._copies(self.ring, new, tables, masters=self.ring):
-            for start in range(0, len(keys), SNAPSHOT_KEYS):
-                chunk = keys[start:start + SNAPSHOT_KEYS]
-                self._next_rid += 1
-                self.waiting[self._next_rid] = token
-                self._rid_peer[self._next_rid] = sid
-                self._send_copy(tables[name], sid, chunk, self._next_rid)
-                sent += 1
-                nkeys += len(chunk)
-        if sent:
-            self.outstanding[token] = self.outstanding.get(token, 0) + sent
-            log.info("pre-copied %d keys to their holders under ring v%d", nkeys, new.version)
+            self.jobs.append((name, sid, keys, token))
+            chunks += _chunks(len(keys))
+            nkeys += len(keys)
+        if chunks:
+            self.outstanding[token] = self.outstanding.get(token, 0) + chunks
+            log.info("pre-copying %d keys to their holders under ring v%d", nkeys, new.version)
         self.last_copied = nkeys
-        return sent
+        return chunks
+
+
+def _chunks(n: int) -> int:
+    """Number of pre-copy chunks of ``n`` keys."""
+    return -(-n // PRECOPY_KEYS)

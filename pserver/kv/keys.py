@@ -24,7 +24,7 @@ _RUNS_MIN_KEYS = 32  # below this the runs test is not worth its cost
 
 @numba.njit(cache=True, nogil=True)
 def _increasing(keys: np.ndarray) -> bool:
-    for i in range(1, keys.size):
+    for i in range(1, keys.size):  # noqa: SIM110 - a plain loop for numba
         if keys[i] <= keys[i - 1]:
             return False
     return True

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 security.allow_op("replicate_agg", "server")
 security.allow_op("repl_load", "server")
+security.allow_op("repl_batch", "server")
 
 
 class _Round:
@@ -184,7 +185,9 @@ class KVServer:
     def _drain(self) -> None:
         # Acknowledgements of one burst go out together, one message per worker: with many
         # requests in flight a send per ack would cost more than the updates themselves.
+        # Forwards to replicas are batched the same way (one message per replica and burst).
         self._ack_batch = {}
+        self.repl.begin_batch()
         try:
             for _ in range(1000):  # bounded so liveness checks run between bursts
                 try:
@@ -193,6 +196,8 @@ class KVServer:
                     return
                 self._on_frames(frames)
         finally:
+            for token in self.repl.flush():  # a replica that cannot be reached: stop waiting
+                self._on_replica_ack(token)
             batch, self._ack_batch = self._ack_batch, None
             for identity, acks in batch.items():
                 if len(acks) == 1:
@@ -294,6 +299,8 @@ class KVServer:
             self._answer(identity, msg, "range", [k, v], {"rv": self._ring_version()})
         elif op in ("replicate", "replicate_agg", "repl_load"):
             self._replica_update(identity, msg)
+        elif op == "repl_batch":
+            self._replica_batch(identity, msg)
         elif op in ("migrate_prepare", "migrate_commit", "migrate_abort"):
             self._migrate(identity, msg)
         elif op == "checkpoint_write":  # from the scheduler: write this server's shard
@@ -426,15 +433,36 @@ class KVServer:
 
     def _drain_replica(self, sock) -> None:
         for msg in self.transport.drain(sock, "a replica"):
-            if msg.op == "repl_ack":
-                token = self.repl.on_ack(msg.ts)
-                if token is not None:
-                    self._on_replica_ack(token)
-            elif msg.op == "error":
+            if msg.op == "error" or msg.meta.get("errors"):
                 log.error("a replica refused an update: %s", msg.meta.get("error"))
-                self._on_replica_ack(self.repl.on_ack(msg.ts))
+            if msg.op in ("repl_ack", "error"):
+                for token in self.repl.on_ack(msg.ts):
+                    self._on_replica_ack(token)
 
-    def _replica_update(self, identity: bytes, msg: Message) -> None:
+    def _replica_batch(self, identity: bytes, msg: Message) -> None:
+        """Several updates forwarded by a master in one message (see Replicator.flush): applied
+        in order, each as if it came alone, then acknowledged once. A refused item is logged
+        and counted in the ack; the others are still applied."""
+        items = msg.meta.get("items")
+        if (type(items) is not list or not 1 <= len(items) <= 64 or len(msg.arrays) != 2 * len(items)
+                or not all(type(it) is list and len(it) == 3 and it[0] in ("replicate", "replicate_agg")
+                           and type(it[1]) is str and type(it[2]) is dict for it in items)):
+            raise ProtocolError("a repl_batch needs items [op, table, meta] and two arrays per item")
+        errors = []
+        for i, (op, table, meta) in enumerate(items):
+            try:
+                self._replica_update(identity, Message(op, msg.ts, table, meta,
+                                                       msg.arrays[2 * i:2 * i + 2]), reply=False)
+            except PServerError as e:
+                self.errors += 1
+                self.rejections[type(e).__name__] += 1
+                errors.append(str(e)[:200])
+        if errors:
+            log.warning("refused %d of %d forwarded updates: %s", len(errors), len(items), errors[0])
+        self._reply(identity, Message("repl_ack", msg.ts, meta={"errors": len(errors), "error": errors[0]}
+                                      if errors else None))
+
+    def _replica_update(self, identity: bytes, msg: Message, reply: bool = True) -> None:
         """An update forwarded by the master of the keys (this server is their replica)."""
         if not identity.startswith(b"s") or not identity[1:].isdigit():
             raise ProtocolError("replication messages come only from servers")
@@ -471,7 +499,8 @@ class KVServer:
                     self._aggregate(None, msg, table, keys, vals, src, origin=master)
                 else:
                     keyfmt.apply_push(table, keys, vals)
-        self._reply(identity, Message("repl_ack", msg.ts))
+        if reply:
+            self._reply(identity, Message("repl_ack", msg.ts))
 
     def _migrate(self, identity: bytes, msg: Message) -> None:
         """Scheduler-driven change of the key ring (see pserver.ft.migration)."""

@@ -1,0 +1,173 @@
+"""Replica forwarding: batching per drain burst (unit, on the Replicator's bookkeeping) and the
+replica's handling of a batch message (a live server, over real sockets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import zmq
+
+import pserver
+from pserver import wire
+from pserver.ft import replication
+from pserver.ft.replication import Replicator
+from pserver.ring import KeyRing
+from pserver.wire import Limits, Message
+
+
+class _Sock:
+    def close(self, linger=None) -> None:
+        pass
+
+
+class _Capture:
+    """Stands in for a Transport: keeps what would be sent, per replica."""
+
+    def __init__(self, max_bytes: int = 1 << 31):
+        self.limits = Limits(max_message_bytes=max_bytes)
+        self.sent: list[tuple[int, Message]] = []
+        self._peer: dict[object, int] = {}
+
+    def connect_dealer(self, host, port, role, identity):
+        sock = _Sock()
+        self._peer[sock] = port
+        return sock
+
+    def send(self, sock, msg: Message, identity=None) -> None:
+        # round-trip through the codec: what a replica would decode
+        self.sent.append((self._peer[sock], wire.decode(wire.encode(msg))))
+
+
+def _replicator(max_bytes: int = 1 << 31) -> tuple[Replicator, _Capture]:
+    cap = _Capture(max_bytes)
+    repl = Replicator(cap, 1, lambda sid: ("127.0.0.1", sid))
+    repl.k = 1
+    repl.ring = KeyRing([1, 2, 3], version=1)
+    return repl, cap
+
+
+def _my_keys(repl: Replicator, n: int) -> np.ndarray:
+    keys = np.unique(np.random.default_rng(n).integers(0, 2**63, 20 * n, dtype=np.uint64))
+    return keys[repl.ring.owner_of(keys) == 1][:n]
+
+
+def test_forwards_of_a_burst_travel_as_one_message_per_replica():
+    repl, cap = _replicator()
+    keys = _my_keys(repl, 200)
+    holders = repl.ring.replica_table(1)[repl.ring.vnode_of(keys), 0]
+    assert set(holders.tolist()) == {2, 3}  # both other servers replicate some of these keys
+    repl.begin_batch()
+    expected = {}
+    for t in range(5):
+        n = repl.forward(("w", t), "replicate", "default", {"src": 9, "wts": t, "wp": 0},
+                         keys, np.full((len(keys), 1), t, np.float32))
+        assert n == 2
+        expected[("w", t)] = 2
+    assert cap.sent == [] and repl.outstanding == expected   # queued, not sent
+    assert repl.flush() == []
+    assert sorted(sid for sid, _ in cap.sent) == [2, 3]
+    for sid, msg in cap.sent:
+        assert msg.op == "repl_batch" and len(msg.meta["items"]) == 5
+        assert [m["wts"] for _, _, m in msg.meta["items"]] == [0, 1, 2, 3, 4]  # in order
+        for i in range(5):
+            k, v = msg.arrays[2 * i], msg.arrays[2 * i + 1]
+            assert np.array_equal(k, keys[holders == sid]) and (v == i).all()
+    # one ack per message releases every request it carried, once all replicas answered
+    (rid2, msg2), (rid3, msg3) = sorted((m.ts, m) for _, m in cap.sent)
+    assert repl.on_ack(rid2) == []
+    assert sorted(repl.on_ack(rid3)) == sorted(expected)
+    assert repl.outstanding == {} and repl.waiting == {}
+
+
+def test_batches_are_chunked_by_item_count_and_size():
+    repl, cap = _replicator(max_bytes=64_000)  # half of it per message: 32,000 bytes
+    keys = _my_keys(repl, 300)
+    repl.begin_batch()
+    for t in range(replication.BATCH_ITEMS + 4):
+        repl.forward(("w", t), "replicate", "default", {"src": 9, "wts": t, "wp": 0}, keys,
+                     np.ones((len(keys), 1), np.float32))
+    repl.flush()
+    per_replica: dict[int, list[int]] = {}
+    for sid, msg in cap.sent:
+        items = msg.meta["items"] if msg.op == "repl_batch" else [[msg.op, msg.table, msg.meta]]
+        per_replica.setdefault(sid, []).extend(m["wts"] for _, _, m in items)
+        assert sum(a.nbytes for a in msg.arrays) <= 32_000 or len(items) == 1
+        assert len(items) <= replication.BATCH_ITEMS
+    for sid, order in per_replica.items():  # every update once, in order
+        assert order == list(range(replication.BATCH_ITEMS + 4)), sid
+    assert len(cap.sent) > 2
+
+
+def test_a_dead_replica_releases_what_it_was_sent_and_what_was_queued_for_it():
+    repl, cap = _replicator()
+    keys = _my_keys(repl, 100)
+    repl.forward(("w", 0), "replicate", "default", {"src": 9, "wts": 0, "wp": 0}, keys,
+                 np.ones((len(keys), 1), np.float32))   # outside a burst: sent at once
+    assert len(cap.sent) == 2
+    repl.begin_batch()
+    repl.forward(("w", 1), "replicate", "default", {"src": 9, "wts": 1, "wp": 0}, keys,
+                 np.ones((len(keys), 1), np.float32))
+    for sid, msg in cap.sent:
+        if sid == 2:
+            repl.on_ack(msg.ts)
+    # replica 3 dies: request 0 (acked by 2) completes; request 1 still waits for replica 2
+    assert repl.drop_replica(3) == [("w", 0)]
+    assert repl.outstanding == {("w", 1): 1}
+    repl.flush()
+    (sid, msg), = cap.sent[2:]
+    assert sid == 2
+    assert repl.on_ack(msg.ts) == [("w", 1)]
+
+
+@pytest.fixture
+def replica(cluster_factory):
+    cluster = cluster_factory(2, 1)
+    kv = pserver.KVWorker(cluster.config(0))
+    ctx = zmq.Context()
+    node = kv.membership.view.role_nodes("server")[0]
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.identity = b"s77"  # poses as another server (the cluster is not authenticated)
+    sock.connect(f"tcp://{node.host}:{node.port}")
+    yield kv, sock
+    sock.close()
+    ctx.term()
+    kv.close()
+
+
+def _ask(sock, msg: Message) -> Message:
+    sock.send_multipart(wire.encode(msg))
+    assert sock.poll(10_000), "no reply"
+    return wire.decode(sock.recv_multipart())
+
+
+def _stored(sock) -> int:
+    return _ask(sock, Message("stats", 1)).meta["tables"]["default"]["keys"]
+
+
+def test_a_replica_applies_a_batch_in_order_and_refuses_malformed_ones(replica):
+    _, sock = replica
+    before = _stored(sock)
+    k1 = np.array([2**40 + 1, 2**40 + 2, 2**40 + 3], np.uint64)
+    k2 = np.array([2**41 + 5, 2**41 + 6], np.uint64)
+    items = [["replicate", "default", {"kf": "k", "src": 9, "wts": 1, "wp": 0}],
+             ["replicate", "default", {"kf": "k", "src": 9, "wts": 2, "wp": 0}]]
+    arrays = [k1, np.ones((3, 1), np.float32), k2, np.ones((2, 1), np.float32)]
+    reply = _ask(sock, Message("repl_batch", 5, "", {"items": items}, arrays))
+    assert reply.op == "repl_ack" and reply.ts == 5 and not reply.meta.get("errors")
+    assert _stored(sock) == before + 5
+    # one bad item: refused and counted, the good one still applied
+    bad = [["replicate", "default", {"kf": "k", "src": 9, "wts": 3, "wp": 0}],
+           ["replicate", "nope", {"kf": "k", "src": 9, "wts": 4, "wp": 0}]]
+    k3 = np.array([2**42 + 1], np.uint64)
+    reply = _ask(sock, Message("repl_batch", 6, "", {"items": bad},
+                               [k3, np.ones((1, 1), np.float32), k3, np.ones((1, 1), np.float32)]))
+    assert reply.op == "repl_ack" and reply.meta["errors"] == 1 and "nope" in reply.meta["error"]
+    assert _stored(sock) == before + 6
+    # malformed batches: a ProtocolError reply, nothing stored
+    for meta, arrs in [({"items": items}, arrays[:3]),                     # arrays missing
+                       ({"items": [["push", "default", {}]]}, arrays[:2]),  # not a forward op
+                       ({"items": "x"}, []), ({}, [])]:
+        reply = _ask(sock, Message("repl_batch", 7, "", meta, arrs))
+        assert (reply.op, reply.meta.get("kind")) == ("error", "ProtocolError"), reply
+    assert _stored(sock) == before + 6
