@@ -9,12 +9,16 @@ VW: `python -m vowpalwabbit` (the package's CLI entry), --loss_function logistic
 scoring. Several --l1 values are tried and the best held-out logloss is reported.
 
 Reports examples/s per pass (per worker and total), time to reach within 1% of the optimum
-(estimated as the best objective of the run), time to reach VW's held-out logloss (including
-reading the data; scoring excluded). The machine is shared, so VW and ours run alternately
---repeat times and the best time of each is reported, with the load average of every run.
+(estimated as the best objective of the run), and time to reach VW's held-out logloss on VW's
+clock: from launching the processes (VW: `python -m vowpalwabbit ...` until it exits; ours: from
+starting the cluster until the end of the first pass at VW's logloss, so including cluster and
+worker start-up, reading and set-up; our held-out scoring and reading of the held-out file are
+taken off). The in-worker clock (from the worker's start, after process launch) is reported too.
+The machine is shared, so VW and ours run alternately --repeat times and the best time of each is
+reported, with the load average of every run.
 
-Usage: python benchmarks/lr.py [--examples 1000000] [--epochs 12] [--data-dir DIR]
-       [--out benchmarks/results/lr.json]
+Usage: python benchmarks/lr.py [--examples 1000000] [--epochs 12] [--blocks 16] [--tau 0]
+       [--repeat 2] [--data-dir DIR] [--out benchmarks/results/lr.json]
 """
 
 from __future__ import annotations
@@ -45,12 +49,13 @@ def ensure_data(d: str, examples: int) -> dict:
 
 
 def run_ours(d: str, workers: int, servers: int, l1: float, l2: float, epochs: int,
-             blocks: int) -> dict:
+             blocks: int, tau: int = 0) -> dict:
     out = os.path.join(d, f"ours_{workers}x{servers}_{l1}_{l2}.json")
     argv = [sys.executable, "-m", "pserver.apps.lr.worker", "--data", f"{d}/train.libsvm",
             "--test", f"{d}/test.libsvm", "--l1", str(l1), "--l2", str(l2),
-            "--epochs", str(epochs),
+            "--epochs", str(epochs), "--tau", str(tau),
             "--blocks", str(blocks), "--test-every-pass", "--summary-json", out]
+    t_launch = time.time()   # VW's clock starts when its process is launched: so does ours
     t0 = time.perf_counter()
     with LocalCluster(servers, workers, insecure=True, heartbeat_timeout=30.0) as cluster:
         t_up = time.perf_counter()
@@ -61,6 +66,8 @@ def run_ours(d: str, workers: int, servers: int, l1: float, l2: float, epochs: i
     s = json.loads(Path(out).read_text())
     s["cluster_start_seconds"] = t_up - t0
     s["workers_wall_seconds"] = t_done - t_up
+    for e in s["test_every_pass"]:   # scoring and reading the held-out set are not counted
+        e["seconds_since_launch"] = e["unix_time_excl"] - t_launch
     return s
 
 
@@ -124,6 +131,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--l1", type=float, default=5.0)
     ap.add_argument("--l2", type=float, default=2.0)
+    ap.add_argument("--tau", type=int, default=0, help="bounded delay of our runs")
     ap.add_argument("--vw-l1", type=float, nargs="+", default=[1e-8, 1e-7, 1e-6])
     ap.add_argument("--repeat", type=int, default=2, help="alternating runs of VW and ours")
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "pserver-bench-lr"))
@@ -141,11 +149,15 @@ def main() -> None:
         vw_runs.append({**run_vw(args.data_dir, best_l1), "load": os.getloadavg()[0]})
         load = os.getloadavg()[0]
         our_runs.append({**run_ours(args.data_dir, 2, 2, args.l1, args.l2, args.epochs,
-                                    args.blocks), "load_before": load})
+                                    args.blocks, args.tau), "load_before": load})
     vw = min(vw_runs, key=lambda r: r["train_seconds"])
     for run in our_runs:
+        # The same clock as VW's: from launching the processes (our cluster and workers) to
+        # the end of the first pass whose model reaches VW's held-out logloss.
         run["reach_vw"] = first_reach(run["test_every_pass"], "logloss", vw["test_logloss"],
-                                      "seconds_since_start")
+                                      "seconds_since_launch")
+        run["reach_vw_worker_clock"] = first_reach(run["test_every_pass"], "logloss",
+                                                   vw["test_logloss"], "seconds_since_start")
         # what the in-worker clock misses: cluster start, process start-up and shutdown (an
         # upper bound of the launch cost, since shutdown after training is included)
         run["launch_overhead_seconds"] = run["cluster_start_seconds"] + max(
@@ -163,7 +175,9 @@ def main() -> None:
     reach_1pct = first_reach(hist, "objective", 1.01 * f_star, "train_seconds_cumulative")
     for h, e in zip(hist, evals):
         h["seconds_since_start"] = e["seconds_since_start"]
+        h["seconds_since_launch"] = e["seconds_since_launch"]
     reach_1pct_all = first_reach(hist, "objective", 1.01 * f_star, "seconds_since_start")
+    reach_1pct_launch = first_reach(hist, "objective", 1.01 * f_star, "seconds_since_launch")
     steady = hist[1:] or hist
     total_eps = float(np.median([h["examples_per_s"] for h in steady]))
     reach_vw = ours["reach_vw"]
@@ -187,21 +201,26 @@ def main() -> None:
             "objective_final": hist[-1]["objective"], "nnz": ours["nnz"],
             "seconds_to_1pct_of_optimum_training": reach_1pct,
             "seconds_to_1pct_of_optimum_incl_reading": reach_1pct_all,
+            "seconds_to_1pct_of_optimum_incl_launch": reach_1pct_launch,
             "test_logloss_final": ours.get("test_logloss"), "test_auc_final": ours.get("test_auc"),
-            "seconds_to_vw_logloss_incl_reading": reach_vw,
+            "seconds_to_vw_logloss_incl_launch": reach_vw,
+            "seconds_to_vw_logloss_worker_clock": ours["reach_vw_worker_clock"],
             "launch_overhead_seconds": ours["launch_overhead_seconds"],
             "bytes_sent": ours["bytes_sent"], "bytes_received": ours["bytes_received"],
             "per_pass": [{**h, **e} for h, e in zip(hist, evals)],
             "runs": [{k: r.get(k) for k in ("load_before", "read_seconds_mean", "train_seconds",
-                                            "reach_vw", "launch_overhead_seconds",
+                                            "setup_seconds_rank0", "reach_vw",
+                                            "reach_vw_worker_clock", "launch_overhead_seconds",
                                             "test_logloss")} for r in our_runs],
         },
         "reading_one_process": reading,
         "vw": {"best": vw, "runs": vw_runs, "l1_sweep": sweep},
         "ours_vs_vw": {
+            "clock": "both from launching the processes; ours to the end of the first pass "
+                     "at VW's held-out logloss (scoring and held-out reading excluded)",
             "faster_to_vw_logloss": reach_vw is not None and reach_vw < vw["train_seconds"],
-            "faster_incl_launch_overhead": reach_vw is not None and
-            reach_vw + ours["launch_overhead_seconds"] < vw["train_seconds"],
+            "faster_by_worker_clock": ours["reach_vw_worker_clock"] is not None and
+            ours["reach_vw_worker_clock"] < vw["train_seconds"],
             "better_final_logloss": (ours.get("test_logloss") or 1e9) < vw["test_logloss"],
             "speedup_to_vw_logloss": (vw["train_seconds"] / reach_vw) if reach_vw else None,
         },

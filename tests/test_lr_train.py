@@ -267,6 +267,43 @@ def test_dbpg_config_errors():
             DBPGConfig(**bad).check()
 
 
+@pytest.mark.parametrize("l1", [0.0, 0.3, 2.0, 4.0, 7.5, 1e9])
+def test_capped_masses_decide_the_kkt_prefilter_exactly(l1):
+    from pserver.apps.lr.dbpg import mass_cap
+
+    threshold = l1 * (1 + 1e-6)
+    cap = np.float32(mass_cap(threshold))
+    assert cap > threshold and (cap == np.floor(cap) or np.isinf(cap))
+    rng = np.random.default_rng(7)
+    sides = set()
+    for workers in (1, 2, 3, 5):
+        counts = rng.integers(0, 2 * int(min(l1, 50)) + 3, (4000, workers))   # binary features
+        reals = rng.random((4000, workers)) * 2 * max(threshold, 1.0)
+        for m in (counts.astype(np.float32), reals.astype(np.float32)):
+            # the servers add float32 rows in order; capped or not, the decision is the same
+            exact = np.add.reduce(m, axis=1, dtype=np.float32) > threshold
+            capped = np.add.reduce(np.minimum(m, cap), axis=1, dtype=np.float32) > threshold
+            assert np.array_equal(exact, capped)
+            sides |= set(exact.tolist())
+    assert sides == ({True, False} if 0 < l1 < 1e6 else sides)   # both sides were tested
+
+
+def test_kkt_reset_passes_stay_full_until_one_converges():
+    from types import SimpleNamespace
+
+    resets: list[bool] = []
+    algo = DBPG.__new__(DBPG)   # only the stop rule: no cluster needed
+    algo.kv = SimpleNamespace(filters=SimpleNamespace(
+        select_all=lambda table, on=True: resets.append(on)))
+    algo.cfg, algo.full_pass = DBPGConfig(l1=1.0, kkt=True), False
+    # converged on the active set -> full passes (one reset) until a full pass converges
+    assert [algo._converged(c) for c in (False, True, False, False, True)] == \
+        [False, False, False, False, True]
+    assert resets == [True] and algo.full_pass
+    algo.cfg, algo.full_pass = DBPGConfig(l1=1.0), False
+    assert [algo._converged(c) for c in (False, True)] == [False, True]
+
+
 # -- on a real cluster: processes and sockets ----------------------------------------------------
 def run_cluster(workers: int, argv: list[str], tmp_path, servers: int = 2) -> dict:
     from pserver.launch import LocalCluster

@@ -3,8 +3,10 @@
 Encode, in this order:
 
 1. values: rows that are bitwise zero are dropped; their positions travel as a bitmap (n/8 bytes)
-   or as a delta-coded index list (4 bytes per non-zero row), whichever is smaller, or not at all
-   when every row is non-zero. Bitwise means -0.0 is kept, so the round trip is exact.
+   or as a delta-coded index list (4 bytes per non-zero row), whichever is smaller compressed,
+   or not at all when every row is non-zero. Bitwise means -0.0 is kept, so the round trip is exact. Float
+   values that are all small integers (counts, flags) travel as 1- or 2-byte integers when the
+   conversion is bitwise exact both ways.
 2. keys: delta-encoded (k0, k1-k0, ...): sorted random 64-bit keys have small gaps with zero high
    bytes, which is what makes them compressible.
 3. each frame (keys, positions, values) is byte-shuffled (byte i of every element together, as in
@@ -15,7 +17,7 @@ Header section ``meta["compress"]``::
 
     {"codec": "lz4"|"zstd", "n": pairs, "keys": bool,
      "vals": null | {"dtype": wire dtype, "cols": -1 (1-D) or int, "nnz": int,
-                     "pos": "all"|"bitmap"|"index"},
+                     "pos": "all"|"bitmap"|"index", ["int": "|u1"|"|i1"|"<u2"|"<i2"]},
      "f": [[raw_bytes, compressed 0|1, shuffle itemsize], ...]}   # one per frame added, in order
 
 Decode checks every declared size against the others and against ``ctx.max_bytes`` before it
@@ -56,6 +58,8 @@ _MIN_COMPRESS = 64
 # A compressed frame must be at most this fraction of the raw one to be sent compressed.
 _PAYS = 0.97
 _MAX_COLS = 1 << 20
+# Integer wire forms of float values (smallest first) and the range each holds.
+_NARROW = {"|u1": (0, 255), "|i1": (-128, 127), "<u2": (0, 65535), "<i2": (-32768, 32767)}
 
 
 def _row_nonzero(v: np.ndarray) -> np.ndarray:
@@ -63,6 +67,21 @@ def _row_nonzero(v: np.ndarray) -> np.ndarray:
     bits = v.view(np.dtype(f"<u{v.dtype.itemsize}")) if v.dtype.itemsize in (1, 2, 4, 8) else v
     nz = bits != 0
     return nz if nz.ndim == 1 else nz.any(axis=1)
+
+
+def _narrow(v: np.ndarray) -> str | None:
+    """The smallest integer wire dtype holding the float array v bitwise exactly (so -0.0, NaN
+    and fractions rule it out), or None."""
+    if v.dtype.kind != "f" or not v.size:
+        return None
+    lo, hi = float(v.min()), float(v.max())   # NaN compares false below
+    for code, (a, b) in _NARROW.items():
+        it = np.dtype(code)
+        if it.itemsize < v.dtype.itemsize and a <= lo and hi <= b:
+            back = v.astype(it).astype(v.dtype)
+            bits = np.dtype(f"<u{v.dtype.itemsize}")
+            return code if np.array_equal(back.view(bits), v.view(bits)) else None
+    return None
 
 
 def _shuffle(raw: np.ndarray, itemsize: int) -> np.ndarray:
@@ -182,16 +201,24 @@ class Compression(Filter):
             idx_dtype = np.dtype("<u4") if n < (1 << 32) else np.dtype("<u8")
             if nnz == n:
                 pos = "all"
-            elif (n + 7) // 8 <= nnz * idx_dtype.itemsize:
-                pos = "bitmap"
-                add(np.packbits(mask))
             else:
-                pos = "index"
-                add(np.diff(np.flatnonzero(mask).astype(idx_dtype), prepend=idx_dtype.type(0)))
+                # Whichever position form is smaller once compressed: raw, a bitmap is smaller
+                # above 1 non-zero in 32 rows, but byte-shuffled small gaps compress better.
+                forms = [("bitmap", self._pack(np.packbits(mask))),
+                         ("index", self._pack(np.diff(np.flatnonzero(mask).astype(idx_dtype),
+                                                      prepend=idx_dtype.type(0))))]
+                pos, (frame, desc) = min(forms, key=lambda f: f[1][0].nbytes)
+                frames.append(frame)
+                sec["f"].append(desc)
             sec["vals"] = {"dtype": v.dtype.str, "cols": v.shape[1] if v.ndim == 2 else -1,
                            "nnz": nnz, "pos": pos}
             # np.compress is several times faster than boolean indexing for random masks.
-            add(v if pos == "all" else np.compress(mask, v, axis=0))
+            nzv = v if pos == "all" else np.compress(mask, v, axis=0)
+            code = _narrow(nzv)
+            if code is not None:
+                sec["vals"]["int"] = code
+                nzv = nzv.astype(code)
+            add(nzv)
         return Payload(None, None, {**p.meta, self.kind: sec}, frames)
 
     def pairs_after(self, p: Payload) -> int:
@@ -232,11 +259,16 @@ class Compression(Filter):
             if n * row_bytes > limit:
                 raise ProtocolError(f"compress: {n} rows of {row_bytes} bytes exceed the limit "
                                     f"of {limit} bytes")
+            wire = dtype
+            if "int" in vals:
+                wire = np.dtype(header_str(vals, "int", tuple(_NARROW), who))
+                if dtype.kind != "f" or wire.itemsize >= dtype.itemsize:
+                    raise ProtocolError(f"compress: integer form {wire.str} of {dtype.str} values")
             if pos == "bitmap":
                 expected.append(("bitmap", (n + 7) // 8))
             elif pos == "index":
                 expected.append(("index", nnz * idx_dtype.itemsize))
-            expected.append(("values", nnz * row_bytes))
+            expected.append(("values", nnz * wire.itemsize * max(cols, 1)))
         elif not has_keys and n:
             raise ProtocolError("compress: header declares pairs but no keys or values")
         descs = sec.get("f")
@@ -270,6 +302,8 @@ class Compression(Filter):
             keys = np.cumsum(parts["keys"].view("<u8"), dtype=np.uint64)
         values = None
         if vals is not None:
+            if wire is not dtype:
+                parts["values"] = parts["values"].view(wire).astype(dtype).view(np.uint8)
             values = self._scatter(parts, n, dtype, cols, nnz, pos, idx_dtype)
         return Payload(keys, values, meta, rest)
 

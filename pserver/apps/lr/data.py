@@ -216,67 +216,116 @@ RADIX_PASSES = 3
 @numba.njit(cache=True, nogil=True)
 def _radix_sort_entries(keys, vals, row_nnz):
     """Stable sort of the row-major entries by key, carrying each entry's row and value along
-    (so no gather afterwards). Overwrites keys and vals. Returns (keys, rows, vals).
+    (so no gather afterwards). Returns (keys, rows, vals); keys and vals are used as scratch.
 
-    LSD radix, RADIX_BITS a pass, over the top RADIX_PASSES * RADIX_BITS bits of the keys'
-    bit-length only (all bits of small raw keys); a pass whose digit is the same for every key
-    is skipped. Distinct keys sharing those top bits (rare for hashed keys) end up in one run,
-    which is then merge-sorted by the full key."""
+    Radix sort on the top RADIX_PASSES * RADIX_BITS bits of the keys' bit-length only (all bits
+    of small raw keys): one scatter by the top digit over the whole array (rows numbered on the
+    way), then each of the 2**RADIX_BITS buckets - small enough to stay in cache - is sorted by
+    the lower digits, LSD, a digit shared by the whole bucket skipped. Values that are all 1
+    (binary features) are not carried. Distinct keys sharing those top bits (rare for hashed
+    keys) end up in one run, which is then merge-sorted by the full key."""
     n = keys.size
     nb = 1 << RADIX_BITS
     mask = np.uint64(nb - 1)
     top = np.uint64(0)
+    ones = True
     for i in range(n):
         top |= keys[i]
+        ones &= vals[i] == 1.0
     length = 0
     while length < 64 and (top >> np.uint64(length)) != 0:
         length += 1
     lo = max(length - RADIX_PASSES * RADIX_BITS, 0)
-    counts = np.zeros((RADIX_PASSES, nb), np.int64)
+    msd = np.uint64(lo + RADIX_BITS * (RADIX_PASSES - 1))
+    start = np.zeros(nb + 1, np.int64)
     for i in range(n):
-        k = keys[i] >> np.uint64(lo)
-        for p in range(RADIX_PASSES):
-            counts[p, (k >> np.uint64(RADIX_BITS * p)) & mask] += 1
-    src_k, src_v = keys, vals      # sorted in place: the caller hands its buffers over
-    src_r = np.empty(n, np.int32)
-    pos = 0
+        start[((keys[i] >> msd) & mask) + 1] += 1
+    for d in range(nb):
+        start[d + 1] += start[d]
+    out_k, out_r = np.empty_like(keys), np.empty(n, np.int32)
+    out_v = np.ones(n, np.float32) if ones else np.empty_like(vals)
+    fill = start[:nb].copy()
+    i = 0
     for r in range(row_nnz.size):
         for _ in range(row_nnz[r]):
-            src_r[pos] = r
-            pos += 1
-    dst_k, dst_r, dst_v = np.empty_like(src_k), np.empty_like(src_r), np.empty_like(src_v)
-    for p in range(RADIX_PASSES):
-        if counts[p].max() == n:
+            d = (keys[i] >> msd) & mask
+            q = fill[d]
+            out_k[q] = keys[i]
+            out_r[q] = r
+            if not ones:
+                out_v[q] = vals[i]
+            fill[d] = q + 1
+            i += 1
+    # Per bucket, LSD over the lower digits through small scratch arrays (cache-resident).
+    big = 0
+    for d in range(nb):
+        big = max(big, start[d + 1] - start[d])
+    tk, tr, tv = np.empty(big, np.uint64), np.empty(big, np.int32), np.empty(big, np.float32)
+    cnt = np.empty(nb, np.int64)
+    for d in range(nb):
+        a, b = start[d], start[d + 1]
+        if b - a < 2:
             continue
-        start = np.zeros(nb, np.int64)
-        start[1:] = np.cumsum(counts[p])[:-1]
-        shift = np.uint64(lo + RADIX_BITS * p)
-        for i in range(n):
-            d = (src_k[i] >> shift) & mask
-            q = start[d]
-            dst_k[q] = src_k[i]
-            dst_r[q] = src_r[i]
-            dst_v[q] = src_v[i]
-            start[d] = q + 1
-        src_k, dst_k = dst_k, src_k
-        src_r, dst_r = dst_r, src_r
-        src_v, dst_v = dst_v, src_v
+        for p in range(RADIX_PASSES - 1):
+            shift = np.uint64(lo + RADIX_BITS * p)
+            cnt[:] = 0
+            for j in range(a, b):
+                cnt[(out_k[j] >> shift) & mask] += 1
+            if cnt.max() == b - a:
+                continue
+            acc = 0
+            for c in range(nb):
+                acc, cnt[c] = acc + cnt[c], acc
+            for j in range(a, b):
+                c = (out_k[j] >> shift) & mask
+                q = cnt[c]
+                tk[q] = out_k[j]
+                tr[q] = out_r[j]
+                if not ones:
+                    tv[q] = out_v[j]
+                cnt[c] = q + 1
+            out_k[a:b] = tk[:b - a]
+            out_r[a:b] = tr[:b - a]
+            if not ones:
+                out_v[a:b] = tv[:b - a]
     if lo > 0:
         shift = np.uint64(lo)
         i = 0
         while i < n:
             j = i + 1
             mixed = False
-            while j < n and (src_k[j] >> shift) == (src_k[i] >> shift):
-                mixed |= src_k[j] != src_k[i]
+            while j < n and (out_k[j] >> shift) == (out_k[i] >> shift):
+                mixed |= out_k[j] != out_k[i]
                 j += 1
             if mixed:
-                order = np.argsort(src_k[i:j], kind="mergesort")
-                src_k[i:j] = src_k[i:j][order]
-                src_r[i:j] = src_r[i:j][order]
-                src_v[i:j] = src_v[i:j][order]
+                order = np.argsort(out_k[i:j], kind="mergesort")
+                out_k[i:j] = out_k[i:j][order]
+                out_r[i:j] = out_r[i:j][order]
+                out_v[i:j] = out_v[i:j][order]
             i = j
-    return src_k, src_r, src_v
+    return out_k, out_r, out_v
+
+
+@numba.njit(cache=True, nogil=True)
+def _columns(ks, rows):
+    """(distinct keys, indptr, whether some row repeats a key) of key-sorted entries."""
+    n = ks.size
+    distinct = 1 if n else 0
+    for i in range(1, n):
+        distinct += ks[i] != ks[i - 1]
+    uniq = np.empty(distinct, np.uint64)
+    indptr = np.empty(distinct + 1, np.int64)
+    repeat = False
+    c = 0
+    for i in range(n):
+        if i == 0 or ks[i] != ks[i - 1]:
+            uniq[c] = ks[i]
+            indptr[c] = i
+            c += 1
+        else:
+            repeat |= rows[i] == rows[i - 1]
+    indptr[distinct] = n
+    return uniq, indptr, repeat
 
 
 def csc_by_key(keys: np.ndarray, vals: np.ndarray, row_nnz: np.ndarray
@@ -286,14 +335,22 @@ def csc_by_key(keys: np.ndarray, vals: np.ndarray, row_nnz: np.ndarray
     sorted entries are already in CSC order, rows ascending within a column. keys and vals are
     overwritten (used as sort buffers)."""
     ks, rows, v = _radix_sort_entries(keys, vals, row_nnz)
-    first = np.ones(ks.size, dtype=bool)
-    first[1:] = ks[1:] != ks[:-1]
-    starts = np.flatnonzero(first)
-    indptr = np.append(starts, ks.size).astype(np.int64)
-    X = sp.csc_matrix((v, rows, indptr), shape=(row_nnz.size, starts.size))
-    if ks.size and np.any(~first[1:] & (rows[1:] == rows[:-1])):
+    uniq, indptr, repeat = _columns(ks, rows)
+    X = sp.csc_matrix((v, rows, indptr), shape=(row_nnz.size, uniq.size))
+    if repeat:
         X.sum_duplicates()  # a repeated idx in one line (or a hash collision) adds up
-    return X, ks[starts]
+    return X, uniq
+
+
+def warm_up() -> None:
+    """Load the compiled reader kernels (numba's cached machine code, ~0.2 s on first use), e.g.
+    in a thread while the process does something else."""
+    buf = np.frombuffer(b"1 1:1\n", np.uint8)
+    out = (np.empty(2), np.empty(2, np.int64), np.empty(2, np.uint64), np.empty(2, np.float32))
+    parse_libsvm(buf, False, False, *out)
+    ks, rows, _ = _radix_sort_entries(np.array([2, 1], np.uint64), np.ones(2, np.float32),
+                                      np.array([2]))
+    _columns(ks, rows)
 
 
 def add_bias(shard: Shard) -> Shard:

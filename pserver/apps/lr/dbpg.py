@@ -192,7 +192,7 @@ def _add_block_margins(indptr, indices, data, cols, delta, m, q):
 def _curvature_scale(indptr, indices, data, bounds, active, n_rows):
     """scale[p] = x_p^2 * n_ib: the active non-zeros of x_p's row inside x_p's block."""
     scale = np.zeros(data.size, np.float32)
-    count = np.zeros(n_rows, np.int64)
+    count = np.zeros(n_rows, np.int32)
     for b in range(bounds.size - 1):
         for j in range(bounds[b], bounds[b + 1]):
             if active[j]:
@@ -201,9 +201,12 @@ def _curvature_scale(indptr, indices, data, bounds, active, n_rows):
         for j in range(bounds[b], bounds[b + 1]):
             if active[j]:
                 for p in range(indptr[j], indptr[j + 1]):
-                    scale[p] = data[p] * data[p] * count[indices[p]]
-        for p in range(indptr[bounds[b]], indptr[bounds[b + 1]]):
-            count[indices[p]] = 0
+                    i = indices[p]
+                    scale[p] = data[p] * data[p] * count[i]
+        for j in range(bounds[b], bounds[b + 1]):   # clear only what was counted
+            if active[j]:
+                for p in range(indptr[j], indptr[j + 1]):
+                    count[indices[p]] = 0
     return scale
 
 
@@ -219,9 +222,41 @@ def _warm_up() -> None:
     _curvature_scale(ptr, idx, one, np.array([0, 1]), np.ones(1, np.bool_), 1)
 
 
+def mass_cap(threshold: float) -> float:
+    """A cap C > threshold >= 0 for column masses: the next integer (so binary features keep
+    integer masses, which the compress filter sends as bytes), or inf for a huge threshold.
+    Capping non-negative masses at any C > threshold keeps "sum > threshold" exact: a capped
+    term alone already exceeds it, and without capped terms the sum is unchanged."""
+    return float(np.floor(threshold) + 1.0) if threshold < float(1 << 24) else np.inf
+
+
 def block_bounds(blocks: int, key_bound: int = KEY_SPACE) -> list[int]:
     """Key-range boundaries b_0 = 0 < ... < b_B = key_bound of B equal key ranges."""
     return [key_bound * b // blocks for b in range(blocks + 1)]
+
+
+def declare_tables(kv, cfg: DBPGConfig) -> None:
+    """Declare the job's tables: cfg.table and its "_stats" and "_count" companions."""
+    # filters only when set: stand-ins for the KV API (tests) need not know them
+    filters = {k: v for k, v in (("push_filters", cfg.push_filters(kv.num_workers)),
+                                 ("pull_filters", cfg.pull_filters)) if v}
+    kv.declare_table(cfg.table, dim=1, updater="l1_prox", sync=True,
+                     updater_args={"l1": cfg.l1, "l2": cfg.l2, "eta": cfg.eta}, **filters)
+    kv.declare_table(cfg.table + "_stats", dim=4, dtype="float64", updater="sum", sync=True)
+    exact = {k: lossless_part(v) for k, v in filters.items() if lossless_part(v)}
+    kv.declare_table(cfg.table + "_count", dim=2, updater="sum", sync=True, **exact)
+
+
+def warm_up_servers(kv, cfg: DBPGConfig) -> None:
+    """Declare the tables and run the servers' store kernels once, so that they load their
+    compiled code while the workers still read their data (else the setup's key-count exchange
+    waits for it). Adds a zero row to the "_count" table under key 2**64 - 1 (adding zeros
+    changes nothing, whatever that key holds). The table is synchronous: every worker must call
+    this, before DBPG(), or none. Blocks until every worker has called it (run it in a thread)."""
+    declare_tables(kv, cfg)
+    key, table = np.array([KEY_SPACE - 1], np.uint64), cfg.table + "_count"
+    kv.push(key, np.zeros((1, 2), np.float32), table=table)
+    kv.pull(key, table=table)
 
 
 class DBPG:
@@ -230,10 +265,14 @@ class DBPG:
     def __init__(self, kv, shard: Shard, cfg: DBPGConfig):
         cfg.check()
         self.kv, self.shard, self.cfg = kv, shard, cfg
+        self._declare_tables()
+        t0 = time.perf_counter()
+        self._push_counts()   # first: the servers aggregate while this worker prepares
         X = shard.X
         # Compact types: the block kernels are bound by memory traffic, not arithmetic.
-        self.indptr, self.indices = X.indptr.astype(np.int64), X.indices.astype(np.int32)
-        self.data = X.data.astype(np.float32)
+        self.indptr = X.indptr.astype(np.int64, copy=False)
+        self.indices = X.indices.astype(np.int32, copy=False)
+        self.data = X.data.astype(np.float32, copy=False)   # read-only here: no copy
         self.y = shard.y.astype(np.float64)
         self.m = np.zeros(shard.num_examples)
         self.q = np.ones(shard.num_examples)             # exp(-m), kept with the margins
@@ -243,35 +282,44 @@ class DBPG:
         self.clock_log: dict | None = None  # set to {} to record the clocks of every read
         self.timing: dict[str, float] = {}  # computing / waiting seconds of the last run()
         self.max_lag = 0                    # most unapplied earlier iterations any gradient saw
-        # filters only when set: stand-ins for the KV API (tests) need not know them
-        filters = {k: v for k, v in (("push_filters", cfg.push_filters(kv.num_workers)),
-                                     ("pull_filters", cfg.pull_filters)) if v}
-        kv.declare_table(cfg.table, dim=1, updater="l1_prox", sync=True,
-                         updater_args={"l1": cfg.l1, "l2": cfg.l2, "eta": cfg.eta}, **filters)
-        self.full_pass = False     # KKT: this pass pushes every coordinate (active set reset)
-        if cfg.kkt:
-            kv.filters.set_weights(cfg.table, lambda k: self.w[np.searchsorted(shard.keys, k)])
-        kv.declare_table(cfg.table + "_stats", dim=4, dtype="float64", updater="sum", sync=True)
-        exact = {k: lossless_part(v) for k, v in filters.items() if lossless_part(v)}
-        kv.declare_table(cfg.table + "_count", dim=2, updater="sum", sync=True, **exact)
-        self._setup()
+        self._setup(t0)
 
     # -- setup ------------------------------------------------------------------------------
-    def _setup(self) -> None:
+    def _declare_tables(self) -> None:
+        declare_tables(self.kv, self.cfg)
+        self.full_pass = False     # KKT: this pass pushes every coordinate (active set reset)
+        if self.cfg.kkt:
+            keys = self.shard.keys
+            self.kv.filters.set_weights(self.cfg.table,
+                                        lambda k: self.w[np.searchsorted(keys, k)])
+
+    def _push_counts(self) -> None:
+        """Push what the setup needs from every worker (see _setup, steps 1 and 2)."""
         kv, keys, cfg, X = self.kv, self.shard.keys, self.cfg, self.shard.X
-        t0 = time.perf_counter()
         # 1. Per key, summed over workers: how many workers hold it (for exact regulariser
         #    shares) and its column mass a_k = sum_i |x_ik|. Since |dloss/dm| < 1, |g_k| < a_k:
         #    where a_k <= l1 a zero weight stays zero for ever (the KKT condition), so such
         #    keys are never pushed - the paper's KKT filter, exact here and agreed by all.
-        mass = np.add.reduceat(np.abs(X.data), X.indptr[:-1]) if X.nnz else np.zeros(0)
-        kv.push(keys, np.column_stack([np.ones(keys.size), mass]).astype(np.float32),
+        #    Only whether the sum exceeds the threshold matters, so each worker sends
+        #    min(a_k, cap), cap > threshold (see mass_cap): few distinct small values, which
+        #    compress far better than raw masses.
+        self.threshold = cfg.l1 * (1 + 1e-6)
+        nz = np.diff(X.indptr) > 0
+        mass = np.zeros(keys.size, np.float32)
+        if X.nnz:
+            mass[nz] = np.add.reduceat(np.abs(X.data), X.indptr[:-1][nz])
+        np.minimum(mass, mass_cap(self.threshold), out=mass)
+        kv.push(keys, np.column_stack([np.ones(keys.size, np.float32), mass]),
                 table=cfg.table + "_count")
         # 2. The global key bit-length (so raw, small keys still split into B non-empty
         #    blocks): stats keys 2**64 - 1 - bits carry a one-hot of each worker's bit-length.
         bits = int(keys[-1]).bit_length() if keys.size else 0
         flag = np.array([[1.0, 0, 0, 0]])
         kv.push(np.array([KEY_SPACE - 1 - bits], np.uint64), flag, table=cfg.table + "_stats")
+
+    def _setup(self, t0: float) -> None:
+        """Collect what _push_counts sent, then build the blocks (t0: when the push began)."""
+        kv, keys, cfg, X = self.kv, self.shard.keys, self.cfg, self.shard.X
         _warm_up()   # load the compiled kernels while the servers aggregate the counts
         counts = kv.pull(keys, table=cfg.table + "_count").astype(np.float64).reshape(-1, 2)
         t_counts = time.perf_counter()
@@ -284,7 +332,7 @@ class DBPG:
             self.w = kv.pull(keys, table=cfg.table).astype(np.float64)
             self.m = np.asarray(X @ self.w).ravel()
             self.q = np.minimum(np.exp(-self.m), 1e300)
-        active = (counts[:, 1] > cfg.l1 * (1 + 1e-6)) | (self.w != 0)
+        active = (counts[:, 1] > self.threshold) | (self.w != 0)
         self.filtered = int(keys.size - np.count_nonzero(active))
         # 4. Blocks: key ranges -> the active columns of each.
         bounds = block_bounds(cfg.blocks, self.key_bound)
@@ -343,6 +391,7 @@ class DBPG:
         self._t0 = time.perf_counter()
         self._mark = (self._t0, ex.timer.snapshot(), 0)
         self._applied_t = self._pass_lag = -1
+        self._rest_s = self._apply_s = 0.0   # CPU seconds of the last push/pull dispatch, apply
         lead = 1 if cfg.tau == 0 else 2
         ex.plan(cfg.epochs * B)
         last = -1
@@ -368,7 +417,7 @@ class DBPG:
         """Iteration t: the gradient of block t mod B, pushed; the new weights pulled (applied
         when collected, in order)."""
         cfg, ex, b = self.cfg, self._ex, t % self.cfg.blocks
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         keys, gu = self._compute(b)
         lag = ex.lag
         if self.clock_log is not None:  # what this gradient reads: pulls applied up to _applied_t
@@ -378,17 +427,25 @@ class DBPG:
         if lag > cfg.delay_free and cfg.delay_damping:
             gu[:, 1] *= 1.0 + cfg.delay_damping * (lag - cfg.delay_free)
         if cfg.slowdown_share and self._rng.random() < cfg.slowdown_share:
-            time.sleep((cfg.slowdown - 1.0) * (time.perf_counter() - t0))
+            # a machine FACTOR x slower needs FACTOR x the CPU time for all of the iteration's
+            # work: the gradient (measured) and sending the push and pull and applying the reply
+            # (this iteration's are still to come: the last iteration's stand in). CPU time,
+            # not wall time: the work's, without the waits for a core on a busy machine.
+            time.sleep((cfg.slowdown - 1.0) * (time.thread_time() - t0 + self._rest_s))
+        t1 = time.thread_time()
         extra = {"span": (self._bounds[b], self._bounds[b + 1])} if self._real else {}
         ts = ex.push(keys, gu, cfg.table, **extra)
         clock = {"clock": True} if self.clock_log is not None else {}
         ex.pull(keys, cfg.table, then=partial(self._applied, t, b), **clock)
+        self._rest_s = time.thread_time() - t1 + self._apply_s
         if self.clock_log is not None:
             self.clock_log.setdefault("push_ts", {})[t] = ts
 
     def _applied(self, t: int, b: int, result) -> None:
         w_new, vc = result if isinstance(result, tuple) else (result, None)
+        t0 = time.thread_time()
         self._apply(b, w_new)
+        self._apply_s = time.thread_time() - t0   # the straggler's estimate (_iteration)
         self._applied_t = t
         if vc is not None:
             self.clock_log.setdefault("pulls", []).append([t, {str(n): v for n, v in vc.items()}])
@@ -433,12 +490,18 @@ class DBPG:
         """Whether to stop after a pass that ``converged``. With the KKT filter, convergence on
         the active set is not the end (the paper's active-set reset): the next pass pushes every
         coordinate, so the servers re-check the KKT conditions of those the filter skipped, and
-        the run stops only when such a full pass converges too."""
+        the run stops only when such a full pass converges too. Once reset, the passes stay
+        full: a full pass that still moves the objective shows the filter skipped coordinates
+        that matter (a gradient split across workers), so filtering again would only repeat
+        the reset later."""
         if not self.cfg.kkt:
             return converged
-        full, self.full_pass = self.full_pass, converged and not self.full_pass
-        self.kv.filters.select_all(self.cfg.table, self.full_pass)
-        return converged and full
+        if self.full_pass:
+            return converged
+        if converged:
+            self.full_pass = True
+            self.kv.filters.select_all(self.cfg.table, True)
+        return False
 
     def _objective(self, epoch: int, seconds: float, waited: float) -> PassStats:
         """Global F(w) after a pass, summed through the stats table (key = epoch)."""
