@@ -126,3 +126,20 @@ def test_ring_is_stable_under_membership_change():
     moved = before != after
     assert (after[moved] == 4).all()
     assert 0.15 < moved.mean() < 0.35
+
+
+@pytest.mark.parametrize("parts_n", [2, 3, 5])
+def test_sum_parts_merges_sorted_parts_like_a_sort_and_reduce(parts_n):
+    rng = np.random.default_rng(parts_n)
+    parts = []
+    for i in range(parts_n):
+        k = np.unique(rng.integers(0, 3000, 800 + 100 * i).astype(np.uint64))
+        parts.append((k, rng.random((len(k), 2)).astype(np.float32)))
+    parts.append((np.empty(0, np.uint64), np.empty((0, 2), np.float32)))  # an empty push
+    keys, vals = keyfmt.sum_parts(parts, 2)
+    want_keys = np.unique(np.concatenate([k for k, _ in parts]))
+    want = np.zeros((len(want_keys), 2))
+    for k, v in parts:
+        want[np.searchsorted(want_keys, k)] += v
+    assert np.array_equal(keys, want_keys)
+    assert np.allclose(vals, want, rtol=1e-6)

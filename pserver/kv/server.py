@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from ..ft import checkpoint as ft_checkpoint
 from ..ft.replication import Replicator
 from ..membership.node import Membership
 from ..ring import KeyRing
+from ..store import index as store_index
 from ..store.spec import TableSpec
 from ..store.table import Table
 from ..store.updaters import FunctionUpdater, register_updater
@@ -116,6 +118,8 @@ class KVServer:
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> None:
         """Register, then serve until the scheduler shuts the cluster down (or is lost)."""
+        # load the compiled store kernels while registering, not on the first requests
+        threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
         self.membership.register(self.cfg.rank)
         log.info("server %d (rank %d) serving on %s:%d", self.membership.node_id,
                  self.membership.rank, self.cfg.bind_host(), self.port)
@@ -759,6 +763,17 @@ class KVServer:
                            for n, t in self.tables.items()},
                 "traffic": self.transport.counters.to_json(), "time": time.time(),
                 "filters": self.filters.counters.to_json()}
+
+
+def _warm_up() -> None:
+    """Load the machine code of the kernels every request uses (numba's cache; ~0.3 s)."""
+    try:
+        store_index.warm_up()
+        keyfmt.sorted_unique(np.arange(3, dtype=np.uint64))
+        part = (np.arange(2, dtype=np.uint64), np.ones((2, 1), np.float32))
+        keyfmt.sum_parts([part, (part[0] + 1, part[1])], 1)
+    except Exception:  # only an optimisation: the first requests compile what is missing
+        log.exception("warming up the store kernels failed")
 
 
 def _declared_span(span, keys: keyfmt.KeySet) -> tuple[int, int]:

@@ -290,9 +290,12 @@ class Table:
     def _slots_inserting(self, keys: np.ndarray, fill: bool = True) -> np.ndarray:
         """Slots of ``keys`` (sorted, unique), inserting the missing ones (with initial values
         and zero state when ``fill``)."""
-        slots, missing = self._index.lookup(keys)
+        if not len(self._index):  # a first push: every key is new, no lookups needed
+            slots, missing = np.full(keys.size, -1, np.int64), keys.size
+        else:
+            slots, missing = self._index.lookup(keys)
         if missing:
-            miss = np.flatnonzero(slots < 0)
+            miss = np.flatnonzero(slots < 0) if missing < keys.size else np.arange(keys.size)
             new_keys = keys[miss]
             new_slots = self._allocate(new_keys)
             self._index.insert(new_keys, new_slots)
