@@ -100,6 +100,8 @@ class KVServer:
         self.filters = ServerFilters.from_env(self.held, self.cfg.max_message_bytes)
         self.membership.traffic = heartbeat_reporter(self.transport.counters, self.filters.counters)
         self.acks: dict[tuple, _Ack] = {}    # (identity, ts, part) -> acknowledgement in progress
+        # push_pull token -> (table, keys) to read, or the values read once the update applied
+        self.pp_reads: dict[tuple, tuple | np.ndarray] = {}
         self.ring = None
         self.repl = Replicator(self.transport, -1, self._peer_address)
         self.clocks: dict[str, RangeClock] = {}  # table -> range vector clock of applied pushes
@@ -331,7 +333,10 @@ class KVServer:
 
     def _push(self, identity: bytes, msg: Message) -> None:
         table = self._table(msg.table)
+        pp = msg.meta.get("pp") == 1  # push_pull: answer with the keys' values once applied
         if table.spec.push_filters or FILTER_META in msg.meta:
+            if pp:
+                raise ProtocolError("push_pull is not supported on tables with filters")
             keys, vals = self.filters.decode_push(identity, msg, table)
         else:
             keys, vals = keyfmt.unpack_push(msg, table.spec.push_cols, table.dtype)
@@ -344,14 +349,23 @@ class KVServer:
         if orig and any(self.repl.seen(s, sender, msg.ts, p) for s, p in orig):
             # a resend after failover of an update this server already has (it was the replica)
             self.duplicates += 1
-            self._answer(identity, msg, "ack", meta={"dup": 1})
+            if pp:
+                self._answer(identity, msg, "vals", [keyfmt.apply_pull(table, keys)], {"dup": 1})
+            else:
+                self._answer(identity, msg, "ack", meta={"dup": 1})
             return
         self._record_clock(table.spec.name, sender, keys, msg.ts, msg.meta.get("span"))
         self.repl.note_applied(sender, msg.ts, part)
         for s, p in orig:  # an old master's own forward of the part may still be on its way
             self.repl.record(s, sender, msg.ts, p)
+        if pp:
+            self.pp_reads[token] = (table, keys)  # read when its acknowledgement is due
         if table.spec.sync:
-            self._aggregate(token, msg, table, keys, vals, sender)
+            try:
+                self._aggregate(token, msg, table, keys, vals, sender)
+            except PServerError:
+                self.pp_reads.pop(token, None)
+                raise
             return
         keyfmt.apply_push(table, keys, vals)
         if self._as_of_waiting:
@@ -398,6 +412,9 @@ class KVServer:
         if ack is None:
             return
         ack.local = True
+        read = self.pp_reads.get(token)
+        if type(read) is tuple:  # push_pull: the values just after this update, as a pull would
+            self.pp_reads[token] = keyfmt.apply_pull(*read)  # read them; sent with the ack
         self._maybe_ack(token, ack)
 
     def _maybe_ack(self, token: tuple, ack: _Ack) -> None:
@@ -406,7 +423,15 @@ class KVServer:
             self._send_ack(*token)
 
     def _send_ack(self, identity: bytes, ts: int, part) -> None:
-        """Acknowledge part ``part`` of push ``ts`` - with the rest of this burst's, if draining."""
+        """Acknowledge part ``part`` of push ``ts`` - with the rest of this burst's, if draining;
+        a push_pull is answered with its keys' values instead."""
+        if self.pp_reads:
+            read = self.pp_reads.pop((identity, ts, part), None)
+            if read is not None:
+                vals = keyfmt.apply_pull(*read) if type(read) is tuple else read
+                self._reply(identity, Message("vals", ts, meta={"p": part} if part is not None
+                                              else None, arrays=[vals]))
+                return
         if self._ack_batch is not None:
             batch = self._ack_batch.get(identity)
             if batch is None:

@@ -70,7 +70,7 @@ class _Request:
                  vals: np.ndarray | None = None, *, meta: dict | None = None,
                  out: np.ndarray | None = None, callback: Callable | None = None,
                  result: object = None, started: float = 0.0):
-        self.kind = kind               # push | pull | range | declare
+        self.kind = kind               # push | pull | pushpull | range | declare
         self.table = table
         self.keys = keys               # kept until acknowledged, to re-split after a failover
         self.vals = vals               # push values (n, cols), kept likewise (not copied)
@@ -224,16 +224,7 @@ class KVWorker:
         spec = self._spec(table)
         keys = _check_keys(keys)
         n = len(keys)
-        shape = (n,) if spec.dim == 1 else (n, spec.dim)
-        if out is None:
-            out = np.empty(shape, dtype=spec.dtype)
-        else:
-            if out.dtype != np.dtype(spec.dtype):
-                raise DTypeError(f"out has dtype {out.dtype}, table {spec.name!r} stores "
-                                 f"{spec.dtype}")
-            if out.size != n * spec.dim or not out.flags.c_contiguous:
-                raise ValueShapeError(f"out must be a C-contiguous array of {n}x{spec.dim} "
-                                      f"entries, got shape {out.shape}")
+        out = _check_out(out, n, spec)
         with self._lock:
             self._check_usable()
             ts = self._next_ts()
@@ -245,6 +236,48 @@ class KVWorker:
                 req.meta["vc"] = 1
             self._pending[ts] = req
             for sid, sel in self._split(keys).items():
+                self._send_part(ts, req, sid, sel)
+            if not req.waiting:
+                self._complete(ts, req)
+        return self.wait(ts) if wait else ts
+
+    def push_pull(self, keys: np.ndarray, vals: np.ndarray, table: str | None = None,
+                  out: np.ndarray | None = None, wait: bool = True,
+                  callback: Callable[[np.ndarray], None] | None = None,
+                  span: tuple[int, int] | None = None):
+        """Push ``vals`` for ``keys``, then read the keys' values once the push is applied - in a
+        synchronous table, once its round is - in one round trip per server (the reply carries
+        the values instead of an acknowledgement). The same as ``push`` followed by ``pull`` of
+        the same keys (which per-sender order already makes see the push), at half the messages.
+
+        Arguments as for push and pull; returns the values (or, with ``wait=False``, a timestamp
+        whose ``wait`` returns them). Tables with push or pull filters take the two requests.
+        """
+        spec = self._spec(table)
+        if spec.push_filters or spec.pull_filters:
+            self.push(keys, vals, table, span=span)
+            return self.pull(keys, table, out=out, wait=wait, callback=callback)
+        keys = _check_keys(keys)
+        n = len(keys)
+        vals = _check_vals(vals, n, spec.push_cols, spec.dtype, "vals")
+        span = _check_span(span, keys) if span is not None else None
+        out = _check_out(out, n, spec)
+        with self._lock:
+            self._check_usable()
+            ts = self._next_ts()
+            req = _Request("pushpull", spec.name, keys, vals, out=out.reshape(n, spec.dim),
+                           callback=callback, result=out, started=time.monotonic())
+            if spec.sync:
+                req.rnd = self._rounds.get(spec.name, 0)
+                self._rounds[spec.name] = req.rnd + 1
+            self._pending[ts] = req
+            parts = self._split(keys)
+            if span is not None:
+                req.meta["span"] = span
+            if spec.sync or span is not None:  # every server takes part (an empty push if need be)
+                for sid in self._all_servers():
+                    parts.setdefault(sid, slice(0, 0))
+            for sid, sel in parts.items():
                 self._send_part(ts, req, sid, sel)
             if not req.waiting:
                 self._complete(ts, req)
@@ -374,7 +407,7 @@ class KVWorker:
                     return
                 err = _ERRORS.get(msg.meta.get("kind"), RemoteError)
                 req.error = err(f"server {sid}: {msg.meta.get('error')}")
-            elif req.kind == "pull":
+            elif req.kind == "pull" or (req.kind == "pushpull" and msg.op == "vals"):
                 req.out[part.sel] = msg.arrays[0]
                 if "vc" in msg.meta:
                     req.clock = _merge_clock(req.clock, msg.meta["vc"])
@@ -404,7 +437,7 @@ class KVWorker:
             req.result = (req.result, req.clock or {})
         if req.callback is not None and req.error is None:
             try:
-                req.callback(req.result) if req.kind == "pull" else req.callback()
+                req.callback(req.result) if req.kind in ("pull", "pushpull") else req.callback()
             except Exception:
                 log.exception("callback of request %d raised", ts)
         if req.kind != "push" or req.error is not None:
@@ -514,21 +547,24 @@ class KVWorker:
             meta, arrays = self.filters.encode(sid, (ts, pid), spec, req.kind, req.keys[sel], vals)
             if req.rnd is not None:
                 meta["rnd"] = req.rnd
-        elif req.kind in ("push", "pull"):
+        elif req.kind in ("push", "pull", "pushpull"):
             meta, arrays = keyfmt.pack_keys(req.keys[sel])
-            if req.kind == "push":
+            if req.kind != "pull":
                 arrays.append(req.vals[sel])
                 if req.rnd is not None:
                     meta["rnd"] = req.rnd
+                if req.kind == "pushpull":
+                    meta["pp"] = 1  # reply with the values, not an acknowledgement
         else:
             meta, arrays = dict(req.meta), []
-        if req.kind in ("push", "pull") and req.meta:
+        if req.kind in ("push", "pull", "pushpull") and req.meta:
             meta.update(req.meta)  # span / as_of / vc
         meta["p"] = pid
         meta["rv"] = ring.version
         if orig:
             meta["orig"] = [list(o) for o in orig]
-        op = {"range": "pull_range", "declare": "declare_table"}.get(req.kind, req.kind)
+        op = {"range": "pull_range", "declare": "declare_table", "pushpull": "push"}.get(req.kind,
+                                                                                        req.kind)
         try:
             self._send(sid, Message(op, ts, req.table if req.kind != "declare" else "", meta, arrays))
         except ServerDeadError:
@@ -604,6 +640,19 @@ def _check_vals(vals, n: int, cols: int, dtype: str, what: str) -> np.ndarray:
         raise ValueShapeError(f"{what} hold {vals.size} entries but {n} keys x {cols} columns = "
                               f"{n * cols} are needed")
     return np.ascontiguousarray(vals).reshape(n, cols)
+
+
+def _check_out(out, n: int, spec: TableSpec) -> np.ndarray:
+    """The result buffer of a read of n keys: ``out`` checked, or a new one ((n,) for dim 1)."""
+    if out is None:
+        return np.empty((n,) if spec.dim == 1 else (n, spec.dim), dtype=spec.dtype)
+    if not isinstance(out, np.ndarray) or out.dtype != np.dtype(spec.dtype):
+        raise DTypeError(f"out has dtype {getattr(out, 'dtype', type(out).__name__)}, table "
+                         f"{spec.name!r} stores {spec.dtype}")
+    if out.size != n * spec.dim or not out.flags.c_contiguous:
+        raise ValueShapeError(f"out must be a C-contiguous array of {n}x{spec.dim} entries, got "
+                              f"shape {out.shape}")
+    return out
 
 
 def _check_range(lo: int, hi: int) -> None:
