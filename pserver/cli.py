@@ -71,7 +71,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     logs.setup_logging(cfg.log_level, "server")
     for mod in args.plugin or []:
         importlib.import_module(mod)  # registers user update functions (register_updater)
-    KVServer(cfg).run()
+    KVServer(cfg).run(warm_first=args.join)
     return 0
 
 

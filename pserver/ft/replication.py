@@ -276,19 +276,28 @@ class Replicator:
         holds under ``new`` but did not under ``old``."""
         out = []
         for name, table in tables.items():
-            keys, _, _ = table.items()
+            keys = table.keys_sorted()
             if not len(keys):
                 continue
-            keys = keys[masters.owner_of(keys) == self.my_id]
+            # one pass over the keys per ring (a migration's prepare runs between requests)
+            old_holders = old.holders(keys, self.k) if old is not None else None
+            if masters is old and old_holders is not None:
+                mine = old_holders[:, 0] == self.my_id
+                old_holders = old_holders[mine]
+            else:
+                mine = masters.owner_of(keys) == self.my_id
+                if old_holders is not None:
+                    old_holders = old_holders[mine]
+            keys = keys[mine]
             if not len(keys):
                 continue
             new_holders = new.holders(keys, self.k)
-            old_holders = old.holders(keys, self.k) if old is not None else \
-                np.full((len(keys), 1), -1)
-            for sid in np.unique(new_holders):
-                if sid < 0 or sid == self.my_id:
+            for sid in new.servers:
+                if sid == self.my_id:
                     continue
-                need = (new_holders == sid).any(axis=1) & ~(old_holders == sid).any(axis=1)
+                need = (new_holders == sid).any(axis=1)
+                if old_holders is not None:
+                    need &= ~(old_holders == sid).any(axis=1)
                 if need.any():
                     out.append((name, int(sid), keys[need]))
         return out

@@ -118,10 +118,16 @@ class KVServer:
         self._as_of_waiting: set[bytes] = set()  # senders whose first held request is an as_of pull
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def run(self) -> None:
-        """Register, then serve until the scheduler shuts the cluster down (or is lost)."""
-        # load the compiled store kernels while registering, not on the first requests
-        threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
+    def run(self, warm_first: bool = False) -> None:
+        """Register, then serve until the scheduler shuts the cluster down (or is lost).
+
+        The compiled store kernels are loaded while registering, not on the first requests - or,
+        with ``warm_first`` (a server joining a running cluster), before registering: a joiner's
+        first requests are the forwards of a live migration, which every push then waits for."""
+        if warm_first:
+            _warm_up()
+        else:
+            threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
         self.membership.register(self.cfg.rank)
         log.info("server %d (rank %d) serving on %s:%d", self.membership.node_id,
                  self.membership.rank, self.cfg.bind_host(), self.port)
