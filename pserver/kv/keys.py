@@ -159,34 +159,27 @@ def range_bounds(meta: dict) -> tuple[int, int]:
 @numba.njit(cache=True, nogil=True)
 def _merge_sum(k1, v1, k2, v2):
     """Union of two sorted unique key arrays, with the rows of keys in both added: one pass."""
-    n1, n2 = k1.size, k2.size
+    n1, n2, cols = k1.size, k2.size, v1.shape[1]
     keys = np.empty(n1 + n2, k1.dtype)
-    vals = np.empty((n1 + n2, v1.shape[1]), v1.dtype)
+    vals = np.empty((n1 + n2, cols), v1.dtype)
     i = j = n = 0
-    while i < n1 and j < n2:
-        if k1[i] < k2[j]:
+    while i < n1 or j < n2:
+        if j == n2 or (i < n1 and k1[i] < k2[j]):
             keys[n] = k1[i]
-            vals[n] = v1[i]
+            for c in range(cols):
+                vals[n, c] = v1[i, c]
             i += 1
-        elif k2[j] < k1[i]:
+        elif i == n1 or k2[j] < k1[i]:
             keys[n] = k2[j]
-            vals[n] = v2[j]
+            for c in range(cols):
+                vals[n, c] = v2[j, c]
             j += 1
         else:
             keys[n] = k1[i]
-            vals[n] = v1[i] + v2[j]
+            for c in range(cols):
+                vals[n, c] = v1[i, c] + v2[j, c]
             i += 1
             j += 1
-        n += 1
-    while i < n1:
-        keys[n] = k1[i]
-        vals[n] = v1[i]
-        i += 1
-        n += 1
-    while j < n2:
-        keys[n] = k2[j]
-        vals[n] = v2[j]
-        j += 1
         n += 1
     return keys[:n], vals[:n]
 
