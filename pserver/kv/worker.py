@@ -189,15 +189,20 @@ class KVWorker:
         span = _check_span(span, keys) if span is not None else None
         if spec.push_filters:
             self.filters.check(spec)
+        return self._issue_push(spec, _Request("push", spec.name, keys, vals, callback=callback),
+                                span)
+
+    def _issue_push(self, spec: TableSpec, req: _Request, span: list[int] | None) -> int:
+        """Send a push (or push_pull) request: its round, its parts; returns its timestamp."""
         with self._lock:
             self._check_usable()
             ts = self._next_ts()
-            req = _Request("push", spec.name, keys, vals, callback=callback, started=time.monotonic())
+            req.started = time.monotonic()
             if spec.sync:
                 req.rnd = self._rounds.get(spec.name, 0)
                 self._rounds[spec.name] = req.rnd + 1
             self._pending[ts] = req
-            parts = self._split(keys)
+            parts = self._split(req.keys)
             if span is not None:
                 req.meta["span"] = span
             if spec.sync or span is not None:  # every server takes part (an empty push if need be)
@@ -205,6 +210,8 @@ class KVWorker:
                     parts.setdefault(sid, slice(0, 0))
             for sid, sel in parts.items():
                 self._send_part(ts, req, sid, sel)
+            if not req.waiting:
+                self._complete(ts, req)
         return ts
 
     def pull(self, keys: np.ndarray, table: str | None = None, out: np.ndarray | None = None,
@@ -262,25 +269,9 @@ class KVWorker:
         vals = _check_vals(vals, n, spec.push_cols, spec.dtype, "vals")
         span = _check_span(span, keys) if span is not None else None
         out = _check_out(out, n, spec)
-        with self._lock:
-            self._check_usable()
-            ts = self._next_ts()
-            req = _Request("pushpull", spec.name, keys, vals, out=out.reshape(n, spec.dim),
-                           callback=callback, result=out, started=time.monotonic())
-            if spec.sync:
-                req.rnd = self._rounds.get(spec.name, 0)
-                self._rounds[spec.name] = req.rnd + 1
-            self._pending[ts] = req
-            parts = self._split(keys)
-            if span is not None:
-                req.meta["span"] = span
-            if spec.sync or span is not None:  # every server takes part (an empty push if need be)
-                for sid in self._all_servers():
-                    parts.setdefault(sid, slice(0, 0))
-            for sid, sel in parts.items():
-                self._send_part(ts, req, sid, sel)
-            if not req.waiting:
-                self._complete(ts, req)
+        ts = self._issue_push(spec, _Request("pushpull", spec.name, keys, vals,
+                                             out=out.reshape(n, spec.dim), callback=callback,
+                                             result=out), span)
         return self.wait(ts) if wait else ts
 
     def push_range(self, lo: int, hi: int, vals: np.ndarray, table: str | None = None) -> int:
