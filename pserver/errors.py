@@ -105,3 +105,9 @@ class WrongOwnerError(PServerError):
     """A server was asked for keys it does not master under its key ring (the ring changed: a
     server joined, left or failed). Workers handle it by re-splitting with the new ring and resending;
     users see it only if their cluster view never catches up."""
+
+
+class WorkerDeclaredDeadError(PServerError):
+    """The scheduler declared this worker dead (it missed heartbeats for PSERVER_HEARTBEAT_TIMEOUT)
+    while it was still running, and its work was handed to another worker; it stops rather than
+    do that work twice. On a loaded machine raise PSERVER_HEARTBEAT_TIMEOUT."""

@@ -88,7 +88,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
             argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
     argv += ["--bias"] * args.bias + ["--test-every-pass"] * args.test_every_pass
     for flag in ("delay_damping", "delay_free", "target_objective", "straggler",
-                 "clock_log"):  # consistency
+                 "clock_log", "on_worker_failure"):  # consistency, fault tolerance
         value = getattr(args, flag, None)
         if value is not None and value != "":
             argv += ["--" + flag.replace("_", "-"),

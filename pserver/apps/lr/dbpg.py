@@ -35,6 +35,9 @@ defaults are conservative, benchmarks/delay.py uses values tuned on its data (do
 Per-pass objective: each worker's loss plus its share of the regulariser, summed through a small
 synchronous "sum" table. Shares are exact without a gather of w: at setup every worker pushes 1 per
 key it holds, so it knows c_k, the number of workers holding key k, and adds |w_k| / c_k.
+
+Worker failure (takeover.py): the heir of a dead worker's shard merges it into its own between two
+iterations (adopt) and adds |w_k| mult_k / c_k, mult_k being how many merged shards hold key k.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from ...consistency.executor import Executor
 from ...errors import ConfigError
 from ...kv.filtering import lossless_part
 from .data import Shard
+from .takeover import merge_shards
 
 log = logging.getLogger(__name__)
 
@@ -268,16 +272,8 @@ class DBPG:
         self._declare_tables()
         t0 = time.perf_counter()
         self._push_counts()   # first: the servers aggregate while this worker prepares
-        X = shard.X
-        # Compact types: the block kernels are bound by memory traffic, not arithmetic.
-        self.indptr = X.indptr.astype(np.int64, copy=False)
-        self.indices = X.indices.astype(np.int32, copy=False)
-        self.data = X.data.astype(np.float32, copy=False)   # read-only here: no copy
-        self.y = shard.y.astype(np.float64)
-        self.m = np.zeros(shard.num_examples)
-        self.q = np.ones(shard.num_examples)             # exp(-m), kept with the margins
-        self.w = np.zeros(shard.keys.size)              # this worker's view of w[keys]
-        self.rd = np.empty((shard.num_examples, 2))   # per row: dloss/dm, curvature weight
+        self._load(shard, np.zeros(shard.keys.size), np.ones(shard.keys.size))
+        self.takeover = None   # a ShardTakeover: adopt dead workers' shards (takeover.py)
         self.history: list[PassStats] = []
         self.clock_log: dict | None = None  # set to {} to record the clocks of every read
         self.timing: dict[str, float] = {}  # computing / waiting seconds of the last run()
@@ -288,10 +284,23 @@ class DBPG:
     def _declare_tables(self) -> None:
         declare_tables(self.kv, self.cfg)
         self.full_pass = False     # KKT: this pass pushes every coordinate (active set reset)
-        if self.cfg.kkt:
-            keys = self.shard.keys
+        if self.cfg.kkt:   # self.shard, not its keys now: adopt() replaces the shard
             self.kv.filters.set_weights(self.cfg.table,
-                                        lambda k: self.w[np.searchsorted(keys, k)])
+                                        lambda k: self.w[np.searchsorted(self.shard.keys, k)])
+
+    def _load(self, shard: Shard, w: np.ndarray, mult: np.ndarray) -> None:
+        """Hold `shard` with weights w (float64, per key; the margins follow from them) and mult
+        (how many of the workers' shards merged into this one hold each key)."""
+        self.shard, X = shard, shard.X
+        # Compact types: the block kernels are bound by memory traffic, not arithmetic.
+        self.indptr = X.indptr.astype(np.int64, copy=False)
+        self.indices = X.indices.astype(np.int32, copy=False)
+        self.data = X.data.astype(np.float32, copy=False)   # read-only here: no copy
+        self.y = shard.y.astype(np.float64)
+        self.w, self.mult = w, mult                      # this worker's view of w[keys]
+        self.m = np.asarray(X @ w).ravel() if w.any() else np.zeros(shard.num_examples)
+        self.q = np.minimum(np.exp(-self.m), 1e300)      # exp(-m), kept with the margins
+        self.rd = np.empty((shard.num_examples, 2))   # per row: dloss/dm, curvature weight
 
     def _push_counts(self) -> None:
         """Push what the setup needs from every worker (see _setup, steps 1 and 2)."""
@@ -319,19 +328,28 @@ class DBPG:
 
     def _setup(self, t0: float) -> None:
         """Collect what _push_counts sent, then build the blocks (t0: when the push began)."""
-        kv, keys, cfg, X = self.kv, self.shard.keys, self.cfg, self.shard.X
+        kv, keys, cfg = self.kv, self.shard.keys, self.cfg
         _warm_up()   # load the compiled kernels while the servers aggregate the counts
         counts = kv.pull(keys, table=cfg.table + "_count").astype(np.float64).reshape(-1, 2)
         t_counts = time.perf_counter()
-        self.holders = counts[:, 0]
         bkeys, bvals = kv.pull_range(KEY_SPACE - 65, KEY_SPACE, table=cfg.table + "_stats")
-        bits = max([KEY_SPACE - 1 - int(k) for k in bkeys[np.atleast_2d(bvals)[:, 0] > 0]] + [1])
+        flags = np.atleast_2d(bvals)[:, 0]
+        bits = max([KEY_SPACE - 1 - int(k) for k in bkeys[flags > 0]] + [1])
         self.key_bound = 1 << bits
+        self.counted = round(float(flags.sum()))  # workers whose counts reached the servers
         # 3. Warm start from whatever the table holds (a new table holds zeros: no pull).
         if cfg.warm_start:
-            self.w = kv.pull(keys, table=cfg.table).astype(np.float64)
-            self.m = np.asarray(X @ self.w).ravel()
-            self.q = np.minimum(np.exp(-self.m), 1e300)
+            self._load(self.shard, kv.pull(keys, table=cfg.table).astype(np.float64), self.mult)
+        self._blocks(counts)
+        self.setup_seconds = {"counts": t_counts - t0, "total": time.perf_counter() - t0}
+
+    def _blocks(self, counts: np.ndarray) -> None:
+        """Regulariser shares, the KKT verdicts and the blocks' active columns of the shard, from
+        the servers' per-key [holders, capped mass] sums."""
+        cfg, keys = self.cfg, self.shard.keys
+        self.holders = counts[:, 0]
+        # |w_k| * mult_k / c_k: this worker's share of key k's penalty (mult = c = 1 alone)
+        self.share = self.mult / np.maximum(self.holders, self.mult)
         active = (counts[:, 1] > self.threshold) | (self.w != 0)
         self.filtered = int(keys.size - np.count_nonzero(active))
         # 4. Blocks: key ranges -> the active columns of each.
@@ -345,7 +363,19 @@ class DBPG:
         if cfg.curvature == "bound":
             self.scale *= 0.25
         self.entries = [int(np.sum(self.indptr[c + 1] - self.indptr[c])) for c in self.cols]
-        self.setup_seconds = {"counts": t_counts - t0, "total": time.perf_counter() - t0}
+
+    def adopt(self, extra: Shard) -> None:
+        """Train on `extra` (a dead worker's shard, see takeover.py) too, from the next iteration
+        on. Call between iterations with no reply outstanding: the servers' weights are then
+        those after the last round this worker applied (the next round needs its push), so the
+        merged shard starts from exactly the state its own keys are in. The holder counts and
+        masses of its keys are in the count table already (its worker pushed them at set-up)."""
+        kv, cfg = self.kv, self.cfg
+        merged, mult = merge_shards(self.shard, extra, self.mult)
+        counts = kv.pull(merged.keys, table=cfg.table + "_count").astype(np.float64)
+        w = kv.pull(merged.keys, table=cfg.table).astype(np.float64)
+        self._load(merged, w, mult)
+        self._blocks(counts.reshape(-1, 2))
 
     # -- one iteration = one block ----------------------------------------------------------
     def _compute(self, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -398,12 +428,18 @@ class DBPG:
         for t, _ in ex.assigned():
             if t % B == 0 and t >= lead * B:
                 stats = self._collect(t // B - lead, on_pass)
-                reached = cfg.target > 0 and stats.objective <= cfg.target
-                if reached or self._converged(cfg.tol > 0 and prev.objective - stats.objective
-                                              < cfg.tol * abs(stats.objective)):
+                # a pass that lost (or regained) a dead worker's shard is no measure of progress
+                whole = stats.examples == prev.examples
+                reached = whole and cfg.target > 0 and stats.objective <= cfg.target
+                if reached or self._converged(whole and cfg.tol > 0 and prev.objective
+                                              - stats.objective < cfg.tol * abs(stats.objective)):
                     ex.stop()
                     break
                 prev = stats
+            if self.takeover is not None:
+                for _, extra in self.takeover.check(t, ex.tau):
+                    ex.wait(t - 1)   # nothing in flight: w is the servers' after round t - 1
+                    self.adopt(extra)
             ex.run(t, self._iteration)
             last = t
         ex.drain()
@@ -456,7 +492,7 @@ class DBPG:
         """The last block of pass k is applied: w and the margins are the servers' after that
         pass, so this worker's share of F is pushed now and its sum collected later."""
         ell = float(np.logaddexp(0.0, -self.y * self.m).sum())
-        share = 1.0 / np.maximum(self.holders, 1.0)
+        share = self.share
         reg = float(np.dot(share, self.cfg.l1 * np.abs(self.w) + 0.5 * self.cfg.l2 * self.w ** 2))
         nnz = float(np.dot(share, self.w != 0))
         key = np.array([self._base + k + 1], np.uint64)
@@ -506,7 +542,7 @@ class DBPG:
     def _objective(self, epoch: int, seconds: float, waited: float) -> PassStats:
         """Global F(w) after a pass, summed through the stats table (key = epoch)."""
         ell = float(np.logaddexp(0.0, -self.y * self.m).sum())
-        share = 1.0 / np.maximum(self.holders, 1.0)
+        share = self.share
         reg = float(np.dot(share, self.cfg.l1 * np.abs(self.w) + 0.5 * self.cfg.l2 * self.w ** 2))
         nnz = float(np.dot(share, self.w != 0))
         row = np.array([[ell, reg, nnz, self.shard.num_examples]])

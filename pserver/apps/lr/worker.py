@@ -23,6 +23,7 @@ from ...kv.filtering import format_traffic_summary, traffic_row, traffic_summary
 from .data import read_shard
 from .dbpg import DBPG, DBPGConfig, PassStats, warm_up_servers
 from .model import auc, logloss, predict, save_model
+from .takeover import POLICIES, ShardTakeover
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +75,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help='more push filters of the weight table, e.g. "key_cache,compress"')
     p.add_argument("--pull-filters", default="",
                    help='pull filters of the weight table, e.g. "key_cache,compress"')
-    p.add_argument("--summary-json", help="rank 0 writes the summary (and per-pass history) here")
+    p.add_argument("--summary-json", help="rank 0 (if it died: the lowest live rank) writes the "
+                                          "summary (and per-pass history) here")
     p.add_argument("--test-every-pass", action="store_true",
                    help="rank 0 scores the held-out set after every pass (time not counted)")
+    p.add_argument("--on-worker-failure", default="takeover", choices=POLICIES,
+                   help="a worker dies: the lowest-ranked live worker takes its data shard over "
+                        "(default), or the job goes on without it (drop; the summary names it)")
 
 
 def _progress(s: PassStats, rank_examples: int) -> None:
@@ -101,12 +106,20 @@ def train(kv, args: argparse.Namespace) -> dict | None:
     warm = _Background(warm_up_servers, kv, cfg)   # the servers get ready while we read
     opts = dict(skip_bad=args.skip_bad, raw_keys=args.raw_keys, int_bins=args.int_bins,
                 bias=args.bias)
-    shard = read_shard(args.data, args.format, kv.rank, kv.num_workers, args.split, **opts)
+    # shard r = rank r's byte range among the workers the job started with (dead ones included),
+    # so a live worker can read a dead one's shard again (takeover.py)
+    num_shards = len(kv.membership.view.role_nodes("worker", alive_only=False))
+
+    def read(rank: int):
+        return read_shard(args.data, args.format, rank, num_shards, args.split, **opts)
+
+    shard = read(kv.rank)
     t_read = time.perf_counter() - t_start
     log.info("worker %d: %d examples, %d features, %d non-zeros, read in %.2f s", kv.rank,
              shard.num_examples, shard.keys.size, shard.X.nnz, t_read)
     warm.join()
     algo = DBPG(kv, shard, cfg)
+    algo.takeover = ShardTakeover(kv, read, num_shards, args.on_worker_failure, algo.counted)
     if args.clock_log:
         algo.clock_log = {}
     if kv.rank == 0:
@@ -122,9 +135,9 @@ def train(kv, args: argparse.Namespace) -> dict | None:
     t_train = time.perf_counter()
 
     def on_pass(s: PassStats) -> None:
-        if kv.rank != 0:
+        if not _reports(kv):
             return
-        _progress(s, shard.num_examples)
+        _progress(s, algo.shard.num_examples)   # grows when it takes a shard over
         if test is not None and args.test_every_pass:
             t0 = time.perf_counter()
             p = 1.0 / (1.0 + np.exp(-(test.X @ kv.pull(test.keys, table=args.table))))
@@ -153,10 +166,12 @@ def train(kv, args: argparse.Namespace) -> dict | None:
     key = np.array([base + 1, base + 2, base + 16 + kv.rank], np.uint64)
     kv.push(key, row, table=args.table + "_stats")
     totals = kv.pull(np.array([base + 1, base + 2] + [
-        base + 16 + r for r in range(kv.num_workers)], np.uint64), table=args.table + "_stats")
+        base + 16 + r for r in range(num_shards)], np.uint64), table=args.table + "_stats")
     sent, received, read_sum, wait_sum = totals[0]
     summary = None
-    if kv.rank == 0:
+    if _reports(kv):   # rank 0, or the lowest live rank if rank 0 died (the heir of its shard)
+        if args.test and test is None:
+            test = read_shard(args.test, args.format, **opts)
         keys, w = kv.pull_range(table=args.table)
         summary = {
             "workers": kv.num_workers, "servers": kv.num_servers,
@@ -176,12 +191,13 @@ def train(kv, args: argparse.Namespace) -> dict | None:
                                             "max_lag"), r)) for r in totals[2:].tolist()],
             "max_lag": int(totals[2:, 3].max()), "consistency": algo.timing.get("model"),
             "history": [{"epoch": h.epoch, "objective": h.objective, "loss": h.loss,
-                         "nnz": h.nnz, "seconds": h.seconds, "wait_seconds": h.wait_seconds,
-                         "examples_per_s": h.examples_per_s,
+                         "nnz": h.nnz, "examples": h.examples, "seconds": h.seconds,
+                         "wait_seconds": h.wait_seconds, "examples_per_s": h.examples_per_s,
                          **{k: h.extra[k] for k in ("elapsed_s", "max_lag", "computing_s",
                                                     "waiting_deps_s", "waiting_net_s")
                             if k in h.extra}} for h in history],
             "config": vars(cfg), "test_every_pass": evals,
+            "reported_by": kv.rank, "shards": algo.takeover.summary(),
         }
         meta = {"data_format": args.format, "raw_keys": args.raw_keys, "int_bins": args.int_bins,
                 "bias": args.bias, "l1": args.l1, "l2": args.l2, "passes": len(history),
@@ -224,6 +240,12 @@ class _Background(threading.Thread):
             raise self._error
 
 
+def _reports(kv) -> bool:
+    """Whether this worker prints progress and the summary: the lowest live rank."""
+    live = kv.membership.view.role_nodes("worker")
+    return not live or live[0].rank == kv.rank
+
+
 def _load_kernels() -> None:
     from . import data, dbpg
     data.warm_up()
@@ -251,6 +273,7 @@ def format_summary(s: dict) -> str:
              f"{s['servers']} servers: {s['passes']} passes in {s['train_seconds']:.2f} s",
              f"  train objective {s['train_objective']:.6e}   nnz(w) {s['nnz']:,}   "
              f"workers idle {100 * s['idle_fraction']:.1f}%"]
+    lines += _format_shards(s.get("shards"))
     if "test_logloss" in s:
         lines.append(f"  held-out ({s['test_examples']:,} examples): logloss "
                      f"{s['test_logloss']:.5f}   AUC {s['test_auc']:.5f}")
@@ -259,6 +282,18 @@ def format_summary(s: dict) -> str:
     if "traffic" in s:
         lines.append(format_traffic_summary(s["traffic"]))
     return "\n".join(lines)
+
+
+def _format_shards(sh: dict | None) -> list[str]:
+    """Summary lines on worker failures (none when every worker lived)."""
+    if not sh or not sh["dead_workers"]:
+        return []
+    lines = [f"  shard {t['shard']} (its worker died): taken over by worker {t['by']} from "
+             f"iteration {t['iteration']} ({t['examples']:,} examples)" for t in sh["taken_over"]]
+    if sh["dropped"]:
+        lines.append(f"  shard(s) {', '.join(map(str, sh['dropped']))} DROPPED (worker died; "
+                     f"--on-worker-failure {sh['policy']}): the objective covers the other shards")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
