@@ -7,8 +7,13 @@ Cases (the foundation issue's):
   c  1,000 random uint64 keys: round trips/s with 1 request in flight, pushes/s with 16 in flight
   d  sparse lookup+update rate inside one server's store (keys/s), no network
 
-Usage: python benchmarks/pushpull.py [--seconds 3] [--curve] [--out benchmarks/results/pushpull.json]
+Usage: python benchmarks/pushpull.py [--seconds 3] [--curve] [--busy-poll S]
+                                     [--out benchmarks/results/pushpull.json]
   --curve also runs a, b, c on a CURVE-encrypted cluster and reports the slowdown against plain text.
+  --busy-poll S (default 0.002) also runs a, b, c with the server busy-polling for S seconds after
+    each request (PSERVER_BUSY_POLL, off by default: it suits a server with a core of its own; here
+    the server and this worker share the machine's 2 cores). 0 skips that run.
+Each run also records the CPU time per request of the worker (this process) and of the server.
 """
 
 from __future__ import annotations
@@ -47,7 +52,14 @@ def _summary(lat: list[float], payload_bytes: int = 0, ops_per_call: int = 1) ->
     return out
 
 
-def run_cases(kv: pserver.KVWorker, seconds: float) -> dict:
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process, every thread included (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
     res = {}
     # (a) 1M dense keys x 1 float32: push then pull
     keys = np.arange(1_000_000, dtype=np.uint64)
@@ -86,6 +98,7 @@ def run_cases(kv: pserver.KVWorker, seconds: float) -> dict:
     end = time.perf_counter() + seconds
     count = 0
     t0 = time.perf_counter()
+    cpu0, scpu0 = time.process_time(), _cpu_seconds(server_pid)
     while time.perf_counter() < end:
         window.append(kv.push(rkeys, rvals))
         count += 1
@@ -97,18 +110,21 @@ def run_cases(kv: pserver.KVWorker, seconds: float) -> dict:
     elapsed = time.perf_counter() - t0
     res["c_1000keys_push_16_in_flight"] = {
         "pushes": count, "ops_per_s": round(count / elapsed, 1),
+        "worker_cpu_us_per_push": round(1e6 * (time.process_time() - cpu0) / count, 1),
+        "server_cpu_us_per_push": round(1e6 * (_cpu_seconds(server_pid) - scpu0) / count, 1),
         "p50_wait_ms": round(float(np.percentile(lat, 50)) * 1e3, 4),
         "p99_wait_ms": round(float(np.percentile(lat, 99)) * 1e3, 4)}
     return res
 
 
-def run_cluster(seconds: float, insecure: bool) -> dict:
-    with LocalCluster(1, 1, insecure=insecure, prefix_output=False) as cluster:
+def run_cluster(seconds: float, insecure: bool, busy_poll: float = 0.0) -> dict:
+    env = {"PSERVER_BUSY_POLL": str(busy_poll)} if busy_poll else None
+    with LocalCluster(1, 1, insecure=insecure, prefix_output=False, env=env) as cluster:
         t = time.perf_counter()
         kv = pserver.KVWorker(cluster.config(0))
         start = time.perf_counter() - t
         try:
-            res = run_cases(kv, seconds)
+            res = run_cases(kv, seconds, cluster.procs["server 0"].pid)
         finally:
             kv.close()
     res["worker_join_s"] = round(start, 3)
@@ -120,6 +136,8 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=3.0, help="time per case")
     p.add_argument("--curve", action="store_true", help="also measure a CURVE-encrypted cluster")
+    p.add_argument("--busy-poll", type=float, default=0.002,
+                   help="also run with the server busy-polling this long (s; 0 = skip)")
     p.add_argument("--out", default="benchmarks/results/pushpull.json")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -127,6 +145,9 @@ def main() -> None:
 
     result = {"machine": {"cpus": os.cpu_count()}, "seconds_per_case": args.seconds,
               "insecure": run_cluster(args.seconds, insecure=True)}
+    if args.busy_poll:
+        result["insecure_busy_poll"] = {"busy_poll_s": args.busy_poll,
+                                        **run_cluster(args.seconds, True, args.busy_poll)}
     result["d_store_lookup_update"] = store_index.run(n_table=10_000_000, n_query=1_000_000)
     if args.curve:
         result["curve"] = run_cluster(args.seconds, insecure=False)

@@ -38,6 +38,9 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_REPLICATE_AFTER_AGGREGATION": ("replicate_after_aggregation", bool,
                                             "1 = under synchronous aggregation replicate the "
                                             "aggregated update once, 0 = every worker's push"),
+    "PSERVER_BUSY_POLL": ("busy_poll", float, "seconds a server keeps polling, without sleeping, "
+                                              "after a request (0 = off; for servers with a core "
+                                              "of their own)"),
     "PSERVER_MAX_MESSAGE_BYTES": ("max_message_bytes", int, "largest accepted message payload"),
     "PSERVER_MAX_KEYS": ("max_keys", int, "most keys accepted in one request"),
     "PSERVER_MAX_DIM": ("max_dim", int, "largest accepted value dimension"),
@@ -64,6 +67,7 @@ class Config:
     barrier_timeout: float = 300.0
     virtual_servers: int = 32
     replication: int = 1
+    busy_poll: float = 0.0
     replicate_after_aggregation: bool = True
     max_message_bytes: int = 1 << 31
     max_keys: int = 1 << 28

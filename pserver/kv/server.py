@@ -142,13 +142,21 @@ class KVServer:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         polled: set = set()
+        spin, busy_until = self.cfg.busy_poll, 0.0
         try:
             while not self._stop:
                 for sock in self.repl.sock_peer:
                     if sock not in polled:
                         poller.register(sock, zmq.POLLIN)
                         polled.add(sock)
-                for sock, _ in poller.poll(0 if self.repl.jobs else 100):
+                # Busy polling (PSERVER_BUSY_POLL): for a while after a request, poll without
+                # sleeping - a wake-up from the kernel costs tens of microseconds here, more than
+                # the next request takes to arrive when a worker keeps several in flight.
+                busy = spin and time.perf_counter() < busy_until
+                events = poller.poll(0 if self.repl.jobs or busy else 100)
+                if events and spin:
+                    busy_until = time.perf_counter() + spin
+                for sock, _ in events:
                     if sock is self.sock:
                         self._drain()
                     else:
