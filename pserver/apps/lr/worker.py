@@ -91,8 +91,31 @@ def _progress(s: PassStats, rank_examples: int) -> None:
           flush=True)
 
 
-def train(kv, args: argparse.Namespace) -> dict | None:
-    """Train as one worker of kv's cluster. Returns the summary dict on rank 0, else None."""
+def _read_opts(args: argparse.Namespace) -> dict:
+    return dict(skip_bad=args.skip_bad, raw_keys=args.raw_keys, int_bins=args.int_bins,
+                bias=args.bias)
+
+
+def _reader(args: argparse.Namespace):
+    """read(rank, num_shards) -> Shard: shard `rank` of the training data."""
+    opts = _read_opts(args)
+    return lambda rank, num_shards: read_shard(args.data, args.format, rank, num_shards,
+                                               args.split, **opts)
+
+
+def _read_early(args: argparse.Namespace, rank: int, num_shards: int):
+    """Compiled kernels, then - when the environment names this worker's rank and the number of
+    workers, as LocalCluster's does - its shard, while the worker joins the cluster."""
+    _load_kernels()
+    if rank < 0 or num_shards < 1:
+        return None
+    t0 = time.perf_counter()
+    return rank, num_shards, _reader(args)(rank, num_shards), time.perf_counter() - t0
+
+
+def train(kv, args: argparse.Namespace, early=None) -> dict | None:
+    """Train as one worker of kv's cluster. Returns the summary dict on rank 0, else None.
+    early: (rank, num_shards, shard, seconds) read before joining (used if rank and count hold)."""
     t_start = time.perf_counter()
     slowdown, share = _straggler(args.straggler, kv.rank)
     cfg = DBPGConfig(l1=args.l1, l2=args.l2, epochs=args.epochs, blocks=args.blocks,
@@ -104,17 +127,19 @@ def train(kv, args: argparse.Namespace) -> dict | None:
                      slowdown=slowdown, slowdown_share=share)
     cfg.check()
     warm = _Background(warm_up_servers, kv, cfg)   # the servers get ready while we read
-    opts = dict(skip_bad=args.skip_bad, raw_keys=args.raw_keys, int_bins=args.int_bins,
-                bias=args.bias)
     # shard r = rank r's byte range among the workers the job started with (dead ones included),
     # so a live worker can read a dead one's shard again (takeover.py)
     num_shards = len(kv.membership.view.role_nodes("worker", alive_only=False))
+    reader, opts = _reader(args), _read_opts(args)
 
     def read(rank: int):
-        return read_shard(args.data, args.format, rank, num_shards, args.split, **opts)
+        return reader(rank, num_shards)
 
-    shard = read(kv.rank)
-    t_read = time.perf_counter() - t_start
+    if early is not None and early[:2] == (kv.rank, num_shards):
+        shard, t_read = early[2], early[3]   # read while joining
+    else:
+        shard = read(kv.rank)
+        t_read = time.perf_counter() - t_start
     log.info("worker %d: %d examples, %d features, %d non-zeros, read in %.2f s", kv.rank,
              shard.num_examples, shard.keys.size, shard.X.nnz, t_read)
     warm.join()
@@ -226,11 +251,12 @@ class _Background(threading.Thread):
     def __init__(self, fn, *args) -> None:
         super().__init__(daemon=True)
         self._fn, self._args, self._error = fn, args, None
+        self.result = None
         self.start()
 
     def run(self) -> None:
         try:
-            self._fn(*self._args)
+            self.result = self._fn(*self._args)
         except Exception as e:  # noqa: BLE001 - re-raised in the caller by join()
             self._error = e
 
@@ -302,14 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pserver.apps.lr.worker")
     add_train_args(p)
     args = p.parse_args(argv)
-    # compiled kernels load while the worker joins the cluster (that mostly waits on sockets)
-    kernels = _Background(_load_kernels)
+    # compiled kernels load, and the shard is read, while the worker joins the cluster (that
+    # mostly waits for the other nodes to start)
+    env = os.environ
+    early = _Background(_read_early, args, int(env.get("PSERVER_RANK", "-1") or -1),
+                        int(env.get("PSERVER_NUM_WORKERS", "0") or 0))
     kv = pserver.KVWorker()
-    kernels.join()
+    early.join()
     logs.setup_logging(kv.cfg.log_level or "WARNING", None)
     logs.set_node("worker", kv.rank)
     try:
-        train(kv, args)
+        train(kv, args, early.result)
     except PServerError as e:
         print(f"worker {kv.rank}: error: {e}", file=sys.stderr, flush=True)
         return 1
