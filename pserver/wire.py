@@ -151,8 +151,8 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
     if _PREFIX + hlen > len(first):
         raise ProtocolError(f"header length {hlen} runs past the end of the frame")
     try:
-        raw = first[_PREFIX:_PREFIX + hlen].tobytes()
-        header = json.loads(raw) if wide else orjson.loads(raw)
+        raw = first[_PREFIX:_PREFIX + hlen]  # orjson reads the memoryview without a copy
+        header = json.loads(raw.tobytes()) if wide else orjson.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # deep nesting: RecursionError
         raise ProtocolError(f"header is not valid JSON: {e}") from None
     if not isinstance(header, dict):
