@@ -127,6 +127,10 @@ class Transport:
                        identity: bytes | None = None) -> zmq.Socket:
         """A DEALER connected to the ROUTER of a peer of role ``peer_role``."""
         sock = self._socket(zmq.DEALER)
+        if peer_role == "scheduler":
+            # A DEALER whose only connection failed its handshake (wrong or no keys) has no peer and
+            # would block on send for ever: give up after the connect timeout instead (zmq.Again).
+            sock.sndtimeo = max(1, int(self.cfg.connect_timeout * 1000))
         if identity is None and peer_role == "scheduler":
             identity = self._token + b"%d" % next(self._dealer_ids)
         if identity is not None:

@@ -111,18 +111,21 @@ class Membership:
                 "rank": requested_rank}
         timeout = self.cfg.connect_timeout
         ts = next(self._ts)
-        self.transport.send(self.control, Message("register", ts, meta=meta))
+        where = f"{self.sched_host}:{self.sched_port}"
+        unreachable = (f"no answer from the scheduler at {where} within {timeout:g} s: is it running "
+                       f"and reachable from here, and does this node have the cluster's keys? "
+                       f"(PSERVER_SCHEDULER, PSERVER_KEYS, PSERVER_CONNECT_TIMEOUT)")
+        try:
+            self.transport.send(self.control, Message("register", ts, meta=meta))
+        except zmq.Again:  # no connection could be made (see Transport.connect_dealer)
+            raise SchedulerUnreachableError(unreachable) from None
         deadline = time.monotonic() + timeout
         acknowledged = False
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not self.control.poll(left * 1000):
-                where = f"{self.sched_host}:{self.sched_port}"
                 if not acknowledged:
-                    raise SchedulerUnreachableError(
-                        f"no answer from the scheduler at {where} within {timeout:g} s: is it running "
-                        f"and reachable from here, and does this node have the cluster's keys? "
-                        f"(PSERVER_SCHEDULER, PSERVER_KEYS, PSERVER_CONNECT_TIMEOUT)")
+                    raise SchedulerUnreachableError(unreachable)
                 raise SchedulerUnreachableError(
                     f"the scheduler at {where} accepted this {self.role} but the cluster did not "
                     f"start within {timeout:g} s: fewer servers/workers came than it waits for "
@@ -185,7 +188,10 @@ class Membership:
                     if self.traffic is not None and now >= next_report:
                         meta["traffic"] = self.traffic()
                         next_report = now + 1.0
-                    self.transport.send(sock, Message("heartbeat", meta=meta))
+                    try:
+                        self.transport.send(sock, Message("heartbeat", meta=meta))
+                    except zmq.Again:  # no connection to the scheduler: judged by lost_after
+                        pass
                     next_beat = now + interval
                 if sock.poll(max(0.0, next_beat - time.monotonic()) * 1000):
                     while True:
