@@ -69,7 +69,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     if args.busy_poll is not None:
-        cfg.busy_poll = args.busy_poll
+        cfg = cfg.with_(busy_poll=args.busy_poll)
+        cfg.validate()
     logs.setup_logging(cfg.log_level, "server")
     for mod in args.plugin or []:
         importlib.import_module(mod)  # registers user update functions (register_updater)

@@ -100,6 +100,9 @@ class Config:
             raise ConfigError("PSERVER_NUM_SERVERS must be >= 1 and PSERVER_NUM_WORKERS >= 0")
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("PSERVER_HEARTBEAT_TIMEOUT must exceed PSERVER_HEARTBEAT_INTERVAL > 0")
+        if self.busy_poll < 0:
+            raise ConfigError("PSERVER_BUSY_POLL (--busy-poll) is seconds of busy polling: 0 (off) "
+                              "or more")
         if min(self.max_message_bytes, self.max_keys, self.max_dim) < 1:
             raise ConfigError("PSERVER_MAX_MESSAGE_BYTES, PSERVER_MAX_KEYS and PSERVER_MAX_DIM must be >= 1")
         if self.scheduler:

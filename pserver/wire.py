@@ -230,7 +230,3 @@ def _check_spec(spec, limits: Limits) -> tuple[np.dtype, tuple[int, ...]]:
         raise LimitError(f"array of {n} entries exceeds the limit of {limits.max_keys} keys")
     return dtype, shape
 
-
-def payload_bytes(frames: list) -> int:
-    """Bytes a list of frames occupies on the wire (header included), for traffic accounting."""
-    return sum(len(_buffer(f)) if not isinstance(f, np.ndarray) else f.nbytes for f in frames)

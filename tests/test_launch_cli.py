@@ -111,3 +111,12 @@ def test_keygen_cli(tmp_path):
     assert (tmp_path / "k" / "private" / "worker.key_secret").exists()
     again = pserver_cli("keygen", str(tmp_path / "k"))
     assert again.returncode == 1  # refuses to overwrite
+
+
+def test_negative_busy_poll_is_a_clear_error():
+    r = pserver_cli("server", "--busy-poll", "-1", "--insecure",
+                    env={"PSERVER_SCHEDULER": "127.0.0.1:1"}, timeout=60)
+    assert r.returncode == 1
+    assert "PSERVER_BUSY_POLL (--busy-poll)" in r.stderr
+    with pytest.raises(pserver.errors.ConfigError, match="busy polling"):
+        pserver.Config.from_env({"PSERVER_BUSY_POLL": "-0.5"})

@@ -222,8 +222,7 @@ class KVServer:
             for identity, acks in batch.items():
                 if len(acks) == 1:
                     ts, part = acks[0]
-                    self._reply(identity, Message("ack", ts, meta={"p": part} if part is not None
-                                                  else None))
+                    self._reply(identity, _ack(ts, part))
                 else:
                     self._reply(identity, Message("acks", 0, meta={"a": acks}))
 
@@ -453,7 +452,7 @@ class KVServer:
             else:
                 batch.append((ts, part))
             return
-        self._reply(identity, Message("ack", ts, meta={"p": part} if part is not None else None))
+        self._reply(identity, _ack(ts, part))
 
     def _on_replica_ack(self, token) -> None:
         if token is None:
@@ -802,6 +801,11 @@ class KVServer:
                            for n, t in self.tables.items()},
                 "traffic": self.transport.counters.to_json(), "time": time.time(),
                 "filters": self.filters.counters.to_json()}
+
+
+def _ack(ts: int, part) -> Message:
+    """The acknowledgement of part ``part`` (None: an unsplit request) of request ``ts``."""
+    return Message("ack", ts, meta={"p": part} if part is not None else None)
 
 
 def _warm_up() -> None:

@@ -194,16 +194,7 @@ class Membership:
                         pass
                     next_beat = now + interval
                 if sock.poll(max(0.0, next_beat - time.monotonic()) * 1000):
-                    while True:
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        try:
-                            _, msg, _ = self.transport.decode(frames, routed=False)
-                        except PServerError as e:
-                            log.warning("bad heartbeat reply: %s", e)
-                            continue
+                    for msg in self.transport.drain(sock, "the scheduler (heartbeat reply)"):
                         last_reply = time.monotonic()
                         self._on_heartbeat_reply(msg)
                 elif time.monotonic() - last_reply > lost_after and not self.scheduler_lost.is_set():
