@@ -12,15 +12,22 @@ prints a short summary.
    with WrongOwner until it too has the ring). A fresh cluster per kill; the victim rotates.
 2. join: 3 servers, k=1, W workers pushing 10k-key pushes; a fourth server joins (two-phase
    migration). Throughput before, while the joiner starts, during the migration and after it.
-3. replication cost: 4 servers, W workers, 10k-key pushes; an asynchronous table with k=0, 1, 2 and
-   a synchronous one (every worker pushes every round) with k=0, 1, 2 and replicate-after-aggregation
-   on and off. Also the servers' CPU seconds per push (from /proc), which does not depend on how many
-   cores the machine has.
-4. rebuild: in process, the seconds Replicator.rebuild (re-replication after a failover, which runs in
-   a surviving server's request loop before it answers anything) takes for 0.25M, 1M and 4M keys.
+3. replication cost: 4 servers (then 2: one per core of this machine), W workers, 10k-key pushes;
+   an asynchronous table with k=0, 1, 2; a synchronous one (every worker pushes every round) with
+   k=0, 1, 2 and replicate-after-aggregation on and off, each worker pushing its own random keys
+   ("sync": nothing for aggregation to merge); and the same with every worker pushing the same keys
+   in a round ("shared": the case aggregation is for - n pushes of a key, one replicated update).
+   With 4 servers a master's virtual servers have their replicas on all 3 others, so each round
+   fans out to 3 replicas; with 2 each server replicates everything to the other. Also the
+   servers' CPU seconds per push (from /proc), which does not depend on how many cores the machine
+   has, and the messages they send per push.
+4. rebuild: in process, what re-replication after a failover costs a surviving server's request
+   loop for 0.25M, 1M and 4M keys stored: Replicator.plan_rebuild (once, before it answers anything)
+   and the rebuild_step calls that send the copies in chunks between request bursts.
 
 Usage: python benchmarks/recovery.py [--only recovery,rebuild,join,replication] [--kills 10]
            [--recovery 0.6:1000000,0.6:0,0.3:0:5] [--seconds 3] [--workers 2] [--repeats 2]
+           [--replication-servers 4,2]
            [--out benchmarks/results/recovery.json]
 --recovery lists HEARTBEAT_TIMEOUT:STORED_KEYS[:KILLS] configurations (default: the default timeout with
 1M keys stored and with an empty table, and a 0.3 s timeout).
@@ -381,9 +388,11 @@ def run_recovery(args, log: TextIO) -> list[dict]:
 
 
 def rebuild_cost(sizes: list[int], repeats: int = 3) -> list[dict]:
-    """Seconds a surviving server spends in Replicator.rebuild - run inside its request loop, before
-    it answers anything, when it adopts the ring after a failover - for a cluster storing n keys on 3
-    servers (k=1) of which one died. In process, with a transport that encodes but sends nothing."""
+    """What re-replication after a failover costs a surviving server's request loop, for a cluster
+    storing n keys on 3 servers (k=1) of which one died: Replicator.plan_rebuild (runs once when the
+    server adopts the new ring, before it answers anything) and the rebuild_step calls that send the
+    copies a chunk at a time between request bursts (each one delays requests that arrive
+    meanwhile). In process, with a transport that encodes but sends nothing."""
     from pserver import wire
     from pserver.ft.replication import Replicator
     from pserver.ring import KeyRing
@@ -404,24 +413,28 @@ def rebuild_cost(sizes: list[int], repeats: int = 3) -> list[dict]:
         held = keys[(old.holders(keys, 1) == 2).any(axis=1)]  # server 2's keys, as master or replica
         table = Table(TableSpec(name="default"))
         table.load(held, np.ones((len(held), 1), np.float32))
-        times: dict[str, list[float]] = {"items": [], "holders_old_and_new": [], "rebuild": []}
+        times: dict[str, list[float]] = {"plan": [], "longest_step": [], "all_steps": []}
+        steps = copied = 0
         for _ in range(repeats):
-            t = time.perf_counter()
-            stored = table.items()[0]
-            times["items"].append(time.perf_counter() - t)
-            t = time.perf_counter()
-            old.holders(stored, 1), new.holders(stored, 1)
-            times["holders_old_and_new"].append(time.perf_counter() - t)
             repl = Replicator(Encoder(), 2, lambda _sid: ("127.0.0.1", 0))
-            repl.configure(new, 1, True)
+            repl.ring, repl.k = new, 1
             t = time.perf_counter()
-            repl.rebuild(old, new, {"default": table}, masters=new)
-            times["rebuild"].append(time.perf_counter() - t)
-        out.append({"cluster_keys": n, "server_keys": len(held), "copied_keys": repl.last_copied,
+            copied = repl.plan_rebuild(old, new, {"default": table})
+            times["plan"].append(time.perf_counter() - t)
+            steps, longest, total = 0, 0.0, 0.0
+            more = bool(repl.jobs)
+            while more:
+                t = time.perf_counter()
+                more = repl.rebuild_step({"default": table})
+                dt = time.perf_counter() - t
+                steps, longest, total = steps + 1, max(longest, dt), total + dt
+            times["longest_step"].append(longest)
+            times["all_steps"].append(total)
+        out.append({"cluster_keys": n, "server_keys": len(held), "copied_keys": copied, "steps": steps,
                     **{f"{k}_s": round(float(np.median(v)), 4) for k, v in times.items()}})
-        print(f"  {n} keys in the cluster ({len(held)} on the server): rebuild {out[-1]['rebuild_s']} s "
-              f"(Table.items {out[-1]['items_s']} s, KeyRing.holders x2 {out[-1]['holders_old_and_new_s']} s)",
-              flush=True)
+        print(f"  {n} keys in the cluster ({len(held)} on the server): plan {out[-1]['plan_s']} s, then "
+              f"{steps} steps between requests of at most {out[-1]['longest_step_s']} s "
+              f"({out[-1]['all_steps_s']} s in all) copy {copied} keys", flush=True)
     return out
 
 
@@ -431,10 +444,12 @@ def worker_main(argv: list[str]) -> None:
     random keys of it, WINDOW pushes in flight, until OUT/stop exists; save the acknowledgement times."""
     out, mode, nkeys, push_keys, window = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
     kv = pserver.KVWorker()
-    kv.declare_table("bench", sync=mode == "sync")
+    kv.declare_table("bench", sync=mode != "async")
     mine = np.array_split(np.arange(nkeys, dtype=np.uint64), kv.num_workers)[kv.rank]
     kv.wait(kv.push(mine, np.ones(len(mine), np.float32), table="bench"))
-    rng = np.random.default_rng(kv.rank)
+    # "shared": every worker pushes the same key sets in the same order, so each synchronous round
+    # aggregates n pushes of the same keys (a model whose features all workers' data hit)
+    rng = np.random.default_rng(0 if mode == "shared" else kv.rank)
     subsets = [np.sort(rng.choice(nkeys, push_keys, replace=False)).astype(np.uint64) for _ in range(8)]
     vals = np.full(push_keys, 0.5, np.float32)
     kv.barrier("start")
@@ -460,12 +475,12 @@ def _rate(acks: np.ndarray, lo: float, hi: float) -> float:
     return round(float(((acks >= lo) & (acks < hi)).sum() / (hi - lo)), 1) if hi > lo else float("nan")
 
 
-def throughput_run(args, log: TextIO, servers: int, k: int, sync: bool, after: bool = True,
+def throughput_run(args, log: TextIO, servers: int, k: int, mode: str, after: bool = True,
                    join: bool = False) -> dict:
     """One fresh cluster and ``args.workers`` worker processes: pushes/s over the measured window,
     CPU and messages per push; with ``join``, the rates before, during and after a server joins."""
     tmp = tempfile.mkdtemp(prefix="pserver-recovery-")
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", tmp, "sync" if sync else "async",
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", tmp, mode,
            str(args.table_keys), str(args.push_keys), str(args.window)]
     w = args.workers
     with child_output(log), LocalCluster(servers, w, insecure=True, replication=k,
@@ -536,18 +551,21 @@ def throughput_run(args, log: TextIO, servers: int, k: int, sync: bool, after: b
 
 
 CASES = [("async", 0, True), ("async", 1, True), ("async", 2, True), ("sync", 0, True),
-         ("sync", 1, True), ("sync", 1, False), ("sync", 2, True), ("sync", 2, False)]
-_MEDIANS = ("pushes_per_s", "server_cpu_ms_per_push", "worker_cpu_ms_per_push", "replica_messages_per_push",
+         ("sync", 1, True), ("sync", 1, False), ("sync", 2, True), ("sync", 2, False),
+         ("shared", 0, True), ("shared", 1, True), ("shared", 1, False)]
+_MEDIANS = ("pushes_per_s", "server_cpu_ms_per_push", "worker_cpu_ms_per_push", "server_messages_sent_per_push",
+            "replica_messages_per_push",
             "replica_kb_per_push")
 
 
-def run_replication(args, log: TextIO) -> dict:
+def run_replication(args, log: TextIO, servers: int) -> dict:
     runs: dict[str, list[dict]] = {}
+    cases = [c for c in CASES if c[1] < servers]  # k = servers - 1 already replicates everywhere
     for rep in range(args.repeats):  # interleaved, so a burst of load elsewhere hits every case
-        for mode, k, after in CASES:
+        for mode, k, after in cases:
             how = "" if mode == "async" or k == 0 else "_after_agg" if after else "_per_push"
             name = f"{mode}_k{k}{how}"
-            r = throughput_run(args, log, 4, k, mode == "sync", after)
+            r = throughput_run(args, log, servers, k, mode, after)
             runs.setdefault(name, []).append(r)
             print(f"  [{rep}] {name}: {r['pushes_per_s']:.0f} pushes/s, server CPU "
                   f"{r['server_cpu_ms_per_push']:.2f} ms/push, {r['replica_messages_per_push']} replica "
@@ -560,8 +578,8 @@ def run_replication(args, log: TextIO) -> dict:
         cpu = "server_cpu_ms_per_push"
         ratios[name] = {"pushes_vs_k0": round(c["pushes_per_s"] / base["pushes_per_s"], 3),
                         "server_cpu_vs_k0": round(c[cpu] / base[cpu], 3)}
-    return {"servers": 4, "workers": args.workers, "push_keys": args.push_keys, "table_keys": args.table_keys,
-            "window": args.window, "cases": cases, "ratios": ratios}
+    return {"servers": servers, "workers": args.workers, "push_keys": args.push_keys,
+            "table_keys": args.table_keys, "window": args.window, "cases": cases, "ratios": ratios}
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -587,6 +605,8 @@ def main() -> None:
     p.add_argument("--table-keys", type=int, default=1_000_000)
     p.add_argument("--window", type=int, default=4, help="pushes in flight per worker")
     p.add_argument("--repeats", type=int, default=2, help="runs per replication case (median)")
+    p.add_argument("--replication-servers", default="4,2", help="comma-separated server counts of the "
+                   "replication part")
     p.add_argument("--out", default="benchmarks/results/recovery.json")
     args = p.parse_args()
     parts = set(args.only.split(","))
@@ -610,7 +630,7 @@ def main() -> None:
             print("throughput around a server join:", flush=True)
             failed = []
             for _ in range(3):  # a join that did not commit is reported, and tried again (twice at most)
-                run = throughput_run(args, log, 3, 1, sync=False, join=True)
+                run = throughput_run(args, log, 3, 1, "async", join=True)
                 if run["committed"]:
                     break
                 failed.append(run)
@@ -620,8 +640,10 @@ def main() -> None:
                               "push_keys": args.push_keys, "table_keys": args.table_keys, **run,
                               "failed_attempts": failed}
         if "replication" in parts:
-            print("cost of replication (4 servers):", flush=True)
-            result["replication"] = run_replication(args, log)
+            for n in (int(x) for x in args.replication_servers.split(",")):
+                print(f"cost of replication ({n} servers):", flush=True)
+                result["replication" if n == 4 else f"replication_{n}_servers"] = \
+                    run_replication(args, log, n)
         logging.getLogger().removeHandler(handler)
     result["load_at_end"] = load()
     result["cpu_pressure_at_end"] = cpu_pressure()
@@ -643,6 +665,10 @@ def _no_nan(x):
     return x
 
 
+def _replication_parts(res: dict) -> list[tuple[str, dict]]:
+    return [(k, v) for k, v in res.items() if k.startswith("replication")]
+
+
 def targets(res: dict) -> dict:
     out = {}
     for conf in res.get("recovery", []):
@@ -651,14 +677,17 @@ def targets(res: dict) -> dict:
         timing = r.get("n", 0) > 0 and r["max"] < 1.0 and not conf["unrecovered_segments"]
         out[name] = {"median_s": r.get("median"), "max_s": r.get("max"), "timing_met": timing,
                      "failed_kills": len(conf["failed_kills"]), "met": timing and not conf["failed_kills"]}
-    if "replication" in res:
-        q = res["replication"]["ratios"]["sync_k1_after_agg"]
-        # throughput_vs_k0 is measured on a shared 2-core machine; 1 / server_cpu_vs_k0 is the ratio
-        # when the servers are the bottleneck (each on its own core)
-        out["k1_costs_at_most_30pct_with_aggregation"] = {
-            "throughput_vs_k0": q["pushes_vs_k0"],
-            "server_bound_throughput_vs_k0": round(1 / q["server_cpu_vs_k0"], 3),
-            "met": q["pushes_vs_k0"] >= 0.7}
+    for _, rep in _replication_parts(res):
+        for case in ("sync_k1_after_agg", "shared_k1_after_agg"):
+            q = rep["ratios"].get(case)
+            if q is None:
+                continue
+            # throughput_vs_k0 is measured on a shared 2-core machine; 1 / server_cpu_vs_k0 is the
+            # ratio when the servers are the bottleneck (each on its own core)
+            out[f"k1_costs_at_most_30pct_with_aggregation_{rep['servers']}_servers_{case.split('_')[0]}"] = {
+                "throughput_vs_k0": q["pushes_vs_k0"],
+                "server_bound_throughput_vs_k0": round(1 / q["server_cpu_vs_k0"], 3),
+                "met": q["pushes_vs_k0"] >= 0.7}
     return out
 
 
@@ -677,9 +706,9 @@ def summary(res: dict) -> str:
                      f"last heir serves; failed kills {len(conf['failed_kills'])}, kills declaring live nodes "
                      f"dead {conf['kills_declaring_live_nodes_dead']}")
     for r in res.get("rebuild", {}).get("sizes", []):
-        lines.append(f"rebuild after failover, {r['cluster_keys']} keys stored: {r['rebuild_s']} s blocking "
-                     f"the server loop (Table.items {r['items_s']} s, KeyRing.holders x2 "
-                     f"{r['holders_old_and_new_s']} s)")
+        lines.append(f"rebuild after failover, {r['cluster_keys']} keys stored: plan {r['plan_s']} s, then "
+                     f"{r['steps']} steps of at most {r['longest_step_s']} s between requests "
+                     f"({r['all_steps_s']} s in all, {r['copied_keys']} keys copied)")
     if "join" in res:
         j = res["join"]
         lines.append(f"join: committed {j['committed']}, failed attempts {len(j['failed_attempts'])}")
@@ -687,9 +716,11 @@ def summary(res: dict) -> str:
                      f"{j['pushes_per_s_joiner_starting']}, migrating {j['pushes_per_s_during_migration']} "
                      f"({j['migration_s']} s), after {j['pushes_per_s_after']}; longest stall "
                      f"{j['longest_gap_between_acks_s']} s")
-    if "replication" in res:
-        for name, c in res["replication"]["cases"].items():
-            q = res["replication"]["ratios"][name]
+    for _, rep in _replication_parts(res):
+        lines.append(f"replication, {rep['servers']} servers, {rep['workers']} workers, {rep['push_keys']}-key "
+                     f"pushes:")
+        for name, c in rep["cases"].items():
+            q = rep["ratios"][name]
             lines.append(f"  {name:18} {c['pushes_per_s']:7.1f} pushes/s ({q['pushes_vs_k0']:.2f} of k=0), "
                          f"server CPU {c['server_cpu_ms_per_push']:.2f} ms/push ({q['server_cpu_vs_k0']:.2f}), "
                          f"{c['replica_messages_per_push']} replica msgs/push")

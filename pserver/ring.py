@@ -82,9 +82,13 @@ class KeyRing:
         return self.owners[self._vnode_of_positions(mix64(blocks))]
 
     def vnode_of(self, keys: np.ndarray) -> np.ndarray:
-        """Index (into positions/owners) of the virtual server owning each key."""
-        blocks = np.asarray(keys, dtype=np.uint64) >> np.uint64(self.block_bits)
-        return self._vnode_of_positions(mix64(blocks))
+        """Index (into positions/owners) of the virtual server owning each key. One pass in
+        numba that hashes each block once per run of keys in it (sorted keys of one block are
+        adjacent), instead of a hash per key."""
+        from .ring_hash import vnodes_of_keys  # numba, imported when first needed: the scheduler
+        # rarely hashes keys and starts faster without it
+        keys = np.ascontiguousarray(keys, dtype=np.uint64)
+        return vnodes_of_keys(keys, np.uint64(self.block_bits), self._lut, self.positions)
 
     def replica_table(self, k: int) -> np.ndarray:
         """(virtual servers, k) array: for each virtual server, the next k distinct physical

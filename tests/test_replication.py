@@ -171,3 +171,68 @@ def test_a_replica_applies_a_batch_in_order_and_refuses_malformed_ones(replica):
         reply = _ask(sock, Message("repl_batch", 7, "", meta, arrs))
         assert (reply.op, reply.meta.get("kind")) == ("error", "ProtocolError"), reply
     assert _stored(sock) == before + 6
+
+
+def test_replica_acks_ride_on_the_forward_to_their_master():
+    repl, cap = _replicator()
+    keys = _my_keys(repl, 200)
+    holders = repl.ring.replica_table(1)[repl.ring.vnode_of(keys), 0]
+    repl.begin_batch()
+    assert not repl.attach_acks(2, [11, 12])     # nothing queued for server 2 yet
+    repl.forward(("w", 0), "replicate_agg", "default", {"clk": []}, keys[holders == 2],
+                 np.ones((int((holders == 2).sum()), 1), np.float32))
+    assert repl.attach_acks(2, [11, 12])
+    repl.flush()
+    (sid, msg), = cap.sent
+    # one item, still sent as a batch: the acks need its meta
+    assert sid == 2 and msg.op == "repl_batch" and msg.meta["acks"] == [11, 12]
+    assert len(msg.meta["items"]) == 1 and repl.unsent_acks() == []
+    # the next burst carries nothing unless acks are attached again
+    repl.begin_batch()
+    repl.forward(("w", 1), "replicate_agg", "default", {"clk": []}, keys[holders == 2],
+                 np.ones((int((holders == 2).sum()), 1), np.float32))
+    repl.flush()
+    assert cap.sent[-1][1].op == "replicate_agg" and "acks" not in cap.sent[-1][1].meta
+
+
+def test_acks_whose_carrier_cannot_be_sent_are_handed_back():
+    repl, cap = _replicator()
+    keys = _my_keys(repl, 200)
+
+    def refuse(sock, msg, identity=None):
+        raise zmq.ZMQError(zmq.EAGAIN)
+    cap.send = refuse
+    repl.begin_batch()
+    repl.forward(("w", 0), "replicate_agg", "default", {"clk": []}, keys, np.ones((len(keys), 1),
+                                                                                  np.float32))
+    assert repl.attach_acks(3, [5])
+    lost = repl.flush()
+    assert ("w", 0) in lost
+    assert repl.unsent_acks() == [(b"s3", [5])] and repl.unsent_acks() == []
+
+
+def test_an_ack_from_a_server_the_forward_did_not_go_to_is_ignored():
+    repl, cap = _replicator()
+    keys = _my_keys(repl, 100)
+    holders = repl.ring.replica_table(1)[repl.ring.vnode_of(keys), 0]
+    sel = holders == 2
+    repl.forward(("w", 0), "replicate_agg", "default", {"clk": []}, keys[sel],
+                 np.ones((int(sel.sum()), 1), np.float32))
+    (sid, msg), = cap.sent
+    assert sid == 2
+    assert repl.on_ack(msg.ts, 3) == [] and repl.outstanding == {("w", 0): 1}
+    assert repl.on_ack(msg.ts, 2) == [("w", 0)]
+
+
+def test_a_replica_takes_acks_carried_by_a_batch_and_checks_them(replica):
+    _, sock = replica
+    k1 = np.array([2**43 + 1], np.uint64)
+    items = [["replicate_agg", "default", {"kf": "k", "clk": []}]]
+    arrays = [k1, np.ones((1, 1), np.float32)]
+    # acks of forwards this server never sent to s77: ignored, the batch still applied
+    reply = _ask(sock, Message("repl_batch", 8, "", {"items": items, "acks": [123456]}, arrays))
+    assert reply.op == "repl_ack" and reply.ts == 8
+    before = _stored(sock)
+    reply = _ask(sock, Message("repl_batch", 9, "", {"items": items, "acks": ["x"]}, arrays))
+    assert (reply.op, reply.meta.get("kind")) == ("error", "ProtocolError")
+    assert _stored(sock) == before

@@ -31,6 +31,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 
+import numba
 import numpy as np
 import zmq
 
@@ -90,6 +91,10 @@ class Replicator:
         self._rebuilding_version = 0
         self.messages_forwarded = 0
         self._batch: dict[int, list[tuple]] | None = None  # while draining: replica -> queued updates
+        self._acks: dict[int, list[int]] = {}   # while draining: replica acks to carry, per master
+        self._unsent_acks: list[tuple[bytes, list[int]]] = []
+        self._dest_key: tuple | None = None
+        self._dest: tuple[list[int], np.ndarray] = ([], np.zeros((0, 0), np.bool_))
 
     # -- configuration --------------------------------------------------------------------------
     def active(self) -> bool:
@@ -119,22 +124,46 @@ class Replicator:
         others = [s for s in ring.servers if s != self.my_id]
         if self.next_ring is None and len(others) <= self.k:  # everyone else replicates everything
             return [(s, slice(0, len(keys))) for s in others]
+        if self.next_ring is None:
+            if not self.k:
+                return []
+            sids, dest = self._destinations(ring)
+            counts, idx = _group_by_destination(ring.vnode_of(keys), dest)
+            out: list[tuple[int, slice | np.ndarray]] = []
+            start = 0
+            for sid, c in zip(sids, counts.tolist()):
+                sel = idx[start:start + c]
+                start += c
+                if c:
+                    out.append((sid, slice(int(sel[0]), int(sel[0]) + c) if sel[-1] - sel[0] + 1 == c
+                                else sel))
+            return out
         targets = ring.replica_table(self.k)[ring.vnode_of(keys)] if self.k else \
             np.empty((len(keys), 0), np.int64)
-        if self.next_ring is not None:
-            targets = np.column_stack([targets, self.next_ring.holders(keys, self.k)])
-        out: list[tuple[int, slice | np.ndarray]] = []
-        if not targets.shape[1]:
-            return out
+        targets = np.column_stack([targets, self.next_ring.holders(keys, self.k)])
+        out = []
         # candidates from the ring's few servers, not np.unique over every key's targets
-        for sid in (s for s in (self.next_ring or ring).servers + ring.servers if s != self.my_id):
+        for sid in (s for s in self.next_ring.servers + ring.servers if s != self.my_id):
             if any(sid == o for o, _ in out):
                 continue
-            mask = (targets == sid).any(axis=1) if targets.shape[1] > 1 else targets[:, 0] == sid
+            mask = (targets == sid).any(axis=1)
             if not mask.any():
                 continue
             out.append((int(sid), slice(0, len(keys)) if mask.all() else np.flatnonzero(mask)))
         return out
+
+    def _destinations(self, ring: KeyRing) -> tuple[list[int], np.ndarray]:
+        """The other servers, and for each virtual server of ``ring`` which of them replicate it
+        ((virtual servers, servers) bool array); cached per ring and k."""
+        key = (id(ring), ring.version, self.k)
+        if self._dest_key != key:
+            sids = [s for s in ring.servers if s != self.my_id]
+            table = ring.replica_table(self.k)
+            dest = np.zeros((len(table), len(sids)), np.bool_)
+            for j, sid in enumerate(sids):
+                dest[:, j] = (table == sid).any(axis=1)
+            self._dest_key, self._dest = key, (sids, dest)
+        return self._dest
 
     def forward(self, token: object, op: str, table: str, meta: dict, keys: np.ndarray,
                 vals: np.ndarray, always: bool = False) -> int:
@@ -166,12 +195,28 @@ class Replicator:
         """Queue forwards from now on, until :meth:`flush`."""
         self._batch = {}
 
+    def attach_acks(self, sid: int, rids: list[int]) -> bool:
+        """Carry this server's acknowledgements ``rids`` of forwards from master ``sid`` on the
+        forward queued for it in this batch, saving a message each way; False if none is queued."""
+        if not (self._batch or {}).get(sid):
+            return False
+        self._acks[sid] = rids
+        return True
+
+    def unsent_acks(self) -> list[tuple[bytes, list[int]]]:
+        """(master identity, rids) of attached acks whose carrier could not be sent (since the
+        last call): they must go on their own."""
+        out, self._unsent_acks = self._unsent_acks, []
+        return out
+
     def flush(self) -> list[object]:
         """Send the queued forwards, one message per replica (chunked). Returns the tokens whose
         acks can no longer come (their replica could not be reached)."""
         batch, self._batch = self._batch, None
+        acks, self._acks = self._acks, {}
         lost: list[object] = []
         for sid, items in (batch or {}).items():
+            carried = acks.pop(sid, None)
             limit = self.transport.limits.max_message_bytes // 2
             start = 0
             while start < len(items):
@@ -180,8 +225,11 @@ class Replicator:
                         end == start or size + items[end][4].nbytes + items[end][5].nbytes <= limit):
                     size += items[end][4].nbytes + items[end][5].nbytes
                     end += 1
-                if not self._send_items(sid, items[start:end]):
+                if not self._send_items(sid, items[start:end], carried):
                     lost += [tok for tok in (it[0] for it in items[start:end]) if self._lose(tok)]
+                    if carried:
+                        self._unsent_acks.append((b"s%d" % sid, carried))
+                carried = None
                 start = end
         return lost
 
@@ -194,18 +242,20 @@ class Replicator:
         self.outstanding.pop(token, None)
         return True
 
-    def _send_items(self, sid: int, items: list[tuple]) -> bool:
-        """One message to replica ``sid`` with ``items`` (token, op, table, meta, keys, values);
-        False if it could not be sent."""
+    def _send_items(self, sid: int, items: list[tuple], acks: list[int] | None = None) -> bool:
+        """One message to replica ``sid`` with ``items`` (token, op, table, meta, keys, values),
+        and ``acks`` (rids of ``sid``'s forwards to this server) if given; False if it could not
+        be sent."""
         self._next_rid += 1
         rid = self._next_rid
-        if len(items) == 1:
+        if len(items) == 1 and not acks:
             _, op, table, meta, k, v = items[0]
             msg = Message(op, rid, table, meta, [k, v])
         else:
-            msg = Message("repl_batch", rid, "", {"items": [[op, table, meta] for _, op, table, meta, _, _
-                                                            in items]},
-                          [a for it in items for a in it[4:]])
+            meta = {"items": [[op, table, meta] for _, op, table, meta, _, _ in items]}
+            if acks:
+                meta["acks"] = acks
+            msg = Message("repl_batch", rid, "", meta, [a for it in items for a in it[4:]])
         try:
             self.transport.send(self._sock(sid), msg)
         except zmq.ZMQError as e:
@@ -217,8 +267,11 @@ class Replicator:
         self.messages_forwarded += 1
         return True
 
-    def on_ack(self, rid: int) -> list[object]:
-        """A replica acknowledged ``rid``; returns the request tokens that have no acks left."""
+    def on_ack(self, rid: int, sid: int | None = None) -> list[object]:
+        """A replica (``sid``, if known: the ack is ignored unless ``rid`` went to it)
+        acknowledged ``rid``; returns the request tokens that have no acks left."""
+        if sid is not None and self._rid_peer.get(rid) != sid:
+            return []
         tokens = self.waiting.pop(rid, None)
         self._rid_peer.pop(rid, None)
         return [t for t in tokens or () if self._lose(t)]
@@ -376,6 +429,28 @@ class Replicator:
             log.info("pre-copying %d keys to their holders under ring v%d", nkeys, new.version)
         self.last_copied = nkeys
         return chunks
+
+
+@numba.njit(cache=True, nogil=True)
+def _group_by_destination(vnodes: np.ndarray, dest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each destination column of ``dest`` (virtual server -> receives it), the positions of
+    the keys whose virtual server it receives, ascending: (counts, concatenated positions)."""
+    n, m = len(vnodes), dest.shape[1]
+    counts = np.zeros(m, np.int64)
+    for i in range(n):
+        for j in range(m):
+            if dest[vnodes[i], j]:
+                counts[j] += 1
+    fill = np.zeros(m, np.int64)
+    for j in range(1, m):
+        fill[j] = fill[j - 1] + counts[j - 1]
+    idx = np.empty(counts.sum(), np.int64)
+    for i in range(n):
+        for j in range(m):
+            if dest[vnodes[i], j]:
+                idx[fill[j]] = i
+                fill[j] += 1
+    return counts, idx
 
 
 def _chunks(n: int) -> int:
