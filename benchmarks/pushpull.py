@@ -59,6 +59,28 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread kind of a process: "python" (the interpreter's threads), "zmq_io"
+    (ZeroMQ's background I/O threads) and "zmq" (its reaper), from /proc/PID/task/*/stat."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        secs = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        kind = "zmq_io" if name.startswith("ZMQbg/IO") else "zmq" if name.startswith("ZMQbg") \
+            else "python"
+        out[kind] = out.get(kind, 0.0) + secs
+    return out
+
+
+def _per_push_us(before: dict[str, float], after: dict[str, float], count: int) -> dict:
+    return {k: round(1e6 * (after[k] - before.get(k, 0.0)) / count, 1) for k in after
+            if k in ("python", "zmq_io")}
+
+
 def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
     res = {}
     # (a) 1M dense keys x 1 float32: push then pull
@@ -99,6 +121,7 @@ def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
     count = 0
     t0 = time.perf_counter()
     cpu0, scpu0 = time.process_time(), _cpu_seconds(server_pid)
+    wthr0, sthr0 = _thread_cpu(os.getpid()), _thread_cpu(server_pid)
     while time.perf_counter() < end:
         window.append(kv.push(rkeys, rvals))
         count += 1
@@ -112,12 +135,16 @@ def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
         "pushes": count, "ops_per_s": round(count / elapsed, 1),
         "worker_cpu_us_per_push": round(1e6 * (time.process_time() - cpu0) / count, 1),
         "server_cpu_us_per_push": round(1e6 * (_cpu_seconds(server_pid) - scpu0) / count, 1),
+        # by thread kind: the Python threads vs ZeroMQ's I/O thread
+        "worker_cpu_us_per_push_by_thread": _per_push_us(wthr0, _thread_cpu(os.getpid()), count),
+        "server_cpu_us_per_push_by_thread": _per_push_us(sthr0, _thread_cpu(server_pid), count),
         "p50_wait_ms": round(float(np.percentile(lat, 50)) * 1e3, 4),
         "p99_wait_ms": round(float(np.percentile(lat, 99)) * 1e3, 4)}
     return res
 
 
 def run_cluster(seconds: float, insecure: bool, busy_poll: float = 0.0) -> dict:
+    load = os.getloadavg()  # the machine may be shared: what else was running, as uptime says
     env = {"PSERVER_BUSY_POLL": str(busy_poll)} if busy_poll else None
     with LocalCluster(1, 1, insecure=insecure, prefix_output=False, env=env) as cluster:
         t = time.perf_counter()
@@ -128,6 +155,7 @@ def run_cluster(seconds: float, insecure: bool, busy_poll: float = 0.0) -> dict:
         finally:
             kv.close()
     res["worker_join_s"] = round(start, 3)
+    res["load_average_before"] = [round(x, 2) for x in load]
     return res
 
 
@@ -143,7 +171,8 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import store_index
 
-    result = {"machine": {"cpus": os.cpu_count()}, "seconds_per_case": args.seconds,
+    result = {"command": "python benchmarks/pushpull.py " + " ".join(sys.argv[1:]),
+              "machine": {"cpus": os.cpu_count()}, "seconds_per_case": args.seconds,
               "insecure": run_cluster(args.seconds, insecure=True)}
     if args.busy_poll:
         result["insecure_busy_poll"] = {"busy_poll_s": args.busy_poll,

@@ -142,13 +142,21 @@ class Transport:
         return sock
 
     def send(self, sock: zmq.Socket, msg: wire.Message, identity: bytes | None = None) -> None:
+        """Send ``msg`` on ``sock`` (to ``identity`` on a ROUTER). Raises zmq.ZMQError as
+        sock.send does (e.g. EHOSTUNREACH: a ROUTER's peer is gone)."""
         frames = wire.encode(msg)
+        # Socket.send per frame instead of send_multipart, whose per-call checks cost more than a
+        # small message's send itself (wire.encode's frames are bytes or numpy arrays).
+        nbytes = 0
         if identity is not None:
-            frames.insert(0, identity)
-        sock.send_multipart(frames, copy=False)
-        nbytes = 0  # the identity and frames of wire.encode: bytes and numpy arrays
-        for f in frames:
+            sock.send(identity, zmq.SNDMORE)
+            nbytes = len(identity)
+        last = frames[-1]
+        for f in frames[:-1]:
+            sock.send(f, zmq.SNDMORE, copy=False)
             nbytes += f.nbytes if type(f) is np.ndarray else len(f)
+        sock.send(last, 0, copy=False)
+        nbytes += last.nbytes if type(last) is np.ndarray else len(last)
         self.counters.count(self.counters.sent, msg.op, nbytes)
 
     def decode(self, frames: list, routed: bool) -> tuple[bytes | None, wire.Message, str | None]:
@@ -157,21 +165,19 @@ class Transport:
         Raises ProtocolError for malformed input; the identity is still available to the caller via
         :func:`identity_of` so that it can send an error reply.
         """
-        identity = bytes(frames[0].buffer) if routed else None
+        identity = frames[0].bytes if routed else None
         body = frames[1:] if routed else frames
-        role = self.creds.peer_role(body[0]) if body and self.creds.secure else None
-        nbytes = sum(len(f.buffer) for f in body)
+        role = self.creds.peer_role(body[0]) if self.creds.secure and body else None
         msg = wire.decode(body, self.limits)
-        self.counters.count(self.counters.received, msg.op, nbytes)
+        self.counters.count(self.counters.received, msg.op, sum(map(len, body)))
         return identity, msg, role
 
     def drain(self, sock: zmq.Socket, peer: str) -> Iterator[wire.Message]:
         """Every message waiting on a DEALER socket, decoded, without blocking. A malformed one is
         logged (naming ``peer``) and skipped: nothing received may stop the caller's loop."""
         while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            frames = recv(sock)
+            if frames is None:
                 return
             try:
                 _, msg, _ = self.decode(frames, routed=False)
@@ -189,3 +195,19 @@ class Transport:
         self._sockets.clear()
         self.creds.close()
         self.ctx.term()
+
+
+def recv(sock: zmq.Socket) -> list[zmq.Frame] | None:
+    """The frames of the next message waiting on ``sock`` (zero-copy), or None if there is none.
+    Reads the frames one by one, following each frame's more flag: the same as
+    ``recv_multipart(NOBLOCK, copy=False)`` at half its per-message cost (which asks the socket
+    for RCVMORE after every frame)."""
+    try:
+        frame = sock.recv(zmq.NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    frames = [frame]
+    while frame.more:  # the rest of a message is there once its first frame is
+        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        frames.append(frame)
+    return frames

@@ -94,10 +94,6 @@ def _code(arr: np.ndarray) -> str:
         raise ProtocolError(f"dtype {arr.dtype} cannot be sent; use one of {sorted(DTYPES)}") from None
 
 
-def _pad(n: int) -> int:
-    return -n & 7
-
-
 def encode(msg: Message) -> list:
     """Frames for ``msg``.
 
@@ -105,33 +101,42 @@ def encode(msg: Message) -> list:
     the arrays, each 8-byte aligned - one send instead of several is the cheapest thing on the per-message
     path. Larger arrays travel as their own frames, without a copy.
     """
-    arrays = [np.ascontiguousarray(a) for a in msg.arrays]
     header: dict[str, Any] = {"op": msg.op, "ts": msg.ts}
     if msg.table:
         header["t"] = msg.table
     if msg.meta:
         header["m"] = msg.meta
-    inline = False
-    if arrays:
-        header["a"] = [[_code(a), list(a.shape)] for a in arrays]
-        inline = sum(a.nbytes for a in arrays) <= INLINE_BYTES
-        if inline:
-            header["i"] = 1
+    if not msg.arrays:
+        head, flag = _dumps(header)
+        return [MAGIC + _HLEN.pack(len(head) | flag) + head]
+    # one pass over the arrays (this runs for every request and reply): contiguous copies where
+    # needed, their specs and their total size
+    arrays, specs, total = [], [], 0
+    for a in msg.arrays:
+        if type(a) is not np.ndarray or not a.ndim or not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)  # as before: also makes 0-d values 1-d
+        arrays.append(a)
+        specs.append([_code(a), list(a.shape)])
+        total += a.nbytes
+    header["a"] = specs
+    inline = total <= INLINE_BYTES
+    if inline:
+        header["i"] = 1
     head, flag = _dumps(header)
     prefix = MAGIC + _HLEN.pack(len(head) | flag) + head
     if not inline:
         return [prefix, *arrays]
-    parts: list = [prefix, _ZEROS[: _pad(len(prefix))]]
+    parts: list = [prefix, _ZEROS[: -len(prefix) & 7]]
     for a in arrays:
         parts.append(a)
-        parts.append(_ZEROS[: _pad(a.nbytes)])
+        parts.append(_ZEROS[: -a.nbytes & 7])
     return [b"".join(parts)]
 
 
 def _buffer(frame) -> memoryview:
     # zmq.Frame (copy=False receive) exposes .buffer; bytes/bytearray/memoryview are used as they are.
     buf = getattr(frame, "buffer", frame)
-    return buf if isinstance(buf, memoryview) else memoryview(buf)
+    return buf if type(buf) is memoryview else memoryview(buf)
 
 
 def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -142,70 +147,81 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
     if not frames:
         raise ProtocolError("empty message")
     first = _buffer(frames[0])
-    if len(first) < _PREFIX or first[:3] != MAGIC:
+    size = len(first)
+    if size < _PREFIX or first[:3] != MAGIC:
         raise ProtocolError("not a pserver message (bad magic or protocol version)")
     (hlen,) = _HLEN.unpack_from(first, 3)
     wide, hlen = hlen & _WIDE_INTS, hlen & (_WIDE_INTS - 1)
     if hlen > limits.max_header_bytes:
         raise LimitError(f"header of {hlen} bytes exceeds the limit of {limits.max_header_bytes}")
-    if _PREFIX + hlen > len(first):
+    end = _PREFIX + hlen
+    if end > size:
         raise ProtocolError(f"header length {hlen} runs past the end of the frame")
     try:
-        raw = first[_PREFIX:_PREFIX + hlen]  # orjson reads the memoryview without a copy
+        raw = first[_PREFIX:end]  # orjson reads the memoryview without a copy
         header = json.loads(raw.tobytes()) if wide else orjson.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # deep nesting: RecursionError
         raise ProtocolError(f"header is not valid JSON: {e}") from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:
         raise ProtocolError("header is not a JSON object")
-    op, ts = header.get("op"), header.get("ts", 0)
-    table, meta, specs = header.get("t", ""), header.get("m", {}), header.get("a", [])
-    if not isinstance(op, str) or not op:
+    get = header.get
+    op, ts, table, meta = get("op"), get("ts", 0), get("t", ""), get("m", {})
+    if type(op) is not str or not op:
         raise ProtocolError("header has no op")
     if type(ts) is not int or not -(1 << 62) < ts < (1 << 62):
         raise ProtocolError("header ts is not an integer")
-    if not isinstance(table, str) or len(table) > 256:
+    if type(table) is not str or len(table) > 256:
         raise ProtocolError("header table name is not a short string")
-    if not isinstance(meta, dict):
+    if type(meta) is not dict:
         raise ProtocolError("header meta is not an object")
-    if not isinstance(specs, list) or len(specs) > limits.max_arrays:
+    specs = get("a")
+    if specs is None and "i" not in header:  # no arrays: the common reply
+        if len(frames) != 1:
+            raise ProtocolError(f"header declares 0 arrays but {len(frames) - 1} frames came")
+        if size != end:
+            raise ProtocolError("trailing bytes after the header")
+        return Message(op, ts, table, meta, [])
+    if specs is None:
+        specs = []
+    if type(specs) is not list or len(specs) > limits.max_arrays:
         raise ProtocolError("header array list is malformed or too long")
-    inline = header.get("i") == 1
+    inline = get("i") == 1
     if inline:
         if len(frames) != 1:
             raise ProtocolError("an inline message must be a single frame")
-        offset = _PREFIX + hlen
-        offset += _pad(offset)
+        offset = end + (-end & 7)
     elif len(specs) != len(frames) - 1:
         raise ProtocolError(f"header declares {len(specs)} arrays but {len(frames) - 1} frames came")
-    elif len(first) != _PREFIX + hlen:
+    elif size != end:
         raise ProtocolError("trailing bytes after the header")
     arrays = []
     total = 0
+    max_bytes = limits.max_message_bytes
     for i, spec in enumerate(specs):
-        dtype, shape = _check_spec(spec, limits)
-        count = shape[0] * (shape[1] if len(shape) == 2 else 1)
-        nbytes = count * dtype.itemsize
+        dtype, shape, nbytes = _check_spec(spec, limits)
         total += nbytes
-        if total > limits.max_message_bytes:
-            raise LimitError(f"message exceeds the size limit of {limits.max_message_bytes} bytes")
+        if total > max_bytes:
+            raise LimitError(f"message exceeds the size limit of {max_bytes} bytes")
+        # np.ndarray over the buffer: a view like np.frombuffer's, built ~4x faster
         if inline:
-            if offset + nbytes > len(first):
+            if offset + nbytes > size:
                 raise ProtocolError("inline arrays run past the end of the frame")
-            arr = np.frombuffer(first, dtype=dtype, count=count, offset=offset)
-            arrays.append(arr.reshape(shape) if len(shape) == 2 else arr)
+            arrays.append(np.ndarray(shape, dtype, first, offset))
             offset += nbytes + (-nbytes & 7)
         else:
             buf = _buffer(frames[i + 1])
             if len(buf) != nbytes:
                 raise ProtocolError(f"frame has {len(buf)} bytes but its header declares {nbytes}")
-            arrays.append(np.frombuffer(buf, dtype=dtype).reshape(shape))
-    if inline and offset != len(first):
-        raise ProtocolError(f"frame has {len(first)} bytes but its header accounts for {offset}")
-    return Message(op=op, ts=ts, table=table, meta=meta, arrays=arrays)
+            arrays.append(np.ndarray(shape, dtype, buf))
+    if inline and offset != size:
+        raise ProtocolError(f"frame has {size} bytes but its header accounts for {offset}")
+    return Message(op, ts, table, meta, arrays)
 
 
-def _check_spec(spec, limits: Limits) -> tuple[np.dtype, tuple[int, ...]]:
-    # unrolled for the one or two dimensions allowed: this runs for every array received
+def _check_spec(spec, limits: Limits) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, bytes) of one array spec [code, [n]] or [code, [n, d]]; ProtocolError or
+    LimitError if malformed or too large. Unrolled for the one or two dimensions allowed: this
+    runs for every array received."""
     if type(spec) is not list or len(spec) != 2 or type(spec[1]) is not list:
         raise ProtocolError(f"bad array spec {spec!r:.80}")
     code, dims = spec
@@ -217,6 +233,7 @@ def _check_spec(spec, limits: Limits) -> tuple[np.dtype, tuple[int, ...]]:
         if type(n) is not int or n < 0:
             raise ProtocolError(f"bad array spec {spec!r:.80}")
         shape: tuple[int, ...] = (n,)
+        count = n
     elif len(dims) == 2:
         n, d = dims
         if type(n) is not int or type(d) is not int or n < 0 or d < 0:
@@ -224,9 +241,9 @@ def _check_spec(spec, limits: Limits) -> tuple[np.dtype, tuple[int, ...]]:
         if d > limits.max_dim:
             raise LimitError(f"value dimension {d} exceeds the limit {limits.max_dim}")
         shape = (n, d)
+        count = n * d
     else:
         raise ProtocolError(f"bad array spec {spec!r:.80}")
     if n > limits.max_keys:
         raise LimitError(f"array of {n} entries exceeds the limit of {limits.max_keys} keys")
-    return dtype, shape
-
+    return dtype, shape, count * dtype.itemsize

@@ -33,12 +33,14 @@ from ..store import index as store_index
 from ..store.spec import TableSpec
 from ..store.table import Table
 from ..store.updaters import FunctionUpdater, register_updater
-from ..transport import Transport
+from ..transport import Transport, recv
 from ..wire import Message
 from . import keys as keyfmt
 from .filtering import FILTER_META, ServerFilters, heartbeat_reporter
 
 log = logging.getLogger(__name__)
+
+ACK_DELAY = 200e-6  # s: the longest a worker's ack waits in a burst for others to share its message
 
 security.allow_op("replicate_agg", "server")
 security.allow_op("repl_load", "server")
@@ -110,6 +112,7 @@ class KVServer:
         self.duplicates = 0
         self._stop = False
         self._ack_batch: dict[bytes, list] | None = None
+        self._repl_acks: dict[bytes, list[int]] | None = None  # while draining: master -> rids
         self._leaving = False
         self._known_peers: dict[int, tuple[str, int]] = {}
         self._drain_ts: int | None = None
@@ -206,28 +209,53 @@ class KVServer:
         # Acknowledgements of one burst go out together, one message per worker: with many
         # requests in flight a send per ack would cost more than the updates themselves.
         # Forwards to replicas are batched the same way (one message per replica and burst).
-        self._ack_batch = {}
+        # A long burst still sends the acks it has every ACK_DELAY: a worker with several
+        # requests in flight then issues new ones while this server works on the rest, instead
+        # of both taking turns (docs/design.md, "Acknowledgements", has the numbers).
+        self._ack_batch, self._repl_acks = {}, {}
         self.repl.begin_batch()
+        sock, on_frames, clock = self.sock, self._on_frames, time.perf_counter
+        due = clock() + ACK_DELAY
         try:
             for _ in range(1000):  # bounded so liveness checks run between bursts
-                try:
-                    frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
+                frames = recv(sock)
+                if frames is None:
                     return
-                self._on_frames(frames)
+                on_frames(frames)
+                if self._ack_batch and clock() >= due:
+                    self._send_acks()
+                    due = clock() + ACK_DELAY
         finally:
-            for token in self.repl.flush():  # a replica that cannot be reached: stop waiting
-                self._on_replica_ack(token)
-            batch, self._ack_batch = self._ack_batch, None
-            for identity, acks in batch.items():
-                if len(acks) == 1:
-                    ts, part = acks[0]
-                    self._reply(identity, _ack(ts, part))
-                else:
-                    self._reply(identity, Message("acks", 0, meta={"a": acks}))
+            self._end_burst()
+
+    def _end_burst(self) -> None:
+        """Send what a burst collected: forwards to replicas (carrying this burst's
+        acknowledgements of their forwards when there is a message to them anyway), the other
+        replica acknowledgements (one message per master), then the workers' acks."""
+        repl_acks, self._repl_acks = self._repl_acks or {}, None
+        for identity, rids in repl_acks.items():
+            if not self.repl.attach_acks(int(identity[1:]), rids):
+                self._reply(identity, Message("repl_ack", rids[0], meta={"rids": rids} if len(rids) > 1
+                                              else None))
+        for token in self.repl.flush():  # a replica that cannot be reached: stop waiting
+            self._on_replica_ack(token)
+        for identity, rids in self.repl.unsent_acks():  # their carrier could not be sent
+            self._reply(identity, Message("repl_ack", rids[0], meta={"rids": rids}))
+        self._send_acks()
+        self._ack_batch = None
+
+    def _send_acks(self) -> None:
+        """Send the workers' acknowledgements collected so far, one message per worker."""
+        batch, self._ack_batch = self._ack_batch, {}
+        for identity, acks in (batch or {}).items():
+            if len(acks) == 1:
+                ts, part = acks[0]
+                self._reply(identity, _ack(ts, part))
+            else:
+                self._reply(identity, Message("acks", 0, meta={"a": acks}))
 
     def _on_frames(self, frames: list) -> None:
-        identity = bytes(frames[0].buffer)
+        identity = frames[0].bytes  # cached by the frame: transport.decode reuses it
         ts = 0
         part = None
         try:
@@ -474,12 +502,25 @@ class KVServer:
             self._maybe_ack(token, ack)
 
     def _drain_replica(self, sock) -> None:
-        for msg in self.transport.drain(sock, "a replica"):
-            if msg.op == "error" or msg.meta.get("errors"):
-                log.error("a replica refused an update: %s", msg.meta.get("error"))
-            if msg.op in ("repl_ack", "error"):
-                for token in self.repl.on_ack(msg.ts):
-                    self._on_replica_ack(token)
+        self._ack_batch, self._repl_acks = {}, {}
+        self.repl.begin_batch()
+        try:
+            for msg in self.transport.drain(sock, "a replica"):
+                if msg.op == "error" or msg.meta.get("errors"):
+                    log.error("a replica refused an update: %s", msg.meta.get("error"))
+                if msg.op in ("repl_ack", "error"):
+                    rids = msg.meta.get("rids", [msg.ts]) if msg.op == "repl_ack" else [msg.ts]
+                    self._replica_acked(self.repl.sock_peer.get(sock, -1), rids)
+        finally:
+            self._end_burst()
+
+    def _replica_acked(self, sid: int, rids) -> None:
+        """Replica ``sid`` acknowledged the forwards ``rids`` (ids this server gave them)."""
+        if type(rids) is not list or len(rids) > 1 << 16 or not all(type(r) is int for r in rids):
+            raise ProtocolError("replica acknowledgements must be a list of integer ids")
+        for rid in rids:
+            for token in self.repl.on_ack(rid, sid):
+                self._on_replica_ack(token)
 
     def _replica_batch(self, identity: bytes, msg: Message) -> None:
         """Several updates forwarded by a master in one message (see Replicator.flush): applied
@@ -490,6 +531,10 @@ class KVServer:
                 or not all(type(it) is list and len(it) == 3 and it[0] in ("replicate", "replicate_agg")
                            and type(it[1]) is str and type(it[2]) is dict for it in items)):
             raise ProtocolError("a repl_batch needs items [op, table, meta] and two arrays per item")
+        if not identity.startswith(b"s") or not identity[1:].isdigit():
+            raise ProtocolError("replication messages come only from servers")
+        if "acks" in msg.meta:  # this server's forwards to the sender, acknowledged on the way
+            self._replica_acked(int(identity[1:]), msg.meta["acks"])
         errors = []
         for i, (op, table, meta) in enumerate(items):
             try:
@@ -501,8 +546,18 @@ class KVServer:
                 errors.append(str(e)[:200])
         if errors:
             log.warning("refused %d of %d forwarded updates: %s", len(errors), len(items), errors[0])
-        self._reply(identity, Message("repl_ack", msg.ts, meta={"errors": len(errors), "error": errors[0]}
-                                      if errors else None))
+            self._reply(identity, Message("repl_ack", msg.ts, meta={"errors": len(errors),
+                                                                     "error": errors[0]}))
+        else:
+            self._ack_forward(identity, msg.ts)
+
+    def _ack_forward(self, identity: bytes, rid: int) -> None:
+        """Acknowledge forward ``rid`` of master ``identity``: at the end of the burst, with the
+        burst's others, on a forward to that master if there is one."""
+        if self._repl_acks is None:
+            self._reply(identity, Message("repl_ack", rid))
+        else:
+            self._repl_acks.setdefault(identity, []).append(rid)
 
     def _replica_update(self, identity: bytes, msg: Message, reply: bool = True) -> None:
         """An update forwarded by the master of the keys (this server is their replica)."""
@@ -542,7 +597,7 @@ class KVServer:
                 else:
                     keyfmt.apply_push(table, keys, vals)
         if reply:
-            self._reply(identity, Message("repl_ack", msg.ts))
+            self._ack_forward(identity, msg.ts)
 
     def _migrate(self, identity: bytes, msg: Message) -> None:
         """Scheduler-driven change of the key ring (see pserver.ft.migration)."""

@@ -34,7 +34,7 @@ from ..errors import (
 )
 from ..membership.node import Membership
 from ..store.spec import TableSpec
-from ..transport import Transport
+from ..transport import Transport, recv
 from ..wire import Message
 from . import keys as keyfmt
 from .filtering import FILTER_META, WorkerFilters, heartbeat_reporter
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 _ERRORS = {"TableError": TableError, "DataLostError": DataLostError}
 _RETRY_AFTER = 0.01  # seconds before resending a part a server refused as not its own
+_OPS = {"range": "pull_range", "declare": "declare_table", "pushpull": "push"}  # kind -> wire op
 
 
 class _Part:
@@ -343,12 +344,9 @@ class KVWorker:
 
     def _progress(self, timeout: float) -> None:
         for sock, _ in self._poller.poll(timeout * 1000):
-            while True:
-                try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._on_reply(self._sock_server[sock], frames)
+            sid = self._sock_server[sock]
+            while (frames := recv(sock)) is not None:
+                self._on_reply(sid, frames)
 
     def _on_reply(self, sid: int, frames: list) -> None:
         try:
@@ -554,8 +552,7 @@ class KVWorker:
         meta["rv"] = ring.version
         if orig:
             meta["orig"] = [list(o) for o in orig]
-        op = {"range": "pull_range", "declare": "declare_table", "pushpull": "push"}.get(req.kind,
-                                                                                        req.kind)
+        op = _OPS.get(req.kind, req.kind)
         try:
             self._send(sid, Message(op, ts, req.table if req.kind != "declare" else "", meta, arrays))
         except ServerDeadError:
