@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pserver.apps.lr.cli import node_environment
 from pserver.apps.lr.gen import generate
 from pserver.apps.lr.model import auc, logloss
 from pserver.launch import LocalCluster
@@ -57,7 +58,9 @@ def run_ours(d: str, workers: int, servers: int, l1: float, l2: float, epochs: i
             "--blocks", str(blocks), "--test-every-pass", "--summary-json", out]
     t_launch = time.time()   # VW's clock starts when its process is launched: so does ours
     t0 = time.perf_counter()
-    with LocalCluster(servers, workers, insecure=True, heartbeat_timeout=30.0) as cluster:
+    # the processes' environment as `pserver train lr` sets it
+    with LocalCluster(servers, workers, insecure=True, heartbeat_timeout=30.0,
+                      env=node_environment()) as cluster:
         t_up = time.perf_counter()
         rc = cluster.run_workers(argv)
         t_done = time.perf_counter()
@@ -68,6 +71,11 @@ def run_ours(d: str, workers: int, servers: int, l1: float, l2: float, epochs: i
     s["workers_wall_seconds"] = t_done - t_up
     for e in s["test_every_pass"]:   # scoring and reading the held-out set are not counted
         e["seconds_since_launch"] = e["unix_time_excl"] - t_launch
+    # rank 0's phases on the same clock (where the launch-to-first-pass time goes), with the CPU
+    # seconds and the peak memory rank 0 had used by then
+    s["timeline_since_launch"] = {k: {"s": t - t_launch, "cpu_user": u, "cpu_sys": sy,
+                                      "peak_rss_mb": mb}
+                                  for k, (t, u, sy, mb) in s.get("timeline", {}).items()}
     return s
 
 
@@ -91,8 +99,10 @@ def run_vw(d: str, l1: float, passes: int = 3) -> dict:
 
 def read_speed(d: str) -> dict:
     """One process reading half of the training file (a worker's shard of 2), best of 2."""
-    from pserver.apps.lr.data import read_shard
+    from pserver.apps.lr.data import prefer_small_pages, read_shard
     from pserver.apps.lr.parsers import parse_libsvm
+
+    prefer_small_pages()   # as a worker does
 
     best, shard = float("inf"), None
     for _ in range(2):
@@ -108,7 +118,7 @@ def read_speed(d: str) -> dict:
     parse_s = float("inf")
     for _ in range(3):
         t = time.perf_counter()
-        parse_libsvm(buf, False, False, *out)
+        parse_libsvm(buf, False, False, *out, np.ones(1, np.uint8))
         parse_s = min(parse_s, time.perf_counter() - t)
     return {"shard_lines": shard.num_examples, "shard_seconds": best,
             "lines_per_s": shard.num_examples / best, "nonzeros_per_s": shard.X.nnz / best,
@@ -206,6 +216,8 @@ def main() -> None:
             "seconds_to_vw_logloss_incl_launch": reach_vw,
             "seconds_to_vw_logloss_worker_clock": ours["reach_vw_worker_clock"],
             "launch_overhead_seconds": ours["launch_overhead_seconds"],
+            # rank 0's phases: seconds since launch, CPU user/system seconds and peak memory so far
+            "timeline_rank0": ours.get("timeline_since_launch"),
             "bytes_sent": ours["bytes_sent"], "bytes_received": ours["bytes_received"],
             "per_pass": [{**h, **e} for h, e in zip(hist, evals)],
             "runs": [{k: r.get(k) for k in ("load_before", "read_seconds_mean", "train_seconds",

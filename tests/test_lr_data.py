@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from pserver.apps.lr import gen
 from pserver.apps.lr.data import plan_shards, read_ranges, read_shard
@@ -114,6 +116,22 @@ def test_libsvm_parse_values_labels_comments(tmp_path):
 def test_libsvm_duplicate_index_adds_up(tmp_path):
     s = read_shard(write(tmp_path, "d.svm", "1 4:1 4:2 9:1\n-1 4:1\n"), raw_keys=True)
     assert dense(s) == {(0, 4): 3.0, (0, 9): 1.0, (1, 4): 1.0}
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 20])
+def test_reader_grows_its_buffers_past_a_short_guess(tmp_path, chunk_bytes):
+    # Room is guessed from the byte count (a row per 64 bytes, an entry per 8): many 2-byte lines
+    # and one line of 3000 features both overflow the guess, so the parser stops and resumes.
+    lines = ["1"] * 3000 + ["-1 " + " ".join(f"{i}:{i % 7 + 1}" for i in range(3000))] + ["1 5:1"]
+    path = write(tmp_path, "grow.svm", "\n".join(lines) + "\n")
+    s = read_shard(path, raw_keys=True, chunk_bytes=chunk_bytes)
+    assert s.num_examples == 3002 and s.y[3000] == -1 and s.X.nnz == 3001
+    assert dense(s) == {**{(3000, i): float(i % 7 + 1) for i in range(3000)}, (3001, 5): 1.0}
+    cats = [f"c{i}" for i in range(26)]
+    crit = write(tmp_path, "grow.tsv", "".join(criteo_line(i % 2, [i] * 13, cats) + "\n"
+                                               for i in range(500)))
+    c = read_shard(crit, "criteo", chunk_bytes=chunk_bytes)
+    assert c.num_examples == 500 and c.X.nnz == 500 * 39 and c.y.sum() == 0
 
 
 @pytest.mark.parametrize("line,reason", [
@@ -279,21 +297,38 @@ def test_bias_adds_one_constant_column(tmp_path):
     assert dense(s)[(0, 5)] == 2.0 and s.X.nnz == 4
 
 
-@pytest.mark.parametrize("case", ["hashed", "small", "shared_top_bits", "empty"])
-def test_radix_sort_equals_a_stable_argsort(case):
-    from pserver.apps.lr.data import _radix_sort_entries
+@pytest.mark.parametrize("case", ["hashed", "binary", "small", "shared_top_bits", "empty"])
+@pytest.mark.parametrize("chunks,estimate", [(1, 1.0), (7, 1.0), (7, 0.05), (7, 30.0)])
+def test_column_builder_equals_a_stable_argsort(case, chunks, estimate):
+    # chunks: how the entries are handed over; estimate: the expected total as a multiple of the
+    # truth (0.05: the regions overflow and the columns cannot be written in place)
+    from pserver.apps.lr.columns import ColumnBuilder
 
     rng = np.random.default_rng(0)
     n = 0 if case == "empty" else 50_000
     keys = {"hashed": lambda: rng.integers(0, 1 << 63, n).astype(np.uint64) | np.uint64(1 << 63),
+            "binary": lambda: rng.integers(0, 1 << 20, n).astype(np.uint64) << np.uint64(44),
             "small": lambda: rng.integers(0, 1000, n).astype(np.uint64),
-            # distinct keys equal in their top 33 bits: the merge-sort fix-up must order them
+            # distinct keys equal in the radix-sorted top bits: the merge-sort fix-up orders them
             "shared_top_bits": lambda: (rng.integers(0, 50, n).astype(np.uint64) << np.uint64(40))
             + rng.integers(0, 3, n).astype(np.uint64),
             "empty": lambda: np.zeros(0, np.uint64)}[case]()
     row_nnz = np.full(n // 10, 10)
-    vals = rng.random(n).astype(np.float32)
-    k, r, v = _radix_sort_entries(keys.copy(), vals.copy(), row_nnz)   # sorts in place
+    vals = np.ones(n, np.float32) if case == "binary" else rng.random(n).astype(np.float32)
+    b = ColumnBuilder()
+    cuts = np.linspace(0, row_nnz.size, chunks + 1).astype(int)
+    for r0, r1 in itertools.pairwise(cuts):
+        e0, e1 = 10 * r0, 10 * r1
+        b.add(keys[e0:e1].copy(), None if case == "binary" else vals[e0:e1].copy(),
+              row_nnz[r0:r1], int(r0), int(n * estimate))
+    X, uniq = b.finish(row_nnz.size)
     order = np.argsort(keys, kind="stable")
-    assert np.array_equal(k, keys[order]) and np.array_equal(v, vals[order])
-    assert np.array_equal(r, np.repeat(np.arange(row_nnz.size), row_nnz)[order])
+    k, rows = keys[order], np.repeat(np.arange(row_nnz.size), row_nnz)[order]
+    assert np.array_equal(uniq, np.unique(keys))
+    if case in ("small", "shared_top_bits"):   # repeated keys in a row: summed
+        ref = sp.csc_matrix((vals, (np.repeat(np.arange(row_nnz.size), row_nnz),
+                                    np.searchsorted(uniq, keys))), shape=X.shape)
+        assert abs(X - ref).max() < 1e-5 if n else X.nnz == 0
+        return
+    assert np.array_equal(X.indices, rows) and np.array_equal(X.data, vals[order])
+    assert np.array_equal(X.indptr, [*np.searchsorted(k, uniq).tolist(), n])

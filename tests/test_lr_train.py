@@ -121,6 +121,10 @@ class FakeKV:
                 self.c.cond.notify_all()
         return self._next()
 
+    def push_pull(self, keys, vals, table="default", out=None, wait=True):
+        self.push(keys, vals, table)
+        return self.pull(keys, table, out=out, wait=wait)
+
     def _synced(self, table):
         t = self.c.tables[table]
         if t.spec["sync"]:
@@ -138,14 +142,15 @@ class FakeKV:
         ts = self._next(v)
         return self.wait(ts) if wait else ts
 
-    def pull_range(self, lo=0, hi=1 << 64, table="default"):
+    def pull_range(self, lo=0, hi=1 << 64, table="default", wait=True):
         t = self.c.tables[table]
         with self.c.cond:
             self._synced(table)
             sel = (t.keys >= np.uint64(lo)) & ((hi >= 1 << 64) | (t.keys < np.uint64(
                 min(hi, (1 << 64) - 1))))
             v = t.vals[sel].copy()
-            return t.keys[sel].copy(), (v[:, 0] if t.spec["dim"] == 1 else v)
+            result = t.keys[sel].copy(), (v[:, 0] if t.spec["dim"] == 1 else v)
+        return result if wait else self._next(result)
 
     def wait(self, ts):
         return self.results.pop(ts, None)

@@ -180,6 +180,12 @@ class Executor:
         collected (in issue order, in the thread that drives the executor)."""
         return self._sub(task, then, self.kv.pull(keys, table, wait=False, **kw))
 
+    def push_pull(self, keys: Any, vals: Any, table: str | None = None, *, task: int | None = None,
+                  then: Callable[[Any], None] | None = None, **kw: Any) -> int:
+        """kv.push_pull(wait=False) as a subtask of `task`: one request per server whose reply
+        carries the keys' values after the push; `then(values)` runs as for :meth:`pull`."""
+        return self._sub(task, then, self.kv.push_pull(keys, vals, table, wait=False, **kw))
+
     def _sub(self, task: int | None, then: Callable | None, ts: int) -> int:
         parent = self._last if task is None else task
         sub = self.dag.add_subtask(self._id(parent))

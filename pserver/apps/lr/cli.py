@@ -16,6 +16,15 @@ from ...errors import ConfigError
 HEARTBEAT_TIMEOUT = 10.0  # seconds
 
 
+def node_environment() -> dict[str, str]:
+    """Environment for the processes of a local LR cluster: numpy without transparent huge pages
+    (numpy's own switch, NUMPY_MADVISE_HUGEPAGE=0) unless the caller's environment sets it. The
+    servers' tables and the workers' shards are written once and then used in place; on a virtual
+    machine that backs memory lazily, first-touching huge pages costs several times the small
+    pages (see data.prefer_small_pages, docs/lr.md)."""
+    return {"NUMPY_MADVISE_HUGEPAGE": os.environ.get("NUMPY_MADVISE_HUGEPAGE", "0")}
+
+
 def register(subparsers) -> None:
     """Add gen-data, train (with its `lr` job), predict and demo to the pserver command."""
     p = subparsers.add_parser("gen-data", help="write synthetic CTR-like data with a known model")
@@ -110,7 +119,7 @@ def cmd_train_lr(args: argparse.Namespace) -> int:
     # Reading a large shard keeps a worker's CPU busy for seconds on a loaded machine: allow
     # more silence than the default before a node is declared dead.
     with LocalCluster(args.servers, args.workers, insecure=args.insecure,
-                      heartbeat_timeout=HEARTBEAT_TIMEOUT) as cluster:
+                      heartbeat_timeout=HEARTBEAT_TIMEOUT, env=node_environment()) as cluster:
         return cluster.run_workers([sys.executable, "-m", "pserver.apps.lr.worker",
                                     *_worker_argv(args)])
 

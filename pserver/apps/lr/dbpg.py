@@ -49,13 +49,23 @@ from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
 
-import numba
 import numpy as np
 
 from ...consistency.executor import Executor
 from ...errors import ConfigError
 from ...kv.filtering import lossless_part
+from . import kernels
 from .data import Shard
+from .kernels import (
+    add_block_margins,
+    all_ones,
+    block_grad_curv,
+    block_grad_curv_lazy,
+    curvature_scale,
+    key_counts,
+    refresh_qs,
+    row_terms,
+)
 from .takeover import merge_shards
 
 log = logging.getLogger(__name__)
@@ -132,100 +142,6 @@ class PassStats:
         return self.examples / self.seconds if self.seconds > 0 else float("nan")
 
 
-# -- compiled kernels over the CSC shard -------------------------------------------------------
-@numba.njit(cache=True, nogil=True)
-def _row_terms(y, q, hessian, rd):
-    """rd[i] = [dloss/dm_i, c_i] = [p_i - [y_i = 1], p_i (1 - p_i) or 1]; p_i = sigmoid(m_i)
-    = 1 / (1 + q_i) with q_i = exp(-m_i) kept beside the margins (see _add_block_margins)."""
-    for i in range(q.size):
-        p = 1.0 / (1.0 + q[i])
-        rd[i, 0] = p - (1.0 if y[i] > 0 else 0.0)
-        rd[i, 1] = p * (1.0 - p) if hessian else 1.0
-
-
-@numba.njit(cache=True, nogil=True)
-def _block_grad_curv(indptr, indices, data, scale, cols, rd, out):
-    """out[q] = [sum x r, sum scale c] over column cols[q]."""
-    for q in range(cols.size):
-        j = cols[q]
-        gs = 0.0
-        us = 0.0
-        for p in range(indptr[j], indptr[j + 1]):
-            i = indices[p]
-            gs += data[p] * rd[i, 0]
-            us += scale[p] * rd[i, 1]
-        out[q, 0] = gs
-        out[q, 1] = us
-
-
-@numba.njit(cache=True, nogil=True)
-def _block_grad_curv_lazy(indptr, indices, data, scale, cols, y, q, hessian, out):
-    """_block_grad_curv computing each entry's row terms on the spot from q_i = exp(-m_i):
-    cheaper than refreshing all rows when a block touches few of them (many blocks)."""
-    for c in range(cols.size):
-        j = cols[c]
-        gs = 0.0
-        us = 0.0
-        for p in range(indptr[j], indptr[j + 1]):
-            i = indices[p]
-            s = 1.0 / (1.0 + q[i])
-            gs += data[p] * (s - (1.0 if y[i] > 0 else 0.0))
-            us += scale[p] * (s * (1.0 - s) if hessian else 1.0)
-        out[c, 0] = gs
-        out[c, 1] = us
-
-
-@numba.njit(cache=True, nogil=True)
-def _add_block_margins(indptr, indices, data, cols, delta, m, q):
-    """m += X[:, cols] @ delta (skipping unchanged coordinates), and q = exp(-m) with it. For a
-    binary feature q_i *= exp(-delta_j), one exp per column instead of one per non-zero (the
-    caller refreshes q = exp(-m) exactly once a pass); q is capped at 1e300."""
-    for c in range(cols.size):
-        dj = delta[c]
-        if dj != 0.0:
-            j = cols[c]
-            factor = np.exp(-dj)
-            for p in range(indptr[j], indptr[j + 1]):
-                i = indices[p]
-                x = data[p]
-                m[i] += x * dj
-                q[i] = min(q[i] * factor if x == 1.0 else np.exp(-m[i]), 1e300)
-
-
-@numba.njit(cache=True, nogil=True)
-def _curvature_scale(indptr, indices, data, bounds, active, n_rows):
-    """scale[p] = x_p^2 * n_ib: the active non-zeros of x_p's row inside x_p's block."""
-    scale = np.zeros(data.size, np.float32)
-    count = np.zeros(n_rows, np.int32)
-    for b in range(bounds.size - 1):
-        for j in range(bounds[b], bounds[b + 1]):
-            if active[j]:
-                for p in range(indptr[j], indptr[j + 1]):
-                    count[indices[p]] += 1
-        for j in range(bounds[b], bounds[b + 1]):
-            if active[j]:
-                for p in range(indptr[j], indptr[j + 1]):
-                    i = indices[p]
-                    scale[p] = data[p] * data[p] * count[i]
-        for j in range(bounds[b], bounds[b + 1]):   # clear only what was counted
-            if active[j]:
-                for p in range(indptr[j], indptr[j + 1]):
-                    count[indices[p]] = 0
-    return scale
-
-
-def _warm_up() -> None:
-    """Call every kernel once on tiny inputs (loading numba's cached machine code)."""
-    ptr, idx, one = np.array([0, 1]), np.zeros(1, np.int32), np.ones(1, np.float32)
-    cols, m, y, out = np.zeros(1, np.int64), np.zeros(1), np.ones(1), np.empty((1, 2), np.float32)
-    rd = np.empty((1, 2))
-    _row_terms(y, m, True, rd)
-    _block_grad_curv(ptr, idx, one, one, cols, rd, out)
-    _block_grad_curv_lazy(ptr, idx, one, one, cols, y, m, True, out)
-    _add_block_margins(ptr, idx, one, cols, np.zeros(1), m, np.ones(1))
-    _curvature_scale(ptr, idx, one, np.array([0, 1]), np.ones(1, np.bool_), 1)
-
-
 def mass_cap(threshold: float) -> float:
     """A cap C > threshold >= 0 for column masses: the next integer (so binary features keep
     integer masses, which the compress filter sends as bytes), or inf for a huge threshold.
@@ -272,6 +188,7 @@ class DBPG:
         self._declare_tables()
         t0 = time.perf_counter()
         self._push_counts()   # first: the servers aggregate while this worker prepares
+        self._t_pushed = time.perf_counter()
         self._load(shard, np.zeros(shard.keys.size), np.ones(shard.keys.size))
         self.takeover = None   # a ShardTakeover: adopt dead workers' shards (takeover.py)
         self.history: list[PassStats] = []
@@ -296,10 +213,12 @@ class DBPG:
         self.indptr = X.indptr.astype(np.int64, copy=False)
         self.indices = X.indices.astype(np.int32, copy=False)
         self.data = X.data.astype(np.float32, copy=False)   # read-only here: no copy
+        self.binary = all_ones(self.data)   # then the kernels skip reading x
         self.y = shard.y.astype(np.float64)
         self.w, self.mult = w, mult                      # this worker's view of w[keys]
         self.m = np.asarray(X @ w).ravel() if w.any() else np.zeros(shard.num_examples)
-        self.q = np.minimum(np.exp(-self.m), 1e300)      # exp(-m), kept with the margins
+        self.qs = np.empty(shard.num_examples, np.float32)   # y * exp(-m), see kernels.py
+        refresh_qs(self.m, self.y, self.qs)
         self.rd = np.empty((shard.num_examples, 2))   # per row: dloss/dm, curvature weight
 
     def _push_counts(self) -> None:
@@ -313,41 +232,46 @@ class DBPG:
         #    min(a_k, cap), cap > threshold (see mass_cap): few distinct small values, which
         #    compress far better than raw masses.
         self.threshold = cfg.l1 * (1 + 1e-6)
-        nz = np.diff(X.indptr) > 0
-        mass = np.zeros(keys.size, np.float32)
-        if X.nnz:
-            mass[nz] = np.add.reduceat(np.abs(X.data), X.indptr[:-1][nz])
-        np.minimum(mass, mass_cap(self.threshold), out=mass)
-        kv.push(keys, np.column_stack([np.ones(keys.size, np.float32), mass]),
-                table=cfg.table + "_count")
+        counts = np.empty((keys.size, 2), np.float32)
+        key_counts(X.indptr, X.data, mass_cap(self.threshold), counts)
+        kv.push(keys, counts, table=cfg.table + "_count")
         # 2. The global key bit-length (so raw, small keys still split into B non-empty
         #    blocks): stats keys 2**64 - 1 - bits carry a one-hot of each worker's bit-length.
         bits = int(keys[-1]).bit_length() if keys.size else 0
         flag = np.array([[1.0, 0, 0, 0]])
         kv.push(np.array([KEY_SPACE - 1 - bits], np.uint64), flag, table=cfg.table + "_stats")
+        # asked for now, ahead of the count pull: a server answers in order, and behind the other
+        # workers' big count pulls this small read would wait for them (~0.5 s with 2 x 2 M keys)
+        self._bits_ts = kv.pull_range(KEY_SPACE - 65, KEY_SPACE, table=cfg.table + "_stats",
+                                      wait=False)
 
     def _setup(self, t0: float) -> None:
         """Collect what _push_counts sent, then build the blocks (t0: when the push began)."""
         kv, keys, cfg = self.kv, self.shard.keys, self.cfg
-        _warm_up()   # load the compiled kernels while the servers aggregate the counts
-        counts = kv.pull(keys, table=cfg.table + "_count").astype(np.float64).reshape(-1, 2)
+        kernels.warm_up()   # load the compiled kernels while the servers aggregate the counts
+        counts = kv.pull(keys, table=cfg.table + "_count").reshape(-1, 2)
         t_counts = time.perf_counter()
-        bkeys, bvals = kv.pull_range(KEY_SPACE - 65, KEY_SPACE, table=cfg.table + "_stats")
+        bkeys, bvals = kv.wait(self._bits_ts)
         flags = np.atleast_2d(bvals)[:, 0]
         bits = max([KEY_SPACE - 1 - int(k) for k in bkeys[flags > 0]] + [1])
         self.key_bound = 1 << bits
         self.counted = round(float(flags.sum()))  # workers whose counts reached the servers
+        t_bits = time.perf_counter()
         # 3. Warm start from whatever the table holds (a new table holds zeros: no pull).
         if cfg.warm_start:
             self._load(self.shard, kv.pull(keys, table=cfg.table).astype(np.float64), self.mult)
+        t_blocks = time.perf_counter()
         self._blocks(counts)
-        self.setup_seconds = {"counts": t_counts - t0, "total": time.perf_counter() - t0}
+        t_end = time.perf_counter()
+        self.setup_seconds = {"counts": t_counts - t0, "total": t_end - t0,
+                              "push": self._t_pushed - t0, "bits": t_bits - t_counts,
+                              "blocks": t_end - t_blocks}
 
     def _blocks(self, counts: np.ndarray) -> None:
         """Regulariser shares, the KKT verdicts and the blocks' active columns of the shard, from
-        the servers' per-key [holders, capped mass] sums."""
+        the servers' per-key [holders, capped mass] sums (float32, as the table holds them)."""
         cfg, keys = self.cfg, self.shard.keys
-        self.holders = counts[:, 0]
+        self.holders = counts[:, 0].astype(np.float64)
         # |w_k| * mult_k / c_k: this worker's share of key k's penalty (mult = c = 1 alone)
         self.share = self.mult / np.maximum(self.holders, self.mult)
         active = (counts[:, 1] > self.threshold) | (self.w != 0)
@@ -358,7 +282,7 @@ class DBPG:
                                         else None) for b in range(cfg.blocks)]
         self.cols = [c0 + np.flatnonzero(active[c0:c1]) for c0, c1 in ranges]
         col_bounds = np.array([c0 for c0, _ in ranges] + [keys.size], np.int64)
-        self.scale = _curvature_scale(self.indptr, self.indices, self.data, col_bounds,
+        self.scale = curvature_scale(self.indptr, self.indices, self.data, col_bounds,
                                       active, self.shard.num_examples)
         if cfg.curvature == "bound":
             self.scale *= 0.25
@@ -372,7 +296,7 @@ class DBPG:
         masses of its keys are in the count table already (its worker pushed them at set-up)."""
         kv, cfg = self.kv, self.cfg
         merged, mult = merge_shards(self.shard, extra, self.mult)
-        counts = kv.pull(merged.keys, table=cfg.table + "_count").astype(np.float64)
+        counts = kv.pull(merged.keys, table=cfg.table + "_count")
         w = kv.pull(merged.keys, table=cfg.table).astype(np.float64)
         self._load(merged, w, mult)
         self._blocks(counts.reshape(-1, 2))
@@ -384,11 +308,11 @@ class DBPG:
         # with the "bound" curvature, scale already holds n_ib * x^2 / 4 and c_i = 1
         hessian = self.cfg.curvature == "hessian"
         if self.entries[block] < self.m.size:   # the block touches few rows: terms per entry
-            _block_grad_curv_lazy(self.indptr, self.indices, self.data, self.scale, cols,
-                                  self.y, self.q, hessian, gu)
+            block_grad_curv_lazy(self.indptr, self.indices, self.data, self.scale, cols,
+                                  self.qs, hessian, self.binary, gu)
         else:
-            _row_terms(self.y, self.q, hessian, self.rd)
-            _block_grad_curv(self.indptr, self.indices, self.data, self.scale, cols, self.rd,
+            row_terms(self.qs, hessian, self.rd)
+            block_grad_curv(self.indptr, self.indices, self.data, self.scale, cols, self.rd,
                              gu)
         return self.shard.keys[cols], gu
 
@@ -396,9 +320,10 @@ class DBPG:
         cols = self.cols[block]
         delta = w_new.astype(np.float64) - self.w[cols]
         self.w[cols] += delta
-        _add_block_margins(self.indptr, self.indices, self.data, cols, delta, self.m, self.q)
-        if block == self.cfg.blocks - 1:   # once a pass: q exactly exp(-m) again (no drift)
-            np.minimum(np.exp(-self.m), 1e300, out=self.q)
+        add_block_margins(self.indptr, self.indices, self.data, cols, delta, self.binary,
+                           self.m, self.qs)
+        if block == self.cfg.blocks - 1:   # once a pass: qs exactly from m again (no drift)
+            refresh_qs(self.m, self.y, self.qs)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self, on_pass=None) -> list[PassStats]:
@@ -413,7 +338,12 @@ class DBPG:
         kv, cfg, B = self.kv, self.cfg, self.cfg.blocks
         model = "sequential" if cfg.tau == 0 else f"bounded_delay:{cfg.tau}"
         self._real = hasattr(kv, "tasks")   # a KVWorker (stand-ins in tests lack the extras)
-        ex = self._ex = kv.tasks(app=cfg.app, model=model) if self._real else Executor(kv, model)
+        # push and pull of an iteration in one request (push_pull) when nothing needs them apart:
+        # the clock log reads the pull's vector clock, filters split push_pull anyway
+        self._push_pull = (self._real and self.clock_log is None and not cfg.push_filters(
+            kv.num_workers) and not cfg.pull_filters)
+        ex = kv.tasks(app=cfg.app, model=model) if self._real else Executor(kv, model)
+        self._ex = ex
         prev = self._objective(-1, 0.0, 0.0) if not self.history else self.history[-1]
         self._base, self._stats = len(self.history), deque()
         self._bounds = block_bounds(B, self.key_bound)
@@ -470,9 +400,13 @@ class DBPG:
             time.sleep((cfg.slowdown - 1.0) * (time.thread_time() - t0 + self._rest_s))
         t1 = time.thread_time()
         extra = {"span": (self._bounds[b], self._bounds[b + 1])} if self._real else {}
-        ts = ex.push(keys, gu, cfg.table, **extra)
-        clock = {"clock": True} if self.clock_log is not None else {}
-        ex.pull(keys, cfg.table, then=partial(self._applied, t, b), **clock)
+        then = partial(self._applied, t, b)
+        if self._push_pull:
+            ts = ex.push_pull(keys, gu, cfg.table, then=then, **extra)
+        else:
+            ts = ex.push(keys, gu, cfg.table, **extra)
+            clock = {"clock": True} if self.clock_log is not None else {}
+            ex.pull(keys, cfg.table, then=then, **clock)
         self._rest_s = time.thread_time() - t1 + self._apply_s
         if self.clock_log is not None:
             self.clock_log.setdefault("push_ts", {})[t] = ts

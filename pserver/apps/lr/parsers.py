@@ -3,7 +3,17 @@
 Each parser takes a uint8 buffer of whole lines and fills preallocated arrays (labels, per-row
 feature counts, keys, values) in one pass over the bytes, hashing features as it goes (see
 hashing.py). A bad line either stops the parse (its code, index and byte offset are returned, so
-the caller can name file:line) or, with skip_bad, is rolled back and counted.
+the caller can name file:line) or, with skip_bad, is rolled back and counted. When the arrays are
+full the parse stops before the line that does not fit and says where: the caller grows them and
+parses on from there (so no pass over the bytes is needed beforehand to size them).
+
+Values equal to 1 (binary features, the common case) are not stored while ones[0] is 1: the first
+other value sets vals[:entries] of this call to 1, clears ones[0] and stores every value from then
+on (the caller fills in the earlier calls' entries). So binary data costs no value array traffic.
+
+Both return (rows, entries, bad, code, line, offset): with code 0, `line` lines and `offset` bytes
+of buf were consumed (offset < buf.size: the arrays are full); with code > 0 (see REASONS) line
+`line` (counting every line of buf from 0, blank ones too), starting at byte `offset`, is bad.
 """
 
 from __future__ import annotations
@@ -106,15 +116,16 @@ def _parse_int(buf, j, e):
 
 
 @numba.njit(cache=True, nogil=True)
-def parse_libsvm(buf, raw_keys, skip_bad, labels, row_nnz, keys, vals):
+def parse_libsvm(buf, raw_keys, skip_bad, labels, row_nnz, keys, vals, ones):
     """Parse libsvm lines `label idx:val idx:val ... [# comment]`.
 
-    labels/row_nnz need room for every line, keys/vals for every ':' in buf. Blank and comment
-    lines are skipped silently. Returns (rows, entries, bad, err_code, err_line, err_offset),
-    err_line counting every line of buf from 0 (blank ones too).
+    Blank and comment lines are skipped silently. Stops before a line that does not fit into
+    labels/row_nnz or keys/vals. Returns as the module docstring says.
     """
     n = buf.size
     salt = salt_scalar(0)
+    cap = keys.size
+    all_ones = ones[0] != 0
     i = 0
     line = 0
     nr = 0
@@ -128,6 +139,8 @@ def parse_libsvm(buf, raw_keys, skip_bad, labels, row_nnz, keys, vals):
         code = 0
         ne0 = ne
         if j < n and buf[j] != NEWLINE and buf[j] != HASH:
+            if nr >= labels.size:
+                return nr, ne, nbad, 0, line, i   # full: the caller grows the arrays
             lab, j, ok = _parse_float(buf, j, n)
             if not ok or not _ends_token(buf, j, n):
                 code = 1
@@ -152,9 +165,16 @@ def parse_libsvm(buf, raw_keys, skip_bad, labels, row_nnz, keys, vals):
                     if not ok or not _ends_token(buf, j, n):
                         code = 4
                         break
+                if ne >= cap:
+                    return nr, ne0, nbad, 0, line, i   # full: roll the line back
                 k = np.uint64(idx)
                 keys[ne] = k if raw_keys else mix64_scalar(k ^ salt)
-                vals[ne] = v
+                if all_ones and v != 1.0:
+                    vals[:ne] = 1.0
+                    all_ones = False
+                    ones[0] = 0
+                if not all_ones:
+                    vals[ne] = v
                 ne += 1
             if code != 0:
                 if not skip_bad:
@@ -169,7 +189,7 @@ def parse_libsvm(buf, raw_keys, skip_bad, labels, row_nnz, keys, vals):
             j += 1
         line += 1
         i = j + 1
-    return nr, ne, nbad, 0, -1, -1
+    return nr, ne, nbad, 0, line, n
 
 
 @numba.njit(cache=True, nogil=True)
@@ -183,14 +203,16 @@ def _int_bin(v, log_bins):
 
 
 @numba.njit(cache=True, nogil=True)
-def parse_criteo(buf, log_bins, skip_bad, labels, row_nnz, keys, vals):
+def parse_criteo(buf, log_bins, skip_bad, labels, row_nnz, keys, vals, ones):
     """Parse Criteo TSV lines: label, 13 integer columns, 26 categorical columns; empty = missing.
 
     Integer column c (1..13) value v -> int_key(bin(v), c); categorical column c (14..39) string
-    s -> str_key(s, c); every feature value is 1. keys/vals need room for 39 per line. Returns
-    like parse_libsvm.
+    s -> str_key(s, c); every feature value is 1 (stored only if ones[0] is 0). Stops before a
+    line when labels/row_nnz are full or keys/vals have room for fewer than 39 more features.
+    Returns like parse_libsvm.
     """
     n = buf.size
+    store = ones[0] == 0
     i = 0
     line = 0
     nr = 0
@@ -205,6 +227,8 @@ def parse_criteo(buf, log_bins, skip_bad, labels, row_nnz, keys, vals):
         if end > i and buf[end - 1] == CR:
             end -= 1
         if end > i:
+            if nr >= labels.size or ne + nfields - 1 > keys.size:
+                return nr, ne, nbad, 0, line, i   # full: the caller grows the arrays
             ne0 = ne
             code = 0
             col = 0
@@ -233,7 +257,8 @@ def parse_criteo(buf, log_bins, skip_bad, labels, row_nnz, keys, vals):
                         keys[ne] = mix64_scalar(b ^ salt_scalar(col))
                     else:
                         keys[ne] = mix64_scalar(fnv1a64_bytes(buf, fs, fe) ^ salt_scalar(col))
-                    vals[ne] = 1.0
+                    if store:
+                        vals[ne] = 1.0
                     ne += 1
                 col += 1
                 if fe >= end:
@@ -252,4 +277,4 @@ def parse_criteo(buf, log_bins, skip_bad, labels, row_nnz, keys, vals):
                 nr += 1
         line += 1
         i = e + 1
-    return nr, ne, nbad, 0, -1, -1
+    return nr, ne, nbad, 0, line, n

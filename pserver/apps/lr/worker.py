@@ -20,12 +20,27 @@ import numpy as np
 from ... import logs
 from ...errors import ConfigError, PServerError
 from ...kv.filtering import format_traffic_summary, traffic_row, traffic_summary
-from .data import read_shard
+from .data import prefer_small_pages, read_shard
 from .dbpg import DBPG, DBPGConfig, PassStats, warm_up_servers
 from .model import auc, logloss, predict, save_model
 from .takeover import POLICIES, ShardTakeover
 
 log = logging.getLogger(__name__)
+
+# Marks of this worker's start-up phases, reported in the summary so that a benchmark can split
+# the time from launching the processes to the first pass: name -> [unix time, CPU user seconds,
+# CPU system seconds of the process so far, peak resident memory in MB so far (0: unknown)].
+TIMELINE: dict[str, list[float]] = {}
+
+
+def _mark(name: str) -> None:
+    t = os.times()
+    try:
+        import resource  # Unix only
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KB on Linux
+    except ImportError:
+        peak = 0.0
+    TIMELINE[name] = [time.time(), t.user, t.system, peak]
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -107,16 +122,20 @@ def _read_early(args: argparse.Namespace, rank: int, num_shards: int):
     """Compiled kernels, then - when the environment names this worker's rank and the number of
     workers, as LocalCluster's does - its shard, while the worker joins the cluster."""
     _load_kernels()
+    _mark("kernels_loaded")
     if rank < 0 or num_shards < 1:
         return None
     t0 = time.perf_counter()
-    return rank, num_shards, _reader(args)(rank, num_shards), time.perf_counter() - t0
+    shard = _reader(args)(rank, num_shards)
+    _mark("read_done")
+    return rank, num_shards, shard, time.perf_counter() - t0
 
 
 def train(kv, args: argparse.Namespace, early=None) -> dict | None:
     """Train as one worker of kv's cluster. Returns the summary dict on rank 0, else None.
     early: (rank, num_shards, shard, seconds) read before joining (used if rank and count hold)."""
     t_start = time.perf_counter()
+    _mark("train_start")
     slowdown, share = _straggler(args.straggler, kv.rank)
     cfg = DBPGConfig(l1=args.l1, l2=args.l2, epochs=args.epochs, blocks=args.blocks,
                      tau=args.tau, curvature=args.curvature, eta=args.eta, tol=args.tol,
@@ -143,7 +162,9 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
     log.info("worker %d: %d examples, %d features, %d non-zeros, read in %.2f s", kv.rank,
              shard.num_examples, shard.keys.size, shard.X.nnz, t_read)
     warm.join()
+    _mark("tables_ready")
     algo = DBPG(kv, shard, cfg)
+    _mark("setup_done")
     algo.takeover = ShardTakeover(kv, read, num_shards, args.on_worker_failure, algo.counted)
     if args.clock_log:
         algo.clock_log = {}
@@ -162,6 +183,7 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
     def on_pass(s: PassStats) -> None:
         if not _reports(kv):
             return
+        _mark(f"pass{s.epoch}")
         _progress(s, algo.shard.num_examples)   # grows when it takes a shard over
         if test is not None and args.test_every_pass:
             t0 = time.perf_counter()
@@ -223,6 +245,7 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
                             if k in h.extra}} for h in history],
             "config": vars(cfg), "test_every_pass": evals,
             "reported_by": kv.rank, "shards": algo.takeover.summary(),
+            "timeline": dict(TIMELINE),
         }
         meta = {"data_format": args.format, "raw_keys": args.raw_keys, "int_bins": args.int_bins,
                 "bias": args.bias, "l1": args.l1, "l2": args.l2, "passes": len(history),
@@ -273,9 +296,9 @@ def _reports(kv) -> bool:
 
 
 def _load_kernels() -> None:
-    from . import data, dbpg
+    from . import data, kernels
     data.warm_up()
-    dbpg._warm_up()
+    kernels.warm_up()
 
 
 def _straggler(spec: str | None, rank: int) -> tuple[float, float]:
@@ -323,6 +346,8 @@ def _format_shards(sh: dict | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _mark("main")
+    prefer_small_pages()
     import pserver
 
     p = argparse.ArgumentParser(prog="python -m pserver.apps.lr.worker")
@@ -334,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     early = _Background(_read_early, args, int(env.get("PSERVER_RANK", "-1") or -1),
                         int(env.get("PSERVER_NUM_WORKERS", "0") or 0))
     kv = pserver.KVWorker()
+    _mark("joined")
     early.join()
     logs.setup_logging(kv.cfg.log_level or "WARNING", None)
     logs.set_node("worker", kv.rank)
