@@ -98,6 +98,8 @@ class DBPGConfig:
     slowdown: float = 1.0      # straggler simulation: computing takes slowdown x as long ...
     slowdown_share: float = 0.0  # ... on this random share of the iterations
     app: str = "lr"            # the application's name at the scheduler (tasks, consistency)
+    push_pull: bool = True     # an iteration's push and pull as one request (when no filter or
+    #                            clock log needs them apart); False: two requests
 
     def push_filters(self, num_workers: int) -> str:
         """The weight table's push filter spec. A worker holds 1/num_workers of the data, so the
@@ -340,7 +342,7 @@ class DBPG:
         self._real = hasattr(kv, "tasks")   # a KVWorker (stand-ins in tests lack the extras)
         # push and pull of an iteration in one request (push_pull) when nothing needs them apart:
         # the clock log reads the pull's vector clock, filters split push_pull anyway
-        self._push_pull = (self._real and self.clock_log is None and not cfg.push_filters(
+        self._push_pull = (cfg.push_pull and self._real and self.clock_log is None and not cfg.push_filters(
             kv.num_workers) and not cfg.pull_filters)
         ex = kv.tasks(app=cfg.app, model=model) if self._real else Executor(kv, model)
         self._ex = ex

@@ -65,6 +65,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--straggler", metavar="RANK[:FACTOR[:SHARE]]",
                    help="simulate a straggler: worker RANK computes FACTOR (2) x slower on a "
                         "random SHARE (0.25) of its iterations (benchmarks/delay.py)")
+    p.add_argument("--separate-pull", action="store_true",
+                   help="send an iteration's push and pull as two requests instead of one "
+                        "push_pull (to compare; the result is the same)")
     p.add_argument("--clock-log", metavar="DIR",
                    help="every worker writes DIR/rank<r>.json: its push timestamps and the range "
                         "clocks of every pull it applied (to check the staleness bound)")
@@ -143,7 +146,7 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
                      filters=args.filters, pull_filters=args.pull_filters,
                      delay_damping=args.delay_damping, delay_free=args.delay_free,
                      target=args.target_objective,
-                     slowdown=slowdown, slowdown_share=share)
+                     slowdown=slowdown, slowdown_share=share, push_pull=not args.separate_pull)
     cfg.check()
     warm = _Background(warm_up_servers, kv, cfg)   # the servers get ready while we read
     # shard r = rank r's byte range among the workers the job started with (dead ones included),
