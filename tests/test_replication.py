@@ -73,9 +73,9 @@ def test_forwards_of_a_burst_travel_as_one_message_per_replica():
             k, v = msg.arrays[2 * i], msg.arrays[2 * i + 1]
             assert np.array_equal(k, keys[holders == sid]) and (v == i).all()
     # one ack per message releases every request it carried, once all replicas answered
-    rid2, rid3 = sorted(m.ts for _, m in cap.sent)
-    assert repl.on_ack(rid2) == []
-    assert sorted(repl.on_ack(rid3)) == sorted(expected)
+    (rid2, sid2), (rid3, sid3) = sorted((m.ts, sid) for sid, m in cap.sent)
+    assert repl.on_ack(rid2, sid2) == []
+    assert sorted(repl.on_ack(rid3, sid3)) == sorted(expected)
     assert repl.outstanding == {} and repl.waiting == {}
 
 
@@ -109,14 +109,14 @@ def test_a_dead_replica_releases_what_it_was_sent_and_what_was_queued_for_it():
                  np.ones((len(keys), 1), np.float32))
     for sid, msg in cap.sent:
         if sid == 2:
-            repl.on_ack(msg.ts)
+            repl.on_ack(msg.ts, sid)
     # replica 3 dies: request 0 (acked by 2) completes; request 1 still waits for replica 2
     assert repl.drop_replica(3) == [("w", 0)]
     assert repl.outstanding == {("w", 1): 1}
     repl.flush()
     (sid, msg), = cap.sent[2:]
     assert sid == 2
-    assert repl.on_ack(msg.ts) == [("w", 1)]
+    assert repl.on_ack(msg.ts, sid) == [("w", 1)]
 
 
 @pytest.fixture

@@ -267,10 +267,10 @@ class Replicator:
         self.messages_forwarded += 1
         return True
 
-    def on_ack(self, rid: int, sid: int | None = None) -> list[object]:
-        """A replica (``sid``, if known: the ack is ignored unless ``rid`` went to it)
-        acknowledged ``rid``; returns the request tokens that have no acks left."""
-        if sid is not None and self._rid_peer.get(rid) != sid:
+    def on_ack(self, rid: int, sid: int) -> list[object]:
+        """Replica ``sid`` acknowledged ``rid`` (ignored unless ``rid`` went to it); returns the
+        request tokens that have no acks left."""
+        if self._rid_peer.get(rid) != sid:
             return []
         tokens = self.waiting.pop(rid, None)
         self._rid_peer.pop(rid, None)

@@ -212,8 +212,7 @@ class KVServer:
         # A long burst still sends the acks it has every ACK_DELAY: a worker with several
         # requests in flight then issues new ones while this server works on the rest, instead
         # of both taking turns (docs/design.md, "Acknowledgements", has the numbers).
-        self._ack_batch, self._repl_acks = {}, {}
-        self.repl.begin_batch()
+        self._begin_burst()
         sock, on_frames, clock = self.sock, self._on_frames, time.perf_counter
         due = clock() + ACK_DELAY
         try:
@@ -227,6 +226,11 @@ class KVServer:
                     due = clock() + ACK_DELAY
         finally:
             self._end_burst()
+
+    def _begin_burst(self) -> None:
+        """From now until _end_burst, acks and forwards are collected, not sent one by one."""
+        self._ack_batch, self._repl_acks = {}, {}
+        self.repl.begin_batch()
 
     def _end_burst(self) -> None:
         """Send what a burst collected: forwards to replicas (carrying this burst's
@@ -502,8 +506,7 @@ class KVServer:
             self._maybe_ack(token, ack)
 
     def _drain_replica(self, sock) -> None:
-        self._ack_batch, self._repl_acks = {}, {}
-        self.repl.begin_batch()
+        self._begin_burst()
         try:
             for msg in self.transport.drain(sock, "a replica"):
                 if msg.op == "error" or msg.meta.get("errors"):
