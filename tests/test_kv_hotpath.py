@@ -196,6 +196,71 @@ def test_acks_sent_during_a_burst_keep_fifo_application(lone_server, monkeypatch
     assert (srv.tables["last"].pull(keys) == 25).all()
 
 
+def _forwards(n: int, table: str = "default", op: str = "replicate_agg") -> tuple[np.ndarray, list]:
+    """n updates forwarded by master s2; update ts carries the value ts."""
+    keys = np.unique(np.random.default_rng(5).integers(0, 2**64 - 1, 300, dtype=np.uint64))
+    msgs = []
+    for ts in range(1, n + 1):
+        meta = {"kf": "k", "clk": [[4, ts, 0]]} if op == "replicate_agg" else \
+            {"kf": "k", "src": 4, "wts": ts, "wp": 0}
+        body = wire.encode(Message(op, ts, table, meta, [keys, np.full((len(keys), 1), ts, np.float32)]))
+        msgs.append([b"s2", *body])
+    return keys, msgs
+
+
+def _repl_acks(events) -> list[int]:
+    out = []
+    for ev in events:
+        if ev[0] == "send" and ev[2].op == "repl_ack":
+            out += ev[2].meta.get("rids", [ev[2].ts])
+    return out
+
+
+@pytest.mark.parametrize("op", ["replicate_agg", "replicate"])
+def test_a_replica_acknowledges_a_forward_before_applying_it(lone_server, op):
+    """The ack leaves at the end of the burst; the update waits until the server is idle (or
+    anything reads replica data), and is then applied in the order it arrived."""
+    srv = lone_server
+    srv._declare(pserver.TableSpec(name="last", updater="assign"))
+    keys, msgs = _forwards(6, "last", op)
+    srv.sock = _RecordingSocket(msgs)
+    srv._drain()
+    assert _repl_acks(srv.sock.events) == [1, 2, 3, 4, 5, 6]
+    assert srv.tables["last"].pull(keys).tolist() == [[0.0]] * len(keys)  # not applied yet
+    srv._apply_deferred()   # what the serving loop does when a poll finds nothing waiting
+    assert (srv.tables["last"].pull(keys) == 6).all()  # "assign": the last forward won
+    assert not srv._deferred
+
+
+def test_deferred_forwards_are_applied_before_anything_reads_replica_data(lone_server):
+    srv = lone_server
+    keys, msgs = _forwards(3)
+    stats = wire.encode(Message("stats", 9))
+    srv.sock = _RecordingSocket([*msgs, [b"n4", *stats]])
+    srv._drain()
+    reply = next(ev[2] for ev in srv.sock.events if ev[0] == "send" and ev[2].op == "stats")
+    assert reply.meta["tables"]["default"]["keys"] == len(keys)
+    assert (srv.tables["default"].pull(keys) == 1 + 2 + 3).all()
+    # a pull_range (a rebuild or migration reading the range) sees them too
+    keys, msgs = _forwards(2)
+    rng = wire.encode(Message("pull_range", 10, "default", {"lo": 0, "hi": 2**64}))
+    srv.sock = _RecordingSocket([*msgs, [b"n4", *rng]])
+    srv._drain()
+    reply = next(ev[2] for ev in srv.sock.events if ev[0] == "send" and ev[2].op == "range")
+    got = dict(zip(reply.arrays[0].tolist(), reply.arrays[1][:, 0].tolist(), strict=True))
+    assert all(got[int(k)] == 6 + 1 + 2 for k in keys)
+
+
+def test_deferred_forwards_are_bounded(lone_server, monkeypatch):
+    monkeypatch.setattr(server_mod, "DEFER_MAX_KEYS", 500)  # two forwards of 300 keys pass it
+    srv = lone_server
+    keys, msgs = _forwards(5)
+    srv.sock = _RecordingSocket(msgs)
+    srv._drain()
+    assert len(srv._deferred) == 1 and srv._deferred_keys == len(keys)  # 1+2 then 3+4 applied
+    assert (srv.tables["default"].pull(keys) == 1 + 2 + 3 + 4).all()
+
+
 # ------------------------------------------------------------------------------ real cluster
 def test_pipelined_pushes_every_ack_exact_values_and_fifo(cluster_factory):
     cluster = cluster_factory(2, 1)

@@ -40,6 +40,10 @@ from .filtering import FILTER_META, ServerFilters, heartbeat_reporter
 
 log = logging.getLogger(__name__)
 
+# A replica applies the updates it acknowledged when nothing waits, or once this many keys wait.
+DEFER_MAX_KEYS = 1 << 16
+# ops that neither read nor replace what a replica holds: deferred updates may wait behind them
+_DEFERRABLE = frozenset(("push", "pull", "replicate", "replicate_agg", "repl_batch", "ping"))
 ACK_DELAY = 200e-6  # s: the longest a worker's ack waits in a burst for others to share its message
 
 security.allow_op("replicate_agg", "server")
@@ -119,6 +123,9 @@ class KVServer:
         self._drain_deadline = 0.0
         self._view_version = 0
         self._as_of_waiting: set[bytes] = set()  # senders whose first held request is an as_of pull
+        # updates received as a replica, acknowledged but not applied yet (see _defer_apply)
+        self._deferred: list[tuple[Table, keyfmt.KeySet, np.ndarray]] = []
+        self._deferred_keys = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self, warm_first: bool = False) -> None:
@@ -156,15 +163,15 @@ class KVServer:
                 # sleeping - a wake-up from the kernel costs tens of microseconds here, more than
                 # the next request takes to arrive when a worker keeps several in flight.
                 busy = spin and time.perf_counter() < busy_until
-                events = poller.poll(0 if self.repl.jobs or busy else 100)
+                events = poller.poll(0 if self.repl.jobs or busy or self._deferred else 100)
                 if events and spin:
                     busy_until = time.perf_counter() + spin
-                for sock, _ in events:
-                    if sock is self.sock:
-                        self._drain()
-                    else:
-                        self._drain_replica(sock)
+                if not events and self._deferred:  # nothing waiting: time to apply them
+                    self._apply_deferred()
+                if events:
+                    self._burst(events)
                 if self.repl.jobs:
+                    self._apply_deferred()
                     self.repl.rebuild_step(self.tables)
                 self.membership.report["rebuilt"] = self.repl.rebuilt_version
                 if self.membership.view.version != self._view_version:
@@ -192,6 +199,7 @@ class KVServer:
 
     def _leave_step(self) -> bool:
         """One step of a graceful leave; True once the scheduler moved this server's ranges."""
+        self._apply_deferred()
         if self._drain_ts is None:
             log.warning("leaving: asking the scheduler to move this server's key ranges")
             self._drain_ts = self.membership.send_request("drain", {"id": self.membership.node_id})
@@ -205,27 +213,45 @@ class KVServer:
             return True
         return time.monotonic() > self._drain_deadline
 
+    def _burst(self, events: list) -> None:
+        """Serve everything one poll found waiting, as one burst.
+
+        Acknowledgements of a burst go out together, one message per worker: with many requests
+        in flight a send per ack would cost more than the updates themselves. Forwards to
+        replicas are batched the same way (one message per replica and burst). Replicas' acks
+        are read first: the worker acks they release then leave with the burst's first flush."""
+        self._begin_burst()
+        try:
+            for sock, _ in events:
+                if sock is not self.sock:
+                    self._drain_replica(sock)
+            if any(sock is self.sock for sock, _ in events):
+                self._drain_requests()
+        finally:
+            self._end_burst()
+
     def _drain(self) -> None:
-        # Acknowledgements of one burst go out together, one message per worker: with many
-        # requests in flight a send per ack would cost more than the updates themselves.
-        # Forwards to replicas are batched the same way (one message per replica and burst).
+        """Serve the requests waiting on the server socket as one burst."""
+        self._begin_burst()
+        try:
+            self._drain_requests()
+        finally:
+            self._end_burst()
+
+    def _drain_requests(self) -> None:
         # A long burst still sends the acks it has every ACK_DELAY: a worker with several
         # requests in flight then issues new ones while this server works on the rest, instead
         # of both taking turns (docs/design.md, "Acknowledgements", has the numbers).
-        self._begin_burst()
         sock, on_frames, clock = self.sock, self._on_frames, time.perf_counter
         due = clock() + ACK_DELAY
-        try:
-            for _ in range(1000):  # bounded so liveness checks run between bursts
-                frames = recv(sock)
-                if frames is None:
-                    return
-                on_frames(frames)
-                if self._ack_batch and clock() >= due:
-                    self._send_acks()
-                    due = clock() + ACK_DELAY
-        finally:
-            self._end_burst()
+        for _ in range(1000):  # bounded so liveness checks run between bursts
+            frames = recv(sock)
+            if frames is None:
+                return
+            on_frames(frames)
+            if self._ack_batch and clock() >= due:
+                self._send_acks()
+                due = clock() + ACK_DELAY
 
     def _begin_burst(self) -> None:
         """From now until _end_burst, acks and forwards are collected, not sent one by one."""
@@ -321,6 +347,8 @@ class KVServer:
 
     def _process(self, identity: bytes, msg: Message) -> None:
         op = msg.op
+        if self._deferred and op not in _DEFERRABLE:
+            self._apply_deferred()  # whatever reads or replaces replica data sees every update
         if op == "push":
             self._push(identity, msg)
         elif op == "pull":
@@ -506,16 +534,13 @@ class KVServer:
             self._maybe_ack(token, ack)
 
     def _drain_replica(self, sock) -> None:
-        self._begin_burst()
-        try:
-            for msg in self.transport.drain(sock, "a replica"):
-                if msg.op == "error" or msg.meta.get("errors"):
-                    log.error("a replica refused an update: %s", msg.meta.get("error"))
-                if msg.op in ("repl_ack", "error"):
-                    rids = msg.meta.get("rids", [msg.ts]) if msg.op == "repl_ack" else [msg.ts]
-                    self._replica_acked(self.repl.sock_peer.get(sock, -1), rids)
-        finally:
-            self._end_burst()
+        """Read the replies of a replica (inside a burst)."""
+        for msg in self.transport.drain(sock, "a replica"):
+            if msg.op == "error" or msg.meta.get("errors"):
+                log.error("a replica refused an update: %s", msg.meta.get("error"))
+            if msg.op in ("repl_ack", "error"):
+                rids = msg.meta.get("rids", [msg.ts]) if msg.op == "repl_ack" else [msg.ts]
+                self._replica_acked(self.repl.sock_peer.get(sock, -1), rids)
 
     def _replica_acked(self, sid: int, rids) -> None:
         """Replica ``sid`` acknowledged the forwards ``rids`` (ids this server gave them)."""
@@ -585,7 +610,7 @@ class KVServer:
         table = self._table(msg.table)
         keys, vals = keyfmt.unpack_push(msg, table.spec.push_cols, table.dtype)
         if msg.op == "replicate_agg":
-            keyfmt.apply_push(table, keys, vals)
+            self._defer_apply(table, keys, vals)
             for worker, ts, part in msg.meta.get("clk", []):
                 self.repl.record(master, int(worker), int(ts), part)
         else:
@@ -596,11 +621,36 @@ class KVServer:
                 self.repl.record(master, src, wts, wp)
                 self._record_clock(table.spec.name, src, keys, wts)
                 if table.spec.sync and "rnd" in msg.meta:
+                    self._apply_deferred()  # in order with this master's earlier forwards
                     self._aggregate(None, msg, table, keys, vals, src, origin=master)
                 else:
-                    keyfmt.apply_push(table, keys, vals)
+                    self._defer_apply(table, keys, vals)
         if reply:
             self._ack_forward(identity, msg.ts)
+
+    def _defer_apply(self, table: Table, keys: keyfmt.KeySet, vals: np.ndarray) -> None:
+        """Apply an update forwarded by a master after this burst's acknowledgements are sent.
+
+        A replica holds the update in memory either way, so acknowledging it before applying
+        loses nothing a crash would not lose anyway; it takes the replica's apply off the path
+        of the worker's acknowledgement, and on a busy machine moves it to when nothing waits.
+        Everything that reads or replaces replica data applies the deferred updates first:
+        every op but the hot ones (_DEFERRABLE), a new cluster view (promotion to master), a
+        background re-replication step and a graceful leave."""
+        self._deferred.append((table, keys, vals))
+        self._deferred_keys += keys.n
+        if self._deferred_keys > DEFER_MAX_KEYS:
+            self._apply_deferred()
+
+    def _apply_deferred(self) -> None:
+        deferred, self._deferred, self._deferred_keys = self._deferred, [], 0
+        for table, keys, vals in deferred:
+            try:
+                keyfmt.apply_push(table, keys, vals)
+            except Exception:  # a user update rule that fails here failed on the master too
+                self.errors += 1
+                self.rejections["deferred_apply"] += 1
+                log.exception("a forwarded update could not be applied")
 
     def _migrate(self, identity: bytes, msg: Message) -> None:
         """Scheduler-driven change of the key ring (see pserver.ft.migration)."""
@@ -629,6 +679,7 @@ class KVServer:
 
     def _on_view(self) -> None:
         """React to a new cluster view: a new key ring (failover, join, leave) and membership."""
+        self._apply_deferred()  # a replica promoted to master serves every update it acknowledged
         view = self.membership.view
         self._view_version = view.version
         settings = view.settings
@@ -852,6 +903,7 @@ class KVServer:
                     self._maybe_apply(name, min(mine))
 
     def stats(self) -> dict:
+        self._apply_deferred()
         return {"id": self.membership.node_id, "pid": os.getpid(), "errors": self.errors,
                 "rejected": dict(self.rejections),
                 "duplicates": self.duplicates,
