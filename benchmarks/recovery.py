@@ -12,7 +12,8 @@ prints a short summary.
    with WrongOwner until it too has the ring). A fresh cluster per kill; the victim rotates.
 2. join: 3 servers, k=1, W workers pushing 10k-key pushes; a fourth server joins (two-phase
    migration). Throughput before, while the joiner starts, during the migration and after it.
-3. replication cost: 4 servers (then 2: one per core of this machine), W workers, 10k-key pushes;
+3. replication cost: 4 servers (then 2: one per core of this machine), 2 workers (then 4: aggregation
+   merges n pushes into one replicated update, so its saving grows with n), 10k-key pushes;
    an asynchronous table with k=0, 1, 2; a synchronous one (every worker pushes every round) with
    k=0, 1, 2 and replicate-after-aggregation on and off, each worker pushing its own random keys
    ("sync": nothing for aggregation to merge); and the same with every worker pushing the same keys
@@ -27,7 +28,7 @@ prints a short summary.
 
 Usage: python benchmarks/recovery.py [--only recovery,rebuild,join,replication] [--kills 10]
            [--recovery 0.6:1000000,0.6:0,0.3:0:5] [--seconds 3] [--workers 2] [--repeats 2]
-           [--replication-servers 4,2]
+           [--replication 4x2,2x2,4x4,2x4]
            [--out benchmarks/results/recovery.json]
 --recovery lists HEARTBEAT_TIMEOUT:STORED_KEYS[:KILLS] configurations (default: the default timeout with
 1M keys stored and with an empty table, and a 0.3 s timeout).
@@ -605,8 +606,8 @@ def main() -> None:
     p.add_argument("--table-keys", type=int, default=1_000_000)
     p.add_argument("--window", type=int, default=4, help="pushes in flight per worker")
     p.add_argument("--repeats", type=int, default=2, help="runs per replication case (median)")
-    p.add_argument("--replication-servers", default="4,2", help="comma-separated server counts of the "
-                   "replication part")
+    p.add_argument("--replication", default="4x2,2x2,4x4,2x4", help="comma-separated SERVERSxWORKERS "
+                   "configurations of the replication part")
     p.add_argument("--out", default="benchmarks/results/recovery.json")
     args = p.parse_args()
     parts = set(args.only.split(","))
@@ -640,10 +641,11 @@ def main() -> None:
                               "push_keys": args.push_keys, "table_keys": args.table_keys, **run,
                               "failed_attempts": failed}
         if "replication" in parts:
-            for n in (int(x) for x in args.replication_servers.split(",")):
-                print(f"cost of replication ({n} servers):", flush=True)
-                result["replication" if n == 4 else f"replication_{n}_servers"] = \
-                    run_replication(args, log, n)
+            for conf in args.replication.split(","):
+                n, w = (int(x) for x in conf.split("x"))
+                print(f"cost of replication ({n} servers, {w} workers):", flush=True)
+                result[f"replication_{n}_servers_{w}_workers"] = \
+                    run_replication(argparse.Namespace(**{**vars(args), "workers": w}), log, n)
         logging.getLogger().removeHandler(handler)
     result["load_at_end"] = load()
     result["cpu_pressure_at_end"] = cpu_pressure()
@@ -684,7 +686,8 @@ def targets(res: dict) -> dict:
                 continue
             # throughput_vs_k0 is measured on a shared 2-core machine; 1 / server_cpu_vs_k0 is the
             # ratio when the servers are the bottleneck (each on its own core)
-            out[f"k1_costs_at_most_30pct_with_aggregation_{rep['servers']}_servers_{case.split('_')[0]}"] = {
+            name = f"{rep['servers']}_servers_{rep['workers']}_workers_{case.split('_')[0]}"
+            out[f"k1_costs_at_most_30pct_with_aggregation_{name}"] = {
                 "throughput_vs_k0": q["pushes_vs_k0"],
                 "server_bound_throughput_vs_k0": round(1 / q["server_cpu_vs_k0"], 3),
                 "met": q["pushes_vs_k0"] >= 0.7}

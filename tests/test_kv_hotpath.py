@@ -249,6 +249,13 @@ def test_deferred_forwards_are_applied_before_anything_reads_replica_data(lone_s
     reply = next(ev[2] for ev in srv.sock.events if ev[0] == "send" and ev[2].op == "range")
     got = dict(zip(reply.arrays[0].tolist(), reply.arrays[1][:, 0].tolist(), strict=True))
     assert all(got[int(k)] == 6 + 1 + 2 for k in keys)
+    # a new cluster view (how a replica learns it was promoted to master) applies them first
+    keys, msgs = _forwards(1)
+    srv.sock = _RecordingSocket(msgs)
+    srv._drain()
+    assert srv._deferred
+    srv._on_view()
+    assert not srv._deferred and (srv.tables["default"].pull(keys) == 9 + 1).all()
 
 
 def test_deferred_forwards_are_bounded(lone_server, monkeypatch):
