@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pserver.store import TableSpec
-from pserver.store.index import warm_up
+from pserver.store.index import gather_rows, warm_up
 from pserver.store.table import Table
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "store_index.json"
@@ -123,6 +123,43 @@ def _dense_runs(n: int, repeats: int) -> dict:
     }
 
 
+def _insertion_order(keys: np.ndarray, n_query: int, batch: int, repeats: int,
+                     rng: np.random.Generator) -> dict:
+    """A server that masters half the keys and replicates the other half, inserted after them
+    (as the forwards of its master arrive after its own pushes): lookups of each half, and
+    the alternative a replica could use instead of hashing - an array indexed by the master's
+    slot of each key - timed on the second half's queries.
+
+    Linear probing puts keys inserted later further from their home buckets; the total over
+    both halves is what one index of all the keys costs (the total displacement does not
+    depend on the insertion order)."""
+    first, second = keys[: keys.size // 2], keys[keys.size // 2:]
+    table = Table(TableSpec())
+    for half in (first, second):
+        for lo in range(0, half.size, batch):
+            b = np.sort(half[lo:lo + batch])
+            table.push(b, np.ones((b.size, 1), np.float32))
+    n = min(n_query, second.size)
+    qa = np.sort(rng.choice(first, size=n, replace=False))
+    qb = np.sort(rng.choice(second, size=n, replace=False))
+    # the master's slots of the second half: a permutation (its own insertion order)
+    master_slot = rng.permutation(second.size)
+    translate = np.empty(second.size, np.int64)
+    translate[master_slot] = table._index.lookup(np.ascontiguousarray(second))[0]
+    qslots = master_slot[np.argsort(second)][np.searchsorted(np.sort(second), qb)]
+    out = np.empty(n, np.int64)
+    gather_rows(translate.reshape(-1, 1), qslots, out.reshape(-1, 1))
+    assert np.array_equal(out, table._index.lookup(qb)[0])
+    return {
+        "table_keys": int(keys.size), "query_keys": int(n),
+        "lookup_first_half_keys_per_s": n / _best(lambda: table._index.lookup(qa), repeats),
+        "lookup_second_half_keys_per_s": n / _best(lambda: table._index.lookup(qb), repeats),
+        "gather_by_master_slot_keys_per_s":
+            n / _best(lambda: gather_rows(translate.reshape(-1, 1), qslots, out.reshape(-1, 1)),
+                      repeats),
+    }
+
+
 def run(n_table: int = 10_000_000, n_query: int = 1_000_000, repeats: int = 5,
         seed: int = 0) -> dict:
     """Measure the store; returns a JSON-ready dict (rates in keys/s, memory in bytes/key).
@@ -145,6 +182,8 @@ def run(n_table: int = 10_000_000, n_query: int = 1_000_000, repeats: int = 5,
     res["adagrad"] = _random_table(TableSpec(updater="adagrad", updater_args={"lr": 0.1}),
                                    keys, query, n_query, repeats)
     res["dense"] = _dense_runs(n_query, repeats)
+    res["insertion_order"] = _insertion_order(keys[: min(n_table, 1_000_000)], 50_000, 50_000, repeats,
+                                              rng)
     res["cold_start"] = cold_start()
     return res
 
