@@ -258,6 +258,24 @@ def test_deferred_forwards_are_applied_before_anything_reads_replica_data(lone_s
     assert not srv._deferred and (srv.tables["default"].pull(keys) == 9 + 1).all()
 
 
+def test_a_deferred_forward_the_update_rule_refuses_is_counted_and_the_rest_applied():
+    def handle(w, pushed):  # a user rule that refuses the value 2
+        if (pushed == 2).any():
+            raise ValueError("no twos")
+        w += pushed
+    srv = KVServer(Config.from_env(scheduler="127.0.0.1:9", insecure=True), handle=handle)
+    try:
+        keys, msgs = _forwards(3)
+        srv.sock = _RecordingSocket(msgs)
+        srv._drain()
+        assert _repl_acks(srv.sock.events) == [1, 2, 3]
+        srv._apply_deferred()  # must not raise out of the server loop
+        assert srv.errors == 1 and srv.rejections["ValueError"] == 1
+        assert (srv.tables["default"].pull(keys) == 1 + 3).all()
+    finally:
+        srv.transport.close()
+
+
 def test_deferred_forwards_are_bounded(lone_server, monkeypatch):
     monkeypatch.setattr(server_mod, "DEFER_MAX_KEYS", 500)  # two forwards of 300 keys pass it
     srv = lone_server

@@ -643,13 +643,14 @@ class KVServer:
             self._apply_deferred()
 
     def _apply_deferred(self) -> None:
+        """Apply the acknowledged forwards still waiting, in the order they arrived."""
         deferred, self._deferred, self._deferred_keys = self._deferred, [], 0
         for table, keys, vals in deferred:
             try:
                 keyfmt.apply_push(table, keys, vals)
-            except Exception:  # a user update rule that fails here failed on the master too
+            except Exception as e:  # a user update rule that fails here failed on the master too
                 self.errors += 1
-                self.rejections["deferred_apply"] += 1
+                self.rejections[type(e).__name__] += 1
                 log.exception("a forwarded update could not be applied")
 
     def _migrate(self, identity: bytes, msg: Message) -> None:
