@@ -904,7 +904,6 @@ class KVServer:
                     self._maybe_apply(name, min(mine))
 
     def stats(self) -> dict:
-        self._apply_deferred()
         return {"id": self.membership.node_id, "pid": os.getpid(), "errors": self.errors,
                 "rejected": dict(self.rejections),
                 "duplicates": self.duplicates,
