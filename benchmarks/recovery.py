@@ -583,6 +583,17 @@ def run_replication(args, log: TextIO, servers: int) -> dict:
             "table_keys": args.table_keys, "window": args.window, "cases": cases, "ratios": ratios}
 
 
+def _configurations(text: str) -> list[tuple[int, int]]:
+    """--replication "4x2,2x2" -> [(4, 2), (2, 2)] (servers, workers)."""
+    out = []
+    for conf in text.split(","):
+        parts = conf.strip().split("x")
+        if len(parts) != 2 or not all(x.isdigit() and int(x) >= 1 for x in parts):
+            raise argparse.ArgumentTypeError(f"{conf!r} is not SERVERSxWORKERS, e.g. 4x2 (both >= 1)")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
+
+
 # -- main -----------------------------------------------------------------------------------------
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
@@ -601,13 +612,14 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=1.0, help="s of load before measuring / killing")
     p.add_argument("--seconds", type=float, default=3.0, help="measured s per throughput case (and before and "
                    "after the join)")
-    p.add_argument("--workers", type=int, default=2, help="worker processes of the throughput parts")
+    p.add_argument("--workers", type=int, default=2, help="worker processes of the join part (the "
+                   "replication part takes its own from --replication)")
     p.add_argument("--push-keys", type=int, default=10_000)
     p.add_argument("--table-keys", type=int, default=1_000_000)
     p.add_argument("--window", type=int, default=4, help="pushes in flight per worker")
     p.add_argument("--repeats", type=int, default=2, help="runs per replication case (median)")
-    p.add_argument("--replication", default="4x2,2x2,4x4,2x4", help="comma-separated SERVERSxWORKERS "
-                   "configurations of the replication part")
+    p.add_argument("--replication", type=_configurations, default="4x2,2x2,4x4,2x4",
+                   help="comma-separated SERVERSxWORKERS configurations of the replication part")
     p.add_argument("--out", default="benchmarks/results/recovery.json")
     args = p.parse_args()
     parts = set(args.only.split(","))
@@ -641,8 +653,7 @@ def main() -> None:
                               "push_keys": args.push_keys, "table_keys": args.table_keys, **run,
                               "failed_attempts": failed}
         if "replication" in parts:
-            for conf in args.replication.split(","):
-                n, w = (int(x) for x in conf.split("x"))
+            for n, w in args.replication:
                 print(f"cost of replication ({n} servers, {w} workers):", flush=True)
                 result[f"replication_{n}_servers_{w}_workers"] = \
                     run_replication(argparse.Namespace(**{**vars(args), "workers": w}), log, n)

@@ -146,7 +146,8 @@ def _insertion_order(keys: np.ndarray, n_query: int, batch: int, repeats: int,
     master_slot = rng.permutation(second.size)
     translate = np.empty(second.size, np.int64)
     translate[master_slot] = table._index.lookup(np.ascontiguousarray(second))[0]
-    qslots = master_slot[np.argsort(second)][np.searchsorted(np.sort(second), qb)]
+    order = np.argsort(second)
+    qslots = master_slot[order[np.searchsorted(second[order], qb)]]
     out = np.empty(n, np.int64)
     gather_rows(translate.reshape(-1, 1), qslots, out.reshape(-1, 1))
     assert np.array_equal(out, table._index.lookup(qb)[0])

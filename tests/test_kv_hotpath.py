@@ -139,6 +139,11 @@ class _RecordingSocket:
             self.events.append(("send", ident, wire.decode(body)))
 
 
+def _serve(srv: KVServer) -> None:
+    """What the serving loop does when a poll finds requests waiting on the server socket."""
+    srv._burst([(srv.sock, zmq.POLLIN)])
+
+
 @pytest.fixture
 def lone_server():
     """A KVServer that never registers: its requests come from a recording socket."""
@@ -172,7 +177,7 @@ def test_a_long_burst_acknowledges_every_push_once_in_order(lone_server, monkeyp
     srv = lone_server
     keys, msgs = _pushes(30)
     srv.sock = _RecordingSocket(msgs)
-    srv._drain()
+    _serve(srv)
     acks = _acks(srv.sock.events)
     assert acks == [(ts, 0) for ts in range(1, 31)]  # every push, once, in the order applied
     assert (srv.tables["default"].pull(keys) == sum(range(1, 31))).all()  # "sum": exact
@@ -191,7 +196,7 @@ def test_acks_sent_during_a_burst_keep_fifo_application(lone_server, monkeypatch
     srv._declare(pserver.TableSpec(name="last", updater="assign"))
     keys, msgs = _pushes(25, table="last")
     srv.sock = _RecordingSocket(msgs)
-    srv._drain()
+    _serve(srv)
     assert _acks(srv.sock.events) == [(ts, 0) for ts in range(1, 26)]
     assert (srv.tables["last"].pull(keys) == 25).all()
 
@@ -224,7 +229,7 @@ def test_a_replica_acknowledges_a_forward_before_applying_it(lone_server, op):
     srv._declare(pserver.TableSpec(name="last", updater="assign"))
     keys, msgs = _forwards(6, "last", op)
     srv.sock = _RecordingSocket(msgs)
-    srv._drain()
+    _serve(srv)
     assert _repl_acks(srv.sock.events) == [1, 2, 3, 4, 5, 6]
     assert srv.tables["last"].pull(keys).tolist() == [[0.0]] * len(keys)  # not applied yet
     srv._apply_deferred()   # what the serving loop does when a poll finds nothing waiting
@@ -237,7 +242,7 @@ def test_deferred_forwards_are_applied_before_anything_reads_replica_data(lone_s
     keys, msgs = _forwards(3)
     stats = wire.encode(Message("stats", 9))
     srv.sock = _RecordingSocket([*msgs, [b"n4", *stats]])
-    srv._drain()
+    _serve(srv)
     reply = next(ev[2] for ev in srv.sock.events if ev[0] == "send" and ev[2].op == "stats")
     assert reply.meta["tables"]["default"]["keys"] == len(keys)
     assert (srv.tables["default"].pull(keys) == 1 + 2 + 3).all()
@@ -245,14 +250,14 @@ def test_deferred_forwards_are_applied_before_anything_reads_replica_data(lone_s
     keys, msgs = _forwards(2)
     rng = wire.encode(Message("pull_range", 10, "default", {"lo": 0, "hi": 2**64}))
     srv.sock = _RecordingSocket([*msgs, [b"n4", *rng]])
-    srv._drain()
+    _serve(srv)
     reply = next(ev[2] for ev in srv.sock.events if ev[0] == "send" and ev[2].op == "range")
     got = dict(zip(reply.arrays[0].tolist(), reply.arrays[1][:, 0].tolist(), strict=True))
     assert all(got[int(k)] == 6 + 1 + 2 for k in keys)
     # a new cluster view (how a replica learns it was promoted to master) applies them first
     keys, msgs = _forwards(1)
     srv.sock = _RecordingSocket(msgs)
-    srv._drain()
+    _serve(srv)
     assert srv._deferred
     srv._on_view()
     assert not srv._deferred and (srv.tables["default"].pull(keys) == 9 + 1).all()
@@ -267,7 +272,7 @@ def test_a_deferred_forward_the_update_rule_refuses_is_counted_and_the_rest_appl
     try:
         keys, msgs = _forwards(3)
         srv.sock = _RecordingSocket(msgs)
-        srv._drain()
+        _serve(srv)
         assert _repl_acks(srv.sock.events) == [1, 2, 3]
         srv._apply_deferred()  # must not raise out of the server loop
         assert srv.errors == 1 and srv.rejections["ValueError"] == 1
@@ -281,7 +286,7 @@ def test_deferred_forwards_are_bounded(lone_server, monkeypatch):
     srv = lone_server
     keys, msgs = _forwards(5)
     srv.sock = _RecordingSocket(msgs)
-    srv._drain()
+    _serve(srv)
     assert len(srv._deferred) == 1 and srv._deferred_keys == len(keys)  # 1+2 then 3+4 applied
     assert (srv.tables["default"].pull(keys) == 1 + 2 + 3 + 4).all()
 

@@ -230,14 +230,6 @@ class KVServer:
         finally:
             self._end_burst()
 
-    def _drain(self) -> None:
-        """Serve the requests waiting on the server socket as one burst."""
-        self._begin_burst()
-        try:
-            self._drain_requests()
-        finally:
-            self._end_burst()
-
     def _drain_requests(self) -> None:
         # A long burst still sends the acks it has every ACK_DELAY: a worker with several
         # requests in flight then issues new ones while this server works on the rest, instead
