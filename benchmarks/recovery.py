@@ -443,7 +443,8 @@ def rebuild_cost(sizes: list[int], repeats: int = 3) -> list[dict]:
 def worker_main(argv: list[str]) -> None:
     """A throughput worker (run by the cluster): preload its slice of the table, then push PUSH_KEYS
     random keys of it, WINDOW pushes in flight, until OUT/stop exists; save the acknowledgement times."""
-    out, mode, nkeys, push_keys, window = argv[0], argv[1], int(argv[2]), int(argv[3]), int(argv[4])
+    out, mode, nkeys, push_keys, window, nsets = (argv[0], argv[1], int(argv[2]), int(argv[3]),
+                                                  int(argv[4]), int(argv[5]))
     kv = pserver.KVWorker()
     kv.declare_table("bench", sync=mode != "async")
     mine = np.array_split(np.arange(nkeys, dtype=np.uint64), kv.num_workers)[kv.rank]
@@ -451,7 +452,10 @@ def worker_main(argv: list[str]) -> None:
     # "shared": every worker pushes the same key sets in the same order, so each synchronous round
     # aggregates n pushes of the same keys (a model whose features all workers' data hit)
     rng = np.random.default_rng(0 if mode == "shared" else kv.rank)
-    subsets = [np.sort(rng.choice(nkeys, push_keys, replace=False)).astype(np.uint64) for _ in range(8)]
+    # KEY_SETS key sets pushed in turn: a worker's blocks of data. The servers' slot caches serve
+    # the lists that come back while they still hold them (--key-sets 512 outgrows them).
+    subsets = [np.sort(rng.choice(nkeys, push_keys, replace=False)).astype(np.uint64)
+               for _ in range(nsets)]
     vals = np.full(push_keys, 0.5, np.float32)
     kv.barrier("start")
     Path(out, f"ready{kv.rank}").touch()
@@ -460,7 +464,7 @@ def worker_main(argv: list[str]) -> None:
     flight: list[int] = []
     i = 0
     while not stop.exists():
-        flight.append(kv.push(subsets[i % 8], vals, table="bench"))
+        flight.append(kv.push(subsets[i % nsets], vals, table="bench"))
         i += 1
         if len(flight) >= window:
             kv.wait(flight.pop(0))
@@ -482,7 +486,7 @@ def throughput_run(args, log: TextIO, servers: int, k: int, mode: str, after: bo
     CPU and messages per push; with ``join``, the rates before, during and after a server joins."""
     tmp = tempfile.mkdtemp(prefix="pserver-recovery-")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", tmp, mode,
-           str(args.table_keys), str(args.push_keys), str(args.window)]
+           str(args.table_keys), str(args.push_keys), str(args.window), str(args.key_sets)]
     w = args.workers
     with child_output(log), LocalCluster(servers, w, insecure=True, replication=k,
                                          replicate_after_aggregation=after) as cluster:
@@ -580,7 +584,8 @@ def run_replication(args, log: TextIO, servers: int) -> dict:
         ratios[name] = {"pushes_vs_k0": round(c["pushes_per_s"] / base["pushes_per_s"], 3),
                         "server_cpu_vs_k0": round(c[cpu] / base[cpu], 3)}
     return {"servers": servers, "workers": args.workers, "push_keys": args.push_keys,
-            "table_keys": args.table_keys, "window": args.window, "cases": cases, "ratios": ratios}
+            "table_keys": args.table_keys, "window": args.window, "key_sets": args.key_sets,
+            "cases": cases, "ratios": ratios}
 
 
 def _configurations(text: str) -> list[tuple[int, int]]:
@@ -617,6 +622,9 @@ def main() -> None:
     p.add_argument("--push-keys", type=int, default=10_000)
     p.add_argument("--table-keys", type=int, default=1_000_000)
     p.add_argument("--window", type=int, default=4, help="pushes in flight per worker")
+    p.add_argument("--key-sets", type=int, default=8,
+                   help="key sets each throughput worker pushes in turn (its blocks of data; the "
+                        "servers' slot caches hold 8 of them, not 512)")
     p.add_argument("--repeats", type=int, default=2, help="runs per replication case (median)")
     p.add_argument("--replication", type=_configurations, default="4x2,2x2,4x4,2x4",
                    help="comma-separated SERVERSxWORKERS configurations of the replication part")

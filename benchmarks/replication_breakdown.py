@@ -120,7 +120,7 @@ def measure(args, k: int, log) -> dict:
     launch.LocalCluster._spawn, recovery.server_cpu = spawn_timed, signalled_cpu
     try:
         run_args = argparse.Namespace(workers=args.workers, table_keys=1_000_000, push_keys=args.push_keys,
-                                      window=4, warmup=1.0, seconds=args.seconds)
+                                      window=4, warmup=1.0, seconds=args.seconds, key_sets=8)
         r = recovery.throughput_run(run_args, log, args.servers, k, args.mode, True)
     finally:
         launch.LocalCluster._spawn, recovery.server_cpu = spawn, server_cpu

@@ -70,7 +70,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.busy_poll is not None:
         cfg = cfg.with_(busy_poll=args.busy_poll)
-        cfg.validate()
+    if args.slot_cache is not None:
+        cfg = cfg.with_(slot_cache=args.slot_cache)
+    cfg.validate()
     logs.setup_logging(cfg.log_level, "server")
     for mod in args.plugin or []:
         importlib.import_module(mod)  # registers user update functions (register_updater)
@@ -238,6 +240,10 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--busy-poll", type=float, metavar="SECONDS",
                    help="keep polling without sleeping this long after a request: lower latency "
                         "for a server with a core of its own (PSERVER_BUSY_POLL; default 0)")
+    s.add_argument("--slot-cache", metavar="BYTES",
+                   help="bytes of repeated key lists per table whose value slots are cached, so "
+                        "their pushes and pulls skip the hash index (PSERVER_SLOT_CACHE; "
+                        "default 64M; 0 = off)")
     s.set_defaults(fn=cmd_server)
 
     s = sub.add_parser("launch", help="run a local cluster and a worker command per rank")

@@ -5,6 +5,7 @@ Ray, ssh) starts the same roles on many hosts just by setting the environment.""
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -41,6 +42,9 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_BUSY_POLL": ("busy_poll", float, "seconds a server keeps polling, without sleeping, "
                                               "after a request (0 = off; for servers with a core "
                                               "of their own)"),
+    "PSERVER_SLOT_CACHE": ("slot_cache", str, "servers: bytes of repeated key lists per table whose "
+                                              "value slots are cached, skipping the hash index "
+                                              "(k/M/G suffixes; 0 = off)"),
     "PSERVER_MAX_MESSAGE_BYTES": ("max_message_bytes", int, "largest accepted message payload"),
     "PSERVER_MAX_KEYS": ("max_keys", int, "most keys accepted in one request"),
     "PSERVER_MAX_DIM": ("max_dim", int, "largest accepted value dimension"),
@@ -69,6 +73,7 @@ class Config:
     replication: int = 1
     busy_poll: float = 0.0
     replicate_after_aggregation: bool = True
+    slot_cache: str = "64M"
     max_message_bytes: int = 1 << 31
     max_keys: int = 1 << 28
     max_dim: int = 1 << 24
@@ -103,10 +108,19 @@ class Config:
         if self.busy_poll < 0:
             raise ConfigError("PSERVER_BUSY_POLL (--busy-poll) is seconds of busy polling: 0 (off) "
                               "or more")
+        self.slot_cache_bytes  # noqa: B018 - raises ConfigError for a malformed size
         if min(self.max_message_bytes, self.max_keys, self.max_dim) < 1:
             raise ConfigError("PSERVER_MAX_MESSAGE_BYTES, PSERVER_MAX_KEYS and PSERVER_MAX_DIM must be >= 1")
         if self.scheduler:
             split_address(self.scheduler)
+
+    @property
+    def slot_cache_bytes(self) -> int:
+        try:
+            return parse_size(str(self.slot_cache))
+        except ConfigError:
+            raise ConfigError(f"PSERVER_SLOT_CACHE (--slot-cache) {self.slot_cache!r} is not a size "
+                              f"like 64M, 512k or 0 (off)") from None
 
     def with_(self, **changes: Any) -> Config:
         return replace(self, **changes)
@@ -152,6 +166,14 @@ def _parse(var: str, raw: str, typ: type) -> Any:
         return typ(raw)
     except ValueError:
         raise ConfigError(f"{var}={raw!r} is not a valid {typ.__name__}") from None
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "65536", "512k", "64M" or "1G" (powers of 1024); ConfigError otherwise."""
+    m = re.fullmatch(r"(\d+)([kKmMgG]?)", text.strip())
+    if not m:
+        raise ConfigError(f"size {text!r} is not a number of bytes like 65536, 512k, 64M or 1G")
+    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
 
 
 def split_address(addr: str) -> tuple[str, int]:

@@ -120,3 +120,14 @@ def test_negative_busy_poll_is_a_clear_error():
     assert "PSERVER_BUSY_POLL (--busy-poll)" in r.stderr
     with pytest.raises(pserver.errors.ConfigError, match="busy polling"):
         pserver.Config.from_env({"PSERVER_BUSY_POLL": "-0.5"})
+
+
+def test_malformed_slot_cache_size_is_a_clear_error():
+    r = pserver_cli("server", "--slot-cache", "lots", "--insecure",
+                    env={"PSERVER_SCHEDULER": "127.0.0.1:1"}, timeout=60)
+    assert r.returncode == 1
+    assert "PSERVER_SLOT_CACHE (--slot-cache) 'lots' is not a size" in r.stderr
+    with pytest.raises(pserver.errors.ConfigError, match="PSERVER_SLOT_CACHE"):
+        pserver.Config.from_env({"PSERVER_SLOT_CACHE": "-1"})
+    assert pserver.Config.from_env({"PSERVER_SLOT_CACHE": "0"}).slot_cache_bytes == 0
+    assert pserver.Config.from_env({"PSERVER_SLOT_CACHE": "512k"}).slot_cache_bytes == 512 << 10

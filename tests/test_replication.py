@@ -236,3 +236,41 @@ def test_a_replica_takes_acks_carried_by_a_batch_and_checks_them(replica):
     reply = _ask(sock, Message("repl_batch", 9, "", {"items": items, "acks": ["x"]}, arrays))
     assert (reply.op, reply.meta.get("kind")) == ("error", "ProtocolError")
     assert _stored(sock) == before
+
+
+def test_a_memo_keeps_the_split_of_a_key_list_per_ring(monkeypatch):
+    repl, _ = _replicator()
+    keys = _my_keys(repl, 300)
+    memo: dict = {}
+    first = repl.replica_groups(keys, memo)
+    assert len(first) == 2 and memo
+
+    def no_hashing(keys):
+        raise AssertionError("a memoised list was hashed again")
+    monkeypatch.setattr(repl.ring, "vnode_of", no_hashing)
+    again = repl.replica_groups(keys, memo)
+    assert again is first
+    monkeypatch.undo()
+    repl.ring = KeyRing([1, 2, 3, 4], version=2)   # a new ring: split again, remembered beside
+    fresh = repl.replica_groups(keys, memo)
+    assert len(memo) == 2
+    plain = repl.replica_groups(keys)
+    assert [(s, np.arange(len(keys))[g].tolist()) for s, g in fresh] == \
+        [(s, np.arange(len(keys))[g].tolist()) for s, g in plain]
+
+
+def test_a_table_hands_out_the_memo_of_the_list_it_just_served():
+    from pserver.store.table import Table
+    table = Table(pserver.TableSpec(dtype="float64"))
+    keys = np.arange(0, 2000, 3, dtype=np.uint64)
+    table.push(keys, np.ones((keys.size, 1)))
+    assert table.slot_cache.memo(keys) is None          # first sighting: not cached
+    table.push(keys, np.ones((keys.size, 1)))
+    memo = table.slot_cache.memo(keys)
+    assert memo == {}
+    same = keys.copy()
+    assert table.slot_cache.memo(same) is None          # another array object: no memo
+    table.push(same, np.ones((keys.size, 1)))
+    assert table.slot_cache.memo(same) is memo          # the entry it hit
+    table.remove(keys[:1])
+    assert table.slot_cache.memo(same) is None

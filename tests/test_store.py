@@ -468,3 +468,108 @@ def test_spec_with_a_rule_registered_only_on_the_servers():
     with pytest.raises(TableError, match="not registered here"):
         _ = spec.push_cols
     assert spec.with_push_factor(2).push_cols == 2
+
+
+# -- slot cache ------------------------------------------------------------------------------------
+def _sparse_keys(rng, n, space=1 << 40):
+    return np.unique(rng.integers(0, space, n, dtype=U64))
+
+
+def test_slot_cache_serves_a_list_from_its_third_sighting(monkeypatch):
+    table = Table(TableSpec(dtype="float64"))
+    keys = _sparse_keys(np.random.default_rng(0), 2000)
+    ones = np.ones((keys.size, 1))
+    table.push(keys, ones)          # first sighting: fingerprint only
+    table.push(keys, ones)          # second: cached
+    assert table.slot_cache.stats()["lists"] == 1
+
+    def no_lookup(keys):
+        raise AssertionError("a cached list went through the hash index")
+    monkeypatch.setattr(table._index, "lookup", no_lookup)
+    table.push(keys.copy(), ones)   # equal content, another array
+    np.testing.assert_array_equal(table.pull(keys).ravel(), np.full(keys.size, 3.0))
+    assert table.slot_cache.hits == 2
+
+
+def test_slot_cache_off_and_short_lists_never_cached():
+    rng = np.random.default_rng(1)
+    off = Table(TableSpec(), slot_cache=0)
+    keys = _sparse_keys(rng, 1000)
+    for _ in range(3):
+        off.push(keys, np.ones((keys.size, 1), np.float32))
+    assert off.slot_cache.stats() == {"lists": 0, "bytes": 0, "hits": 0, "misses": 0}
+    on = Table(TableSpec())
+    short = keys[:100]
+    for _ in range(3):
+        on.push(short, np.ones((short.size, 1), np.float32))
+    assert on.slot_cache.stats()["lists"] == 0
+
+
+def test_slot_cache_fingerprint_collision_is_a_miss_not_a_wrong_slot():
+    table = Table(TableSpec(dtype="float64"))
+    a = np.arange(0, 4000, 2, dtype=U64)   # same length, first, middle and last key ...
+    b = a.copy()
+    b[1] += 1                               # ... but one key differs
+    for _ in range(3):
+        table.push(a, np.ones((a.size, 1)))
+    table.push(b, np.full((b.size, 1), 10.0))
+    table.push(b, np.full((b.size, 1), 10.0))
+    assert table.pull(keys_of(2, 3)).ravel().tolist() == [3.0, 20.0]
+    np.testing.assert_array_equal(table.pull(a)[2:].ravel(), np.full(a.size - 2, 23.0))
+
+
+def test_slot_cache_is_cleared_when_keys_are_removed():
+    table = Table(TableSpec(dtype="float64"))
+    keys = _sparse_keys(np.random.default_rng(2), 1000)
+    for _ in range(2):
+        table.push(keys, np.ones((keys.size, 1)))
+    assert table.slot_cache.stats()["lists"] == 1
+    table.remove(keys[:1])
+    assert table.slot_cache.stats()["lists"] == 0
+    table.push(keys_of(1 << 50), np.full((1, 1), 7.0))   # takes the freed slot
+    table.push(keys, np.ones((keys.size, 1)))
+    got = table.pull(keys).ravel()
+    assert got[0] == 1.0 and (got[1:] == 3.0).all()
+    assert table.pull(keys_of(1 << 50)).ravel().tolist() == [7.0]
+
+
+def test_slot_cache_stays_within_its_bound():
+    rng = np.random.default_rng(3)
+    table = Table(TableSpec(), slot_cache=100_000)
+    for _ in range(20):
+        keys = _sparse_keys(rng, 1000)
+        for _ in range(2):
+            table.push(keys, np.ones((keys.size, 1), np.float32))
+        assert table.slot_cache.nbytes <= 100_000
+    assert 1 <= table.slot_cache.stats()["lists"] <= 6   # 16 kB a 1000-key list
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_slot_cache_matches_a_table_without_it(seed):
+    """Random pushes, pulls, removes and loads of repeating lists: the same values either way."""
+    rng = np.random.default_rng(seed)
+    spec = TableSpec(dtype="float64", updater="adagrad", updater_args={"lr": 0.5})
+    cached, plain = Table(spec), Table(spec, slot_cache=0)
+    pool = [_sparse_keys(rng, int(rng.integers(256, 1500)), space=5000) for _ in range(6)]
+    for _ in range(300):
+        op = rng.integers(10)
+        keys = pool[rng.integers(len(pool))]
+        if op < 6:
+            g = rng.normal(size=(keys.size, 1))
+            cached.push(keys, g)
+            plain.push(keys, g)
+        elif op < 8:
+            np.testing.assert_array_equal(cached.pull(keys), plain.pull(keys))
+        elif op == 8:
+            gone = np.unique(rng.choice(keys, 20))
+            assert cached.remove(gone) == plain.remove(gone)
+        else:
+            v = rng.normal(size=(keys.size, 1))
+            cached.load(keys, v)
+            plain.load(keys, v)
+    assert cached.slot_cache.hits > 50
+    k1, v1, s1 = cached.items()
+    k2, v2, s2 = plain.items()
+    np.testing.assert_array_equal(k1, k2)
+    np.testing.assert_array_equal(v1, v2)
+    np.testing.assert_array_equal(s1, s2)

@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..config import parse_size
 from ..errors import ConfigError, KeyCacheMiss, ProtocolError
 from .base import KEYS, Filter, FilterContext, Payload, header_int, header_section, header_str
 
@@ -41,14 +42,6 @@ def key_signature(keys: np.ndarray) -> str:
     """blake2b-128 of the keys' little-endian uint64 bytes, as 32 lowercase hex characters."""
     data = np.ascontiguousarray(keys, dtype="<u8")
     return hashlib.blake2b(memoryview(data).cast("B"), digest_size=16).hexdigest()
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "65536", "512k", "64M" or "1G" (powers of 1024); ConfigError otherwise."""
-    m = re.fullmatch(r"(\d+)([kKmMgG]?)", text.strip())
-    if not m:
-        raise ConfigError(f"size {text!r} is not a number of bytes like 65536, 512k, 64M or 1G")
-    return int(m.group(1)) << {"": 0, "k": 10, "m": 20, "g": 30}[m.group(2).lower()]
 
 
 def format_size(nbytes: int) -> str:

@@ -470,7 +470,8 @@ def holder_mask(ring: KeyRing, server_id: int, k: int = 0) -> Callable[[np.ndarr
     return lambda keys: (ring.holders(keys, k) == server_id).any(axis=1)
 
 
-def restore_for(view: ClusterView, server_id: int) -> tuple[dict[str, Table], dict[str, RangeClock]]:
+def restore_for(view: ClusterView, server_id: int, slot_cache: int = 64 << 20
+                ) -> tuple[dict[str, Table], dict[str, RangeClock]]:
     """A server's restore at start-up: if the scheduler runs with ``--restore`` and this server was
     part of the starting cluster (view.settings["restore"]), the tables and range clocks it must
     hold under the view's ring (masters and, with replication k = settings["replication"], replicas);
@@ -485,7 +486,7 @@ def restore_for(view: ClusterView, server_id: int) -> tuple[dict[str, Table], di
     _, restored = load(setting["dir"], holder_mask(view.ring, server_id, k), setting["name"])
     tables, clocks = {}, {}
     for tname, r in restored.items():
-        table = Table(r.spec, capacity=max(1024, len(r.keys)))
+        table = Table(r.spec, capacity=max(1024, len(r.keys)), slot_cache=slot_cache)
         if len(r.keys):
             table.load(r.keys, r.values, r.state)
         tables[tname], clocks[tname] = table, r.clock

@@ -117,9 +117,13 @@ class Replicator:
             sock.close(linger=0)
 
     # -- forwarding -----------------------------------------------------------------------------
-    def replica_groups(self, keys: np.ndarray) -> list[tuple[int, slice | np.ndarray]]:
+    def replica_groups(self, keys: np.ndarray, memo: dict | None = None
+                       ) -> list[tuple[int, slice | np.ndarray]]:
         """Split keys (which this server masters) by the servers that must receive their updates:
-        their replicas, plus - during a migration - their holders under the ring being prepared."""
+        their replicas, plus - during a migration - their holders under the ring being prepared.
+
+        ``memo``: a dict kept with this very key list (a table's SlotCache.memo): the split is
+        remembered there per ring version and k, so a list pushed again is not hashed again."""
         ring = self.ring
         others = [s for s in ring.servers if s != self.my_id]
         if self.next_ring is None and len(others) <= self.k:  # everyone else replicates everything
@@ -128,6 +132,9 @@ class Replicator:
             if not self.k:
                 return []
             sids, dest = self._destinations(ring)
+            memo_key = ("replica_groups", self._dest_key)
+            if memo is not None and memo_key in memo:
+                return memo[memo_key]
             counts, idx = _group_by_destination(ring.vnode_of(keys), dest)
             out: list[tuple[int, slice | np.ndarray]] = []
             start = 0
@@ -137,6 +144,8 @@ class Replicator:
                 if c:
                     out.append((sid, slice(int(sel[0]), int(sel[0]) + c) if sel[-1] - sel[0] + 1 == c
                                 else sel))
+            if memo is not None:
+                memo[memo_key] = out
             return out
         targets = ring.replica_table(self.k)[ring.vnode_of(keys)] if self.k else \
             np.empty((len(keys), 0), np.int64)
@@ -166,15 +175,16 @@ class Replicator:
         return self._dest
 
     def forward(self, token: object, op: str, table: str, meta: dict, keys: np.ndarray,
-                vals: np.ndarray, always: bool = False) -> int:
+                vals: np.ndarray, always: bool = False, memo: dict | None = None) -> int:
         """Send an update to the replicas of its keys (or queue it, inside a batch); returns how
         many replica acks to wait for.
 
         ``always``: send to every replica even with no keys (synchronous rounds need the message).
+        ``memo``: see :meth:`replica_groups`.
         """
         if not self.active():
             return 0
-        groups = self.replica_groups(keys) if len(keys) else \
+        groups = self.replica_groups(keys, memo) if len(keys) else \
             [(s, slice(0, 0)) for s in self.ring.servers if s != self.my_id][: self.k if always else 0]
         sent = 0
         for sid, sel in groups:

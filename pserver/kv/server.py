@@ -99,7 +99,8 @@ class KVServer:
         self.sock, self.port = self.transport.bind_router(host, self.cfg.port)
         self.membership = Membership(self.cfg, self.transport, "server", host, self.port)
         self.tables: dict[str, Table] = {
-            "default": Table(TableSpec(name="default", updater=default_updater))}
+            "default": Table(TableSpec(name="default", updater=default_updater),
+                             slot_cache=self.cfg.slot_cache_bytes)}
         self.rounds: dict[str, dict[tuple, _Round]] = {}
         self.done_rounds: dict[tuple, int] = {}  # (table, origin) -> last round applied here
         self.held: dict[bytes, deque] = {}   # sender identity -> requests held behind a sync push
@@ -145,7 +146,8 @@ class KVServer:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_leaving", True))
         self.repl.my_id = self.membership.node_id
         # started with `pserver scheduler --restore DIR`: load what this server holds before serving
-        tables, clocks = ft_checkpoint.restore_for(self.membership.view, self.membership.node_id)
+        tables, clocks = ft_checkpoint.restore_for(
+            self.membership.view, self.membership.node_id, self.cfg.slot_cache_bytes)
         self.tables.update(tables)
         self.clocks.update(clocks)
         self._on_view()
@@ -439,9 +441,10 @@ class KVServer:
             self._send_ack(identity, msg.ts, part)
             return
         ack = self.acks[token] = _Ack(token)
+        kept = keys.as_array()
         ack.replicas += self.repl.forward(token, "replicate", table.spec.name,
                                           {"src": sender, "wts": msg.ts, "wp": part},
-                                          keys.as_array(), vals)
+                                          kept, vals, memo=table.slot_cache.memo(kept))
         self._local_done(token)
 
     def _check_owner(self, msg: Message, keys: keyfmt.KeySet) -> None:
@@ -780,7 +783,7 @@ class KVServer:
     def _declare(self, spec: TableSpec) -> None:
         have = self.tables.get(spec.name)
         if have is None:
-            self.tables[spec.name] = Table(spec)
+            self.tables[spec.name] = Table(spec, slot_cache=self.cfg.slot_cache_bytes)
             log.info("declared table %s", spec.to_json())
         elif have.spec != spec:
             raise TableError(f"table {spec.name!r} already exists with spec {have.spec.to_json()}; "
@@ -858,7 +861,7 @@ class KVServer:
         if r.waiting and self.repl.active() and self.repl.after_aggregation:
             clk = [[w, t, p] for w, (t, p) in r.senders.items()]
             if self.repl.forward(("agg", *r.waiting), "replicate_agg", name, {"clk": clk}, keys,
-                                 vals, always=True):
+                                 vals, always=True, memo=table.slot_cache.memo(keys)):
                 for token in r.waiting:
                     self.acks[token].replicas = 1  # released together by the aggregated ack
         for token in r.waiting:
@@ -899,7 +902,8 @@ class KVServer:
         return {"id": self.membership.node_id, "pid": os.getpid(), "errors": self.errors,
                 "rejected": dict(self.rejections),
                 "duplicates": self.duplicates,
-                "tables": {n: {"keys": len(t), "bytes": t.nbytes(), "spec": t.spec.to_json()}
+                "tables": {n: {"keys": len(t), "bytes": t.nbytes(), "spec": t.spec.to_json(),
+                               "slot_cache": t.slot_cache.stats()}
                            for n, t in self.tables.items()},
                 "traffic": self.transport.counters.to_json(), "time": time.time(),
                 "filters": self.filters.counters.to_json()}

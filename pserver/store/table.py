@@ -9,6 +9,9 @@ remembered in the RunRegistry as (lo, last, first_slot). A later run of keys ful
 registered run is a slice of the values array: no hash lookups at all, so dense ids 0..N cost
 about a numpy slice operation per push.
 
+Slot cache: the slots of key lists seen before (SlotCache), so a push or pull of a list the
+table saw twice already skips the hash index; cleared whenever a key is removed.
+
 Keys are validated by the caller (1-D uint64, sorted, unique); this layer only asserts shapes.
 """
 
@@ -21,6 +24,7 @@ import numpy as np
 from ..errors import ValueShapeError
 from .index import HashIndex, gather_rows, update_rows
 from .init import initial_values
+from .slot_cache import SlotCache
 from .spec import TableSpec
 from .updaters import Updater, kernel_of, make_updater
 
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 RUN_MIN = 64        # shortest consecutive group that gets contiguous slots and a registry entry
 SLICE_MIN = 1024    # covered runs at least this long are applied as slices, shorter ones gathered
 _INITIAL_BYTES = 1 << 28
+SLOT_CACHE_BYTES = 64 << 20  # default bound of a table's slot cache
 
 
 def _ranges(first: np.ndarray, lengths: np.ndarray, dtype) -> np.ndarray:
@@ -104,10 +109,11 @@ class Table:
 
     capacity: initial number of keys to size arrays for (they grow as needed).
     updater: overrides the spec's registered updater (e.g. a FunctionUpdater for a user handle).
+    slot_cache: bytes the slot cache may hold (0 = no slot cache).
     """
 
     def __init__(self, spec: TableSpec, capacity: int = 1024,
-                 updater: Updater | None = None) -> None:
+                 updater: Updater | None = None, slot_cache: int = SLOT_CACHE_BYTES) -> None:
         if not isinstance(spec, TableSpec):
             raise TypeError(f"spec must be a TableSpec, got {type(spec).__name__}")
         self.spec = spec
@@ -128,6 +134,7 @@ class Table:
         self._n_slots = 0                       # high-water mark of used slots
         self._free = np.empty(0, dtype=np.int64)
         self.runs = RunRegistry()
+        self.slot_cache = SlotCache(slot_cache)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -135,14 +142,19 @@ class Table:
     def nbytes(self) -> int:
         """Bytes held: index buckets + value/state arrays (incl. unused capacity) + bookkeeping."""
         return (self._index.nbytes() + self._values.nbytes + self._state.nbytes
-                + self._free.nbytes + self.runs.nbytes())
+                + self._free.nbytes + self.runs.nbytes() + self.slot_cache.nbytes)
 
     # ---- key lists -------------------------------------------------------------------------
 
     def pull(self, keys: np.ndarray) -> np.ndarray:
         """Rows (n, dim) of ``keys``; missing keys read as their initial values (not inserted)."""
         keys = self._keys(keys)
-        slots, missing = self._index.lookup(keys)
+        fp, slots = self.slot_cache.get(keys)
+        missing = 0
+        if slots is None:
+            slots, missing = self._index.lookup(keys)
+            if fp is not None and not missing:
+                self.slot_cache.offer(fp, keys, slots)
         out = np.empty((keys.size, self.dim), dtype=self.dtype)
         gather_rows(self._values, slots, out)
         if missing:
@@ -258,7 +270,8 @@ class Table:
         keys = self._keys(keys)
         freed = self._index.remove(keys)
         self.runs.drop_overlapping(keys)
-        if freed.size:
+        if freed.size:  # their slots may be reused: cached slots of lists holding them are wrong
+            self.slot_cache.clear()
             self._free = np.concatenate([self._free, freed])
         if not len(self._index):   # an empty table starts over with compact slots
             self._n_slots, self._free = 0, np.empty(0, dtype=np.int64)
@@ -295,7 +308,10 @@ class Table:
 
     def _slots_inserting(self, keys: np.ndarray, fill: bool = True) -> np.ndarray:
         """Slots of ``keys`` (sorted, unique), inserting the missing ones (with initial values
-        and zero state when ``fill``)."""
+        and zero state when ``fill``). Not to be changed: they may be the slot cache's."""
+        fp, slots = self.slot_cache.get(keys)
+        if slots is not None:
+            return slots
         if not len(self._index):  # a first push: every key is new, no lookups needed
             slots, missing = np.full(keys.size, -1, np.int64), keys.size
         else:
@@ -310,6 +326,8 @@ class Table:
                 if self.state_cols:
                     self._state[new_slots] = 0
             slots[miss] = new_slots
+        if fp is not None:
+            self.slot_cache.offer(fp, keys, slots)
         return slots
 
     def _allocate(self, keys: np.ndarray) -> np.ndarray:
