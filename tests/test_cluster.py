@@ -224,3 +224,19 @@ def test_busy_polling_servers_serve_and_stop(cluster_factory):
         assert (kv.pull(keys) == 20).all()
     cluster.stop()
     assert all(p.poll() is not None for p in cluster.procs.values())  # nobody left spinning
+
+
+@pytest.mark.parametrize("size", ["64M", "0"])
+def test_servers_serve_repeated_key_lists_from_their_slot_cache(cluster_factory, size):
+    from .test_filters_cluster import _server_stats
+    cluster = cluster_factory(1, 1, env={"PSERVER_SLOT_CACHE": size})
+    with pserver.KVWorker(cluster.config(0)) as kv:
+        keys = np.unique(np.random.default_rng(4).integers(0, 2**64 - 1, 3000, dtype=np.uint64))
+        for i in range(5):
+            kv.wait(kv.push(keys, np.full(len(keys), i, np.float32)))
+            np.testing.assert_array_equal(kv.pull(keys), np.full(len(keys), sum(range(i + 1))))
+        cache = _server_stats(kv)[0]["tables"]["default"]["slot_cache"]
+    if size == "0":
+        assert cache == {"lists": 0, "bytes": 0, "hits": 0, "misses": 0}
+    else:  # stored on the second sighting, then every push and pull of it is a hit
+        assert cache["lists"] == 1 and cache["hits"] == 8 and cache["misses"] == 2
