@@ -18,6 +18,8 @@ prints a short summary.
    k=0, 1, 2 and replicate-after-aggregation on and off, each worker pushing its own random keys
    ("sync": nothing for aggregation to merge); and the same with every worker pushing the same keys
    in a round ("shared": the case aggregation is for - n pushes of a key, one replicated update).
+   Each worker cycles through KEY_SETS key sets (--key-sets, default 8: its blocks of data, which
+   the servers' slot caches serve from their third push; 2048 outgrow the caches).
    With 4 servers a master's virtual servers have their replicas on all 3 others, so each round
    fans out to 3 replicas; with 2 each server replicates everything to the other. Also the
    servers' CPU seconds per push (from /proc), which does not depend on how many cores the machine
@@ -28,7 +30,7 @@ prints a short summary.
 
 Usage: python benchmarks/recovery.py [--only recovery,rebuild,join,replication] [--kills 10]
            [--recovery 0.6:1000000,0.6:0,0.3:0:5] [--seconds 3] [--workers 2] [--repeats 2]
-           [--replication 4x2,2x2,4x4,2x4]
+           [--replication 4x2,2x2,4x4,2x4] [--key-sets 8] [--slot-cache 64M]
            [--out benchmarks/results/recovery.json]
 --recovery lists HEARTBEAT_TIMEOUT:STORED_KEYS[:KILLS] configurations (default: the default timeout with
 1M keys stored and with an empty table, and a 0.3 s timeout).
@@ -56,7 +58,8 @@ import numpy as np
 import zmq
 
 import pserver
-from pserver.errors import PServerError, RequestTimeoutError
+from pserver.config import parse_size
+from pserver.errors import ConfigError, PServerError, RequestTimeoutError
 from pserver.launch import LocalCluster
 from pserver.transport import Transport
 from pserver.wire import Message
@@ -453,7 +456,7 @@ def worker_main(argv: list[str]) -> None:
     # aggregates n pushes of the same keys (a model whose features all workers' data hit)
     rng = np.random.default_rng(0 if mode == "shared" else kv.rank)
     # KEY_SETS key sets pushed in turn: a worker's blocks of data. The servers' slot caches serve
-    # the lists that come back while they still hold them (--key-sets 512 outgrows them).
+    # the lists that come back while they still hold them (--key-sets 2048 outgrows them).
     subsets = [np.sort(rng.choice(nkeys, push_keys, replace=False)).astype(np.uint64)
                for _ in range(nsets)]
     vals = np.full(push_keys, 0.5, np.float32)
@@ -624,12 +627,20 @@ def main() -> None:
     p.add_argument("--window", type=int, default=4, help="pushes in flight per worker")
     p.add_argument("--key-sets", type=int, default=8,
                    help="key sets each throughput worker pushes in turn (its blocks of data; the "
-                        "servers' slot caches hold 8 of them, not 512)")
+                        "servers' slot caches hold 8 of them, not 2048)")
     p.add_argument("--repeats", type=int, default=2, help="runs per replication case (median)")
     p.add_argument("--replication", type=_configurations, default="4x2,2x2,4x4,2x4",
                    help="comma-separated SERVERSxWORKERS configurations of the replication part")
+    p.add_argument("--slot-cache", default=os.environ.get("PSERVER_SLOT_CACHE", "64M"),
+                   help="the servers' slot cache per table (PSERVER_SLOT_CACHE; 0 = off; "
+                        "default: the servers' default, 64M)")
     p.add_argument("--out", default="benchmarks/results/recovery.json")
     args = p.parse_args()
+    try:
+        parse_size(args.slot_cache)
+    except ConfigError as e:
+        p.error(f"--slot-cache: {e}")
+    os.environ["PSERVER_SLOT_CACHE"] = args.slot_cache  # the clusters' processes inherit it
     parts = set(args.only.split(","))
     path = Path(tempfile.mkdtemp(prefix="pserver-recovery-logs-"), "cluster.log")
     print(f"cluster output: {path}", flush=True)

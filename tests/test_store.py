@@ -573,3 +573,17 @@ def test_slot_cache_matches_a_table_without_it(seed):
     np.testing.assert_array_equal(k1, k2)
     np.testing.assert_array_equal(v1, v2)
     np.testing.assert_array_equal(s1, s2)
+
+
+def test_slot_cache_does_not_admit_lists_that_come_back_after_a_cache_worth_of_others():
+    rng = np.random.default_rng(6)
+    lists = [_sparse_keys(rng, 1000) for _ in range(10)]   # ~16 kB of entry each
+    table = Table(TableSpec(), slot_cache=60_000)           # room for 3
+    for _ in range(3):                                       # a cycle of 10: never comes back in time
+        for keys in lists:
+            table.push(keys, np.ones((keys.size, 1), np.float32))
+    assert table.slot_cache.stats()["lists"] == 0 and table.slot_cache.seen_bytes <= 60_000
+    for _ in range(3):                                       # a cycle of 3 fits: cached, then hits
+        for keys in lists[:3]:
+            table.push(keys, np.ones((keys.size, 1), np.float32))
+    assert table.slot_cache.stats()["lists"] == 3 and table.slot_cache.hits == 3

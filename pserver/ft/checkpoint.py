@@ -470,23 +470,25 @@ def holder_mask(ring: KeyRing, server_id: int, k: int = 0) -> Callable[[np.ndarr
     return lambda keys: (ring.holders(keys, k) == server_id).any(axis=1)
 
 
-def restore_for(view: ClusterView, server_id: int, slot_cache: int = 64 << 20
+def restore_for(view: ClusterView, server_id: int, slot_cache: int | None = None
                 ) -> tuple[dict[str, Table], dict[str, RangeClock]]:
     """A server's restore at start-up: if the scheduler runs with ``--restore`` and this server was
     part of the starting cluster (view.settings["restore"]), the tables and range clocks it must
     hold under the view's ring (masters and, with replication k = settings["replication"], replicas);
-    else ({}, {}). Raises CheckpointError if the checkpoint cannot be read."""
+    else ({}, {}). Raises CheckpointError if the checkpoint cannot be read. ``slot_cache``: the
+    tables' slot cache bound in bytes (default: the store's)."""
     setting = view.settings.get("restore")
     if not setting or server_id not in setting.get("servers", ()) or view.ring is None:
         return {}, {}
-    from ..store.table import Table  # numba: imported by servers only
+    from ..store.table import SLOT_CACHE_BYTES, Table  # numba: imported by servers only
 
     start = time.monotonic()
     k = int(view.settings.get("replication", 0))
     _, restored = load(setting["dir"], holder_mask(view.ring, server_id, k), setting["name"])
     tables, clocks = {}, {}
     for tname, r in restored.items():
-        table = Table(r.spec, capacity=max(1024, len(r.keys)), slot_cache=slot_cache)
+        table = Table(r.spec, capacity=max(1024, len(r.keys)),
+                      slot_cache=SLOT_CACHE_BYTES if slot_cache is None else slot_cache)
         if len(r.keys):
             table.load(r.keys, r.values, r.state)
         tables[tname], clocks[tname] = table, r.clock

@@ -8,11 +8,15 @@ every key is a cache miss in the index. A table's key -> slot mapping only chang
 removed (its slot may then be reused), so the slots of a list found once stay right until then.
 
 Lookup: a fingerprint (length, first, middle and last key) finds the candidate entry; the candidate
-is used only if its keys equal the list's exactly (one vectorised compare, ~0.5 ns a key), so a
+is used only if its keys equal the list's exactly (one vectorised compare, under 1 ns a key), so a
 fingerprint collision is a miss, never a wrong slot. Admission: a list is stored on its second
-sighting (the first only records its fingerprint), so a stream of lists that never repeat costs a
-fingerprint each and no copies. Entries hold a copy of the keys and the slots (16 bytes a key),
-least recently used first, within ``max_bytes``. :meth:`clear` forgets everything; the table calls
+sighting, and only if it came back before a cache's worth (``max_bytes``) of other lists seen once
+went by: the first sighting only records the fingerprint, in a window of the lists seen once,
+bounded by the bytes their entries would take. A list that comes back later than that would be
+evicted by LRU before its next use anyway; not admitting it keeps a stream of lists that never
+repeat, or repeat in too long a cycle, at a fingerprint each - no copies, no evictions. Entries
+hold a copy of the keys and the slots (16 bytes a key), least recently used first, within
+``max_bytes``. :meth:`clear` forgets everything; the table calls
 it whenever a key is removed.
 
 Memo: each entry also carries a dict for other facts derived from its list alone (a master's split
@@ -27,21 +31,23 @@ from collections import OrderedDict
 import numpy as np
 
 MIN_KEYS = 256        # shorter lists are cheap to look up; caching them would not pay
-_SEEN_MAX = 4096      # fingerprints remembered from first sightings
+_SEEN_MAX = 65536     # fingerprints remembered from first sightings, at most
 _ENTRY_OVERHEAD = 256  # bytes counted per entry besides its arrays (bounds the entry count)
 
 
 class SlotCache:
     """key list -> slots of its keys in one table; see the module docstring."""
 
-    __slots__ = ("max_bytes", "entries", "seen", "nbytes", "hits", "misses", "_last")
+    __slots__ = ("max_bytes", "entries", "seen", "seen_bytes", "nbytes", "hits", "misses",
+                 "_last")
 
     def __init__(self, max_bytes: int) -> None:
         if max_bytes < 0:
             raise ValueError("a slot cache's size is a number of bytes >= 0 (0 = off)")
         self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, dict]] = OrderedDict()
-        self.seen: OrderedDict[tuple, None] = OrderedDict()
+        self.seen: OrderedDict[tuple, int] = OrderedDict()  # seen once: fingerprint -> cost
+        self.seen_bytes = 0
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
@@ -70,14 +76,18 @@ class SlotCache:
 
     def offer(self, fp: tuple, keys: np.ndarray, slots: np.ndarray) -> None:
         """The slots of ``keys`` (fingerprint ``fp`` from :meth:`get`), every key present: stored
-        if this is the list's second sighting. ``slots`` must not be changed afterwards."""
-        if fp in self.seen:
-            del self.seen[fp]
+        if this is the list's second sighting (see the module docstring). ``slots`` must not be
+        changed afterwards."""
+        cost = self.seen.pop(fp, None)
+        if cost is not None:
+            self.seen_bytes -= cost
             self._store(fp, keys, slots)
-        else:
-            self.seen[fp] = None
-            if len(self.seen) > _SEEN_MAX:
-                self.seen.popitem(last=False)
+            return
+        cost = keys.nbytes + slots.nbytes + _ENTRY_OVERHEAD
+        self.seen[fp] = cost
+        self.seen_bytes += cost
+        while self.seen_bytes > self.max_bytes or len(self.seen) > _SEEN_MAX:
+            self.seen_bytes -= self.seen.popitem(last=False)[1]
 
     def memo(self, keys: np.ndarray) -> dict | None:
         """The memo of the cached list ``keys`` if ``keys`` is the array object the last
@@ -89,6 +99,7 @@ class SlotCache:
         self._last = None
         self.entries.clear()
         self.seen.clear()
+        self.seen_bytes = 0
         self.nbytes = 0
 
     def stats(self) -> dict:
