@@ -113,21 +113,20 @@ def test_keygen_cli(tmp_path):
     assert again.returncode == 1  # refuses to overwrite
 
 
-def test_negative_busy_poll_is_a_clear_error():
-    r = pserver_cli("server", "--busy-poll", "-1", "--insecure",
+@pytest.mark.parametrize("flag, value, var, bad_env, says", [
+    ("--busy-poll", "-1", "PSERVER_BUSY_POLL", "-0.5", "busy polling"),
+    ("--slot-cache", "lots", "PSERVER_SLOT_CACHE", "-1", "is not a size"),
+])
+def test_bad_server_settings_are_clear_errors(flag, value, var, bad_env, says):
+    r = pserver_cli("server", flag, value, "--insecure",
                     env={"PSERVER_SCHEDULER": "127.0.0.1:1"}, timeout=60)
     assert r.returncode == 1
-    assert "PSERVER_BUSY_POLL (--busy-poll)" in r.stderr
-    with pytest.raises(pserver.errors.ConfigError, match="busy polling"):
-        pserver.Config.from_env({"PSERVER_BUSY_POLL": "-0.5"})
+    assert f"{var} ({flag})" in r.stderr
+    with pytest.raises(pserver.errors.ConfigError, match=says):
+        pserver.Config.from_env({var: bad_env})
 
 
-def test_malformed_slot_cache_size_is_a_clear_error():
-    r = pserver_cli("server", "--slot-cache", "lots", "--insecure",
-                    env={"PSERVER_SCHEDULER": "127.0.0.1:1"}, timeout=60)
-    assert r.returncode == 1
-    assert "PSERVER_SLOT_CACHE (--slot-cache) 'lots' is not a size" in r.stderr
-    with pytest.raises(pserver.errors.ConfigError, match="PSERVER_SLOT_CACHE"):
-        pserver.Config.from_env({"PSERVER_SLOT_CACHE": "-1"})
+def test_slot_cache_sizes_read_from_the_environment():
     assert pserver.Config.from_env({"PSERVER_SLOT_CACHE": "0"}).slot_cache_bytes == 0
     assert pserver.Config.from_env({"PSERVER_SLOT_CACHE": "512k"}).slot_cache_bytes == 512 << 10
+    assert pserver.Config.from_env({}).slot_cache_bytes == 64 << 20
