@@ -251,9 +251,10 @@ def test_a_memo_keeps_the_split_of_a_key_list_per_ring(monkeypatch):
     again = repl.replica_groups(keys, memo)
     assert again is first
     monkeypatch.undo()
-    repl.ring = KeyRing([1, 2, 3, 4], version=2)   # a new ring: split again, remembered beside
+    repl.ring = KeyRing([1, 2, 3, 4], version=2)   # a new ring: split again, in place of the old
     fresh = repl.replica_groups(keys, memo)
-    assert len(memo) == 2
+    assert len(memo) == 1 and memo["replica_groups"][1] is fresh
+    assert repl.replica_groups(keys, memo) is fresh
     plain = repl.replica_groups(keys)
     assert [(s, np.arange(len(keys))[g].tolist()) for s, g in fresh] == \
         [(s, np.arange(len(keys))[g].tolist()) for s, g in plain]

@@ -123,7 +123,8 @@ class Replicator:
         their replicas, plus - during a migration - their holders under the ring being prepared.
 
         ``memo``: a dict kept with this very key list (a table's SlotCache.memo): the split is
-        remembered there per ring version and k, so a list pushed again is not hashed again."""
+        remembered there with the ring version and k it was made for (the latest only), so a list
+        pushed again is not hashed again."""
         ring = self.ring
         others = [s for s in ring.servers if s != self.my_id]
         if self.next_ring is None and len(others) <= self.k:  # everyone else replicates everything
@@ -132,9 +133,10 @@ class Replicator:
             if not self.k:
                 return []
             sids, dest = self._destinations(ring)
-            memo_key = ("replica_groups", self._dest_key)
-            if memo is not None and memo_key in memo:
-                return memo[memo_key]
+            if memo is not None:
+                made_for, groups = memo.get("replica_groups", (None, None))
+                if made_for == self._dest_key:
+                    return groups
             counts, idx = _group_by_destination(ring.vnode_of(keys), dest)
             out: list[tuple[int, slice | np.ndarray]] = []
             start = 0
@@ -145,7 +147,7 @@ class Replicator:
                     out.append((sid, slice(int(sel[0]), int(sel[0]) + c) if sel[-1] - sel[0] + 1 == c
                                 else sel))
             if memo is not None:
-                memo[memo_key] = out
+                memo["replica_groups"] = (self._dest_key, out)
             return out
         targets = ring.replica_table(self.k)[ring.vnode_of(keys)] if self.k else \
             np.empty((len(keys), 0), np.int64)

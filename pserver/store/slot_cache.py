@@ -20,8 +20,9 @@ hold a copy of the keys and the slots (16 bytes a key), least recently used firs
 it whenever a key is removed.
 
 Memo: each entry also carries a dict for other facts derived from its list alone (a master's split
-of the list by replica, keyed by ring version). :meth:`memo` hands it out for the very array object
-the last :meth:`get` or :meth:`offer` saw, so the caller needs no second comparison of the keys.
+of the list by replica, with the ring version it was made for). :meth:`memo` hands it out for the
+very array object the last :meth:`get` or :meth:`offer` saw, so the caller needs no second
+comparison of the keys.
 """
 
 from __future__ import annotations
