@@ -58,7 +58,7 @@ import numpy as np
 import zmq
 
 import pserver
-from pserver.config import parse_size
+from pserver.config import SLOT_CACHE_DEFAULT, parse_size
 from pserver.errors import ConfigError, PServerError, RequestTimeoutError
 from pserver.launch import LocalCluster
 from pserver.transport import Transport
@@ -631,7 +631,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs per replication case (median)")
     p.add_argument("--replication", type=_configurations, default="4x2,2x2,4x4,2x4",
                    help="comma-separated SERVERSxWORKERS configurations of the replication part")
-    p.add_argument("--slot-cache", default=os.environ.get("PSERVER_SLOT_CACHE", "64M"),
+    p.add_argument("--slot-cache", default=os.environ.get("PSERVER_SLOT_CACHE", SLOT_CACHE_DEFAULT),
                    help="the servers' slot cache per table (PSERVER_SLOT_CACHE; 0 = off; "
                         "default: the servers' default, 64M)")
     p.add_argument("--out", default="benchmarks/results/recovery.json")

@@ -13,6 +13,8 @@ from typing import Any
 from .errors import ConfigError
 from .wire import Limits
 
+SLOT_CACHE_DEFAULT = "64M"  # a server table's slot cache bound (pserver.store.slot_cache)
+
 # variable name -> (field, type, help). The README's configuration table is this table.
 ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_SCHEDULER": ("scheduler", str, "host:port of the scheduler (required by servers/workers)"),
@@ -73,7 +75,7 @@ class Config:
     replication: int = 1
     busy_poll: float = 0.0
     replicate_after_aggregation: bool = True
-    slot_cache: str = "64M"
+    slot_cache: str = SLOT_CACHE_DEFAULT
     max_message_bytes: int = 1 << 31
     max_keys: int = 1 << 28
     max_dim: int = 1 << 24

@@ -21,6 +21,7 @@ import logging
 
 import numpy as np
 
+from ..config import SLOT_CACHE_DEFAULT, parse_size
 from ..errors import ValueShapeError
 from .index import HashIndex, gather_rows, update_rows
 from .init import initial_values
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 RUN_MIN = 64        # shortest consecutive group that gets contiguous slots and a registry entry
 SLICE_MIN = 1024    # covered runs at least this long are applied as slices, shorter ones gathered
 _INITIAL_BYTES = 1 << 28
-SLOT_CACHE_BYTES = 64 << 20  # default bound of a table's slot cache
+SLOT_CACHE_BYTES = parse_size(SLOT_CACHE_DEFAULT)  # default bound of a table's slot cache
 
 
 def _ranges(first: np.ndarray, lengths: np.ndarray, dtype) -> np.ndarray:
