@@ -23,14 +23,18 @@ prints a short summary.
    With 4 servers a master's virtual servers have their replicas on all 3 others, so each round
    fans out to 3 replicas; with 2 each server replicates everything to the other. Also the
    servers' CPU seconds per push (from /proc), which does not depend on how many cores the machine
-   has, and the messages they send per push.
+   has, the messages they send per push and the median time from a push to its acknowledgement.
+   Every case runs with each worker keeping WINDOW pushes in flight, for each of --windows
+   (default 4, 16 and 64): replication adds a round trip to the replicas to every acknowledgement,
+   which a shallow window exposes and a deep one hides. A case's capacity is its best rate over
+   the windows; the target is judged on capacity, and the JSON has every window.
 4. rebuild: in process, what re-replication after a failover costs a surviving server's request
    loop for 0.25M, 1M and 4M keys stored: Replicator.plan_rebuild (once, before it answers anything)
    and the rebuild_step calls that send the copies in chunks between request bursts.
 
 Usage: python benchmarks/recovery.py [--only recovery,rebuild,join,replication] [--kills 10]
            [--recovery 0.6:1000000,0.6:0,0.3:0:5] [--seconds 3] [--workers 2] [--repeats 2]
-           [--replication 4x2,2x2,4x4,2x4] [--key-sets 8] [--slot-cache 64M]
+           [--replication 4x2,2x2,4x4,2x4] [--windows 4,16,64] [--key-sets 8] [--slot-cache 64M]
            [--out benchmarks/results/recovery.json]
 --recovery lists HEARTBEAT_TIMEOUT:STORED_KEYS[:KILLS] configurations (default: the default timeout with
 1M keys stored and with an empty table, and a 0.3 s timeout).
@@ -463,10 +467,12 @@ def worker_main(argv: list[str]) -> None:
     kv.barrier("start")
     Path(out, f"ready{kv.rank}").touch()
     stop = Path(out, "stop")
+    sent: list[float] = []
     acks: list[float] = []
     flight: list[int] = []
     i = 0
     while not stop.exists():
+        sent.append(time.monotonic())
         flight.append(kv.push(subsets[i % nsets], vals, table="bench"))
         i += 1
         if len(flight) >= window:
@@ -475,7 +481,9 @@ def worker_main(argv: list[str]) -> None:
     for ts in flight:
         kv.wait(ts)
         acks.append(time.monotonic())
-    np.save(Path(out, f"acks{kv.rank}.npy"), np.asarray(acks))
+    # acks come in issue order (each wait is for the oldest push in flight): push i was sent at
+    # sent[i] and acknowledged at acks[i]
+    np.save(Path(out, f"acks{kv.rank}.npy"), np.asarray([sent, acks]))
     kv.close()
 
 
@@ -526,8 +534,11 @@ def throughput_run(args, log: TextIO, servers: int, k: int, mode: str, after: bo
         for p in procs:
             if p.wait(120) != 0:
                 raise RuntimeError(f"a throughput worker failed (see {log.name})")
-    acks = np.sort(np.concatenate([np.load(Path(tmp, f"acks{r}.npy")) for r in range(w)]))
+    times = np.concatenate([np.load(Path(tmp, f"acks{r}.npy")) for r in range(w)], axis=1)
+    acks = np.sort(times[1])
     n = max(int(((acks >= t0) & (acks < t1)).sum()), 1)
+    inside = (times[1] >= t0) & (times[1] < t1)
+    latency = (times[1] - times[0])[inside] * 1e3
     sent = {op: [net1.get(op, [0, 0])[i] - net0.get(op, [0, 0])[i] for i in (0, 1)] for op in net1}
     repl = [sum(sent.get(op, [0, 0])[i] for op in ("replicate", "replicate_agg", "repl_batch")) for i in (0, 1)]
     out = {"pushes_per_s": _rate(acks, t0, t1), "keys_per_s": round(n * args.push_keys / (t1 - t0)),
@@ -536,7 +547,9 @@ def throughput_run(args, log: TextIO, servers: int, k: int, mode: str, after: bo
            "server_messages_sent_per_push": round(sum(v[0] for v in sent.values()) / n, 2),
            "replica_messages_per_push": round(repl[0] / n, 2),
            "replica_kb_per_push": round(repl[1] / n / 1e3, 1),
-           "seconds": round(t1 - t0, 2), "load_after": load()}
+           "ack_latency_ms_median": round(float(np.median(latency)), 2) if latency.size else np.nan,
+           "ack_latency_ms_p90": round(float(np.percentile(latency, 90)), 2) if latency.size else np.nan,
+           "window": args.window, "seconds": round(t1 - t0, 2), "load_after": load()}
     if join:
         j, reg, com = phases["join"], phases.get("registered", np.nan), phases.get("commit", np.nan)
         inside = acks[(acks >= t0) & (acks < t1)]
@@ -562,33 +575,61 @@ CASES = [("async", 0, True), ("async", 1, True), ("async", 2, True), ("sync", 0,
          ("sync", 1, True), ("sync", 1, False), ("sync", 2, True), ("sync", 2, False),
          ("shared", 0, True), ("shared", 1, True), ("shared", 1, False)]
 _MEDIANS = ("pushes_per_s", "server_cpu_ms_per_push", "worker_cpu_ms_per_push", "server_messages_sent_per_push",
-            "replica_messages_per_push",
-            "replica_kb_per_push")
+            "replica_messages_per_push", "replica_kb_per_push", "ack_latency_ms_median", "ack_latency_ms_p90")
 
 
-def run_replication(args, log: TextIO, servers: int) -> dict:
-    runs: dict[str, list[dict]] = {}
-    cases = [c for c in CASES if c[1] < servers]  # k = servers - 1 already replicates everywhere
-    for rep in range(args.repeats):  # interleaved, so a burst of load elsewhere hits every case
-        for mode, k, after in cases:
-            how = "" if mode == "async" or k == 0 else "_after_agg" if after else "_per_push"
-            name = f"{mode}_k{k}{how}"
-            r = throughput_run(args, log, servers, k, mode, after)
-            runs.setdefault(name, []).append(r)
-            print(f"  [{rep}] {name}: {r['pushes_per_s']:.0f} pushes/s, server CPU "
-                  f"{r['server_cpu_ms_per_push']:.2f} ms/push, {r['replica_messages_per_push']} replica "
-                  f"msgs/push, load {r['load_after']}", flush=True)
-    cases = {name: {**{m: round(float(np.median([r[m] for r in rs])), 3) for m in _MEDIANS}, "runs": rs}
-             for name, rs in runs.items()}
-    ratios = {}
+def _ratios(cases: dict) -> dict:
+    """Each case's push rate and server CPU per push over those of k=0 of its mode."""
+    out = {}
     for name, c in cases.items():
         base = cases[name.split("_")[0] + "_k0"]
         cpu = "server_cpu_ms_per_push"
-        ratios[name] = {"pushes_vs_k0": round(c["pushes_per_s"] / base["pushes_per_s"], 3),
-                        "server_cpu_vs_k0": round(c[cpu] / base[cpu], 3)}
+        out[name] = {"pushes_vs_k0": round(c["pushes_per_s"] / base["pushes_per_s"], 3),
+                     "server_cpu_vs_k0": round(c[cpu] / base[cpu], 3)}
+    return out
+
+
+def run_replication(args, log: TextIO, servers: int) -> dict:
+    """Every case at every window of ``args.windows`` (pushes in flight per worker), each a fresh
+    cluster, interleaved over the repeats; medians per window. A case's capacity is its best median
+    rate over the windows: the deeper window hides the round trip to the replicas that each
+    acknowledgement waits for, the shallow one shows what it costs a worker that waits early."""
+    runs: dict[int, dict[str, list[dict]]] = {w: {} for w in args.windows}
+    cases = [c for c in CASES if c[1] < servers]  # k = servers - 1 already replicates everywhere
+    for rep in range(args.repeats):  # interleaved, so a burst of load elsewhere hits every case
+        for window in args.windows:
+            run_args = argparse.Namespace(**{**vars(args), "window": window})
+            for mode, k, after in cases:
+                how = "" if mode == "async" or k == 0 else "_after_agg" if after else "_per_push"
+                name = f"{mode}_k{k}{how}"
+                r = throughput_run(run_args, log, servers, k, mode, after)
+                runs[window].setdefault(name, []).append(r)
+                print(f"  [{rep}] window {window} {name}: {r['pushes_per_s']:.0f} pushes/s, server CPU "
+                      f"{r['server_cpu_ms_per_push']:.2f} ms/push, ack latency {r['ack_latency_ms_median']} "
+                      f"ms, {r['replica_messages_per_push']} replica msgs/push, load {r['load_after']}",
+                      flush=True)
+    by_window = {}
+    for window, wruns in runs.items():
+        medians = {name: {**{m: round(float(np.median([r[m] for r in rs])), 3) for m in _MEDIANS}, "runs": rs}
+                   for name, rs in wruns.items()}
+        by_window[str(window)] = {"cases": medians, "ratios": _ratios(medians)}
+    capacity = {}
+    for name in by_window[str(args.windows[0])]["cases"]:
+        best = max(by_window.values(), key=lambda b: b["cases"][name]["pushes_per_s"])
+        c = best["cases"][name]
+        capacity[name] = {"pushes_per_s": c["pushes_per_s"], "window": c["runs"][0]["window"],
+                          "server_cpu_ms_per_push": c["server_cpu_ms_per_push"]}
     return {"servers": servers, "workers": args.workers, "push_keys": args.push_keys,
-            "table_keys": args.table_keys, "window": args.window, "key_sets": args.key_sets,
-            "cases": cases, "ratios": ratios}
+            "table_keys": args.table_keys, "windows": args.windows, "key_sets": args.key_sets,
+            "by_window": by_window, "capacity": {"cases": capacity, "ratios": _ratios(capacity)}}
+
+
+def _windows(text: str) -> list[int]:
+    """--windows "4,16,64" -> [4, 16, 64] (pushes in flight per worker, each >= 1)."""
+    parts = [w.strip() for w in text.split(",")]
+    if not all(w.isdigit() and int(w) >= 1 for w in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of windows >= 1, e.g. 4,32")
+    return [int(w) for w in parts]
 
 
 def _configurations(text: str) -> list[tuple[int, int]]:
@@ -624,7 +665,10 @@ def main() -> None:
                    "replication part takes its own from --replication)")
     p.add_argument("--push-keys", type=int, default=10_000)
     p.add_argument("--table-keys", type=int, default=1_000_000)
-    p.add_argument("--window", type=int, default=4, help="pushes in flight per worker")
+    p.add_argument("--window", type=int, default=4, help="pushes in flight per worker of the join part")
+    p.add_argument("--windows", type=_windows, default="4,16,64",
+                   help="pushes in flight per worker of the replication part: every case runs at each; "
+                        "its capacity is its best rate over them")
     p.add_argument("--key-sets", type=int, default=8,
                    help="key sets each throughput worker pushes in turn (its blocks of data; the "
                         "servers' slot caches hold 8 of them, not 2048)")
@@ -711,7 +755,7 @@ def targets(res: dict) -> dict:
                      "failed_kills": len(conf["failed_kills"]), "met": timing and not conf["failed_kills"]}
     for _, rep in _replication_parts(res):
         for case in ("sync_k1_after_agg", "shared_k1_after_agg"):
-            q = rep["ratios"].get(case)
+            q = rep["capacity"]["ratios"].get(case)
             if q is None:
                 continue
             # throughput_vs_k0 is measured on a shared 2-core machine; 1 / server_cpu_vs_k0 is the
@@ -720,6 +764,8 @@ def targets(res: dict) -> dict:
             out[f"k1_costs_at_most_30pct_with_aggregation_{name}"] = {
                 "throughput_vs_k0": q["pushes_vs_k0"],
                 "server_bound_throughput_vs_k0": round(1 / q["server_cpu_vs_k0"], 3),
+                "throughput_vs_k0_by_window": {w: b["ratios"][case]["pushes_vs_k0"]
+                                               for w, b in rep["by_window"].items()},
                 "met": q["pushes_vs_k0"] >= 0.7}
     return out
 
@@ -752,11 +798,20 @@ def summary(res: dict) -> str:
     for _, rep in _replication_parts(res):
         lines.append(f"replication, {rep['servers']} servers, {rep['workers']} workers, {rep['push_keys']}-key "
                      f"pushes:")
-        for name, c in rep["cases"].items():
-            q = rep["ratios"][name]
-            lines.append(f"  {name:18} {c['pushes_per_s']:7.1f} pushes/s ({q['pushes_vs_k0']:.2f} of k=0), "
-                         f"server CPU {c['server_cpu_ms_per_push']:.2f} ms/push ({q['server_cpu_vs_k0']:.2f}), "
-                         f"{c['replica_messages_per_push']} replica msgs/push")
+        for window, b in rep["by_window"].items():
+            lines.append(f"  {window} pushes in flight per worker:")
+            for name, c in b["cases"].items():
+                q = b["ratios"][name]
+                lines.append(f"    {name:18} {c['pushes_per_s']:7.1f} pushes/s ({q['pushes_vs_k0']:.2f} of "
+                             f"k=0), server CPU {c['server_cpu_ms_per_push']:.2f} ms/push "
+                             f"({q['server_cpu_vs_k0']:.2f}), "
+                             f"ack latency {c['ack_latency_ms_median']} ms, "
+                             f"{c['replica_messages_per_push']} replica msgs/push")
+        lines.append("  capacity (best over the windows):")
+        for name, c in rep["capacity"]["cases"].items():
+            q = rep["capacity"]["ratios"][name]
+            lines.append(f"    {name:18} {c['pushes_per_s']:7.1f} pushes/s ({q['pushes_vs_k0']:.2f} of k=0) at "
+                         f"window {c['window']}")
     for name, t in res["targets"].items():
         lines.append(f"target {name}: {'met' if t['met'] else 'MISSED'} {t}")
     return "\n".join(lines)

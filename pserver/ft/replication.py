@@ -16,6 +16,10 @@ half the message-size limit each), which the replica applies item by item, in or
 once. Under load a burst completes several updates per replica, and each message saved is a send, a
 receive, a decode and an acknowledgement on both ends.
 
+Key caching: a forward of a part of a key list the replica already holds names it instead of
+carrying its keys (:mod:`pserver.ft.list_refs`). Copies of whole ranges (re-replication after a
+failover, a migration's pre-copy) are made between bursts by :class:`~pserver.ft.rebuild.Rebuilder`.
+
 Exactly-once after failover: every server keeps a *replication clock*, for each (master, worker) pair
 the recent request parts - (timestamp, part id) - it received through that master (a window of the last
 WINDOW). A worker resending part p of request t names the server p went to and p; the resend is a
@@ -38,13 +42,15 @@ import zmq
 from ..ring import KeyRing
 from ..transport import Transport
 from ..wire import Message
+from . import list_refs
+from .list_refs import RefSender, RefStore
+from .rebuild import Rebuilder, chunks
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_KEYS = 1 << 20  # keys per replica-snapshot message
-PRECOPY_KEYS = 1 << 16   # keys per migration pre-copy chunk, sent between request bursts
 BATCH_ITEMS = 31         # updates per repl_batch message (two arrays each, under the array limit)
 WINDOW = 4096            # timestamps remembered per (master, worker): far more than are ever in flight
+_NO_KEYS = np.zeros(0, np.uint64)  # the keys of a forward that names a list the replica holds
 
 
 class _Window:
@@ -65,7 +71,7 @@ class _Window:
             self.seen.discard(self.order.popleft())
 
 
-class Replicator:
+class Replicator(Rebuilder):
     """Forwarding to replicas, outstanding replica acknowledgements and the replication clock."""
 
     def __init__(self, transport: Transport, my_id: int, peer_address: Callable[[int], tuple[str, int]]):
@@ -95,6 +101,14 @@ class Replicator:
         self._unsent_acks: list[tuple[bytes, list[int]]] = []
         self._dest_key: tuple | None = None
         self._dest: tuple[list[int], np.ndarray] = ([], np.zeros((0, 0), np.bool_))
+        # key caching on the link (list_refs): what this master stored at each replica, what each
+        # master stored here, and the forwards in flight (kept to resend them after a miss)
+        self._split_key: tuple | None = None   # what the last replica_groups split depended on
+        self._next_ref = 0
+        self.ref_senders: dict[int, RefSender] = {}
+        self.ref_stores: dict[int, RefStore] = {}
+        self._in_flight: dict[int, list[tuple]] = {}
+        self.ref_misses = 0
 
     # -- configuration --------------------------------------------------------------------------
     def active(self) -> bool:
@@ -111,6 +125,7 @@ class Replicator:
         return sock
 
     def forget_peer(self, sid: int) -> None:
+        self.ref_senders.pop(sid, None)
         sock = self.socks.pop(sid, None)
         if sock is not None:
             self.sock_peer.pop(sock, None)
@@ -127,12 +142,15 @@ class Replicator:
         pushed again is not hashed again."""
         ring = self.ring
         others = [s for s in ring.servers if s != self.my_id]
+        self._split_key = None
         if self.next_ring is None and len(others) <= self.k:  # everyone else replicates everything
+            self._split_key = ("all", ring.version, self.k)
             return [(s, slice(0, len(keys))) for s in others]
         if self.next_ring is None:
             if not self.k:
                 return []
             sids, dest = self._destinations(ring)
+            self._split_key = self._dest_key
             if memo is not None:
                 made_for, groups = memo.get("replica_groups", (None, None))
                 if made_for == self._dest_key:
@@ -186,14 +204,19 @@ class Replicator:
         """
         if not self.active():
             return 0
-        groups = self.replica_groups(keys, memo) if len(keys) else \
-            [(s, slice(0, 0)) for s in self.ring.servers if s != self.my_id][: self.k if always else 0]
+        if len(keys):
+            groups = self.replica_groups(keys, memo)
+        else:
+            self._split_key = None
+            groups = [(s, slice(0, 0)) for s in self.ring.servers if s != self.my_id][: self.k if always else 0]
         sent = 0
         for sid, sel in groups:
-            k, v = keys[sel], vals[sel]
-            if not len(k) and not always:
+            v = vals[sel]
+            if not len(v) and not always:
                 continue
-            item = (token, op, table, dict(meta, kf="k"), k, v)
+            m = dict(meta, kf="k")
+            # (token, op, table, meta, keys sent, values, the list and the part of it they are)
+            item = (token, op, table, m, self._keys_to_send(sid, keys, sel, memo, m), v, keys, sel)
             if self._batch is not None:
                 self._batch.setdefault(sid, []).append(item)
             elif not self._send_items(sid, [item]):
@@ -202,6 +225,64 @@ class Replicator:
         if sent:
             self.outstanding[token] = self.outstanding.get(token, 0) + sent
         return sent
+
+    def _keys_to_send(self, sid: int, keys: np.ndarray, sel, memo: dict | None, meta: dict
+                      ) -> np.ndarray:
+        """The keys of the part ``sel`` of ``keys`` for replica ``sid`` - or none, with meta "kr",
+        if the replica holds them from an earlier forward of the same list (see list_refs). Only
+        lists with a memo (cached, so likely to come back) are stored at the replica."""
+        if memo is None or self._split_key is None:
+            return keys[sel]
+        refs = memo.get("refs")
+        if refs is None or refs[0] != self._split_key:  # a new split: new parts
+            refs = memo["refs"] = (self._split_key, {})
+        sender = self.ref_senders.get(sid)
+        if sender is None:
+            sender = self.ref_senders[sid] = RefSender()
+        ref = refs[1].get(sid)
+        if ref is not None and sender.use(ref):
+            meta["kr"] = ref
+            return _NO_KEYS
+        part = keys[sel]
+        if part.size < list_refs.MIN_KEYS:
+            return part
+        self._next_ref += 1
+        evicted = sender.store(self._next_ref, part.nbytes)
+        if evicted is None:
+            return part
+        meta["ks"] = refs[1][sid] = self._next_ref
+        if evicted:
+            meta["kd"] = evicted
+        return part
+
+    def on_miss(self, rid: int, sid: int) -> list[object]:
+        """Replica ``sid`` refused forward ``rid``: it does not hold a list the forward named.
+        Forget what this server stored there and send the forward again, with its keys (ignored
+        unless ``rid`` is a forward in flight to ``sid``). Returns the request tokens that have no
+        acks left (the replica could not be reached)."""
+        if self._rid_peer.get(rid) != sid or rid not in self._in_flight:
+            return []
+        self.ref_misses += 1
+        items = self._in_flight.pop(rid)
+        del self.waiting[rid], self._rid_peer[rid]
+        drop = self.ref_senders[sid].reset() if sid in self.ref_senders else []
+        resend = []
+        for token, op, table, meta, _k, v, keys, sel in items:
+            meta = {f: x for f, x in meta.items() if f not in ("kr", "ks", "kd")}
+            resend.append((token, op, table, meta, keys[sel], v, keys, sel))
+        resend[0][3]["kd"] = drop
+        log.warning("replica %d lacked a key list this server named: forward sent again with its keys",
+                    sid)
+        if self._send_items(sid, resend):  # the same requests now wait for the new forward
+            return []
+        return [tok for tok in (it[0] for it in items) if self._lose(tok)]
+
+    def ref_store(self, master: int) -> RefStore:
+        """The lists ``master`` stored at this server (created on first use)."""
+        store = self.ref_stores.get(master)
+        if store is None:
+            store = self.ref_stores[master] = RefStore()
+        return store
 
     def begin_batch(self) -> None:
         """Queue forwards from now on, until :meth:`flush`."""
@@ -261,19 +342,20 @@ class Replicator:
         self._next_rid += 1
         rid = self._next_rid
         if len(items) == 1 and not acks:
-            _, op, table, meta, k, v = items[0]
+            _, op, table, meta, k, v = items[0][:6]
             msg = Message(op, rid, table, meta, [k, v])
         else:
-            meta = {"items": [[op, table, meta] for _, op, table, meta, _, _ in items]}
+            meta = {"items": [[it[1], it[2], it[3]] for it in items]}
             if acks:
                 meta["acks"] = acks
-            msg = Message("repl_batch", rid, "", meta, [a for it in items for a in it[4:]])
+            msg = Message("repl_batch", rid, "", meta, [a for it in items for a in it[4:6]])
         try:
             self.transport.send(self._sock(sid), msg)
         except zmq.ZMQError as e:
             log.warning("cannot forward to replica %d: %s", sid, e)
             return False
         self.waiting[rid] = [it[0] for it in items]
+        self._in_flight[rid] = items
         self._rid_peer[rid] = sid
         self.bytes_forwarded += sum(it[4].nbytes + it[5].nbytes for it in items)
         self.messages_forwarded += 1
@@ -286,6 +368,7 @@ class Replicator:
             return []
         tokens = self.waiting.pop(rid, None)
         self._rid_peer.pop(rid, None)
+        self._in_flight.pop(rid, None)
         return [t for t in tokens or () if self._lose(t)]
 
     def drop_replica(self, sid: int) -> list[object]:
@@ -294,6 +377,7 @@ class Replicator:
         done = []
         for rid in [r for r, peer in self._rid_peer.items() if peer == sid]:
             del self._rid_peer[rid]
+            self._in_flight.pop(rid, None)
             done += [t for t in self.waiting.pop(rid, ()) if self._lose(t)]
         if self._batch is not None:  # queued for it, not sent yet
             done += [it[0] for it in self._batch.pop(sid, ()) if self._lose(it[0])]
@@ -301,7 +385,7 @@ class Replicator:
         if lost:
             self.jobs = deque(j for j in self.jobs if j[3] is None or j[1] != sid)
             for _, _, keys, token in lost:
-                for _ in range(_chunks(len(keys))):
+                for _ in range(chunks(len(keys))):
                     if self._lose(token):
                         done.append(token)
         self.forget_peer(sid)
@@ -334,114 +418,6 @@ class Replicator:
         """The windows of applied parts, to travel with a copy of this master's keys."""
         return [[w, [list(tp) for tp in win.order]] for w, win in self.applied.items()]
 
-    # -- re-replication after a ring change -----------------------------------------------------
-    def _copies(self, old: KeyRing | None, new: KeyRing, tables: dict, masters: KeyRing
-                ) -> list[tuple[str, int, np.ndarray]]:
-        """(table, server, keys): the keys this server masters under ``masters`` that a server
-        holds under ``new`` but did not under ``old``."""
-        out = []
-        for name, table in tables.items():
-            keys = table.keys_sorted()
-            if not len(keys):
-                continue
-            # one pass over the keys per ring (a migration's prepare runs between requests)
-            old_holders = old.holders(keys, self.k) if old is not None else None
-            if masters is old and old_holders is not None:
-                mine = old_holders[:, 0] == self.my_id
-                old_holders = old_holders[mine]
-            else:
-                mine = masters.owner_of(keys) == self.my_id
-                if old_holders is not None:
-                    old_holders = old_holders[mine]
-            keys = keys[mine]
-            if not len(keys):
-                continue
-            new_holders = new.holders(keys, self.k)
-            for sid in new.servers:
-                if sid == self.my_id:
-                    continue
-                need = (new_holders == sid).any(axis=1)
-                if old_holders is not None:
-                    need &= ~(old_holders == sid).any(axis=1)
-                if need.any():
-                    out.append((name, int(sid), keys[need]))
-        return out
-
-    def _send_copy(self, table, sid: int, keys: np.ndarray, rid: int = 0) -> None:
-        """One repl_load: the keys' values and state as stored now, and this master's applied
-        parts. ``rid`` > 0 asks the receiver to acknowledge it."""
-        values, state = table.rows(keys)
-        arrays = [keys, values] + ([state] if state is not None else [])
-        meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_json()}
-        self.transport.send(self._sock(sid), Message("repl_load", rid, table.spec.name, meta, arrays))
-
-    def plan_rebuild(self, old: KeyRing, new: KeyRing, tables: dict) -> int:
-        """After a failover: queue copies of the keys this server masters under ``new`` to their
-        new replicas; :meth:`rebuild_step` sends them a chunk at a time between requests, so the
-        failed ranges are served at once while replicas are rebuilt in the background. Each chunk
-        is read from the table when sent and links are FIFO, so a replica ends with the master's
-        state: updates forwarded before a chunk are overwritten by it, later ones follow it."""
-        self.jobs = deque((name, sid, keys, None)
-                          for name, sid, keys in self._copies(old, new, tables, masters=new))
-        self._rebuilding_version = new.version
-        if not self.jobs:
-            self.rebuilt_version = new.version
-        return sum(len(job[2]) for job in self.jobs)
-
-    def rebuild_step(self, tables: dict, budget: int = 1 << 16) -> bool:
-        """Send up to ``budget`` keys of queued copies (re-replication, migration pre-copies);
-        True while more remain."""
-        while budget > 0 and self.jobs:
-            name, sid, keys, token = self.jobs[0]
-            size = budget if token is None else PRECOPY_KEYS  # pre-copies go in counted chunks
-            chunk, rest = keys[:size], keys[size:]
-            if rest.size:
-                self.jobs[0] = (name, sid, rest, token)
-            else:
-                self.jobs.popleft()
-            budget -= chunk.size
-            table = tables.get(name)
-            if token is not None:
-                if self.next_ring is None:  # the migration was aborted
-                    self.outstanding.pop(token, None)
-                    continue
-                self._next_rid += 1
-                self.waiting[self._next_rid] = [token]
-                self._rid_peer[self._next_rid] = sid
-                try:
-                    self._send_copy(table, sid, chunk, self._next_rid)
-                except zmq.ZMQError as e:  # the migration then times out and is aborted
-                    log.warning("cannot pre-copy to server %d: %s", sid, e)
-                continue
-            if table is None or self.ring is None or sid not in self.ring.servers:
-                continue
-            try:
-                self._send_copy(table, sid, chunk)
-            except zmq.ZMQError as e:
-                log.warning("cannot copy to replica %d: %s", sid, e)
-        if not any(job[3] is None for job in self.jobs):
-            self.rebuilt_version = self._rebuilding_version
-        return bool(self.jobs)
-
-    def precopy(self, new: KeyRing, tables: dict, token: object) -> int:
-        """Phase 1 of a migration: queue copies of the keys this server masters now to the
-        servers that will hold them under ``new``, each chunk acknowledged to ``token``; they go
-        out between request bursts (:meth:`rebuild_step`), so serving never stops for the copy.
-        Meanwhile every update of those keys is forwarded to the new holders too (see
-        replica_groups) - before or after their chunk, which is read from the table when sent, so
-        the holder ends with the master's state either way. Returns the number of chunks to be
-        acknowledged (0: nothing to wait for)."""
-        chunks = nkeys = 0
-        for name, sid, keys in self._copies(self.ring, new, tables, masters=self.ring):
-            self.jobs.append((name, sid, keys, token))
-            chunks += _chunks(len(keys))
-            nkeys += len(keys)
-        if chunks:
-            self.outstanding[token] = self.outstanding.get(token, 0) + chunks
-            log.info("pre-copying %d keys to their holders under ring v%d", nkeys, new.version)
-        self.last_copied = nkeys
-        return chunks
-
 
 @numba.njit(cache=True, nogil=True)
 def _group_by_destination(vnodes: np.ndarray, dest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -463,8 +439,3 @@ def _group_by_destination(vnodes: np.ndarray, dest: np.ndarray) -> tuple[np.ndar
                 idx[fill[j]] = i
                 fill[j] += 1
     return counts, idx
-
-
-def _chunks(n: int) -> int:
-    """Number of pre-copy chunks of ``n`` keys."""
-    return -(-n // PRECOPY_KEYS)

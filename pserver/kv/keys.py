@@ -127,15 +127,19 @@ def unpack_push(msg: Message, cols: int, dtype: np.dtype) -> tuple[KeySet, np.nd
     nkey_arrays = 1 if msg.meta.get("kf", "k") == "k" else 2
     if len(msg.arrays) != nkey_arrays + 1:
         raise ProtocolError("a push carries its keys and exactly one values array")
-    vals = msg.arrays[nkey_arrays]
+    return keys, push_values(msg.arrays[nkey_arrays], keys.n, cols, dtype)
+
+
+def push_values(vals: np.ndarray, n: int, cols: int, dtype: np.dtype) -> np.ndarray:
+    """The values array of a push of ``n`` keys, as (n, cols); ProtocolError if it does not fit."""
     if vals.dtype != dtype:
         raise ProtocolError(f"values are {vals.dtype} but the table stores {dtype}")
     if vals.ndim == 1 and cols == 1:
         vals = vals.reshape(-1, 1)
-    if vals.ndim != 2 or vals.shape != (keys.n, cols):
-        raise ProtocolError(f"values have shape {vals.shape} but {keys.n} keys x {cols} columns "
+    if vals.ndim != 2 or vals.shape != (n, cols):
+        raise ProtocolError(f"values have shape {vals.shape} but {n} keys x {cols} columns "
                             f"were expected")
-    return keys, vals
+    return vals
 
 
 def apply_push(table, keys: KeySet, vals: np.ndarray) -> None:

@@ -26,6 +26,7 @@ from ..config import Config
 from ..consistency.clock import KEY_SPACE_END, NEVER, RangeClock
 from ..errors import AuthError, LimitError, ProtocolError, PServerError, TableError, WrongOwnerError
 from ..ft import checkpoint as ft_checkpoint
+from ..ft.list_refs import check_refs
 from ..ft.replication import Replicator
 from ..membership.node import Membership
 from ..ring import KeyRing
@@ -536,6 +537,9 @@ class KVServer:
             if msg.op in ("repl_ack", "error"):
                 rids = msg.meta.get("rids", [msg.ts]) if msg.op == "repl_ack" else [msg.ts]
                 self._replica_acked(self.repl.sock_peer.get(sock, -1), rids)
+            elif msg.op == "repl_miss":
+                for token in self.repl.on_miss(msg.ts, self.repl.sock_peer.get(sock, -1)):
+                    self._on_replica_ack(token)
 
     def _replica_acked(self, sid: int, rids) -> None:
         """Replica ``sid`` acknowledged the forwards ``rids`` (ids this server gave them)."""
@@ -558,6 +562,9 @@ class KVServer:
             raise ProtocolError("replication messages come only from servers")
         if "acks" in msg.meta:  # this server's forwards to the sender, acknowledged on the way
             self._replica_acked(int(identity[1:]), msg.meta["acks"])
+        if not check_refs(self.repl.ref_stores.get(int(identity[1:])), (it[2] for it in items)):
+            self._reply(identity, Message("repl_miss", msg.ts))  # nothing applied: it comes again
+            return
         errors = []
         for i, (op, table, meta) in enumerate(items):
             try:
@@ -602,10 +609,13 @@ class KVServer:
             if msg.ts:  # a pre-copy of a migration: the master waits for it
                 self._reply(identity, Message("repl_ack", msg.ts))
             return
+        if reply and not check_refs(self.repl.ref_stores.get(master), (msg.meta,)):
+            self._reply(identity, Message("repl_miss", msg.ts))  # nothing applied: it comes again
+            return
         table = self._table(msg.table)
-        keys, vals = keyfmt.unpack_push(msg, table.spec.push_cols, table.dtype)
+        keys, vals, ref = self._forwarded_keys(master, msg, table)
         if msg.op == "replicate_agg":
-            self._defer_apply(table, keys, vals)
+            self._defer_apply(table, keys, vals, ref)
             for worker, ts, part in msg.meta.get("clk", []):
                 self.repl.record(master, int(worker), int(ts), part)
         else:
@@ -619,11 +629,34 @@ class KVServer:
                     self._apply_deferred()  # in order with this master's earlier forwards
                     self._aggregate(None, msg, table, keys, vals, src, origin=master)
                 else:
-                    self._defer_apply(table, keys, vals)
+                    self._defer_apply(table, keys, vals, ref)
         if reply:
             self._ack_forward(identity, msg.ts)
 
-    def _defer_apply(self, table: Table, keys: keyfmt.KeySet, vals: np.ndarray) -> None:
+    def _forwarded_keys(self, master: int, msg: Message, table: Table
+                        ) -> tuple[keyfmt.KeySet, np.ndarray, tuple | None]:
+        """(keys, values, (store, id) of the key list stored or used) of a forward: its keys, or the list it
+        names ("kr", see pserver.ft.list_refs; check_refs made sure it is held). Drops the lists
+        the master evicted ("kd") and stores the keys it asks to ("ks")."""
+        meta = msg.meta
+        drop, put, use = meta.get("kd"), meta.get("ks"), meta.get("kr")
+        store = self.repl.ref_store(master) if drop or put is not None or use is not None else None
+        if drop:
+            store.drop(drop)
+        if use is None:
+            keys, vals = keyfmt.unpack_push(msg, table.spec.push_cols, table.dtype)
+            if put is None:
+                return keys, vals, None
+            store.put(put, keys.as_array())
+            return keys, vals, (store, put)
+        if len(msg.arrays) != 2 or len(msg.arrays[0]):
+            raise ProtocolError("a forward naming a stored key list carries no keys, then its values")
+        keys = keyfmt.KeySet(keys=store.lists[use])
+        vals = keyfmt.push_values(msg.arrays[1], keys.n, table.spec.push_cols, table.dtype)
+        return keys, vals, (store, use)
+
+    def _defer_apply(self, table: Table, keys: keyfmt.KeySet, vals: np.ndarray,
+                     ref: tuple | None = None) -> None:
         """Apply an update forwarded by a master after this burst's acknowledgements are sent.
 
         A replica holds the update in memory either way, so acknowledging it before applying
@@ -632,7 +665,7 @@ class KVServer:
         Everything that reads or replaces replica data applies the deferred updates first:
         every op but the hot ones (_DEFERRABLE), a new cluster view (promotion to master), a
         background re-replication step and a graceful leave."""
-        self._deferred.append((table, keys, vals))
+        self._deferred.append((table, keys, vals, ref))
         self._deferred_keys += keys.n
         if self._deferred_keys > DEFER_MAX_KEYS:
             self._apply_deferred()
@@ -640,9 +673,13 @@ class KVServer:
     def _apply_deferred(self) -> None:
         """Apply the acknowledged forwards still waiting, in the order they arrived."""
         deferred, self._deferred, self._deferred_keys = self._deferred, [], 0
-        for table, keys, vals in deferred:
+        for table, keys, vals, ref in deferred:
             try:
                 keyfmt.apply_push(table, keys, vals)
+                if ref is not None:  # hold the slot cache's copy of the list: found at once next time
+                    own = table.slot_cache.own_copy(keys.keys)
+                    if own is not None and own is not keys.keys:
+                        ref[0].adopt(ref[1], own)
             except Exception as e:  # a user update rule that fails here failed on the master too
                 self.errors += 1
                 self.rejections[type(e).__name__] += 1
@@ -685,6 +722,10 @@ class KVServer:
         new = view.ring
         if new is not None and (self.ring is None or new.version > self.ring.version):
             self._adopt_ring(new, copied=False)
+        for sid in list(self.repl.ref_stores):  # lists stored here by masters that are gone
+            node = view.nodes.get(sid)
+            if node is None or not node.alive:
+                del self.repl.ref_stores[sid]
         for sid in list(self.repl.socks):
             node = view.nodes.get(sid)  # a joiner may not be in this view yet: not dead
             if node is not None and not node.alive:
@@ -902,6 +943,10 @@ class KVServer:
         return {"id": self.membership.node_id, "pid": os.getpid(), "errors": self.errors,
                 "rejected": dict(self.rejections),
                 "duplicates": self.duplicates,
+                "replication": {"forwards": self.repl.messages_forwarded,
+                                "bytes_forwarded": self.repl.bytes_forwarded,
+                                "key_list_misses": self.repl.ref_misses,
+                                "key_lists_held": {m: len(st.lists) for m, st in self.repl.ref_stores.items()}},
                 "tables": {n: {"keys": len(t), "bytes": t.nbytes(), "spec": t.spec.to_json(),
                                "slot_cache": t.slot_cache.stats()}
                            for n, t in self.tables.items()},

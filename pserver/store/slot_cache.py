@@ -52,7 +52,8 @@ class SlotCache:
         self.nbytes = 0
         self.hits = 0
         self.misses = 0
-        self._last: tuple[np.ndarray, dict] | None = None  # (keys object, memo of its entry)
+        # (keys object, memo of its entry, the entry's own copy of the keys)
+        self._last: tuple[np.ndarray, dict, np.ndarray] | None = None
 
     def get(self, keys: np.ndarray) -> tuple[tuple | None, np.ndarray | None]:
         """(fingerprint, cached slots) of ``keys`` (1-D uint64). The slots are None on a miss; the
@@ -66,10 +67,10 @@ class SlotCache:
         fp = (n, int(keys[0]), int(keys[n >> 1]), int(keys[-1]))
         entry = self.entries.get(fp)
         if entry is not None:
-            if np.array_equal(entry[0], keys):
+            if entry[0] is keys or np.array_equal(entry[0], keys):
                 self.entries.move_to_end(fp)
                 self.hits += 1
-                self._last = (keys, entry[2])
+                self._last = (keys, entry[2], entry[0])
                 return fp, entry[1]
             self._drop(fp)  # a collision: the list seen now takes the fingerprint over
         self.misses += 1
@@ -96,6 +97,13 @@ class SlotCache:
         last = self._last
         return last[1] if last is not None and last[0] is keys else None
 
+    def own_copy(self, keys: np.ndarray) -> np.ndarray | None:
+        """The cache's own copy of the list ``keys`` if ``keys`` is the array object the last
+        get/offer found or stored (else None). Passing that very copy to a later lookup finds the
+        entry without comparing the keys; it must never be changed."""
+        last = self._last
+        return last[2] if last is not None and last[0] is keys else None
+
     def clear(self) -> None:
         self._last = None
         self.entries.clear()
@@ -114,9 +122,10 @@ class SlotCache:
         while self.nbytes + cost > self.max_bytes:
             self._drop(next(iter(self.entries)))
         memo: dict = {}
-        self.entries[fp] = (keys.copy(), slots, memo)
+        own = keys.copy()
+        self.entries[fp] = (own, slots, memo)
         self.nbytes += cost
-        self._last = (keys, memo)
+        self._last = (keys, memo, own)
 
     def _drop(self, fp: tuple) -> None:
         keys, slots, _ = self.entries.pop(fp)

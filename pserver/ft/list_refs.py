@@ -1,0 +1,127 @@
+"""Key caching on the replication link: a master names a key list its replica already holds
+instead of sending the keys again (the paper's key caching, between a master and its replicas).
+
+A master forwards the same key lists again and again when a job pushes repeated lists (a worker's
+blocks of data; the aggregate of a synchronous round): the part of a list that goes to one replica
+is fixed while the ring is. The first time, the forward carries the keys and a fresh *ref* id
+("ks": store them under this id); later forwards of that part carry only the id ("kr") and the
+values, and the replica takes the keys it stored. That saves the keys' bytes on the link (8 of the
+12 bytes a key of a float32 update) and, on the replica, the comparison of a received list with
+the one its slot cache holds (the stored array is the cached one, see ``adopt``).
+
+Bounds: the master decides what the replica keeps. It accounts the bytes of the lists stored at
+each replica (LRU, at most ``REF_BYTES``) and names the ids it evicts in the next forward ("kd");
+the replica drops those first, and refuses a store beyond the same bound. Ids are never reused, so
+a stale id cannot name another list.
+
+A miss (the replica does not hold a named list) means a forward was lost on a live link, or the
+replica refused a store: the replica refuses the whole message before applying any of it
+(``repl_miss``) and the master sends it again with the keys, after dropping every list it stored
+at that replica. Updates of later messages that were applied meanwhile are then ahead of the
+resent ones: order between them is lost only in that case, which a lost forward would break anyway.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+
+from ..errors import ProtocolError
+
+REF_BYTES = 1 << 23  # bytes of keys a master may keep stored at one replica (and a replica per master)
+MIN_KEYS = 256       # shorter parts travel with their keys: an id would save little
+
+
+class RefSender:
+    """A master's account of the lists it stored at one replica: id -> bytes, least recent first."""
+
+    __slots__ = ("lru", "nbytes", "limit")
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.lru: OrderedDict[int, int] = OrderedDict()
+        self.nbytes = 0
+        self.limit = REF_BYTES if limit is None else limit
+
+    def use(self, ref: int) -> bool:
+        """True if the replica holds ``ref`` (it becomes the most recently used)."""
+        if ref not in self.lru:
+            return False
+        self.lru.move_to_end(ref)
+        return True
+
+    def store(self, ref: int, nbytes: int) -> list[int] | None:
+        """Account ``ref`` (``nbytes`` of keys) as stored; returns the ids evicted to make room,
+        which the replica must drop first, or None if the list is too large to store at all."""
+        if nbytes > self.limit:
+            return None
+        evicted = []
+        while self.nbytes + nbytes > self.limit:
+            old, size = self.lru.popitem(last=False)
+            self.nbytes -= size
+            evicted.append(old)
+        self.lru[ref] = nbytes
+        self.nbytes += nbytes
+        return evicted
+
+    def reset(self) -> list[int]:
+        """Forget every stored list (after a miss); returns their ids, for the replica to drop."""
+        ids = list(self.lru)
+        self.lru.clear()
+        self.nbytes = 0
+        return ids
+
+
+class RefStore:
+    """The lists one master stored at this replica."""
+
+    __slots__ = ("lists", "nbytes", "limit")
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.lists: dict[int, np.ndarray] = {}
+        self.nbytes = 0
+        self.limit = REF_BYTES if limit is None else limit
+
+    def drop(self, refs) -> None:
+        for ref in refs:
+            keys = self.lists.pop(ref, None)
+            if keys is not None:
+                self.nbytes -= keys.nbytes
+
+    def put(self, ref: int, keys: np.ndarray) -> None:
+        """Store a copy of ``keys`` (validated by the caller) under ``ref``; ProtocolError if that
+        would exceed the bound the master must keep to."""
+        if ref in self.lists:
+            raise ProtocolError(f"key list {ref} is already stored")
+        if self.nbytes + keys.nbytes > self.limit:
+            raise ProtocolError(f"storing key list {ref} would exceed the {self.limit} bytes a master "
+                                f"may keep at a replica")
+        self.lists[ref] = keys.copy()
+        self.nbytes += keys.nbytes
+
+    def adopt(self, ref: int, same: np.ndarray | None) -> None:
+        """Hold ``same`` (an array equal to list ``ref``: the slot cache's own copy) instead of
+        this store's copy, so the next use of ``ref`` is found in the cache without a comparison
+        and the list is held once."""
+        keys = self.lists.get(ref)
+        if same is not None and keys is not None and same is not keys and same.shape == keys.shape:
+            self.lists[ref] = same
+
+
+def check_refs(store: RefStore | None, metas) -> bool:
+    """True if every list the item metas ``metas`` name is held, in order: an item may name a
+    list an earlier item of the same message stores, and not one an earlier item drops."""
+    held = set(store.lists) if store is not None else set()
+    for meta in metas:
+        drop, put, use = meta.get("kd"), meta.get("ks"), meta.get("kr")
+        if drop is not None:
+            if type(drop) is not list or not all(type(ref) is int for ref in drop):
+                raise ProtocolError("meta 'kd' must be a list of integer key list ids")
+            held.difference_update(drop)
+        if (put is not None and type(put) is not int) or (use is not None and type(use) is not int):
+            raise ProtocolError("meta 'ks' and 'kr' must be integer key list ids")
+        if put is not None:
+            held.add(put)
+        if use is not None and use not in held:
+            return False
+    return True

@@ -1,0 +1,141 @@
+"""Copies of key ranges between servers, made between request bursts: re-replication after a
+failover (new replicas get the keys they lack) and the pre-copy phase of a live migration (a
+joining or remaining server gets the ranges it will hold). Part of the :class:`Replicator`, which
+owns the sockets, the acknowledgement bookkeeping and the ring these copies follow.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+import numpy as np
+import zmq
+
+from ..ring import KeyRing
+from ..wire import Message
+
+log = logging.getLogger(__name__)
+
+PRECOPY_KEYS = 1 << 16   # keys per migration pre-copy chunk, sent between request bursts
+
+
+class Rebuilder:
+    """The copying half of :class:`~pserver.ft.replication.Replicator` (which defines the
+    attributes used here: ``k``, ``my_id``, ``ring``, ``next_ring``, ``jobs``, the rid
+    bookkeeping and the sockets)."""
+
+    # -- re-replication after a ring change -----------------------------------------------------
+    def _copies(self, old: KeyRing | None, new: KeyRing, tables: dict, masters: KeyRing
+                ) -> list[tuple[str, int, np.ndarray]]:
+        """(table, server, keys): the keys this server masters under ``masters`` that a server
+        holds under ``new`` but did not under ``old``."""
+        out = []
+        for name, table in tables.items():
+            keys = table.keys_sorted()
+            if not len(keys):
+                continue
+            # one pass over the keys per ring (a migration's prepare runs between requests)
+            old_holders = old.holders(keys, self.k) if old is not None else None
+            if masters is old and old_holders is not None:
+                mine = old_holders[:, 0] == self.my_id
+                old_holders = old_holders[mine]
+            else:
+                mine = masters.owner_of(keys) == self.my_id
+                if old_holders is not None:
+                    old_holders = old_holders[mine]
+            keys = keys[mine]
+            if not len(keys):
+                continue
+            new_holders = new.holders(keys, self.k)
+            for sid in new.servers:
+                if sid == self.my_id:
+                    continue
+                need = (new_holders == sid).any(axis=1)
+                if old_holders is not None:
+                    need &= ~(old_holders == sid).any(axis=1)
+                if need.any():
+                    out.append((name, int(sid), keys[need]))
+        return out
+
+    def _send_copy(self, table, sid: int, keys: np.ndarray, rid: int = 0) -> None:
+        """One repl_load: the keys' values and state as stored now, and this master's applied
+        parts. ``rid`` > 0 asks the receiver to acknowledge it."""
+        values, state = table.rows(keys)
+        arrays = [keys, values] + ([state] if state is not None else [])
+        meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_json()}
+        self.transport.send(self._sock(sid), Message("repl_load", rid, table.spec.name, meta, arrays))
+
+    def plan_rebuild(self, old: KeyRing, new: KeyRing, tables: dict) -> int:
+        """After a failover: queue copies of the keys this server masters under ``new`` to their
+        new replicas; :meth:`rebuild_step` sends them a chunk at a time between requests, so the
+        failed ranges are served at once while replicas are rebuilt in the background. Each chunk
+        is read from the table when sent and links are FIFO, so a replica ends with the master's
+        state: updates forwarded before a chunk are overwritten by it, later ones follow it."""
+        self.jobs = deque((name, sid, keys, None)
+                          for name, sid, keys in self._copies(old, new, tables, masters=new))
+        self._rebuilding_version = new.version
+        if not self.jobs:
+            self.rebuilt_version = new.version
+        return sum(len(job[2]) for job in self.jobs)
+
+    def rebuild_step(self, tables: dict, budget: int = 1 << 16) -> bool:
+        """Send up to ``budget`` keys of queued copies (re-replication, migration pre-copies);
+        True while more remain."""
+        while budget > 0 and self.jobs:
+            name, sid, keys, token = self.jobs[0]
+            size = budget if token is None else PRECOPY_KEYS  # pre-copies go in counted chunks
+            chunk, rest = keys[:size], keys[size:]
+            if rest.size:
+                self.jobs[0] = (name, sid, rest, token)
+            else:
+                self.jobs.popleft()
+            budget -= chunk.size
+            table = tables.get(name)
+            if token is not None:
+                if self.next_ring is None:  # the migration was aborted
+                    self.outstanding.pop(token, None)
+                    continue
+                self._next_rid += 1
+                self.waiting[self._next_rid] = [token]
+                self._rid_peer[self._next_rid] = sid
+                try:
+                    self._send_copy(table, sid, chunk, self._next_rid)
+                except zmq.ZMQError as e:  # the migration then times out and is aborted
+                    log.warning("cannot pre-copy to server %d: %s", sid, e)
+                continue
+            if table is None or self.ring is None or sid not in self.ring.servers:
+                continue
+            try:
+                self._send_copy(table, sid, chunk)
+            except zmq.ZMQError as e:
+                log.warning("cannot copy to replica %d: %s", sid, e)
+        if not any(job[3] is None for job in self.jobs):
+            self.rebuilt_version = self._rebuilding_version
+        return bool(self.jobs)
+
+    def precopy(self, new: KeyRing, tables: dict, token: object) -> int:
+        """Phase 1 of a migration: queue copies of the keys this server masters now to the
+        servers that will hold them under ``new``, each chunk acknowledged to ``token``; they go
+        out between request bursts (:meth:`rebuild_step`), so serving never stops for the copy.
+        Meanwhile every update of those keys is forwarded to the new holders too (see
+        replica_groups) - before or after their chunk, which is read from the table when sent, so
+        the holder ends with the master's state either way. Returns the number of chunks to be
+        acknowledged (0: nothing to wait for)."""
+        chunks = nkeys = 0
+        for name, sid, keys in self._copies(self.ring, new, tables, masters=self.ring):
+            self.jobs.append((name, sid, keys, token))
+            chunks += chunks(len(keys))
+            nkeys += len(keys)
+        if chunks:
+            self.outstanding[token] = self.outstanding.get(token, 0) + chunks
+            log.info("pre-copying %d keys to their holders under ring v%d", nkeys, new.version)
+        self.last_copied = nkeys
+        return chunks
+
+
+
+
+def chunks(n: int) -> int:
+    """Number of pre-copy chunks of ``n`` keys."""
+    return -(-n // PRECOPY_KEYS)
