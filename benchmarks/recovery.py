@@ -35,6 +35,7 @@ prints a short summary.
 Usage: python benchmarks/recovery.py [--only recovery,rebuild,join,replication] [--kills 10]
            [--recovery 0.6:1000000,0.6:0,0.3:0:5] [--seconds 3] [--workers 2] [--repeats 2]
            [--replication 4x2,2x2,4x4,2x4] [--windows 4,16,64] [--key-sets 8] [--slot-cache 64M]
+           [--replica-key-cache 8M]
            [--out benchmarks/results/recovery.json]
 --recovery lists HEARTBEAT_TIMEOUT:STORED_KEYS[:KILLS] configurations (default: the default timeout with
 1M keys stored and with an empty table, and a 0.3 s timeout).
@@ -62,7 +63,7 @@ import numpy as np
 import zmq
 
 import pserver
-from pserver.config import SLOT_CACHE_DEFAULT, parse_size
+from pserver.config import REPLICA_KEY_CACHE_DEFAULT, SLOT_CACHE_DEFAULT, parse_size
 from pserver.errors import ConfigError, PServerError, RequestTimeoutError
 from pserver.launch import LocalCluster
 from pserver.transport import Transport
@@ -678,13 +679,22 @@ def main() -> None:
     p.add_argument("--slot-cache", default=os.environ.get("PSERVER_SLOT_CACHE", SLOT_CACHE_DEFAULT),
                    help="the servers' slot cache per table (PSERVER_SLOT_CACHE; 0 = off; "
                         "default: the servers' default, 64M)")
+    p.add_argument("--replica-key-cache",
+                   default=os.environ.get("PSERVER_REPLICA_KEY_CACHE", REPLICA_KEY_CACHE_DEFAULT),
+                   help="key lists a master may keep at each replica (PSERVER_REPLICA_KEY_CACHE; 0 = off; "
+                        "default: the cluster's default, 8M)")
     p.add_argument("--out", default="benchmarks/results/recovery.json")
     args = p.parse_args()
     try:
         parse_size(args.slot_cache)
     except ConfigError as e:
         p.error(f"--slot-cache: {e}")
-    os.environ["PSERVER_SLOT_CACHE"] = args.slot_cache  # the clusters' processes inherit it
+    try:
+        parse_size(args.replica_key_cache)
+    except ConfigError as e:
+        p.error(f"--replica-key-cache: {e}")
+    os.environ["PSERVER_SLOT_CACHE"] = args.slot_cache  # the clusters' processes inherit them
+    os.environ["PSERVER_REPLICA_KEY_CACHE"] = args.replica_key_cache
     parts = set(args.only.split(","))
     path = Path(tempfile.mkdtemp(prefix="pserver-recovery-logs-"), "cluster.log")
     print(f"cluster output: {path}", flush=True)

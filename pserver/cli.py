@@ -57,6 +57,9 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
         cfg.replication = args.replication
     if args.replicate_after_aggregation is not None:
         cfg.replicate_after_aggregation = bool(args.replicate_after_aggregation)
+    if args.replica_key_cache is not None:
+        cfg = cfg.with_(replica_key_cache=args.replica_key_cache)
+    cfg.validate()
     logs.setup_logging(cfg.log_level, "scheduler")
     Scheduler(cfg, exit_when_workers_done=not args.keep_alive, checkpoint_dir=args.checkpoint_dir,
               checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
@@ -219,6 +222,10 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--replicate-after-aggregation", type=int, choices=(0, 1),
                    help="1: replicate a synchronous round's aggregated update once (default); 0: "
                         "replicate every worker's push (PSERVER_REPLICATE_AFTER_AGGREGATION)")
+    s.add_argument("--replica-key-cache", metavar="BYTES",
+                   help="bytes of key lists a master may keep stored at each replica, so that a "
+                        "repeated list is forwarded once and named after that (PSERVER_REPLICA_KEY_CACHE; "
+                        "default 8M; 0 = off)")
     s.add_argument("--checkpoint-dir", help="directory of checkpoints, shared with every server "
                    "(default: the --restore directory)")
     s.add_argument("--checkpoint-every", type=float, default=0.0, metavar="SECONDS",

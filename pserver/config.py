@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .wire import Limits
 
 SLOT_CACHE_DEFAULT = "64M"  # a server table's slot cache bound (pserver.store.slot_cache)
+REPLICA_KEY_CACHE_DEFAULT = "8M"  # key lists a master may keep at each replica (pserver.ft.list_refs)
 
 # variable name -> (field, type, help). The README's configuration table is this table.
 ENV_VARS: dict[str, tuple[str, type, str]] = {
@@ -47,6 +48,10 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_SLOT_CACHE": ("slot_cache", str, "servers: bytes of repeated key lists per table whose "
                                               "value slots are cached, skipping the hash index "
                                               "(k/M/G suffixes; 0 = off)"),
+    "PSERVER_REPLICA_KEY_CACHE": ("replica_key_cache", str, "bytes of key lists a master may keep "
+                                                            "stored at each of its replicas, so that "
+                                                            "repeated lists travel once (k/M/G; "
+                                                            "0 = off); set on the scheduler"),
     "PSERVER_MAX_MESSAGE_BYTES": ("max_message_bytes", int, "largest accepted message payload"),
     "PSERVER_MAX_KEYS": ("max_keys", int, "most keys accepted in one request"),
     "PSERVER_MAX_DIM": ("max_dim", int, "largest accepted value dimension"),
@@ -76,6 +81,7 @@ class Config:
     busy_poll: float = 0.0
     replicate_after_aggregation: bool = True
     slot_cache: str = SLOT_CACHE_DEFAULT
+    replica_key_cache: str = REPLICA_KEY_CACHE_DEFAULT
     max_message_bytes: int = 1 << 31
     max_keys: int = 1 << 28
     max_dim: int = 1 << 24
@@ -111,6 +117,7 @@ class Config:
             raise ConfigError("PSERVER_BUSY_POLL (--busy-poll) is seconds of busy polling: 0 (off) "
                               "or more")
         self.slot_cache_bytes  # noqa: B018 - raises ConfigError for a malformed size
+        self.replica_key_cache_bytes  # noqa: B018 - the same
         if min(self.max_message_bytes, self.max_keys, self.max_dim) < 1:
             raise ConfigError("PSERVER_MAX_MESSAGE_BYTES, PSERVER_MAX_KEYS and PSERVER_MAX_DIM must be >= 1")
         if self.scheduler:
@@ -123,6 +130,14 @@ class Config:
         except ConfigError:
             raise ConfigError(f"PSERVER_SLOT_CACHE (--slot-cache) {self.slot_cache!r} is not a size "
                               f"like 64M, 512k or 0 (off)") from None
+
+    @property
+    def replica_key_cache_bytes(self) -> int:
+        try:
+            return parse_size(str(self.replica_key_cache))
+        except ConfigError:
+            raise ConfigError(f"PSERVER_REPLICA_KEY_CACHE (--replica-key-cache) {self.replica_key_cache!r} "
+                              f"is not a size like 8M, 512k or 0 (off)") from None
 
     def with_(self, **changes: Any) -> Config:
         return replace(self, **changes)

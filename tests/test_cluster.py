@@ -240,3 +240,24 @@ def test_servers_serve_repeated_key_lists_from_their_slot_cache(cluster_factory,
         assert cache == {"lists": 0, "bytes": 0, "hits": 0, "misses": 0}
     else:  # stored on the second sighting, then every push and pull of it is a hit
         assert cache["lists"] == 1 and cache["hits"] == 8 and cache["misses"] == 2
+
+
+@pytest.mark.parametrize("size", ["8M", "0"])
+def test_masters_forward_a_repeated_key_list_once_per_replica(cluster_factory, size):
+    from .test_filters_cluster import _server_stats
+    cluster = cluster_factory(2, 1, replication=1, env={"PSERVER_REPLICA_KEY_CACHE": size})
+    with pserver.KVWorker(cluster.config(0)) as kv:
+        keys = np.unique(np.random.default_rng(5).integers(0, 2**64 - 1, 20000, dtype=np.uint64))
+        for i in range(6):
+            kv.wait(kv.push(keys, np.full(len(keys), i, np.float32)))
+        np.testing.assert_array_equal(kv.pull(keys), np.full(len(keys), sum(range(6))))
+        stats = _server_stats(kv)
+    repl = [s["replication"] for s in stats]
+    held = sum(n for r in repl for n in r["key_lists_held"].values())
+    keys_and_values = sum(r["bytes_forwarded"] for r in repl)
+    assert all(r["key_list_misses"] == 0 for r in repl)
+    if size == "0":
+        assert held == 0 and keys_and_values == 6 * len(keys) * 12
+    else:  # the master caches the list at its second push, which stores each part at its replica;
+        # from the third on the parts travel by name: keys twice, values six times
+        assert held == 2 and keys_and_values == 6 * len(keys) * 4 + 2 * len(keys) * 8

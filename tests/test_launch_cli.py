@@ -113,12 +113,13 @@ def test_keygen_cli(tmp_path):
     assert again.returncode == 1  # refuses to overwrite
 
 
-@pytest.mark.parametrize("flag, value, var, bad_env, says", [
-    ("--busy-poll", "-1", "PSERVER_BUSY_POLL", "-0.5", "busy polling"),
-    ("--slot-cache", "lots", "PSERVER_SLOT_CACHE", "-1", "is not a size"),
+@pytest.mark.parametrize("role, flag, value, var, bad_env, says", [
+    ("server", "--busy-poll", "-1", "PSERVER_BUSY_POLL", "-0.5", "busy polling"),
+    ("server", "--slot-cache", "lots", "PSERVER_SLOT_CACHE", "-1", "is not a size"),
+    ("scheduler", "--replica-key-cache", "8 megs", "PSERVER_REPLICA_KEY_CACHE", "-8M", "is not a size"),
 ])
-def test_bad_server_settings_are_clear_errors(flag, value, var, bad_env, says):
-    r = pserver_cli("server", flag, value, "--insecure",
+def test_bad_node_settings_are_clear_errors(role, flag, value, var, bad_env, says):
+    r = pserver_cli(role, flag, value, "--insecure",
                     env={"PSERVER_SCHEDULER": "127.0.0.1:1"}, timeout=60)
     assert r.returncode == 1
     assert f"{var} ({flag})" in r.stderr
@@ -130,3 +131,5 @@ def test_slot_cache_sizes_read_from_the_environment():
     assert pserver.Config.from_env({"PSERVER_SLOT_CACHE": "0"}).slot_cache_bytes == 0
     assert pserver.Config.from_env({"PSERVER_SLOT_CACHE": "512k"}).slot_cache_bytes == 512 << 10
     assert pserver.Config.from_env({}).slot_cache_bytes == 64 << 20
+    assert pserver.Config.from_env({}).replica_key_cache_bytes == 8 << 20
+    assert pserver.Config.from_env({"PSERVER_REPLICA_KEY_CACHE": "0"}).replica_key_cache_bytes == 0

@@ -32,10 +32,10 @@ def test_a_store_keeps_copies_within_its_bound_and_refuses_more():
     st.put(7, keys)
     keys[0] = 99                                 # the store holds a copy
     assert st.lists[7].tolist() == [0, 1, 2, 3]
-    with pytest.raises(ProtocolError, match="already stored"):
-        st.put(7, keys)
-    with pytest.raises(ProtocolError, match="exceed"):
-        st.put(8, np.arange(5, dtype=np.uint64))  # 32 + 40 bytes > 64
+    assert not st.put(8, np.arange(5, dtype=np.uint64))  # 32 + 40 bytes > 64: not stored
+    assert 8 not in st.lists and st.nbytes == 32
+    assert st.put(7, np.arange(2, dtype=np.uint64))      # stored again under 7: replaces it
+    assert st.lists[7].tolist() == [0, 1] and st.nbytes == 16
     st.drop([7, 12345])
     assert st.lists == {} and st.nbytes == 0
     st.put(8, np.arange(5, dtype=np.uint64))
@@ -85,6 +85,16 @@ def test_a_master_sends_a_repeated_list_once_per_replica_then_names_it():
     assert all("ks" in m.meta and len(m.arrays[0]) for _, m in cap.sent[6:])
 
 
+def test_with_the_setting_at_0_every_forward_carries_its_keys():
+    repl, cap = _replicator()
+    repl.ref_limit = 0
+    keys = _my_keys(repl, 3000)
+    memo: dict = {}
+    for i in range(3):
+        _forward(repl, keys, memo, ("w", i))
+    assert all("ks" not in m.meta and "kr" not in m.meta and len(m.arrays[0]) for _, m in cap.sent)
+
+
 def test_short_parts_travel_with_their_keys():
     repl, cap = _replicator()
     keys = _my_keys(repl, list_refs.MIN_KEYS)  # split over 2 replicas: both parts too short
@@ -94,7 +104,7 @@ def test_short_parts_travel_with_their_keys():
     assert all("ks" not in m.meta and "kr" not in m.meta and len(m.arrays[0]) for _, m in cap.sent)
 
 
-def test_the_master_evicts_lists_beyond_the_bound_and_tells_the_replica(monkeypatch):
+def test_the_master_evicts_lists_beyond_the_bound_and_tells_the_replica():
     repl, cap = _replicator()
     a, b = _my_keys(repl, 3000), _my_keys(repl, 2900)
     size = {(i, sid): np.arange(len(x))[sel].size * 8
@@ -103,7 +113,7 @@ def test_the_master_evicts_lists_beyond_the_bound_and_tells_the_replica(monkeypa
     small = 5 - big                               # the other one (servers 2 and 3)
     limit = max(size.values())                    # room for either part, not both, at `big`
     assert size[0, big] + size[1, big] > limit >= size[0, small] + size[1, small]
-    monkeypatch.setattr(list_refs, "REF_BYTES", limit)
+    repl.ref_limit = limit
     ma: dict = {}
     mb: dict = {}
     _forward(repl, a, ma)

@@ -10,9 +10,10 @@ values, and the replica takes the keys it stored. That saves the keys' bytes on 
 the one its slot cache holds (the stored array is the cached one, see ``adopt``).
 
 Bounds: the master decides what the replica keeps. It accounts the bytes of the lists stored at
-each replica (LRU, at most ``REF_BYTES``) and names the ids it evicts in the next forward ("kd");
-the replica drops those first, and refuses a store beyond the same bound. Ids are never reused, so
-a stale id cannot name another list.
+each replica (LRU, at most the cluster's ``replica_key_cache`` setting, default ``REF_BYTES``) and
+names the ids it evicts in the next forward ("kd"); the replica drops those first, and does not
+store past the same bound (the update is still applied; naming that list later is a miss). Ids are
+never reused, so a stale id cannot name another list.
 
 A miss (the replica does not hold a named list) means a forward was lost on a live link, or the
 replica refused a store: the replica refuses the whole message before applying any of it
@@ -27,9 +28,12 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..config import REPLICA_KEY_CACHE_DEFAULT, parse_size
 from ..errors import ProtocolError
 
-REF_BYTES = 1 << 23  # bytes of keys a master may keep stored at one replica (and a replica per master)
+# bytes of keys a master may keep stored at one replica (and a replica per master), unless the
+# cluster's setting (PSERVER_REPLICA_KEY_CACHE, on the scheduler) says otherwise
+REF_BYTES = parse_size(REPLICA_KEY_CACHE_DEFAULT)
 MIN_KEYS = 256       # shorter parts travel with their keys: an id would save little
 
 
@@ -88,16 +92,16 @@ class RefStore:
             if keys is not None:
                 self.nbytes -= keys.nbytes
 
-    def put(self, ref: int, keys: np.ndarray) -> None:
-        """Store a copy of ``keys`` (validated by the caller) under ``ref``; ProtocolError if that
-        would exceed the bound the master must keep to."""
-        if ref in self.lists:
-            raise ProtocolError(f"key list {ref} is already stored")
+    def put(self, ref: int, keys: np.ndarray) -> bool:
+        """Store a copy of ``keys`` (validated by the caller) under ``ref``, in place of a list
+        stored under it before; False (nothing stored) past the bound a master must keep to - a
+        later use of ``ref`` is then a miss, which the master recovers from."""
+        self.drop((ref,))
         if self.nbytes + keys.nbytes > self.limit:
-            raise ProtocolError(f"storing key list {ref} would exceed the {self.limit} bytes a master "
-                                f"may keep at a replica")
+            return False
         self.lists[ref] = keys.copy()
         self.nbytes += keys.nbytes
+        return True
 
     def adopt(self, ref: int, same: np.ndarray | None) -> None:
         """Hold ``same`` (an array equal to list ``ref``: the slot cache's own copy) instead of

@@ -109,6 +109,7 @@ class Replicator(Rebuilder):
         self.ref_stores: dict[int, RefStore] = {}
         self._in_flight: dict[int, list[tuple]] = {}
         self.ref_misses = 0
+        self.ref_limit = list_refs.REF_BYTES      # the cluster's replica_key_cache (0 = off)
 
     # -- configuration --------------------------------------------------------------------------
     def active(self) -> bool:
@@ -231,14 +232,14 @@ class Replicator(Rebuilder):
         """The keys of the part ``sel`` of ``keys`` for replica ``sid`` - or none, with meta "kr",
         if the replica holds them from an earlier forward of the same list (see list_refs). Only
         lists with a memo (cached, so likely to come back) are stored at the replica."""
-        if memo is None or self._split_key is None:
+        if memo is None or self._split_key is None or not self.ref_limit:
             return keys[sel]
         refs = memo.get("refs")
         if refs is None or refs[0] != self._split_key:  # a new split: new parts
             refs = memo["refs"] = (self._split_key, {})
         sender = self.ref_senders.get(sid)
         if sender is None:
-            sender = self.ref_senders[sid] = RefSender()
+            sender = self.ref_senders[sid] = RefSender(self.ref_limit)
         ref = refs[1].get(sid)
         if ref is not None and sender.use(ref):
             meta["kr"] = ref
@@ -281,7 +282,7 @@ class Replicator(Rebuilder):
         """The lists ``master`` stored at this server (created on first use)."""
         store = self.ref_stores.get(master)
         if store is None:
-            store = self.ref_stores[master] = RefStore()
+            store = self.ref_stores[master] = RefStore(self.ref_limit)
         return store
 
     def begin_batch(self) -> None:

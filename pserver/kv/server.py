@@ -719,6 +719,10 @@ class KVServer:
         k = int(settings.get("replication", 0))
         after = bool(settings.get("replicate_after_aggregation", True))
         self.repl.k, self.repl.after_aggregation = k, after
+        limit = settings.get("replica_key_cache")
+        if type(limit) is int and limit >= 0 and limit != self.repl.ref_limit:
+            self.repl.ref_limit = limit
+            self.repl.ref_senders.clear()  # accounts made for another bound
         new = view.ring
         if new is not None and (self.ring is None or new.version > self.ring.version):
             self._adopt_ring(new, copied=False)

@@ -254,7 +254,8 @@ class Scheduler:
             self.view.settings["restore"]["servers"] = servers
         self.view.settings.update({
             "replication": self.cfg.replication,
-            "replicate_after_aggregation": self.cfg.replicate_after_aggregation})
+            "replicate_after_aggregation": self.cfg.replicate_after_aggregation,
+            "replica_key_cache": self.cfg.replica_key_cache_bytes})
         self.view.version = 1
         self.started = True
         self.pending.clear()
