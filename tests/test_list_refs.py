@@ -54,6 +54,8 @@ def test_check_refs_follows_the_items_in_order():
     assert check_refs(st, [{"ks": 2}, {"kr": 2}])             # stored by an earlier item
     assert not check_refs(st, [{"kd": [1]}, {"kr": 1}])        # dropped by an earlier item
     assert check_refs(st, [{}, {"kf": "k"}])
+    assert not check_refs(st, [{"ks": 3}, {"kd": [3]}, {"kr": 3}])  # stored, then dropped again
+    assert check_refs(st, [{"kd": [1]}, {"ks": 1}, {"kr": 1}])      # dropped, then stored again
     for bad in ({"kd": 1}, {"kd": [[1]]}, {"kr": "1"}, {"ks": 1.5}):
         with pytest.raises(ProtocolError):
             check_refs(st, [bad])
@@ -190,6 +192,14 @@ def test_a_replica_applies_named_lists_and_refuses_a_message_naming_one_it_lacks
     for arrays in ([keys, ones], [np.zeros(0, np.uint64), ones[:7]]):
         reply = _ask(sock, Message("replicate_agg", 6, "default", named[2], arrays))
         assert (reply.op, reply.meta.get("kind")) == ("error", "ProtocolError"), reply
+    assert _values(kv, keys) == [5.0] * 300
+    # an item meant to store a list is refused (no such table): a later item naming it is refused
+    # too, with its own error, and the server goes on
+    bad_store = ["replicate_agg", "nope", {"kf": "k", "clk": [], "ks": 502}]
+    uses = ["replicate_agg", "default", {"kf": "k", "clk": [], "kr": 502}]
+    reply = _ask(sock, Message("repl_batch", 8, "", {"items": [bad_store, uses]},
+                               [keys, ones, np.zeros(0, np.uint64), ones]))
+    assert reply.op == "repl_ack" and reply.meta["errors"] == 2 and "nope" in reply.meta["error"]
     assert _values(kv, keys) == [5.0] * 300
     stats = _ask(sock, Message("stats", 7)).meta["replication"]
     assert stats["key_lists_held"] == {"77": 1}

@@ -115,17 +115,20 @@ class RefStore:
 def check_refs(store: RefStore | None, metas) -> bool:
     """True if every list the item metas ``metas`` name is held, in order: an item may name a
     list an earlier item of the same message stores, and not one an earlier item drops."""
-    held = set(store.lists) if store is not None else set()
+    lists = store.lists if store is not None else {}
+    added: set[int] = set()    # by earlier items of the message
+    dropped: set[int] = set()
     for meta in metas:
         drop, put, use = meta.get("kd"), meta.get("ks"), meta.get("kr")
         if drop is not None:
             if type(drop) is not list or not all(type(ref) is int for ref in drop):
                 raise ProtocolError("meta 'kd' must be a list of integer key list ids")
-            held.difference_update(drop)
+            dropped.update(drop)
+            added.difference_update(drop)
         if (put is not None and type(put) is not int) or (use is not None and type(use) is not int):
             raise ProtocolError("meta 'ks' and 'kr' must be integer key list ids")
         if put is not None:
-            held.add(put)
-        if use is not None and use not in held:
+            added.add(put)
+        if use is not None and use not in added and (use in dropped or use not in lists):
             return False
     return True

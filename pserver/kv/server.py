@@ -651,7 +651,10 @@ class KVServer:
             return keys, vals, (store, put)
         if len(msg.arrays) != 2 or len(msg.arrays[0]):
             raise ProtocolError("a forward naming a stored key list carries no keys, then its values")
-        keys = keyfmt.KeySet(keys=store.lists[use])
+        held = store.lists.get(use)
+        if held is None:  # an earlier item of the message was to store it, and was refused
+            raise ProtocolError(f"key list {use} is not held here")
+        keys = keyfmt.KeySet(keys=held)
         vals = keyfmt.push_values(msg.arrays[1], keys.n, table.spec.push_cols, table.dtype)
         return keys, vals, (store, use)
 
