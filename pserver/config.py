@@ -59,6 +59,14 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
 }
 
 
+def _size_setting(value: Any, name: str, example: str) -> int:
+    """Bytes of a size setting (k/M/G suffixes); ConfigError naming the setting if malformed."""
+    try:
+        return parse_size(str(value))
+    except ConfigError:
+        raise ConfigError(f"{name} {value!r} is not a size like {example}, 512k or 0 (off)") from None
+
+
 @dataclass
 class Config:
     """Settings of one node. Times in seconds, sizes in bytes."""
@@ -125,19 +133,11 @@ class Config:
 
     @property
     def slot_cache_bytes(self) -> int:
-        try:
-            return parse_size(str(self.slot_cache))
-        except ConfigError:
-            raise ConfigError(f"PSERVER_SLOT_CACHE (--slot-cache) {self.slot_cache!r} is not a size "
-                              f"like 64M, 512k or 0 (off)") from None
+        return _size_setting(self.slot_cache, "PSERVER_SLOT_CACHE (--slot-cache)", "64M")
 
     @property
     def replica_key_cache_bytes(self) -> int:
-        try:
-            return parse_size(str(self.replica_key_cache))
-        except ConfigError:
-            raise ConfigError(f"PSERVER_REPLICA_KEY_CACHE (--replica-key-cache) {self.replica_key_cache!r} "
-                              f"is not a size like 8M, 512k or 0 (off)") from None
+        return _size_setting(self.replica_key_cache, "PSERVER_REPLICA_KEY_CACHE (--replica-key-cache)", "8M")
 
     def with_(self, **changes: Any) -> Config:
         return replace(self, **changes)
