@@ -628,8 +628,9 @@ def run_replication(args, log: TextIO, servers: int) -> dict:
 def _windows(text: str) -> list[int]:
     """--windows "4,16,64" -> [4, 16, 64] (pushes in flight per worker, each >= 1)."""
     parts = [w.strip() for w in text.split(",")]
-    if not all(w.isdigit() and int(w) >= 1 for w in parts):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of windows >= 1, e.g. 4,32")
+    if not all(w.isdigit() and int(w) >= 1 for w in parts) or len({int(w) for w in parts}) < len(parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of different windows "
+                                         f">= 1, e.g. 4,16,64")
     return [int(w) for w in parts]
 
 
@@ -685,14 +686,11 @@ def main() -> None:
                         "default: the cluster's default, 8M)")
     p.add_argument("--out", default="benchmarks/results/recovery.json")
     args = p.parse_args()
-    try:
-        parse_size(args.slot_cache)
-    except ConfigError as e:
-        p.error(f"--slot-cache: {e}")
-    try:
-        parse_size(args.replica_key_cache)
-    except ConfigError as e:
-        p.error(f"--replica-key-cache: {e}")
+    for flag, size in (("--slot-cache", args.slot_cache), ("--replica-key-cache", args.replica_key_cache)):
+        try:
+            parse_size(size)
+        except ConfigError as e:
+            p.error(f"{flag}: {e}")
     os.environ["PSERVER_SLOT_CACHE"] = args.slot_cache  # the clusters' processes inherit them
     os.environ["PSERVER_REPLICA_KEY_CACHE"] = args.replica_key_cache
     parts = set(args.only.split(","))

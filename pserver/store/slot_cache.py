@@ -23,6 +23,10 @@ Memo: each entry also carries a dict for other facts derived from its list alone
 of the list by replica, with the ring version it was made for). :meth:`memo` hands it out for the
 very array object the last :meth:`get` or :meth:`offer` saw, so the caller needs no second
 comparison of the keys.
+
+Identity: a lookup of the very array an entry holds is a hit without comparing the keys.
+:meth:`own_copy` hands that array out (a replica keeps it for a list its master names instead of
+sending, pserver.ft.list_refs); nobody may change it.
 """
 
 from __future__ import annotations
