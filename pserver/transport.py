@@ -22,6 +22,8 @@ import zmq
 from . import security, wire
 from .config import Config, zmq_endpoint
 from .errors import ConfigError, PServerError
+from .link import ZmqLink
+from .link import recv_frames as recv
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,10 @@ class Transport:
         sock.connect(zmq_endpoint(host, port))
         return sock
 
+    def link(self, sock: zmq.Socket) -> ZmqLink:
+        """``sock`` (made by this transport) as a :class:`~pserver.link.Link` feeding its counters."""
+        return ZmqLink(sock, self.counters)
+
     def send(self, sock: zmq.Socket, msg: wire.Message, identity: bytes | None = None) -> None:
         """Send ``msg`` on ``sock`` (to ``identity`` on a ROUTER). Raises zmq.ZMQError as
         sock.send does (e.g. EHOSTUNREACH: a ROUTER's peer is gone)."""
@@ -195,19 +201,3 @@ class Transport:
         self._sockets.clear()
         self.creds.close()
         self.ctx.term()
-
-
-def recv(sock: zmq.Socket) -> list[zmq.Frame] | None:
-    """The frames of the next message waiting on ``sock`` (zero-copy), or None if there is none.
-    Reads the frames one by one, following each frame's more flag: the same as
-    ``recv_multipart(NOBLOCK, copy=False)`` at half its per-message cost (which asks the socket
-    for RCVMORE after every frame)."""
-    try:
-        frame = sock.recv(zmq.NOBLOCK, copy=False)
-    except zmq.Again:
-        return None
-    frames = [frame]
-    while frame.more:  # the rest of a message is there once its first frame is
-        frame = sock.recv(zmq.NOBLOCK, copy=False)
-        frames.append(frame)
-    return frames

@@ -1,0 +1,54 @@
+"""The in-memory link: the seam's test double behaves like a ROUTER/DEALER pair."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from pserver import wire
+from pserver.link import LinkError, MemoryHub, Poller
+
+
+def test_dealer_to_router_and_back_in_order():
+    hub = MemoryHub()
+    router = hub.router("server")
+    a, b = hub.dealer("server", b"a"), hub.dealer("server", b"b")
+    for i in range(3):
+        a.send(wire.Message("push", i, arrays=[np.arange(4, dtype=np.uint64)]))
+    b.send(wire.Message("pull", 9))
+    got = []
+    while (item := router.recv()) is not None:
+        ident, frames = item
+        got.append((ident, wire.decode(frames).ts))
+    assert got == [(b"a", 0), (b"a", 1), (b"a", 2), (b"b", 9)]
+    router.send(wire.Message("ack", 2), to=b"a")
+    ident, frames = a.recv()
+    assert ident is None and wire.decode(frames).op == "ack"
+    assert b.recv() is None
+
+
+def test_routed_send_to_an_unknown_or_closed_peer_raises():
+    hub = MemoryHub()
+    router = hub.router("server")
+    with pytest.raises(LinkError, match="no peer"):
+        router.send(wire.Message("ack", 1), to=b"nobody")
+    d = hub.dealer("server", b"d")
+    d.send(wire.Message("ping", 1))
+    d.close()
+    with pytest.raises(LinkError):
+        router.send(wire.Message("pong", 1), to=b"d")
+    with pytest.raises(LinkError, match="nothing listens"):
+        hub.dealer("elsewhere", b"x").send(wire.Message("ping", 1))
+
+
+def test_poller_wakes_on_a_send_from_another_thread():
+    hub = MemoryHub()
+    router = hub.router("server")
+    d = hub.dealer("server", b"d")
+    poller = Poller()
+    poller.register(router)
+    assert poller.poll(0) == []
+    t = threading.Timer(0.05, lambda: d.send(wire.Message("ping", 1)))
+    t.start()
+    assert poller.poll(5) == [router]
+    t.join()
