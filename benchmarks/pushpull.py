@@ -7,7 +7,7 @@ Cases (the foundation issue's):
   c  1,000 random uint64 keys: round trips/s with 1 request in flight, pushes/s with 16 in flight
   d  sparse lookup+update rate inside one server's store (keys/s), no network
 
-Usage: python benchmarks/pushpull.py [--seconds 3] [--curve] [--busy-poll S]
+Usage: python benchmarks/pushpull.py [--seconds 3] [--curve] [--busy-poll S] [--no-store]
                                      [--out benchmarks/results/pushpull.json]
   --curve also runs a, b, c on a CURVE-encrypted cluster and reports the slowdown against plain text.
   --busy-poll S (default 0.002) also runs a, b, c with the server busy-polling for S seconds after
@@ -166,6 +166,7 @@ def main() -> None:
     p.add_argument("--curve", action="store_true", help="also measure a CURVE-encrypted cluster")
     p.add_argument("--busy-poll", type=float, default=0.002,
                    help="also run with the server busy-polling this long (s; 0 = skip)")
+    p.add_argument("--no-store", action="store_true", help="skip case d (the store without network)")
     p.add_argument("--out", default="benchmarks/results/pushpull.json")
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -177,7 +178,8 @@ def main() -> None:
     if args.busy_poll:
         result["insecure_busy_poll"] = {"busy_poll_s": args.busy_poll,
                                         **run_cluster(args.seconds, True, args.busy_poll)}
-    result["d_store_lookup_update"] = store_index.run(n_table=10_000_000, n_query=1_000_000)
+    if not args.no_store:
+        result["d_store_lookup_update"] = store_index.run(n_table=10_000_000, n_query=1_000_000)
     if args.curve:
         result["curve"] = run_cluster(args.seconds, insecure=False)
         result["curve_slowdown"] = {

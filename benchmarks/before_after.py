@@ -1,0 +1,123 @@
+"""Before/after: this tree's benchmarks run against two installed versions of pserver, interleaved.
+
+Each round runs every part once with the base interpreter and once with this tree's (the order
+alternates between rounds, so drift of the machine's speed hits both alike), then reports the median
+of each case per side and the ratio after/before. The benchmark scripts are this tree's; the pserver
+they import is the interpreter's (a venv with the other checkout installed: `pip install -e`).
+
+Usage: python benchmarks/before_after.py --base-python OTHER/.venv/bin/python [--rounds 3]
+       [--parts pushpull,lr,replication] [--seconds 2] [--out benchmarks/results/before_after.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def _run(python: str, argv: list[str], out: str, timeout: float) -> dict:
+    subprocess.run([python, *argv, "--out", out], check=True, timeout=timeout,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    return json.loads(Path(out).read_text())
+
+
+def pushpull(python: str, args, out: str) -> dict:
+    """Ops/s of the message cases (plain text, no busy polling, no store case)."""
+    res = _run(python, [str(HERE / "pushpull.py"), "--seconds", str(args.seconds), "--busy-poll", "0",
+                        "--no-store"], out, 900)
+    return {f"pushpull.{case}": v["ops_per_s"] for case, v in res["insecure"].items()
+            if isinstance(v, dict)}
+
+
+def lr(python: str, args, out: str) -> dict:
+    """Examples/s of the sparse LR job (median pass after the first) and its training seconds."""
+    here, data = str(HERE), args.lr_data
+    code = (f"import json, sys; sys.path.insert(0, {here!r}); import lr; "
+            f"lr.ensure_data({data!r}, {args.lr_examples}); "
+            f"r = lr.run_ours({data!r}, 2, 2, 5.0, 2.0, {args.lr_epochs}, 16); "
+            f"json.dump({{'history': r['history'], 'train_seconds': r['train_seconds']}}, open({out!r}, 'w'))")
+    subprocess.run([python, "-c", code], check=True, timeout=1800, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    res = json.loads(Path(out).read_text())
+    steady = res["history"][1:] or res["history"]
+    return {"lr.examples_per_s": statistics.median(h["examples_per_s"] for h in steady),
+            "lr.train_seconds": res["train_seconds"]}
+
+
+def replication(python: str, args, out: str) -> dict:
+    """Pushes/s of every replication case at capacity (2 servers x 2 workers)."""
+    res = _run(python, [str(HERE / "recovery.py"), "--only", "replication", "--replication",
+                        args.replication, "--windows", args.windows, "--repeats", "1",
+                        "--seconds", str(args.seconds), "--warmup", "0.5"], out, 1800)
+    found = {}
+    for name, part in res.items():
+        if name.startswith("replication_") and isinstance(part, dict) and "capacity" in part:
+            for case, v in part["capacity"]["cases"].items():
+                found[f"{name}.{case}"] = v["pushes_per_s"]
+    return found
+
+
+PARTS = {"pushpull": pushpull, "lr": lr, "replication": replication}
+LOWER_IS_BETTER = ("train_seconds",)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base-python", required=True, help="interpreter with the 'before' pserver")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--parts", default="pushpull,lr,replication")
+    p.add_argument("--seconds", type=float, default=2.0, help="seconds per measured case")
+    p.add_argument("--replication", default="2x2", help="SERVERSxWORKERS of the replication part")
+    p.add_argument("--windows", default="16,64", help="windows of the replication part")
+    p.add_argument("--lr-examples", type=int, default=1_000_000)
+    p.add_argument("--lr-epochs", type=int, default=6)
+    p.add_argument("--lr-data", default=os.path.join(tempfile.gettempdir(), "pserver-bench-lr"))
+    p.add_argument("--out", default=str(HERE / "results" / "before_after.json"))
+    args = p.parse_args()
+    parts = [s for s in args.parts.split(",") if s]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}: choose from {sorted(PARTS)}")
+    sides = {"before": args.base_python, "after": sys.executable}
+    samples: dict[str, dict[str, list[float]]] = {"before": {}, "after": {}}
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        for rnd in range(args.rounds):
+            order = ["before", "after"] if rnd % 2 == 0 else ["after", "before"]
+            for part in parts:
+                for side in order:
+                    got = PARTS[part](sides[side], args, os.path.join(tmp, f"{side}.json"))
+                    for case, value in got.items():
+                        samples[side].setdefault(case, []).append(value)
+                    print(f"round {rnd} {part} {side}: {json.dumps(got)}", flush=True)
+    cases = {}
+    for case in sorted(samples["after"]):
+        before = statistics.median(samples["before"].get(case, [float("nan")]))
+        after = statistics.median(samples["after"][case])
+        ratio = after / before if before else float("nan")
+        faster = ratio < 1 if case.endswith(LOWER_IS_BETTER) else ratio > 1
+        cases[case] = {"before_median": round(before, 3), "after_median": round(after, 3),
+                       "after_vs_before": round(ratio, 3), "after_is_faster": faster,
+                       "before": samples["before"].get(case), "after": samples["after"][case]}
+    result = {"command": "python benchmarks/before_after.py " + " ".join(sys.argv[1:]),
+              "date": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count()},
+              "base_python": args.base_python, "rounds": args.rounds,
+              "seconds": round(time.time() - t0, 1), "cases": cases}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    for case, v in cases.items():
+        print(f"{case:60s} {v['before_median']:>12} {v['after_median']:>12} {v['after_vs_before']:>7}")
+
+
+if __name__ == "__main__":
+    main()
