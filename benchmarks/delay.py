@@ -1,60 +1,13 @@
 """Bounded delay: idle time and time to converge of sparse LR against tau (paper: "tau = 0: 50% idle;
 tau = 16: 1.7% idle; tau = 8 best trade-off, 1.6x faster than sequential").
 
-Setup at our scale: `pserver gen-data`-style synthetic data, L1-regularised logistic regression by
-Delayed Block Proximal Gradient (pserver.apps.lr) on a LocalCluster of 2 servers and 4 workers
-(real processes, loopback sockets). One worker is a straggler: on a random 25% of its iterations
-its work takes 2x as long (`--straggler RANK:2:0.25` of the LR worker: it sleeps for the CPU time
-of the iteration's gradient, push/pull sending and reply application, as a machine of half the
-speed would need; the sleep leaves its core to the others, as a slow machine would not take
-theirs). For each tau in {0, 1, 2, 4, 8, 16} the job runs until its objective is within 1% of the
-optimum F* (scikit-learn's liblinear solution of the same problem) or --max-epochs passes.
-
-Parameter choices (docs/consistency.md has the measurements behind them):
-- 64 blocks (4.9 passes at tau = 0). 32 blocks: 7.1 passes, about as fast sequentially (3.1 and
-  3.6 s against 3.6 and 2.6 s, interleaved, noisy machine) but tau = 2 does not reach the
-  objective in 25 passes. 128 blocks: 3.9 passes, but twice the iterations and an iteration's
-  cost is mostly per-message work: 3.2-3.8 s to the objective against 2.3-3.0 s with 64. The
-  data (36 non-zeros per row, power-law ids) couples the blocks strongly, so every iteration of
-  delay costs passes.
-- damping 0.3 above a free lag of 2 (curvature x 1 + 0.3 max(0, lag - 2)): the fewest passes at
-  tau = 2 and 4 among the damping rules tried with --simulate that converge at every tau (none:
-  diverges at tau >= 4; 1 + 0.1 lag: diverges at 4 and 8; 1 + 0.2 lag: 7.5 / 10.2 / 15.7 passes
-  at tau = 2 / 4 / 8 against 5.9 / 9.0 / 17.0).
-- 2 servers + 4 workers + the scheduler on the machine's 2 cores, replication off (isolates
-  consistency). One server (a noisy A/B, load 9-11) ran sequential faster (0.41-0.51 s per pass
-  against 0.75) but gained nothing from delay (tau = 2: 0.46-0.60 s per pass): its one process
-  serialises every round.
-- each process on a fixed core (--pin, default; --no-pin leaves placement to the kernel): on a
-  cluster every process has a machine of its own; here the kernel otherwise moves 7 processes
-  that exchange messages every millisecond between 2 cores. Pinned round robin (2 workers and a
-  server per core, the scheduler on core 0) the job needed 0.62-0.71 instead of 0.79-0.93 CPU
-  seconds per pass at every tau (sequential 0.42 instead of 0.62 s per pass), and the workers
-  progressed at more equal rates (idle at tau = 8 over tau = 0: 0.21 against 0.36).
-
-Reported per tau (medians over --reps runs; every run is kept in the JSON):
-- idle share: time the workers spent waiting (on dependencies + on the network) over the time
-  they tracked (computing + waiting), summed over the 4 workers (pserver.consistency.IdleTimer);
-- time to objective: wall seconds of training (after data loading) until the objective is within
-  1% of F* (the objective is known at the end of every pass on rank 0; the crossing is
-  interpolated linearly between the two passes around it); passes needed;
-- the CPU during training (sampled from /proc): the machine's busy share of its cores, the cores
-  the job used, its CPU seconds per pass, and from them the least time a pass could take if the
-  job had every core the other processes left it. The summary's cpu_bound_speedup_ceiling is
-  tau = 0's seconds per pass over that floor: no consistency model can gain more per pass, since
-  asynchrony only fills idle cores;
-- with --simulate, the passes each tau needs when every gradient runs with exactly tau
-  iterations unapplied, computed in this process (no cluster, no machine noise).
-Targets checked: idle share at tau=8 <= 1/5 of tau=0's; the best tau >= 1.3x faster than tau=0;
-every run reaches the objective. A PNG plot of both curves is written for docs/consistency.md.
-Other engineers share the machine: run under `flock /tmp/pserver-bench.lock`; the load average
-before each run and the machine's busy share are recorded, and a sweep may be split into parts
-(--taus, --reps) and joined with --merge.
+DBPG on 2 servers x 4 workers with one straggler, each tau in {0, 1, 2, 4, 8, 16} run until the
+objective is within 1% of scikit-learn's optimum; reports idle share, time to objective, passes and
+CPU per tau (--simulate: passes under an exact delay, in process). Parameter choices, pinning and
+targets: docs/benchmarks.md.
 
 Usage: python benchmarks/delay.py [--examples 400000] [--reps 2] [--out benchmarks/results/delay.json]
-       [--plot docs/img/delay.png] [--data-dir DIR] [--simulate] [--merge PART.json ...]
-       [--baseline OTHER.json] [--no-pin]
-"""
+       [--plot docs/img/delay.png] [--data-dir DIR] [--simulate] [--merge PART.json ...]"""
 
 from __future__ import annotations
 

@@ -1,25 +1,12 @@
 """Sparse logistic regression: pserver's DBPG on a real local cluster against Vowpal Wabbit.
 
-Data: `pserver gen-data` with 1M training examples (plus 100k held out) x ~40 non-zeros over 2**22
-ids, written once as libsvm and as VW text (same examples).
-Ours: 2 servers x 2 workers (LocalCluster: real processes, loopback sockets), L1 logistic
-regression, held-out logloss/AUC after every pass (scoring time is not counted).
-VW: `python -m vowpalwabbit` (the package's CLI entry), --loss_function logistic --l1 L
---passes 3 --holdout_off with a cache; wall time of training from the text file, then held-out
-scoring. Several --l1 values are tried and the best held-out logloss is reported.
-
-Reports examples/s per pass (per worker and total), time to reach within 1% of the optimum
-(estimated as the best objective of the run), and time to reach VW's held-out logloss on VW's
-clock: from launching the processes (VW: `python -m vowpalwabbit ...` until it exits; ours: from
-starting the cluster until the end of the first pass at VW's logloss, so including cluster and
-worker start-up, reading and set-up; our held-out scoring and reading of the held-out file are
-taken off). The in-worker clock (from the worker's start, after process launch) is reported too.
-The machine is shared, so VW and ours run alternately --repeat times and the best time of each is
-reported, with the load average of every run.
+Generated data (1 M examples + 100 k held out, ~40 non-zeros over 2**22 ids) as libsvm and VW text;
+ours on 2 servers x 2 workers, VW with several --l1 values. Reports examples/s per pass, time to
+within 1% of the optimum and time to VW's held-out logloss from process launch; the two run
+alternately --repeat times (shared machine). Method and clocks: docs/benchmarks.md.
 
 Usage: python benchmarks/lr.py [--examples 1000000] [--epochs 12] [--blocks 16] [--tau 0]
-       [--repeat 2] [--data-dir DIR] [--out benchmarks/results/lr.json]
-"""
+       [--repeat 2] [--data-dir DIR] [--out benchmarks/results/lr.json]"""
 
 from __future__ import annotations
 

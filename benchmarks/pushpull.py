@@ -1,20 +1,11 @@
 """Push/pull throughput and latency on a real local cluster (1 scheduler + 1 server + this process as
-the worker), over ZeroMQ on loopback.
-
-Cases (the foundation issue's):
-  a  1,000,000 dense keys x 1 float32: push+pull round trips/s
-  b  1 key x 1,000,000 float32 (a 4 MB tensor): pushes/s and payload GB/s
-  c  1,000 random uint64 keys: round trips/s with 1 request in flight, pushes/s with 16 in flight
-  d  sparse lookup+update rate inside one server's store (keys/s), no network
+the worker), over ZeroMQ on loopback: (a) 1 M dense keys push+pull, (b) a 4 MB tensor push,
+(c) 1,000 random keys with 1 and 16 in flight, (d) the store's lookup+update rate (no network).
+--curve also runs a-c encrypted; --busy-poll S also with a busy-polling server (0 skips it).
+Records the CPU time per request of worker and server. Method: docs/benchmarks.md.
 
 Usage: python benchmarks/pushpull.py [--seconds 3] [--curve] [--busy-poll S] [--no-store]
-                                     [--out benchmarks/results/pushpull.json]
-  --curve also runs a, b, c on a CURVE-encrypted cluster and reports the slowdown against plain text.
-  --busy-poll S (default 0.002) also runs a, b, c with the server busy-polling for S seconds after
-    each request (PSERVER_BUSY_POLL, off by default: it suits a server with a core of its own; here
-    the server and this worker share the machine's 2 cores). 0 skips that run.
-Each run also records the CPU time per request of the worker (this process) and of the server.
-"""
+                                     [--out benchmarks/results/pushpull.json]"""
 
 from __future__ import annotations
 

@@ -1,46 +1,12 @@
-"""Fault tolerance on a real local cluster: recovery after a server is SIGKILLed, throughput while a
-server joins, and the cost of replication. Writes JSON (with the command line and machine facts) and
-prints a short summary.
-
-1. recovery: 3 servers, k=1, this process as the worker. It keeps one single-key push in flight per
-   segment of the key ring (one key per virtual server), SIGKILLs one server, and at once issues one
-   fresh push per segment (a probe). A segment's recovery time is the time from the kill to the
-   acknowledgement of its probe: the first push issued after the kill to succeed. Segments the victim
-   mastered fail over to their replica; segments it replicated stall until their master drops it.
-   Each kill is broken down into detection (the scheduler marks the victim dead; polled every 5 ms),
-   the worker receiving the new ring (its heartbeat thread), and the resend to the heir (which refuses
-   with WrongOwner until it too has the ring). A fresh cluster per kill; the victim rotates.
-2. join: 3 servers, k=1, W workers pushing 10k-key pushes; a fourth server joins (two-phase
-   migration). Throughput before, while the joiner starts, during the migration and after it.
-3. replication cost: 4 servers (then 2: one per core of this machine), 2 workers (then 4: aggregation
-   merges n pushes into one replicated update, so its saving grows with n), 10k-key pushes;
-   an asynchronous table with k=0, 1, 2; a synchronous one (every worker pushes every round) with
-   k=0, 1, 2 and replicate-after-aggregation on and off, each worker pushing its own random keys
-   ("sync": nothing for aggregation to merge); and the same with every worker pushing the same keys
-   in a round ("shared": the case aggregation is for - n pushes of a key, one replicated update).
-   Each worker cycles through KEY_SETS key sets (--key-sets, default 8: its blocks of data, which
-   the servers' slot caches serve from their third push; 2048 outgrow the caches).
-   With 4 servers a master's virtual servers have their replicas on all 3 others, so each round
-   fans out to 3 replicas; with 2 each server replicates everything to the other. Also the
-   servers' CPU seconds per push (from /proc), which does not depend on how many cores the machine
-   has, the messages they send per push and the median time from a push to its acknowledgement.
-   Every case runs with each worker keeping WINDOW pushes in flight, for each of --windows
-   (default 4, 16 and 64): replication adds a round trip to the replicas to every acknowledgement,
-   which a shallow window exposes and a deep one hides. A case's capacity is its best rate over
-   the windows; the target is judged on capacity, and the JSON has every window.
-4. rebuild: in process, what re-replication after a failover costs a surviving server's request
-   loop for 0.25M, 1M and 4M keys stored: Replicator.plan_rebuild (once, before it answers anything)
-   and the rebuild_step calls that send the copies in chunks between request bursts.
+"""Fault tolerance on a real local cluster: (1) recovery after a server is SIGKILLed, (2) throughput
+while a server joins, (3) the cost of replication (k=0/1/2, async and sync tables, replicate after
+aggregation on and off, windows of pushes in flight), (4) re-replication's cost to a server's loop.
+Writes JSON and a summary; cluster output goes to a log file. Method: docs/benchmarks.md.
 
 Usage: python benchmarks/recovery.py [--only recovery,rebuild,join,replication] [--kills 10]
            [--recovery 0.6:1000000,0.6:0,0.3:0:5] [--seconds 3] [--workers 2] [--repeats 2]
            [--replication 4x2,2x2,4x4,2x4] [--windows 4,16,64] [--key-sets 8] [--slot-cache 64M]
-           [--replica-key-cache 8M]
-           [--out benchmarks/results/recovery.json]
---recovery lists HEARTBEAT_TIMEOUT:STORED_KEYS[:KILLS] configurations (default: the default timeout with
-1M keys stored and with an empty table, and a 0.3 s timeout).
-Cluster output goes to a log file in a temporary directory (its path is printed).
-"""
+           [--replica-key-cache 8M] [--out benchmarks/results/recovery.json]"""
 
 from __future__ import annotations
 

@@ -1,17 +1,11 @@
-"""Where the servers' CPU goes with and without replication: the throughput run of
-benchmarks/recovery.py (W workers pushing PUSH_KEYS-key pushes into a 1 M-key table) with k=0 and
-k=1, every server started through this script, which times the main steps of the server loop in
-thread CPU time (time.thread_time_ns) during the measured window only. Writes JSON: per step,
-microseconds per push, calls per push and microseconds per call. Steps nest (a burst contains the
-requests it serves), so the rows do not add up; "lookup"/"update" are split by who applies: the
-master, or the replica applying forwarded updates.
-
-The timers cost CPU themselves (a Python wrapper per call), so the push rates here are lower than
-recovery.py's; compare steps within one run.
+"""Where the servers' CPU goes with and without replication: recovery.py's throughput run with k=0
+and k=1, every server timing the main steps of its loop in thread CPU time during the measured
+window. Writes JSON: per step, microseconds per push, calls per push, microseconds per call (steps
+nest, so rows do not add up; the timers cost CPU: compare steps within one run). Method:
+docs/benchmarks.md.
 
 Usage: python benchmarks/replication_breakdown.py [--servers 2] [--workers 2] [--mode shared]
-           [--push-keys 10000] [--out benchmarks/results/replication_breakdown.json]
-"""
+           [--push-keys 10000] [--out benchmarks/results/replication_breakdown.json]"""
 
 from __future__ import annotations
 

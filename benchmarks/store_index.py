@@ -1,15 +1,9 @@
 """Benchmark of the server store (pserver.store.Table): hash-indexed lookup+update, inserts, the
-dense-run fast path, memory per key, and the cold start of a process that uses a table.
+dense-run fast path, the slot cache, memory per key, and the cold start of a process using a table.
+Writes JSON (default benchmarks/results/store_index.json); ``run()`` is importable. Rates are keys
+per second, best of ``repeats`` timings. Method: docs/benchmarks.md.
 
-    python benchmarks/store_index.py [--n-table 10000000] [--n-query 1000000] [--out PATH]
-
-Writes JSON (default benchmarks/results/store_index.json). ``run()`` is importable by other
-benchmarks. Rates are keys per second, best of ``repeats`` timings (steady state, no page faults).
-
-The timed tables have no slot cache, so a push or pull of the same list again goes through the
-hash index every time (what a list never seen before costs); "push_cached_list_keys_per_s" is the
-same push with the slot cache on, which serves a list from its third sighting.
-"""
+    python benchmarks/store_index.py [--n-table 10000000] [--n-query 1000000] [--out PATH]"""
 
 from __future__ import annotations
 

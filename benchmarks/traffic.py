@@ -1,29 +1,12 @@
 """Traffic of the sparse-LR job with and without filters (the paper's traffic figure, our scale).
 
-Job: `pserver train lr` (DBPG, L1 logistic regression) on 2 servers x 2 workers (LocalCluster:
-real processes, loopback sockets), on data from `pserver gen-data` with about 1M feature ids
-(2**20 id space, power-law frequencies, ~40 features per example). Every run starts from scratch
-and runs to convergence (--tol, at most --epochs passes); with the KKT filter that includes the
-active-set reset (a full pass once converged). Runs differ only in the weight table's filters:
-
-  none          no filter
-  key_cache     push and pull requests name cached key lists by signature
-  compress      zero values dropped, keys delta-coded, frames zstd-compressed
-  kkt           the KKT filter on pushes (skip k when w_k = 0 and |g_k| is small; see
-                DBPGConfig.push_filters for the threshold each worker uses)
-  all           kkt + key_cache + compress on pushes; key_cache + compress (+ precision, see
-                --all-pull) on pulls
-
-Measured per run: data-plane bytes sent by the workers (push and pull requests) and by the servers
-(pull replies and acks), summed over nodes - counted by the workers' transports: every byte a
-server sends to a worker is a byte that worker receives (membership traffic is excluded) - and
-the final objective. Each configuration is also run with 0 passes: that is the job's setup
-exchange (per-key holder counts and column masses), so the passes' own traffic is the
-difference. Writes JSON and a bar chart (PNG).
+`pserver train lr` on 2 servers x 2 workers, generated data, each run to convergence; runs differ
+only in the weight table's filters (none, key_cache, compress, kkt, all). Measures the data-plane
+bytes of workers and servers and the final objective; a 0-pass run of each isolates the set-up
+exchange. Writes JSON and a bar chart. Method: docs/benchmarks.md.
 
 Usage: python benchmarks/traffic.py [--examples 300000] [--l1 4] [--tol 2e-4] [--data-dir DIR]
-       [--out benchmarks/results/traffic.json] [--png benchmarks/results/traffic.png]
-"""
+       [--out benchmarks/results/traffic.json] [--png benchmarks/results/traffic.png]"""
 
 from __future__ import annotations
 

@@ -23,43 +23,138 @@ from . import logs
 from .config import ENV_VARS, Config
 from .errors import PServerError
 
+# Settings one role alone reads: a flag of that role's command only. Every other PSERVER_* setting is
+# a flag of every node command. `pserver launch` takes all of them (see launch_cluster_kwargs).
+ROLE_SETTINGS = {"scheduler": ("replication", "replicate_after_aggregation", "replica_key_cache"),
+                 "server": ("busy_poll", "slot_cache")}
+_SETTING_VAR = {name: (var, typ, text) for var, (name, typ, text) in ENV_VARS.items()}
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", help="host:port of the scheduler (PSERVER_SCHEDULER)")
-    p.add_argument("--host", help="address to bind and advertise (PSERVER_HOST)")
-    p.add_argument("--port", type=int, help="port to bind, 0 = any (PSERVER_PORT)")
-    p.add_argument("--keys", help="key directory from `pserver keygen` (PSERVER_KEYS)")
-    p.add_argument("--insecure", action="store_true", default=None,
-                   help="plain text, no authentication (PSERVER_INSECURE=1); logs a warning")
-    p.add_argument("--num-servers", type=int, help="PSERVER_NUM_SERVERS")
-    p.add_argument("--num-workers", type=int, help="PSERVER_NUM_WORKERS")
-    p.add_argument("--rank", type=int, help="requested rank (PSERVER_RANK)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (PSERVER_LOG_LEVEL)")
-    p.add_argument("--max-message-bytes", type=int,
-                   help="largest accepted message payload in bytes (PSERVER_MAX_MESSAGE_BYTES)")
-    p.add_argument("--max-keys", type=int, help="most keys in one request (PSERVER_MAX_KEYS)")
-    p.add_argument("--max-dim", type=int, help="largest value dimension (PSERVER_MAX_DIM)")
+# Options of a role that are not PSERVER_* settings: (flags, argparse keywords); one definition for
+# the role's command and for `pserver launch`, which hands them to that role's processes.
+ROLE_OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
+    "scheduler": [
+        (("--keep-alive",), dict(action="store_true", help="keep running after every worker "
+                                                           "has left")),
+        (("--checkpoint-dir",), dict(help="directory of checkpoints, shared with every server "
+                                          "(default: the --restore directory)")),
+        (("--checkpoint-every",), dict(type=float, default=0.0, metavar="SECONDS",
+                                       help="write a checkpoint this often (default 0: only on "
+                                            "`pserver checkpoint`)")),
+        (("--checkpoint-keep",), dict(type=int, default=3, metavar="N",
+                                      help="complete checkpoints kept; older ones are deleted "
+                                           "(default 3)")),
+        (("--restore",), dict(metavar="DIR", help="start from the latest checkpoint in DIR, or "
+                                                  "from DIR/ckpt-NNNNNN (any number of servers)")),
+    ],
+    "server": [
+        (("--join",), dict(action="store_true",
+                           help="join a running cluster (a server registering after the start "
+                                "always joins: it receives its key ranges by a live two-phase "
+                                "migration)")),
+        (("--plugin",), dict(action="append", metavar="MODULE",
+                             help="import this module first (it may register update functions); "
+                                  "repeatable")),
+    ],
+}
+
+# settings `pserver launch` decides for the whole cluster (the scheduler is its own; ranks follow
+# the order of start), and those it takes as arguments of LocalCluster rather than as settings
+_LAUNCH_DECIDES = ("scheduler", "rank")
+_LAUNCH_OWN = ("num_servers", "num_workers", "host", "port", "keys", "insecure", "log_level")
+_LAUNCH_FLAGS = {"num_servers": ("-s", "--servers"), "num_workers": ("-w", "--workers")}
+_LAUNCH_HELP = {"port": "scheduler port (default: a free one)",
+                "host": "address to bind (default 127.0.0.1)",
+                "keys": "use these keys instead of fresh ephemeral ones",
+                "num_servers": "servers to start (default 1)",
+                "num_workers": "worker processes, one per rank, each running the command "
+                               "(default 1)"}
+
+
+_METAVAR = {"scheduler": "HOST:PORT", "host": "HOST", "keys": "DIR", "log_level": "LEVEL",
+            "slot_cache": "BYTES", "replica_key_cache": "BYTES", "max_message_bytes": "BYTES"}
+
+
+def _switch(raw: str) -> bool:
+    """A boolean setting's value on the command line: 1/0, true/false, yes/no, on/off."""
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{raw!r} is not 1 or 0")
+
+
+def _add_setting(p: argparse.ArgumentParser, name: str, *, default=None, flags: tuple = (),
+                 help: str | None = None) -> None:
+    var, typ, text = _SETTING_VAR[name]
+    kw: dict = dict(dest=name, default=default, help=help or f"{text} ({var})")
+    if typ is bool and getattr(Config, name) is False:  # off by default: a switch (--insecure)
+        kw.update(action="store_const", const=True)
+    elif typ is bool:  # on by default: --replicate-after-aggregation 0 turns it off
+        kw.update(type=_switch, metavar="1|0")
+    else:
+        kw.update(type=typ, metavar=_METAVAR.get(name) or {int: "N", float: "SECONDS"}[typ])
+    p.add_argument(*flags, "--" + name.replace("_", "-"), **kw)
+
+
+def _node_settings(p: argparse.ArgumentParser, role: str | None = None) -> None:
+    """Flags for the PSERVER_* settings every node reads, plus those ``role`` alone reads."""
+    own = {n for names in ROLE_SETTINGS.values() for n in names}
+    for name in _SETTING_VAR:
+        if name not in own or name in ROLE_SETTINGS.get(role, ()):
+            _add_setting(p, name)
+
+
+def _role_command(p: argparse.ArgumentParser, role: str) -> None:
+    _node_settings(p, role)
+    for flags, kw in ROLE_OPTIONS[role]:
+        p.add_argument(*flags, **kw)
+
+
+def _launch_options(p: argparse.ArgumentParser) -> None:
+    """Every option of `pserver scheduler` and `pserver server`, but the ones launch decides."""
+    for name in _SETTING_VAR:
+        if name not in _LAUNCH_DECIDES:
+            default = 1 if name in _LAUNCH_FLAGS else None
+            _add_setting(p, name, default=default, flags=_LAUNCH_FLAGS.get(name, ()),
+                         help=_LAUNCH_HELP.get(name))
+    for role, options in ROLE_OPTIONS.items():
+        group = p.add_argument_group(f"passed to the {role}")
+        for flags, kw in options:  # SUPPRESS: only the options given are passed on
+            group.add_argument(*flags, **{**kw, "default": argparse.SUPPRESS})
+
+
+def launch_cluster_kwargs(args: argparse.Namespace) -> dict:
+    """LocalCluster keywords for a parsed ``pserver launch``: its own arguments, every other setting
+    given (PSERVER_* variables of every process), and each role's options as that role's argv."""
+    kw = {name: getattr(args, name) for name in _LAUNCH_OWN}
+    kw["settings"] = {name: getattr(args, name) for name in _SETTING_VAR
+                      if name not in _LAUNCH_DECIDES + _LAUNCH_OWN
+                      and getattr(args, name) is not None}
+    for role, options in ROLE_OPTIONS.items():
+        argv: list[str] = []
+        for flags, opt in options:
+            dest = flags[0].lstrip("-").replace("-", "_")
+            if not hasattr(args, dest):
+                continue
+            value = getattr(args, dest)
+            if opt.get("action") == "store_true":
+                argv += [flags[0]] if value else []
+            elif opt.get("action") == "append":
+                argv += [a for v in value for a in (flags[0], str(v))]
+            else:
+                argv += [flags[0], str(value)]
+        kw[f"{role}_args"] = argv
+    return kw
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return Config.from_env(scheduler=args.scheduler, host=args.host, port=args.port,
-                           keys=args.keys, insecure=args.insecure, num_servers=args.num_servers,
-                           num_workers=args.num_workers, rank=args.rank,
-                           log_level=args.log_level, max_message_bytes=args.max_message_bytes,
-                           max_keys=args.max_keys, max_dim=args.max_dim)
+    return Config.from_env(**{name: getattr(args, name, None) for name in _SETTING_VAR})
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
     from .membership.scheduler import Scheduler
 
     cfg = _config(args)
-    if args.replication is not None:
-        cfg.replication = args.replication
-    if args.replicate_after_aggregation is not None:
-        cfg.replicate_after_aggregation = bool(args.replicate_after_aggregation)
-    if args.replica_key_cache is not None:
-        cfg = cfg.with_(replica_key_cache=args.replica_key_cache)
-    cfg.validate()
     logs.setup_logging(cfg.log_level, "scheduler")
     Scheduler(cfg, exit_when_workers_done=not args.keep_alive, checkpoint_dir=args.checkpoint_dir,
               checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
@@ -71,11 +166,6 @@ def cmd_server(args: argparse.Namespace) -> int:
     from .kv.server import KVServer
 
     cfg = _config(args)
-    if args.busy_poll is not None:
-        cfg = cfg.with_(busy_poll=args.busy_poll)
-    if args.slot_cache is not None:
-        cfg = cfg.with_(slot_cache=args.slot_cache)
-    cfg.validate()
     logs.setup_logging(cfg.log_level, "server")
     for mod in args.plugin or []:
         importlib.import_module(mod)  # registers user update functions (register_updater)
@@ -92,9 +182,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
               "`pserver launch -s 2 -w 4 -- python train.py`", file=sys.stderr)
         return 2
     logs.setup_logging(args.log_level or "WARNING", "launcher")
-    cluster = LocalCluster(args.servers, args.workers, host=args.host or "127.0.0.1",
-                           port=args.port or 0, insecure=bool(args.insecure), keys=args.keys,
-                           log_level=args.log_level)
+    kw = launch_cluster_kwargs(args)
+    cluster = LocalCluster(kw.pop("num_servers"), kw.pop("num_workers"),
+                           host=kw.pop("host") or "127.0.0.1", port=kw.pop("port") or 0,
+                           insecure=bool(kw.pop("insecure")), **kw)
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt
@@ -102,8 +193,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         with cluster:
-            print(f"pserver: scheduler at {cluster.scheduler}, {args.servers} servers, "
-                  f"{args.workers} workers" + ("" if args.insecure else
+            print(f"pserver: scheduler at {cluster.scheduler}, {args.num_servers} servers, "
+                  f"{args.num_workers} workers" + ("" if args.insecure else
                                              f", keys in {cluster.keys}"), file=sys.stderr)
             return cluster.run_workers(cmd)
     except KeyboardInterrupt:
@@ -214,65 +305,30 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("scheduler", help="run the scheduler")
-    _common(s)
-    s.add_argument("--keep-alive", action="store_true",
-                   help="keep running after every worker has left")
-    s.add_argument("--replication", type=int, help="replicas per key range, k (PSERVER_REPLICATION, "
-                                                   "default 1)")
-    s.add_argument("--replicate-after-aggregation", type=int, choices=(0, 1),
-                   help="1: replicate a synchronous round's aggregated update once (default); 0: "
-                        "replicate every worker's push (PSERVER_REPLICATE_AFTER_AGGREGATION)")
-    s.add_argument("--replica-key-cache", metavar="BYTES",
-                   help="bytes of key lists a master may keep stored at each replica, so that a "
-                        "repeated list is forwarded once and named after that (PSERVER_REPLICA_KEY_CACHE; "
-                        "default 8M; 0 = off)")
-    s.add_argument("--checkpoint-dir", help="directory of checkpoints, shared with every server "
-                   "(default: the --restore directory)")
-    s.add_argument("--checkpoint-every", type=float, default=0.0, metavar="SECONDS",
-                   help="write a checkpoint this often (default 0: only on `pserver checkpoint`)")
-    s.add_argument("--checkpoint-keep", type=int, default=3, metavar="N",
-                   help="complete checkpoints kept; older ones are deleted (default 3)")
-    s.add_argument("--restore", metavar="DIR",
-                   help="start from the latest checkpoint in DIR, or from DIR/ckpt-NNNNNN (any "
-                        "number of servers)")
+    _role_command(s, "scheduler")
     s.set_defaults(fn=cmd_scheduler)
 
     s = sub.add_parser("server", help="run a server")
-    _common(s)
-    s.add_argument("--join", action="store_true",
-                   help="join a running cluster (a server registering after the start always "
-                        "joins: it receives its key ranges by a live two-phase migration)")
-    s.add_argument("--plugin", action="append",
-                   help="import this module first (it may register update functions)")
-    s.add_argument("--busy-poll", type=float, metavar="SECONDS",
-                   help="keep polling without sleeping this long after a request: lower latency "
-                        "for a server with a core of its own (PSERVER_BUSY_POLL; default 0)")
-    s.add_argument("--slot-cache", metavar="BYTES",
-                   help="bytes of repeated key lists per table whose value slots are cached, so "
-                        "their pushes and pulls skip the hash index (PSERVER_SLOT_CACHE; "
-                        "default 64M; 0 = off)")
+    _role_command(s, "server")
     s.set_defaults(fn=cmd_server)
 
-    s = sub.add_parser("launch", help="run a local cluster and a worker command per rank")
-    s.add_argument("-s", "--servers", type=int, default=1)
-    s.add_argument("-w", "--workers", type=int, default=1)
-    s.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="scheduler port (default: a free one)")
-    s.add_argument("--keys", help="use these keys instead of fresh ephemeral ones")
-    s.add_argument("--insecure", action="store_true", help="plain text (warns)")
-    s.add_argument("--log-level", help="log level of the cluster's processes")
+    s = sub.add_parser("launch", help="run a local cluster and a worker command per rank",
+                       description="A local cluster: the scheduler, -s servers and -w workers, each "
+                                   "worker running the command. Takes every option of `pserver "
+                                   "scheduler` and `pserver server` (but --scheduler and --rank).")
+    _launch_options(s)
     s.add_argument("command", nargs=argparse.REMAINDER, help="-- then the worker command")
     s.set_defaults(fn=cmd_launch)
 
     s = sub.add_parser("status", help="print the cluster view")
-    _common(s)
+    _node_settings(s)
     s.add_argument("--json", action="store_true")
     s.add_argument("--role", help="credentials to use (default: the first secret found)")
     s.add_argument("--timeout", type=float, default=5.0)
     s.set_defaults(fn=cmd_status)
 
     s = sub.add_parser("consistency", help="show or change an application's consistency model")
-    _common(s)
+    _node_settings(s)
     s.add_argument("model", nargs="?", help="sequential | eventual | bounded_delay:TAU")
     s.add_argument("--tau", type=int, help="shorthand for bounded_delay:TAU")
     s.add_argument("--app", help="the application (e.g. lr); required to change the model")
@@ -282,7 +338,7 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_consistency)
 
     s = sub.add_parser("checkpoint", help="write a checkpoint of every table now")
-    _common(s)
+    _node_settings(s)
     s.add_argument("--dir", help="checkpoint directory (default: the scheduler's --checkpoint-dir)")
     s.add_argument("--json", action="store_true")
     s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait (default 600)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -170,6 +171,22 @@ class Config:
                 continue
             out[var] = ("1" if val else "0") if typ is bool else str(val)
         return out
+
+
+def settings_env(settings: Mapping[str, Any]) -> dict[str, str]:
+    """The PSERVER_* variables of Config fields (``{"max_keys": 10}`` -> ``{"PSERVER_MAX_KEYS": "10"}``).
+
+    Raises:
+        ConfigError: a name that is not a setting (the message lists the known ones).
+    """
+    var_of = {name: (var, typ) for var, (name, typ, _) in ENV_VARS.items()}
+    out = {}
+    for name, value in settings.items():
+        if name not in var_of:
+            raise ConfigError(f"unknown setting {name!r}; known: {sorted(var_of)}")
+        var, typ = var_of[name]
+        out[var] = ("1" if value else "0") if typ is bool else str(value)
+    return out
 
 
 def _parse(var: str, raw: str, typ: type) -> Any:

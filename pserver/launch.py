@@ -18,13 +18,18 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from . import security
-from .config import Config
+from .config import Config, settings_env
 from .errors import ConfigError, PServerError
 
 log = logging.getLogger(__name__)
+
+# settings a LocalCluster decides for all its processes (its arguments, not ``settings``)
+_CLUSTER_DECIDES = {"scheduler", "host", "port", "keys", "insecure", "num_servers", "num_workers",
+                    "rank", "log_level"}
 
 
 def _die_with_parent() -> None:
@@ -65,28 +70,42 @@ class LocalCluster:
     def __init__(self, num_servers: int = 1, num_workers: int = 1, *, host: str = "127.0.0.1",
                  port: int = 0, insecure: bool = False, keys: str | None = None,
                  env: dict[str, str] | None = None, server_args: Sequence[str] = (),
+                 scheduler_args: Sequence[str] = (), settings: Mapping[str, Any] | None = None,
                  prefix_output: bool = True, log_level: str | None = None,
                  heartbeat_timeout: float | None = None, replication: int | None = None,
                  replicate_after_aggregation: bool | None = None,
                  checkpoint_dir: str | None = None, checkpoint_every: float = 0.0,
                  restore: str | None = None):
+        """``settings``: Config fields (``{"max_keys": 1000}``) given to every process as PSERVER_*
+        variables; ``server_args`` / ``scheduler_args``: extra command-line options of those roles
+        (``["--plugin", "myrules"]``), as `pserver server` / `pserver scheduler` take them.
+
+        Raises:
+            ConfigError: fewer than one server, or a setting that is unknown or that the cluster
+                decides itself (scheduler, host, keys, node counts, rank); nothing is started.
+        """
         if num_servers < 1 or num_workers < 0:
             raise ConfigError("a local cluster needs at least one server and zero or more workers")
         self.num_servers, self.num_workers = num_servers, num_workers
         self.host = host
         self.port = port or free_port(host)
         self.insecure, self.keys = insecure, keys
-        self.extra_env = dict(env or {})
+        named = {"heartbeat_timeout": heartbeat_timeout or None, "replication": replication,
+                 "replicate_after_aggregation": replicate_after_aggregation}
+        self.settings = {**dict(settings or {}), **{k: v for k, v in named.items() if v is not None}}
+        decided = set(self.settings) & _CLUSTER_DECIDES
+        if decided:
+            raise ConfigError(f"LocalCluster sets {sorted(decided)} itself: pass host=, port=, keys=, "
+                              f"insecure= or the node counts as its arguments instead")
+        self.extra_env = {**dict(env or {}), **settings_env(self.settings)}
         self.server_args = list(server_args)
         self.prefix_output = prefix_output
         self.log_level = log_level
-        self.heartbeat_timeout = heartbeat_timeout
-        self.replication = replication
-        self.replicate_after_aggregation = replicate_after_aggregation
         # scheduler flags: checkpoints to checkpoint_dir (every N s if > 0), start from restore
         flags = {"--checkpoint-dir": checkpoint_dir, "--checkpoint-every": checkpoint_every,
                  "--restore": restore}
         self.scheduler_args = [a for flag, v in flags.items() if v for a in (flag, str(v))]
+        self.scheduler_args += list(scheduler_args)
         self.procs: dict[str, subprocess.Popen] = {}
         self._threads: list[threading.Thread] = []
         self._tmp: str | None = None
@@ -110,12 +129,6 @@ class LocalCluster:
             env.pop("PSERVER_INSECURE", None)
         if self.log_level:
             env["PSERVER_LOG_LEVEL"] = self.log_level
-        if self.heartbeat_timeout:
-            env["PSERVER_HEARTBEAT_TIMEOUT"] = str(self.heartbeat_timeout)
-        if self.replication is not None:
-            env["PSERVER_REPLICATION"] = str(self.replication)
-        if self.replicate_after_aggregation is not None:
-            env["PSERVER_REPLICATE_AFTER_AGGREGATION"] = "1" if self.replicate_after_aggregation else "0"
         if rank is not None:
             env["PSERVER_RANK"] = str(rank)
         else:

@@ -1,15 +1,9 @@
 """The key ring: which server owns which key (consistent hashing with virtual servers).
 
-Keys are grouped into aligned blocks of ``2**block_bits`` consecutive keys; a block's position on the
-64-bit ring is a mixing hash of its block number, and it belongs to the first virtual server at or after
-that position (wrapping). Why blocks: dense ids 0..N keep runs of consecutive keys together (a push of a
-contiguous range stays a few contiguous runs per server, which the server stores as array slices), while
-hashing the block number spreads small ids over all servers - an equal split of the raw 64-bit key space
-would put every small id on server 0. Hashed 64-bit keys are spread uniformly either way.
-
-Every decision here is a pure function of the ring (no I/O), so it is unit-tested without sockets. The
-scheduler owns the ring and versions it; every node caches a copy (see membership).
-"""
+Keys are grouped into aligned blocks of ``2**block_bits`` keys; a block sits at a mixing hash of its
+number on the 64-bit ring and belongs to the first virtual server at or after it. Blocks keep dense
+ids in runs while spreading small ids over every server (docs/design.md, "Key ring"). Every decision
+here is a pure function of the ring; the scheduler owns and versions it, every node caches a copy."""
 
 from __future__ import annotations
 

@@ -1,19 +1,10 @@
 """The wire format: one codec, one place.
 
-A message is a multipart ZeroMQ message::
-
-    frame 0   b"PS1" + u32 length + JSON header {"op", "ts", "t": table, "m": {...}, "a": [[dtype, shape], ...]}
-              (the length's top bit set: the header holds integers beyond 64 bits, see _dumps)
-    frame 1.. one frame per numpy array listed in "a", raw bytes in C order
-
-or, for small messages (header "i": 1), a single frame holding the header and then the arrays, each
-padded to 8 bytes.
-
-Arrays travel as zero-copy frames (pyzmq copies frames below its copy threshold, which is faster for small
-ones). Nothing received is unpickled or evaluated: the header is JSON, array dtypes come from a whitelist,
-and every declared length is checked against the frame that carries it *before* any array is built, so a
-lying header cannot make the receiver allocate what it claims.
-"""
+A message is a JSON header (op, timestamp, table, op fields, array descriptors) plus numpy arrays:
+zero-copy frames for large messages, inline after the header for small ones. Nothing received is
+unpickled or evaluated: dtypes come from a whitelist and every declared length is checked against
+its frame before any array is built, so a lying header cannot make the receiver allocate.
+The frame layout and its trade-offs: docs/design.md, "Wire format"."""
 
 from __future__ import annotations
 

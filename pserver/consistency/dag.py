@@ -1,22 +1,10 @@
-"""Tasks, execute-after-finished dependencies and consistency models (paper: "Tasks and
-consistency").
+"""Tasks, execute-after-finished dependencies and consistency models (paper: "Tasks and consistency").
 
-A task is an RPC (push, pull, or "run iteration t") identified by an increasing integer timestamp
-issued by one caller. Dependencies form a DAG; a consistency model is a DAG shape:
-
-- Sequential (BSP): a task starts after the previous one finished.
-- Eventual: every task may start at once.
-- BoundedDelay(tau): a task waits until every task issued more than tau steps earlier finished
-  (tau = 0 is Sequential, tau = infinity is Eventual); tau may change while running.
-
-Steps are counted in issue order over the tasks issued with `TaskDAG.issue`; with the usual
-contiguous timestamps 0, 1, 2, ... that is exactly "t waits for every task <= t - tau - 1".
-Subtasks (the pushes and pulls of an iteration) sit outside that order: they do not count as steps
-and do not wait for the model, and their parent only finishes once they all have.
-
-Nothing here does I/O; `TaskDAG` is thread-safe so a receive thread may call `finish` while the
-worker's compute thread blocks in `wait_ready`.
-"""
+A task (push, pull, "run iteration t") has an increasing timestamp from one caller; a consistency
+model is a DAG shape: Sequential (after the previous task), Eventual (at once), BoundedDelay(tau)
+(after every task issued more than tau steps earlier; tau may change while running). Subtasks are
+not steps and do not wait for the model; their parent finishes once they all have. No I/O;
+`TaskDAG` is thread-safe. Details: docs/consistency.md, "Tasks and consistency models"."""
 
 from __future__ import annotations
 

@@ -1,19 +1,10 @@
 """The compiled core of the store: a hash index from 64-bit keys to value slots, and the row
 gather/update loops that run over the slots it returns.
 
-Layout: open addressing with linear probing in ONE uint64 array of 2 * n_buckets words, bucket b
-being (key, slot + 1) at [2b, 2b + 1]; slot word 0 marks an empty bucket, so every 64-bit key
-(including 0 and 2^64 - 1) is storable. Key and slot share a cache line, so a hit costs one
-cache miss in the index; n_buckets is a power of two and the index doubles when it would pass
-load factor 0.5, which keeps probe sequences short (about 1.5 buckets per hit, 2.5 per miss).
-Deletion shifts the following entries back (no tombstones), so lookups never slow down after
-range migrations.
-
-Every loop prefetches the bucket (or value row) it will need PREFETCH iterations ahead: the
-work is bound by cache misses, and overlapping them roughly doubles throughput on 10 M-key
-tables (measured 38 -> 54 M lookups/s). Everything here is ``numba.njit(cache=True)``, so a new
-process loads machine code from __pycache__ instead of compiling.
-"""
+Open addressing with linear probing in one uint64 array of (key, slot + 1) pairs, load factor at
+most 0.5, deletion by backward shift (no tombstones), prefetching ahead in every loop. Everything is
+``numba.njit(cache=True)``: a new process loads machine code instead of compiling. Layout,
+measurements and alternatives: docs/store.md, "Hash index"."""
 
 from __future__ import annotations
 

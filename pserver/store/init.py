@@ -1,18 +1,12 @@
-"""Deterministic initial values of parameters.
+"""Deterministic initial values of parameters (the ``TableSpec.init`` strings).
 
-The initial value of (key, column) is a pure function of (key, column, seed): a 64-bit mixing
-hash (the splitmix64 finaliser) of the key, combined with a per-column stream hash. A key that was
-never written therefore reads its initial value without being stored, and every replica, restart
-and migration target agrees on it without shipping it. The functions here are plain vectorised
-numpy (no numba), so workers can import them cheaply.
+The initial value of (key, column) is a pure function of (key, column, seed) - splitmix64 hashes -
+so a key never written reads its initial value without being stored, and replicas, restarts and
+migration targets agree without shipping it. Plain vectorised numpy, cheap for workers to import.
 
-Init strings (the ``TableSpec.init`` field)::
+    "zeros" | "constant:<c>" | "uniform:<a>" (U[-a, a)) | "normal:<std>" (Box-Muller)
 
-    "zeros"          every value 0
-    "constant:<c>"   every value c
-    "uniform:<a>"    U[-a, a)
-    "normal:<std>"   N(0, std^2), Box-Muller from two independent hashes per value
-"""
+Formulas: docs/store.md, "Deterministic initialization"."""
 
 from __future__ import annotations
 

@@ -1,33 +1,12 @@
 """SlotCache: the value slots of key lists a table has seen before, so a repeated list skips the
 hash index.
 
-Iterative algorithms push and pull the same key lists round after round (a worker's block of
-features; the aggregated update of a synchronous round; the part of it a master forwards to one
-replica). The hash lookup of such a list is the largest per-key cost of a push into a large table:
-every key is a cache miss in the index. A table's key -> slot mapping only changes when a key is
-removed (its slot may then be reused), so the slots of a list found once stay right until then.
-
-Lookup: a fingerprint (length, first, middle and last key) finds the candidate entry; the candidate
-is used only if its keys equal the list's exactly (one vectorised compare, under 1 ns a key), so a
-fingerprint collision is a miss, never a wrong slot. Admission: a list is stored on its second
-sighting, and only if it came back before a cache's worth (``max_bytes``) of other lists seen once
-went by: the first sighting only records the fingerprint, in a window of the lists seen once,
-bounded by the bytes their entries would take. A list that comes back later than that would be
-evicted by LRU before its next use anyway; not admitting it keeps a stream of lists that never
-repeat, or repeat in too long a cycle, at a fingerprint each - no copies, no evictions. Entries
-hold a copy of the keys and the slots (16 bytes a key), least recently used first, within
-``max_bytes``. :meth:`clear` forgets everything; the table calls
-it whenever a key is removed.
-
-Memo: each entry also carries a dict for other facts derived from its list alone (a master's split
-of the list by replica, with the ring version it was made for). :meth:`memo` hands it out for the
-very array object the last :meth:`get` or :meth:`offer` saw, so the caller needs no second
-comparison of the keys.
-
-Identity: a lookup of the very array an entry holds is a hit without comparing the keys.
-:meth:`own_copy` hands that array out (a replica keeps it for a list its master names instead of
-sending, pserver.ft.list_refs); nobody may change it.
-"""
+A fingerprint (length, first, middle, last key) finds a candidate, used only if its keys equal the
+list's exactly (a collision is a miss, never a wrong slot). A list is admitted on its second sighting
+within a cache's worth of lists seen once; entries are LRU within ``max_bytes``; :meth:`clear` runs
+whenever a key is removed. :meth:`memo` keeps facts derived from a list (a master's split by
+replica); :meth:`own_copy` hands out the entry's key array (for pserver.ft.list_refs; read-only).
+Why and measurements: docs/store.md, "Slot cache"."""
 
 from __future__ import annotations
 

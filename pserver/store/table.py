@@ -1,19 +1,9 @@
 """Table: one named sparse map from uint64 keys to fixed-length value rows (plus optimizer state).
 
-Storage is dense: row ``slot`` of ``_values`` (and ``_state``) belongs to the key the HashIndex
-maps to ``slot``. Slots of removed keys go to a free list and are reused by short inserts. The
-values array grows by doubling.
-
-Runs fast path: a consecutive group of >= RUN_MIN new keys gets contiguous slots and is
-remembered in the RunRegistry as (lo, last, first_slot). A later run of keys fully inside a
-registered run is a slice of the values array: no hash lookups at all, so dense ids 0..N cost
-about a numpy slice operation per push.
-
-Slot cache: the slots of key lists seen before (SlotCache), so a push or pull of a list the
-table saw twice already skips the hash index; cleared whenever a key is removed.
-
-Keys are validated by the caller (1-D uint64, sorted, unique); this layer only asserts shapes.
-"""
+Rows are dense arrays indexed by the slot the HashIndex maps a key to; freed slots are reused, the
+arrays grow by doubling. Runs of >= RUN_MIN new consecutive keys get contiguous slots (RunRegistry),
+so dense ids cost a slice; repeated key lists skip the index through the SlotCache (cleared when a
+key is removed). Keys are validated by the caller. Details: docs/store.md, "Table"."""
 
 from __future__ import annotations
 

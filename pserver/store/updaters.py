@@ -1,22 +1,10 @@
 """Server update functions: the paper's user-defined functions run where the parameters live.
 
 An Updater turns pushed rows into new parameter rows (and optimizer state), vectorised over rows.
-Built-ins are looked up by name from a registry, so a TableSpec can name its update rule in JSON.
-This module is plain numpy (workers import it to size their pushes); the compiled twins of the
-built-in rules, used by Table on hash-indexed rows, live in ``pserver.store.index._update_row``
-and are tested against the numpy versions here.
-
-Formulas (per coordinate; g is the pushed value, w the parameter):
-
-    sum       w += g
-    assign    w = g
-    sgd       w -= lr * g
-    adagrad   n += g^2;  w -= lr * g / sqrt(n + eps)
-    ftrl      sigma = (sqrt(n + g^2) - sqrt(n)) / alpha;  z += g - sigma * w;  n += g^2
-              w = 0 if |z| <= l1 else -(z - sign(z) * l1) / ((beta + sqrt(n)) / alpha + l2)
-    l1_prox   pushed [g, u];  u' = u / eta
-              w = soft_threshold(u' * w - g, l1) / (u' + l2)   where u' + l2 > 0, else unchanged
-"""
+Built-ins (sum, assign, sgd, adagrad, ftrl, l1_prox) are found by name in a registry, so a
+TableSpec names its rule in JSON. Plain numpy (workers import it to size their pushes); the compiled
+twins used by Table live in ``pserver.store.index`` and are tested against these. Formulas:
+docs/store.md, "Update rules"."""
 
 from __future__ import annotations
 

@@ -133,3 +133,83 @@ def test_slot_cache_sizes_read_from_the_environment():
     assert pserver.Config.from_env({}).slot_cache_bytes == 64 << 20
     assert pserver.Config.from_env({}).replica_key_cache_bytes == 8 << 20
     assert pserver.Config.from_env({"PSERVER_REPLICA_KEY_CACHE": "0"}).replica_key_cache_bytes == 0
+
+
+# -- every role option reaches `pserver launch` -------------------------------------------------
+# Options launch decides itself, so it does not take them: it runs the scheduler (so knows its
+# address) and numbers the nodes of each role.
+LAUNCH_DECIDES = {"--scheduler", "--rank"}
+
+
+def _role_options(role):
+    from pserver.cli import build_parser
+
+    sub = next(a for a in build_parser(with_apps=False)._actions if a.dest == "cmd")
+    return [a for a in sub.choices[role]._actions if a.option_strings and a.dest != "help"]
+
+
+def _example_argv(action):
+    if action.nargs == 0:
+        return [action.option_strings[-1]]
+    if action.metavar == "1|0":  # a boolean setting that is on by default
+        return [action.option_strings[-1], "0"]
+    if action.choices:
+        return [action.option_strings[-1], str(list(action.choices)[-1])]
+    return [action.option_strings[-1], {int: "2", float: "0.5"}.get(action.type, "8M")]
+
+
+@pytest.mark.parametrize("role", ["server", "scheduler"])
+def test_launch_accepts_and_forwards_every_role_option(role):
+    from pserver.cli import build_parser
+
+    checked = 0
+    for action in _role_options(role):
+        if set(action.option_strings) & LAUNCH_DECIDES:
+            continue
+        argv = _example_argv(action)
+        try:
+            args = build_parser(with_apps=False).parse_args(["launch", *argv, "--", "true"])
+        except SystemExit:
+            pytest.fail(f"pserver launch does not accept the {role} option {argv[0]}")
+        from pserver.cli import launch_cluster_kwargs
+
+        kw, value = launch_cluster_kwargs(args), getattr(args, action.dest)
+        forwarded = (argv[0] in kw[f"{role}_args"] or kw["settings"].get(action.dest) == value
+                     or kw.get(action.dest) == value)
+        assert forwarded, f"launch accepts the {role} option {argv[0]} but does not pass it: {kw}"
+        checked += 1
+    assert checked >= 10
+
+
+def test_launch_passes_a_plugin_and_scheduler_settings_to_the_cluster(tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import numpy as np, pserver\n"
+        "kv = pserver.KVWorker()\n"
+        "s = kv.membership.view.settings\n"
+        "assert s['replication'] == 2 and s['replica_key_cache'] == 0, s\n"
+        "kv.declare_table('w', updater='clip')\n"   # registered by the servers' --plugin
+        "keys = np.arange(3, dtype=np.uint64)\n"
+        "kv.wait(kv.push(keys, np.array([0.5, 5.0, -7.0], np.float32), table='w'))\n"
+        "assert kv.pull(keys, table='w').tolist() == [0.5, 1.0, -1.0]\n"
+        "print('settings and plugin seen')\n"
+        "kv.close()\n")
+    r = pserver_cli("launch", "-s", "3", "-w", "1", "--insecure", "--plugin", "myrules",
+                    "--replication", "2", "--replica-key-cache", "0", "--heartbeat-timeout", "3",
+                    "--", sys.executable, str(script), env={"PYTHONPATH": str(PROGRAMS)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "settings and plugin seen" in r.stdout
+
+
+def test_local_cluster_settings_are_variables_of_every_process():
+    from pserver.launch import LocalCluster
+
+    c = LocalCluster(1, 1, insecure=True, settings={"max_keys": 7, "replicate_after_aggregation": False},
+                     heartbeat_timeout=3.0)
+    for env in (c.env(), c.env(0)):
+        assert env["PSERVER_MAX_KEYS"] == "7" and env["PSERVER_REPLICATE_AFTER_AGGREGATION"] == "0"
+        assert env["PSERVER_HEARTBEAT_TIMEOUT"] == "3.0"
+    with pytest.raises(pserver.errors.ConfigError, match=r"sets \['host'\] itself"):
+        LocalCluster(1, 1, settings={"host": "10.0.0.1"})
+    with pytest.raises(pserver.errors.ConfigError, match="unknown setting 'max_key'"):
+        LocalCluster(1, 1, settings={"max_key": 7})

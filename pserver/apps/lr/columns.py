@@ -1,22 +1,11 @@
 """The shard's CSC matrix from parsed row-major entries: one column per distinct key, in increasing
 key order (so a key range is a contiguous column range), rows ascending within a column.
 
-One radix sort, fed chunk by chunk while the shard is parsed. Each chunk of entries is scattered
-at once by its keys' top MSD_BITS bits into 256 regions, in row order (the first digit of the sort;
-rows are numbered on the way). The regions are sized from the first chunk's key histogram and the
-expected number of entries, with some slack; entries beyond a region's room go to an overflow
-list (correct, only slower). Once everything is in, each region (with its overflow) is copied to
-a cache-sized scratch buffer, sorted there by the next LSD_PASSES digits of LSD_BITS below the
-bits its keys share (ping-ponging between two buffers; a digit shared by the whole region is
-skipped), and written back as final columns; distinct keys agreeing in all sorted bits (rare for
-hashed keys) form a run that is merge-sorted by the full key.
-
-Memory is the point: the parser's chunk buffer is reused, so an entry costs 12 bytes (key, row)
-in the regions, written once, and the columns' rows are written in place over the regions
-already sorted. (A plain out-of-place sort of one array of parsed keys takes 20 bytes an entry;
-on a virtual machine that backs fresh memory lazily, paging in the difference costs more than the
-sort itself.)
-"""
+One radix sort fed chunk by chunk while the shard is parsed: the first (MSD) digit scatters each
+chunk into 256 regions (an overflow list catches what does not fit), then each region is sorted by
+LSD digits in a cache-sized scratch buffer and written back as final columns. An entry costs 12
+bytes while sorting (a plain sort of one key array takes 20, and paging in fresh memory costs more
+than the sort on a VM). Design and measurements: docs/lr.md, "Data formats" and "Measured results"."""
 
 from __future__ import annotations
 

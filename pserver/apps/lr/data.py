@@ -1,22 +1,11 @@
 """Reading a worker's shard of the training data into a sparse matrix.
 
-Formats
-- libsvm/svmlight: `label idx:val idx:val ... [# comment]`, label in {-1, 0, +1, 1} (0 and -1 are
-  the negative class). idx is a non-negative integer; by default its key is int_key(idx, 0) (a
-  bijective mix, so no collisions, keys spread over the key space); raw_keys=True uses idx itself.
-- criteo: TSV `label I1..I13 C1..C26`, label 0/1, empty field = missing. Integer column c (1..13):
-  key int_key(bin(v), c) with bin(v) = v for v <= 2, else 3 + floor(ln(v)**2) (int_bins="log"),
-  or bin(v) = v (int_bins="raw"). Categorical column c (14..39): key str_key(s, c). Values are 1.
-
-Sharding: every example is read by exactly one worker. split="bytes" cuts the concatenation of
-all files into num_workers equal byte ranges; a line belongs to the range holding its first byte.
-split="file" hands whole files out (largest first, to the least loaded worker).
-
-The shard is held as a CSC matrix whose columns are the shard's distinct keys in increasing order,
-so the features of a key range (a DBPG block) are a contiguous column range. Files are
-memory-mapped and parsed in place; the parsed entries go chunk by chunk to columns.ColumnBuilder,
-which sorts them into that matrix.
-"""
+Formats: libsvm/svmlight (`label idx:val ...`; keys int_key(idx, 0), or idx itself with raw_keys)
+and Criteo TSV (integer columns binned, int_bins "log" or "raw"; categorical columns hashed).
+Sharding: every example is read by exactly one worker; split="bytes" cuts all files into equal
+byte ranges (a line belongs to the range holding its first byte), split="file" hands whole files
+out. Files are memory-mapped and parsed in place; columns.ColumnBuilder sorts the entries into a
+CSC matrix whose columns are the shard's keys in increasing order. Details: docs/lr.md, "Data formats"."""
 
 from __future__ import annotations
 

@@ -1,44 +1,12 @@
 """Delayed Block Proximal Gradient (DBPG) for L1/L2-regularised logistic regression.
 
-Objective (labels y in {-1, +1}, margins m_i = x_i . w):
-
-    F(w) = sum_i log(1 + exp(-y_i m_i)) + l1 * ||w||_1 + (l2 / 2) * ||w||^2
-
-scikit-learn's LogisticRegression(penalty="l1", C=C, fit_intercept=False) minimises
-||w||_1 + C * sum_i loss_i, i.e. F / l1 with C = 1 / l1; penalty="l2" minimises
-0.5 * ||w||^2 + C * sum_i loss_i, i.e. F / l2 with C = 1 / l2.
-
-The features are split into B blocks by key range; an iteration updates one block, a pass all B.
-In iteration t (block b = t mod B) every worker, on its shard:
-  1. computes the block's gradient g_k = sum_i (p_i - [y_i = 1]) x_ik and a diagonal curvature
-     u_k = sum_i c_i n_ib x_ik^2, with n_ib the non-zeros of row i inside the block (Cauchy-Schwarz
-     makes the separable quadratic an upper bound for a joint step of the block's coordinates)
-     and c_i = p_i (1 - p_i) ("hessian") or 1/4 ("bound", a global bound: monotone descent);
-  2. pushes [g, u] to the synchronous l1_prox table: the servers sum all workers' pushes and set
-     w_k <- soft_threshold(u_k w_k - g_k, l1) / (u_k + l2), the exact minimiser of that bound;
-  3. pulls the block's new weights and adds X_b (w_new - w_old) to its margins.
-The margins are kept up to date incrementally, so the work per iteration is two sparse products
-over the block's columns and O(n) vector work (compiled; no Python loop over examples or keys).
-
-Consistency (paper: bounded delay): iteration t may start once every iteration <= t - tau - 1 has
-finished, i.e. its pull applied; tau = 0 is sequential. The iterations are tasks of the
-application "lr" at the scheduler (pserver.consistency.executor), so tau can also be changed
-while running (`pserver consistency --app lr --tau 4`). A pull is applied to the margins as soon
-as it is collected, in order, so after applying iteration t's pull the worker's w equals the
-servers' w after round t exactly (rounds of a synchronous table apply in order). A gradient
-computed with `lag` earlier iterations still unapplied is stale: the blocks then move together
-without seeing each other and overshoot (the DBPG convergence theorem likewise shrinks the step
-with the delay). Its curvature is raised by 1 + delay_damping * max(0, lag - delay_free). How
-much damping a data set needs depends on how many of a row's features a delay leaves stale; the
-defaults are conservative, benchmarks/delay.py uses values tuned on its data (docs/consistency.md).
-
-Per-pass objective: each worker's loss plus its share of the regulariser, summed through a small
-synchronous "sum" table. Shares are exact without a gather of w: at setup every worker pushes 1 per
-key it holds, so it knows c_k, the number of workers holding key k, and adds |w_k| / c_k.
-
-Worker failure (takeover.py): the heir of a dead worker's shard merges it into its own between two
-iterations (adopt) and adds |w_k| mult_k / c_k, mult_k being how many merged shards hold key k.
-"""
+Minimises F(w) = sum_i log(1 + exp(-y_i x_i . w)) + l1 ||w||_1 + (l2 / 2) ||w||^2 (scikit-learn's
+C = 1 / l1 or 1 / l2 with fit_intercept=False). Features are split into blocks by key range; in
+iteration t every worker pushes block t mod B's gradient and a diagonal curvature bound to the
+synchronous l1_prox table, whose servers take the exact proximal step, then pulls the new weights
+and updates its margins incrementally. Iterations are tasks of the application "lr" under bounded
+delay tau (changeable while running); a stale gradient's curvature is damped by its lag. The
+derivation, the objective's exact per-pass sum and the delay damping: docs/lr.md, "The algorithm"."""
 
 from __future__ import annotations
 

@@ -1,17 +1,11 @@
 """Synthetic CTR-like data with a known model (`pserver gen-data`).
 
-Each example has `nnz` feature ids drawn from a power law over [0, features): rank r (1-based)
-has probability ~ r**-zipf, and ranks map to ids through a fixed random permutation. Repeated ids
-in one example are kept once, so examples have slightly fewer than `nnz` features, all of value 1.
-A ground-truth weight vector is sparse: a fraction `density` of ids get N(0, s^2) weights with
-s = signal / sqrt(nnz * density), so margins have a standard deviation of about `signal`.
-Labels: y = +1 with probability sigmoid(x . w_true), then flipped with probability `noise`.
-
-Output directory: train.libsvm and test.libsvm (`1|-1 id:1 id:1 ...`, ids ascending), optionally
-train.vw and test.vw (the same examples in Vowpal Wabbit's format), truth.npz (`ids`, `keys` =
-int_key(id, 0) as the libsvm reader keys them, `weights`; non-zeros only) and meta.json.
-Examples are generated and written `chunk` at a time, so any size fits in memory.
-"""
+Each example has up to `nnz` binary features drawn from a power law over [0, features) (ranks
+permuted to ids); a sparse ground-truth w (a fraction `density` of ids, N(0, s^2) with margins of
+standard deviation about `signal`) gives y = +1 with probability sigmoid(x . w), flipped with
+probability `noise`. Writes train/test .libsvm (and .vw with Vowpal Wabbit's format), truth.npz
+(`ids`, `keys`, `weights`) and meta.json, `chunk` examples at a time, so any size fits in memory.
+Details: docs/lr.md, "Generated data"."""
 
 from __future__ import annotations
 

@@ -1,24 +1,10 @@
 """The feature hash: how a raw feature (a libsvm index, a Criteo integer bin or category string)
 becomes a 64-bit parameter-server key.
 
-The spec is fixed; keys written by one version, process or platform are the keys of every other
-(tests pin known values). All arithmetic is on unsigned 64-bit integers, wrapping mod 2**64.
-
-    GOLDEN       = 0x9E3779B97F4A7C15
-    mix64(z)     = splitmix64's finaliser (a bijection of [0, 2**64)):
-                   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-                   z = (z ^ (z >> 27)) * 0x94D049BB133111EB
-                   z =  z ^ (z >> 31)
-    salt(c)      = mix64((c + 1) * GOLDEN)       c = the column's position in the input line,
-                                                 label = 0 (libsvm features use c = 0)
-    fnv1a64(b)   = FNV-1a over the bytes b: h = 0xCBF29CE484222325; for each byte: h = (h ^ byte)
-                   * 0x100000001B3
-    int_key(v,c) = mix64(uint64(v) ^ salt(c))    v an int64, two's complement
-    str_key(s,c) = mix64(fnv1a64(utf8(s)) ^ salt(c))
-
-Because mix64 is a bijection, libsvm indices keyed with int_key(idx, 0) never collide, and keys
-spread evenly over the key space, which balances both server key ranges and DBPG's feature blocks.
-"""
+The spec is fixed (tests pin known values): int_key(v, c) = mix64(uint64(v) ^ salt(c)) and
+str_key(s, c) = mix64(fnv1a64(utf8(s)) ^ salt(c)), with mix64 splitmix64's finaliser (a bijection,
+so libsvm indices never collide) and salt(c) = mix64((c + 1) * GOLDEN) for column c. All arithmetic
+wraps mod 2**64. The full spec: docs/lr.md, "Hash spec (pserver-lr-hash-v1)"."""
 
 from __future__ import annotations
 

@@ -1,20 +1,11 @@
 """Compiled line parsers for libsvm and Criteo TSV text.
 
-Each parser takes a uint8 buffer of whole lines and fills preallocated arrays (labels, per-row
-feature counts, keys, values) in one pass over the bytes, hashing features as it goes (see
-hashing.py). A bad line either stops the parse (its code, index and byte offset are returned, so
-the caller can name file:line) or, with skip_bad, is rolled back and counted. When the arrays are
-full the parse stops before the line that does not fit and says where: the caller grows them and
-parses on from there (so no pass over the bytes is needed beforehand to size them).
-
-Values equal to 1 (binary features, the common case) are not stored while ones[0] is 1: the first
-other value sets vals[:entries] of this call to 1, clears ones[0] and stores every value from then
-on (the caller fills in the earlier calls' entries). So binary data costs no value array traffic.
-
-Both return (rows, entries, bad, code, line, offset): with code 0, `line` lines and `offset` bytes
-of buf were consumed (offset < buf.size: the arrays are full); with code > 0 (see REASONS) line
-`line` (counting every line of buf from 0, blank ones too), starting at byte `offset`, is bad.
-"""
+Each parser fills preallocated arrays (labels, per-row counts, keys, values) in one pass over a
+buffer of whole lines, hashing features as it goes. Binary values are not stored while ones[0] is 1.
+Both return (rows, entries, bad, code, line, offset): code 0 - `line` lines and `offset` bytes were
+consumed (offset < buf.size: the arrays are full; grow them and parse on); code > 0 (see REASONS) -
+line `line` (from 0, blank ones too), at byte `offset`, is bad, unless skip_bad rolled it back and
+counted it. Why no sizing pass and no value traffic: docs/lr.md, "Data formats"."""
 
 from __future__ import annotations
 

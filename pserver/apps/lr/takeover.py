@@ -1,29 +1,12 @@
 """Worker failure in the LR job: the shard of a dead worker is taken over by a live one (paper:
-"Worker management" - the scheduler reassigns a dead worker's data), or, by option, dropped.
+"Worker management"), or, by option, dropped.
 
-Shard r is the byte range rank r reads (data.plan_shards over the workers the job started with),
-so any worker can read any shard again. When the scheduler declares a worker dead, every worker
-sees it in its cluster view; the lowest-ranked live worker (the *heir*) reads the dead rank's
-shard in a background thread and, at an iteration boundary, merges it into its own
-(DBPG.adopt): from then on its gradients, curvatures, loss and regulariser shares cover both
-shards. If the heir dies too, the next lowest live worker inherits every dead shard.
-
-Why this is exact: the synchronous rounds of the weight table go on with the live workers (the
-servers complete a round once every *live* worker pushed), so nothing waits for the dead worker.
-Its pushes reached rounds up to some r; it could start round r only after the heir had pushed
-round r - tau - 1 (bounded delay tau), so if the heir noticed the death before its iteration t,
-r <= t + tau. Adopting from iteration t + tau + 2 on (tau: the largest the heir has run with, as
-`pserver consistency` may change it; one iteration spare) never counts the shard twice in a
-round; the rounds between miss it, which only delays convergence. Per-pass objectives are summed
-through the stats table with the examples they cover, so a pass that misses a shard shows it
-(and is not used for the stop rules).
-
-With policy "drop" nobody takes over: the job finishes on the remaining shards and the summary
-names the dropped ones. A shard whose worker died before its key counts reached the servers
-(during reading) cannot join exactly: the servers' holder counts and KKT verdicts never included
-it. The set-up sees that fewer workers counted than started, not which; such a job then drops
-every dead shard, under either policy.
-"""
+The lowest-ranked live worker (the heir) reads the dead rank's shard again in a background thread
+and merges it into its own at an iteration boundary (DBPG.adopt), from iteration t + tau + 2 on,
+so no round counts the shard twice; rounds go on with the live workers meanwhile. With policy
+"drop", or if a worker died before its key counts reached the servers, the job finishes on the
+remaining shards and the summary names the dropped ones. Why this is exact: docs/lr.md, "Worker
+failure"."""
 
 from __future__ import annotations
 
