@@ -37,8 +37,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
-
 from pserver.consistency.dag import BoundedDelay, ConsistencyModel, Eventual, TaskDAG, parse_model
 from pserver.consistency.timing import IdleTimer
 from pserver.errors import ConfigError, RemoteError, SchedulerUnreachableError, TaskError
@@ -357,8 +355,8 @@ class Executor:
 
 
 class _Channel:
-    """A DEALER of this worker to the scheduler for task ops, owned by the executor's thread
-    (the membership's control socket stays free for barriers)."""
+    """A link of this worker to the scheduler for task ops, owned by the executor's thread
+    (the membership's control link stays free for barriers)."""
 
     def __init__(self, kv: Any, app: str) -> None:
         self.transport = kv.transport
@@ -366,13 +364,13 @@ class _Channel:
         self.app = app
         self.lost = kv.membership.scheduler_lost
         m = kv.membership
-        self.sock = self.transport.connect_dealer(m.sched_host, m.sched_port, "scheduler")
+        self.link = self.transport.dealer_link(m.sched_host, m.sched_port, "scheduler")
         self._ts = itertools.count(1)
         self.timeout = max(float(getattr(kv.cfg, "connect_timeout", 30.0)), 5.0)
 
     def send(self, op: str, meta: dict) -> int:
         ts = next(self._ts)
-        self.transport.send(self.sock, Message(op, ts, meta={**meta, "id": self.node}))
+        self.link.send(Message(op, ts, meta={**meta, "id": self.node}))
         return ts
 
     def request(self, op: str, meta: dict, expect: str) -> Any:
@@ -393,19 +391,16 @@ class _Channel:
         seconds (None: until one arrives; SchedulerUnreachableError if the scheduler is lost)."""
         out = []
         step = 0.5 if timeout is None else timeout
+        link, decode = self.link, self.transport.decode_body
         while True:
-            if self.sock.poll(step * 1000):
-                while True:
-                    try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    out.append(self.transport.decode(frames, routed=False)[1])
+            if link.poll(step):
+                while (item := link.recv()) is not None:
+                    out.append(decode(item[1])[0])
             if out or timeout is not None:
                 return out
             if self.lost.is_set():
                 raise SchedulerUnreachableError("lost contact with the scheduler")
 
     def close(self) -> None:
-        self.sock.close(linger=1000)  # let the last report go out
+        self.link.close(linger=1.0)  # let the last report go out
 

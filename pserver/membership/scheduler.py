@@ -1,5 +1,6 @@
 """The scheduler: the paper's server manager (membership, liveness, key ring) plus the task scheduler of
-the worker group (barriers, progress, shutdown). One single-threaded loop over one ROUTER socket."""
+the worker group (barriers, progress, shutdown). One single-threaded loop over one routed link; the
+decisions of registration and barriers live in ``registration`` and ``barrier``."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-
-import zmq
 
 from .. import security
 from ..config import Config
@@ -17,9 +15,12 @@ from ..errors import AuthError, PServerError
 from ..ft.checkpoint_round import CheckpointCoordinator
 from ..ft.loss import find_data_loss
 from ..ft.migration import MigrationCoordinator
+from ..link import LinkError, Poller
 from ..ring import KeyRing
 from ..transport import Transport, node_token
 from ..wire import Message
+from .barrier import Barriers
+from .registration import Pending, Request, pick_rank
 from .tasks import TaskService
 from .view import ClusterView, NodeInfo
 
@@ -28,37 +29,39 @@ log = logging.getLogger(__name__)
 security.allow_op("drain", "server")
 
 
-@dataclass
-class _Barrier:
-    group: str
-    arrived: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # node id -> (identity, ts)
-
-
 class Scheduler:
     """Runs the cluster's control plane until shut down.
 
     exit_when_workers_done: shut the cluster down once every worker that joined has left (the normal
     end of a job); turn off for a long-lived cluster that workers come and go from.
+    transport: the sockets to use (default: a new ZeroMQ Transport; ``pserver.testing`` has one in
+    memory); the scheduler owns it and closes it when :meth:`run` ends.
+    Raises ConfigError if it cannot bind, CheckpointError if ``restore`` is unusable.
     """
 
     def __init__(self, cfg: Config, credentials: security.Credentials | None = None,
                  exit_when_workers_done: bool = True, checkpoint_dir: str | None = None,
-                 checkpoint_every: float = 0.0, checkpoint_keep: int = 3, restore: str | None = None):
+                 checkpoint_every: float = 0.0, checkpoint_keep: int = 3, restore: str | None = None,
+                 transport: Transport | None = None):
         self.cfg = cfg
         host, port = cfg.require_scheduler()
-        self.transport = Transport(cfg, "scheduler", credentials)
-        self.sock, self.port = self.transport.bind_router(cfg.host or _bind_host(host), port)
+        self.transport = transport if transport is not None else \
+            Transport(cfg, "scheduler", credentials)
         # a node's DEALER that reconnects keeps its secret identity (transport.node_token): let it in
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.link, self.port = self.transport.router_link(cfg.host or _bind_host(host), port,
+                                                          handover=True)
+        self._poller = Poller()
+        self._poller.register(self.link)
+        self._tick = min(0.05, cfg.heartbeat_interval / 2)
         self.view = ClusterView(settings={})
-        self.pending: list[tuple[bytes, int, dict]] = []   # registrations waiting for the cluster
+        self.pending = Pending(cfg.num_servers, cfg.num_workers)  # waiting for the cluster to start
         self.identity_of: dict[int, bytes] = {}            # node id -> ROUTER identity (heartbeat sock)
         self._announce = False                              # the view changed: push it to the nodes
         self._last_check = time.monotonic()
         self.last_seen: dict[int, float] = {}
         self.traffic: dict[int, dict] = {}                  # node id -> traffic its heartbeats report
         self.started = False
-        self.barriers: dict[str, _Barrier] = {}
+        self.barriers = Barriers()
         self.shutting_down = False
         self.shutdown_deadline = 0.0
         self.exit_when_workers_done = exit_when_workers_done
@@ -87,35 +90,35 @@ class Scheduler:
 
     # -- main loop ------------------------------------------------------------------------------
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        tick = min(0.05, self.cfg.heartbeat_interval / 2)
+        """Serve until the cluster has shut down; the transport is closed then (also on error)."""
         try:
-            while True:
-                for _ in poller.poll(tick * 1000):
-                    self._drain()
-                self._check_liveness()
-                if self._announce:
-                    self._announce_view()
-                self.checkpoints.tick(self.started and not self.shutting_down)
-                if self.started and not self.shutting_down:
-                    self.migration.tick(self.view.ring)
-                    self._settle_ring()
-                if self.shutting_down and self._may_exit():
-                    break
+            while not self.step():
+                pass
         finally:
             log.info("scheduler exits")
             self.transport.close()
 
+    def step(self) -> bool:
+        """One turn of the loop: wait up to a tick for messages, handle them, check liveness,
+        announce a changed view and advance checkpoints and migrations. True once the scheduler
+        may exit (shut down and every node gone, or the shutdown grace period over)."""
+        if self._poller.poll(self._tick):
+            self._drain()
+        self._check_liveness()
+        if self._announce:
+            self._announce_view()
+        self.checkpoints.tick(self.started and not self.shutting_down)
+        if self.started and not self.shutting_down:
+            self.migration.tick(self.view.ring)
+            self._settle_ring()
+        return self.shutting_down and self._may_exit()
+
     def _drain(self) -> None:
-        while True:
+        link, decode = self.link, self.transport.decode_body
+        while (item := link.recv()) is not None:
+            identity, body = item
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            identity = bytes(frames[0].buffer)
-            try:
-                _, msg, role = self.transport.decode(frames, routed=True)
+                msg, role = decode(body)
                 if self.transport.creds.secure and not security.authorise(msg.op, role, True):
                     raise AuthError(f"a {role} may not send {msg.op!r} to the scheduler")
                 self._handle(identity, msg, role)
@@ -144,8 +147,8 @@ class Scheduler:
 
     def _send(self, identity: bytes, msg: Message) -> None:
         try:
-            self.transport.send(self.sock, msg, identity)
-        except zmq.ZMQError as e:  # peer vanished (ROUTER_MANDATORY)
+            self.link.send(msg, identity)
+        except LinkError as e:  # peer vanished (ROUTER_MANDATORY)
             log.debug("cannot reply to a vanished peer: %s", e)
 
     def _handle(self, identity: bytes, msg: Message, role: str | None) -> None:
@@ -200,41 +203,32 @@ class Scheduler:
 
     # -- registration --------------------------------------------------------------------------
     def _register(self, identity: bytes, msg: Message, role: str | None) -> None:
-        m = msg.meta
-        node_role = m["role"]
-        if node_role not in ("server", "worker"):
-            raise ValueError(f"cannot register role {node_role!r}")
-        if role is not None and role != node_role:
-            raise AuthError(f"credentials of a {role} cannot register as a {node_role}")
-        info = {"role": node_role, "host": str(m["host"]), "port": int(m["port"]),
-                "pid": int(m["pid"]), "rank": int(m.get("rank", -1))}
+        req = Request.parse(msg.meta, role)
         if self.shutting_down:
             raise ValueError("the cluster is shutting down")
         self._send(identity, Message("registered", msg.ts))
         if self.started:
             # a late node: joins the running cluster at once (elastic membership); a server gets
             # its key ranges through a two-phase migration while the cluster keeps serving
-            node = self._admit(info, node_role)
+            node = self._admit(req)
             self._bump()
             self._welcome(identity, msg.ts, node)
-            if node_role == "server":
+            if req.role == "server":
                 self.migration.request(lambda nid=node.id: self._ring_with(add=nid),
                                        f"server {node.id} joins")
             return
-        self.pending.append((identity, msg.ts, info))
-        n_s = sum(1 for _, _, i in self.pending if i["role"] == "server")
-        n_w = sum(1 for _, _, i in self.pending if i["role"] == "worker")
-        log.info("registered a %s (%d/%d servers, %d/%d workers)", node_role, n_s,
-                 self.cfg.num_servers, n_w, self.cfg.num_workers)
-        if n_s >= self.cfg.num_servers and n_w >= self.cfg.num_workers:
+        complete = self.pending.add((identity, msg.ts), req)
+        log.info("registered a %s (%d/%d servers, %d/%d workers)", req.role,
+                 self.pending.count("server"), self.cfg.num_servers,
+                 self.pending.count("worker"), self.cfg.num_workers)
+        if complete:
             self._start()
 
-    def _admit(self, info: dict, role: str) -> NodeInfo:
-        taken = {n.rank for n in self.view.role_nodes(role, alive_only=False)}
-        rank = info["rank"] if info["rank"] >= 0 and info["rank"] not in taken else \
-            next(r for r in range(len(taken) + 1) if r not in taken)
-        node = NodeInfo(id=self._next_id, role=role, rank=rank, host=info["host"],
-                        port=info["port"], pid=info["pid"])
+    def _admit(self, req: Request) -> NodeInfo:
+        role = req.role
+        rank = pick_rank(req.rank, (n.rank for n in self.view.role_nodes(role, alive_only=False)))
+        node = NodeInfo(id=self._next_id, role=role, rank=rank, host=req.host,
+                        port=req.port, pid=req.pid)
         self._next_id += 1
         self.view.nodes[node.id] = node
         self.last_seen[node.id] = time.monotonic()
@@ -243,10 +237,8 @@ class Scheduler:
         return node
 
     def _start(self) -> None:
-        # servers first, ordered by requested rank then arrival: ids and ranks are deterministic
-        order = sorted(self.pending, key=lambda p: (p[2]["role"] != "server",
-                                                    p[2]["rank"] if p[2]["rank"] >= 0 else 1 << 30))
-        admitted = [(ident, ts, self._admit(info, info["role"])) for ident, ts, info in order]
+        admitted = [(ident, ts, self._admit(req))
+                    for (ident, ts), req in self.pending.admission_order()]
         servers = [n.id for n in self.view.role_nodes("server")]
         self.view.ring = self.safe_ring = KeyRing(servers, virtual=self.cfg.virtual_servers,
                                                   version=1)
@@ -258,7 +250,6 @@ class Scheduler:
             "replica_key_cache": self.cfg.replica_key_cache_bytes})
         self.view.version = 1
         self.started = True
-        self.pending.clear()
         for ident, ts, node in admitted:
             self._welcome(ident, ts, node)
         log.info("cluster started: %d servers, %d workers", len(servers), self.view.num_workers)
@@ -399,21 +390,14 @@ class Scheduler:
         group = str(msg.meta.get("group", "worker"))
         nid = int(msg.meta["id"])
         self._check_owner(nid, identity, "barrier")
-        b = self.barriers.setdefault(name, _Barrier(group))
-        b.arrived[nid] = (identity, msg.ts)
-        self._complete(name, b)
+        self._release(self.barriers.arrive(name, group, nid, (identity, msg.ts), self.view))
 
-    def _complete(self, name: str, b: _Barrier) -> None:
-        members = {n.id for n in self.view.nodes.values() if n.alive
-                   and ((b.group == "all" and n.role != "scheduler") or n.role == b.group)}
-        if members <= set(b.arrived):
-            for ident, ts in b.arrived.values():
-                self._send(ident, Message("barrier_done", ts))
-            del self.barriers[name]
+    def _release(self, waiters: list) -> None:
+        for ident, ts in waiters:
+            self._send(ident, Message("barrier_done", ts))
 
     def _recheck_barriers(self) -> None:
-        for name, b in list(self.barriers.items()):
-            self._complete(name, b)
+        self._release(self.barriers.recheck(self.view))
 
     # -- status --------------------------------------------------------------------------
     def status(self) -> dict:
