@@ -127,23 +127,33 @@ def recv_frames(sock: zmq.Socket) -> list[zmq.Frame] | None:
 
 
 class Poller:
-    """Waits on several links at once (all ZeroMQ, or all in memory)."""
+    """Waits on several links at once: ZeroMQ links, or in-memory ones; other links (scripted test
+    doubles) are asked without waiting."""
 
     def __init__(self) -> None:
         self._zmq = zmq.Poller()
         self._links: dict[object, Link] = {}  # socket (or the link itself) -> link
+        self._memory: list[MemoryLink] = []
+        self._other: list[Link] = []
 
     def register(self, link: Link) -> None:
         key = getattr(link, "sock", link)
-        if key not in self._links:
-            self._links[key] = link
-            if isinstance(link, ZmqLink):
-                self._zmq.register(link.sock, zmq.POLLIN)
+        if key in self._links:
+            return
+        self._links[key] = link
+        if isinstance(link, ZmqLink):
+            self._zmq.register(link.sock, zmq.POLLIN)
+        else:
+            (self._memory if isinstance(link, MemoryLink) else self._other).append(link)
 
     def unregister(self, link: Link) -> None:
         key = getattr(link, "sock", link)
-        if self._links.pop(key, None) is not None and isinstance(link, ZmqLink):
+        if self._links.pop(key, None) is None:
+            return
+        if isinstance(link, ZmqLink):
             self._zmq.unregister(link.sock)
+        else:
+            (self._memory if isinstance(link, MemoryLink) else self._other).remove(link)
 
     def __contains__(self, link: Link) -> bool:
         return getattr(link, "sock", link) in self._links
@@ -153,9 +163,10 @@ class Poller:
 
     def poll(self, timeout: float | None) -> list[Link]:
         """The registered links with a message waiting, after at most ``timeout`` seconds."""
-        memory = [link for link in self._links.values() if isinstance(link, MemoryLink)]
-        if memory:
-            return _poll_memory(memory, timeout)
+        if self._other:
+            return [link for link in self._other if link.poll(0)]
+        if self._memory:
+            return _poll_memory(self._memory, timeout)
         ms = None if timeout is None else max(0, int(timeout * 1000))
         return [self._links[s] for s, _ in self._zmq.poll(ms)]
 

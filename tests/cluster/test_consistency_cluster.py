@@ -22,6 +22,7 @@ from pserver.consistency.executor import Executor
 from pserver.errors import ConfigError, TaskError
 from pserver.membership.client import scheduler_request
 from pserver.membership.tasks import TaskScheduler
+from pserver.testing import ScriptedKV
 
 
 # -- the task scheduler's decisions ------------------------------------------------------------
@@ -79,31 +80,6 @@ def test_any_tasks_are_shared_and_a_dead_workers_tasks_are_requeued():
 
 
 # -- the executor over a scripted kv ------------------------------------------------------------
-class ScriptedKV:
-    """push/pull return timestamps at once; wait(ts) "receives" the reply and logs the order."""
-
-    def __init__(self):
-        self.ts = 0
-        self.waited: list[int] = []
-        self.values: dict[int, object] = {}
-        self.idle_timer = None
-
-    def _next(self, value=None):
-        self.ts += 1
-        self.values[self.ts] = value
-        return self.ts
-
-    def push(self, keys, vals, table=None):
-        return self._next()
-
-    def pull(self, keys, table=None, wait=True):
-        return self._next(("w", self.ts + 1))
-
-    def wait(self, ts):
-        self.waited.append(ts)
-        return self.values.pop(ts)
-
-
 @pytest.mark.parametrize("tau", [0, 1, 3])
 def test_executor_starts_a_task_only_after_tasks_older_than_tau_finished(tau):
     kv = ScriptedKV()

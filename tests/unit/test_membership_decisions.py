@@ -1,0 +1,69 @@
+"""The scheduler's registration and barrier decisions, without sockets or a scheduler."""
+
+import pytest
+
+from pserver.errors import AuthError
+from pserver.membership.barrier import Barriers, members
+from pserver.membership.registration import Pending, Request, pick_rank
+from pserver.testing import view_of
+
+
+def _req(role: str, rank: int = -1) -> Request:
+    return Request(role, "h", 1, 2, rank)
+
+
+def test_pick_rank_keeps_a_free_requested_rank_else_the_lowest_free():
+    assert pick_rank(3, [0, 1]) == 3
+    assert pick_rank(1, [0, 1]) == 2
+    assert pick_rank(-1, [0, 2]) == 1
+    assert pick_rank(-1, []) == 0
+
+
+def test_pending_starts_when_every_expected_node_came_and_orders_servers_first():
+    p = Pending(num_servers=1, num_workers=2)
+    assert not p.add("w-any", _req("worker"))
+    assert not p.add("w-rank0", _req("worker", 0))
+    assert (p.count("server"), p.count("worker")) == (0, 2)
+    assert p.add("s", _req("server"))
+    assert [w for w, _ in p.admission_order()] == ["s", "w-rank0", "w-any"]
+    assert p.requests == []  # admitted: the queue is emptied
+
+
+def test_request_parse_checks_role_and_credentials():
+    meta = {"role": "worker", "host": "h", "port": "7", "pid": 9}
+    assert Request.parse(meta, None) == Request("worker", "h", 7, 9, -1)
+    assert Request.parse(meta, "worker").port == 7
+    with pytest.raises(AuthError, match="credentials of a server"):
+        Request.parse(meta, "server")
+    with pytest.raises(ValueError, match="cannot register role"):
+        Request.parse({**meta, "role": "scheduler"}, None)
+    with pytest.raises(KeyError):
+        Request.parse({"role": "worker"}, None)
+
+
+def test_barrier_releases_everyone_once_all_live_members_arrived():
+    view = view_of(servers=1, workers=2)           # ids: server 1, workers 2 and 3
+    b = Barriers()
+    assert members(view, "worker") == {2, 3} and members(view, "all") == {1, 2, 3}
+    assert b.arrive("x", "worker", 2, "a", view) == []
+    assert b.arrive("x", "worker", 3, "b", view) == ["a", "b"]
+    assert b.waiting == {}                         # forgotten: the name can be used again
+    assert b.arrive("x", "worker", 2, "c", view) == []
+
+
+def test_barrier_completes_when_the_missing_member_dies():
+    view = view_of(workers=3)
+    b = Barriers()
+    b.arrive("x", "worker", 1, "a", view)
+    b.arrive("x", "worker", 2, "b", view)
+    assert b.recheck(view) == []
+    view.nodes[3].alive = False
+    assert b.recheck(view) == ["a", "b"] and b.waiting == {}
+
+
+def test_barrier_of_an_unknown_group_is_refused_not_passed():
+    # a typo ("workers") once made a barrier with no members, which every node passed at once
+    b = Barriers()
+    with pytest.raises(ValueError, match="unknown barrier group 'workers'"):
+        b.arrive("x", "workers", 1, "a", view_of(workers=2))
+    assert b.waiting == {}
