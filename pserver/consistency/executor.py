@@ -6,24 +6,8 @@ where the worker's time goes (paper: "Tasks and consistency", the idle-time figu
     for t, payload in ex.assigned():                     # tasks the scheduler hands this worker
         ex.run(t, step)                                  # step(t) computes, then ex.push / ex.pull
 
-A task is issued into a TaskDAG with the model current at issue, then started once every task the
-model makes it wait for has finished; its pushes and pulls (`ex.push`, `ex.pull`) are subtasks, so
-a task finishes when its own work is done and the replies of its subtasks arrived. Replies are
-collected in issue order: a pull's `then(values)` runs (in the caller's thread) before any later
-subtask completes, which is what an algorithm keeping state per iteration (DBPG's margins) needs.
-
-Time is split into computing (inside `run`), waiting_deps (blocked because the model does not
-allow the next task yet - including collecting the replies that task depends on) and waiting_net
-(blocked in KVWorker.wait on a reply the caller needs now, e.g. a blocking pull).
-
-With `app` and a KVWorker, the executor joins the application's task queue at the scheduler
-(pserver.membership.tasks): it asks for tasks ahead of need, reports finished ones with its time
-totals, and follows the application's model in the cluster view, so `pserver consistency --app
-APP --tau 4` changes tau for the tasks issued after the next heartbeat. Without a scheduler (a
-plain kv object, or app=None) `assigned()` yields the local plan 0 .. count-1.
-
-Not thread-safe: one thread drives the executor (the worker's main loop); only the model update
-arrives from the heartbeat thread, and TaskDAG takes it under its own lock.
+Pushes and pulls of a task are its subtasks; replies are collected in issue order. Not thread-safe:
+one thread drives it. Semantics, time accounting and the scheduler channel: docs/consistency.md.
 """
 
 from __future__ import annotations
