@@ -20,6 +20,7 @@ from ..ring import KeyRing
 from ..transport import Transport, node_token
 from ..wire import Message
 from .barrier import Barriers
+from .liveness import Liveness
 from .registration import Pending, Request, pick_rank
 from .tasks import TaskService
 from .view import ClusterView, NodeInfo
@@ -57,8 +58,7 @@ class Scheduler:
         self.pending = Pending(cfg.num_servers, cfg.num_workers)  # waiting for the cluster to start
         self.identity_of: dict[int, bytes] = {}            # node id -> ROUTER identity (heartbeat sock)
         self._announce = False                              # the view changed: push it to the nodes
-        self._last_check = time.monotonic()
-        self.last_seen: dict[int, float] = {}
+        self.liveness = Liveness(cfg.heartbeat_interval, cfg.heartbeat_timeout)
         self.traffic: dict[int, dict] = {}                  # node id -> traffic its heartbeats report
         self.started = False
         self.barriers = Barriers()
@@ -160,7 +160,7 @@ class Scheduler:
             if node is None:
                 raise ValueError(f"heartbeat from unknown node {nid}")
             self._check_owner(nid, identity, op)
-            self.last_seen[nid] = time.monotonic()
+            self.liveness.seen(nid)
             self.identity_of[nid] = identity
             self.node_view[nid] = int(m.get("v", -1))
             if "rebuilt" in m:
@@ -231,7 +231,7 @@ class Scheduler:
                         port=req.port, pid=req.pid)
         self._next_id += 1
         self.view.nodes[node.id] = node
-        self.last_seen[node.id] = time.monotonic()
+        self.liveness.seen(node.id)
         if role == "worker":
             self.workers_ever += 1
         return node
@@ -332,28 +332,19 @@ class Scheduler:
     def _check_liveness(self) -> None:
         if not self.started:
             return
-        now = time.monotonic()
-        stalled = now - self._last_check > 2 * self.cfg.heartbeat_interval
-        self._last_check = now
-        if stalled:
-            # this loop did not run for a while (a starved machine): the silence measured now is
-            # ours, not the nodes' - give them a fresh interval rather than declare them dead
-            for nid in self.last_seen:
-                self.last_seen[nid] = max(self.last_seen[nid], now - self.cfg.heartbeat_interval)
-            return
-        for nid, node in self.view.nodes.items():
-            if node.alive and now - self.last_seen.get(nid, now) > self.cfg.heartbeat_timeout:
-                node.alive = False
-                node.state = "dead"
-                log.error("%s %d (rank %d, pid %d at %s:%d) missed heartbeats for %.2f s: marked dead",
-                          node.role, nid, node.rank, node.pid, node.host, node.port,
-                          now - self.last_seen[nid])
-                if node.role == "server":
-                    self._server_gone(nid)
-                self._bump()
-                self._recheck_barriers()
-                self.tasks.node_gone(nid)
-                self._maybe_finish()
+        for nid in self.liveness.expired([n.id for n in self.view.nodes.values() if n.alive]):
+            node = self.view.nodes[nid]
+            node.alive = False
+            node.state = "dead"
+            log.error("%s %d (rank %d, pid %d at %s:%d) missed heartbeats for %.2f s: marked dead",
+                      node.role, nid, node.rank, node.pid, node.host, node.port,
+                      self.liveness.silence(nid))
+            if node.role == "server":
+                self._server_gone(nid)
+            self._bump()
+            self._recheck_barriers()
+            self.tasks.node_gone(nid)
+            self._maybe_finish()
 
     def _leave(self, nid: int) -> None:
         node = self.view.nodes.get(nid)
@@ -401,10 +392,11 @@ class Scheduler:
 
     # -- status --------------------------------------------------------------------------
     def status(self) -> dict:
-        now = time.monotonic()
+        """The cluster's state for `pserver status`: the view with each node's silence, traffic
+        and ring share, the scheduler's counters, checkpoints and task progress (JSON-ready)."""
         view = self.view.to_json()
         for n in view["nodes"]:
-            n["last_heartbeat"] = round(now - self.last_seen.get(n["id"], now), 3)
+            n["last_heartbeat"] = round(self.liveness.silence(n["id"]), 3)
             if n["id"] in self.traffic:
                 n["traffic"] = self.traffic[n["id"]]
         shares = self.view.ring.share() if self.view.ring else {}

@@ -4,8 +4,9 @@ import pytest
 
 from pserver.errors import AuthError
 from pserver.membership.barrier import Barriers, members
+from pserver.membership.liveness import Liveness
 from pserver.membership.registration import Pending, Request, pick_rank
-from pserver.testing import view_of
+from pserver.testing import FakeClock, view_of
 
 
 def _req(role: str, rank: int = -1) -> Request:
@@ -67,3 +68,33 @@ def test_barrier_of_an_unknown_group_is_refused_not_passed():
     with pytest.raises(ValueError, match="unknown barrier group 'workers'"):
         b.arrive("x", "workers", 1, "a", view_of(workers=2))
     assert b.waiting == {}
+
+
+def test_liveness_declares_a_node_dead_after_the_timeout_of_silence():
+    clock = FakeClock()
+    live = Liveness(interval=0.1, timeout=0.6, clock=clock)
+    live.seen(1)
+    live.seen(2)
+    for _ in range(5):                              # the loop turns every 0.1 s; node 1 beats
+        clock.now += 0.1
+        live.seen(1)
+        assert live.expired([1, 2]) == []
+    assert live.silence(2) == pytest.approx(0.5)
+    clock.now += 0.15
+    assert live.expired([1, 2]) == [2] and live.silence(2) == pytest.approx(0.65)
+    assert live.expired([1]) == []                  # only nodes still alive are judged
+
+
+def test_liveness_blames_a_starved_loop_not_the_nodes():
+    clock = FakeClock()
+    live = Liveness(interval=0.1, timeout=0.6, clock=clock)
+    live.seen(1)
+    clock.now += 5.0                                # the scheduler's loop did not run for 5 s
+    assert live.expired([1]) == []
+    assert live.silence(1) == pytest.approx(0.1)    # a fresh interval
+    clock.now += 0.1
+    assert live.expired([1]) == []
+    for _ in range(6):                              # still silent while the loop runs normally
+        clock.now += 0.1
+        dead = live.expired([1])
+    assert dead == [1]
