@@ -1,6 +1,7 @@
 """The scheduler: the paper's server manager (membership, liveness, key ring) plus the task scheduler of
-the worker group (barriers, progress, shutdown). One single-threaded loop over one routed link; the
-decisions of registration and barriers live in ``registration`` and ``barrier``."""
+the worker group (barriers, progress, shutdown). One single-threaded loop over one routed link,
+dispatching each op to a handler; the decisions live apart from I/O in ``registration``,
+``barrier``, ``liveness``, ``ring_keeper`` and ``tasks``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from .. import security
 from ..config import Config
 from ..errors import AuthError, PServerError
 from ..ft.checkpoint_round import CheckpointCoordinator
-from ..ft.loss import find_data_loss
 from ..ft.migration import MigrationCoordinator
 from ..link import LinkError, Poller
 from ..ring import KeyRing
@@ -22,6 +22,7 @@ from ..wire import Message
 from .barrier import Barriers
 from .liveness import Liveness
 from .registration import Pending, Request, pick_rank
+from .ring_keeper import RingKeeper
 from .tasks import TaskService
 from .view import ClusterView, NodeInfo
 
@@ -53,8 +54,15 @@ class Scheduler:
                                                           handover=True)
         self._poller = Poller()
         self._poller.register(self.link)
+        # op -> handler(identity, msg, authenticated role); who may send which op: security.py
+        self._handlers = {
+            "heartbeat": self._heartbeat, "register": self._register, "barrier": self._barrier,
+            "status": self._status, "drain": self._drain_server, "leave": self._leave_op,
+            "checkpoint": self._checkpoint, "shutdown": self._shutdown,
+            **dict.fromkeys(TaskService.OPS, self._task)}
         self._tick = min(0.05, cfg.heartbeat_interval / 2)
         self.view = ClusterView(settings={})
+        self.rings = RingKeeper(self.view)
         self.pending = Pending(cfg.num_servers, cfg.num_workers)  # waiting for the cluster to start
         self.identity_of: dict[int, bytes] = {}            # node id -> ROUTER identity (heartbeat sock)
         self._announce = False                              # the view changed: push it to the nodes
@@ -70,9 +78,7 @@ class Scheduler:
         self.rejected = 0
         self.tasks = TaskService(self._send, lambda: self.view, self._bump)  # app task queues
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> rejected messages
-        self.safe_ring: KeyRing | None = None   # last ring whose replicas are all in place
         self.node_view: dict[int, int] = {}     # node id -> view version its heartbeat reported
-        self.node_rebuilt: dict[int, int] = {}  # server id -> ring version it finished re-replicating
         self.migration = MigrationCoordinator(self.transport, self._server_address, self.view.alive,
                                               self._commit_ring)
         self.owner: dict[int, bytes] = {}  # node id -> node_token of the connection that registered it
@@ -110,7 +116,7 @@ class Scheduler:
         self.checkpoints.tick(self.started and not self.shutting_down)
         if self.started and not self.shutting_down:
             self.migration.tick(self.view.ring)
-            self._settle_ring()
+            self.rings.settle()
         return self.shutting_down and self._may_exit()
 
     def _drain(self) -> None:
@@ -152,54 +158,61 @@ class Scheduler:
             log.debug("cannot reply to a vanished peer: %s", e)
 
     def _handle(self, identity: bytes, msg: Message, role: str | None) -> None:
+        handler = self._handlers.get(msg.op)
+        if handler is None:
+            raise ValueError(f"unknown op {msg.op!r} for the scheduler")
+        handler(identity, msg, role)
+
+    def _heartbeat(self, identity: bytes, msg: Message, role: str | None) -> None:
         m = msg.meta
-        op = msg.op
-        if op == "heartbeat":
-            nid = int(m["id"])
-            node = self.view.nodes.get(nid)
-            if node is None:
-                raise ValueError(f"heartbeat from unknown node {nid}")
-            self._check_owner(nid, identity, op)
-            self.liveness.seen(nid)
-            self.identity_of[nid] = identity
-            self.node_view[nid] = int(m.get("v", -1))
-            if "rebuilt" in m:
-                self.node_rebuilt[nid] = int(m["rebuilt"])
-            if isinstance(m.get("traffic"), dict):
-                self.traffic[nid] = m["traffic"]
-            reply = {"v": self.view.version, "shutdown": self.shutting_down}
-            if int(m.get("v", -1)) != self.view.version:
-                reply["view"] = self.view.to_json()
-            if not node.alive and node.state == "dead":
-                reply["dead"] = True  # it was declared dead: it must not come back silently
-            self._send(identity, Message("hb", msg.ts, meta=reply))
-        elif op == "register":
-            self._register(identity, msg, role)
-        elif op == "barrier":
-            self._barrier(identity, msg)
-        elif op == "status":
-            self._send(identity, Message("status", msg.ts, meta=self.status()))
-        elif op == "drain":  # a server leaving gracefully: answered once its ranges have moved
-            nid = int(m["id"])
-            self._check_owner(nid, identity, op)
-            self.migration.request(lambda: self._ring_with(remove=nid), f"server {nid} leaves",
-                                   lambda: self._send(identity, Message("drained", msg.ts)))
-        elif op == "leave":
-            self._check_owner(int(m["id"]), identity, op)
-            self._leave(int(m["id"]))
-            self._send(identity, Message("ok", msg.ts))
-        elif op == "checkpoint":  # answered when the checkpoint is committed or aborted
-            self.checkpoints.request(identity, msg)
-        elif op in TaskService.OPS:  # the task scheduler: plans, work, progress, consistency
-            if "id" in m:
-                self._check_owner(int(m["id"]), identity, op)
-            self.tasks.handle(identity, msg)
-        elif op == "shutdown":
-            log.warning("shutdown requested")
-            self._begin_shutdown()
-            self._send(identity, Message("ok", msg.ts))
-        else:
-            raise ValueError(f"unknown op {op!r} for the scheduler")
+        nid = int(m["id"])
+        node = self.view.nodes.get(nid)
+        if node is None:
+            raise ValueError(f"heartbeat from unknown node {nid}")
+        self._check_owner(nid, identity, msg.op)
+        self.liveness.seen(nid)
+        self.identity_of[nid] = identity
+        self.node_view[nid] = int(m.get("v", -1))
+        if "rebuilt" in m:
+            self.rings.rebuilt[nid] = int(m["rebuilt"])
+        if isinstance(m.get("traffic"), dict):
+            self.traffic[nid] = m["traffic"]
+        reply = {"v": self.view.version, "shutdown": self.shutting_down}
+        if int(m.get("v", -1)) != self.view.version:
+            reply["view"] = self.view.to_json()
+        if not node.alive and node.state == "dead":
+            reply["dead"] = True  # it was declared dead: it must not come back silently
+        self._send(identity, Message("hb", msg.ts, meta=reply))
+
+    def _status(self, identity: bytes, msg: Message, role: str | None) -> None:
+        self._send(identity, Message("status", msg.ts, meta=self.status()))
+
+    def _drain_server(self, identity: bytes, msg: Message, role: str | None) -> None:
+        """A server leaving gracefully: answered ("drained") once its ranges have moved."""
+        nid = int(msg.meta["id"])
+        self._check_owner(nid, identity, msg.op)
+        self.migration.request(lambda: self.rings.with_server(remove=nid), f"server {nid} leaves",
+                               lambda: self._send(identity, Message("drained", msg.ts)))
+
+    def _leave_op(self, identity: bytes, msg: Message, role: str | None) -> None:
+        nid = int(msg.meta["id"])
+        self._check_owner(nid, identity, msg.op)
+        self._leave(nid)
+        self._send(identity, Message("ok", msg.ts))
+
+    def _checkpoint(self, identity: bytes, msg: Message, role: str | None) -> None:
+        self.checkpoints.request(identity, msg)  # answered when committed or aborted
+
+    def _task(self, identity: bytes, msg: Message, role: str | None) -> None:
+        """The task scheduler's ops: plans, work, progress, consistency."""
+        if "id" in msg.meta:
+            self._check_owner(int(msg.meta["id"]), identity, msg.op)
+        self.tasks.handle(identity, msg)
+
+    def _shutdown(self, identity: bytes, msg: Message, role: str | None) -> None:
+        log.warning("shutdown requested")
+        self._begin_shutdown()
+        self._send(identity, Message("ok", msg.ts))
 
     # -- registration --------------------------------------------------------------------------
     def _register(self, identity: bytes, msg: Message, role: str | None) -> None:
@@ -214,7 +227,7 @@ class Scheduler:
             self._bump()
             self._welcome(identity, msg.ts, node)
             if req.role == "server":
-                self.migration.request(lambda nid=node.id: self._ring_with(add=nid),
+                self.migration.request(lambda nid=node.id: self.rings.with_server(add=nid),
                                        f"server {node.id} joins")
             return
         complete = self.pending.add((identity, msg.ts), req)
@@ -240,8 +253,7 @@ class Scheduler:
         admitted = [(ident, ts, self._admit(req))
                     for (ident, ts), req in self.pending.admission_order()]
         servers = [n.id for n in self.view.role_nodes("server")]
-        self.view.ring = self.safe_ring = KeyRing(servers, virtual=self.cfg.virtual_servers,
-                                                  version=1)
+        self.rings.start(servers, self.cfg.virtual_servers)
         if "restore" in self.view.settings:  # these servers load the checkpoint before serving
             self.view.settings["restore"]["servers"] = servers
         self.view.settings.update({
@@ -272,61 +284,13 @@ class Scheduler:
             if self.view.alive(nid):
                 self._send(identity, Message("hb", 0, meta=meta))
 
-    def _ring_with(self, add: int | None = None, remove: int | None = None) -> KeyRing | None:
-        """The current ring with one server added or removed (None if that changes nothing)."""
-        ring = self.view.ring
-        servers = [s for s in ring.servers if s != remove and self.view.alive(s)]
-        if add is not None and self.view.alive(add) and add not in servers:
-            servers.append(add)
-        if not servers:
-            return None
-        return KeyRing(servers, virtual=ring.virtual, block_bits=ring.block_bits,
-                       version=ring.version + 1)
-
     def _commit_ring(self, ring: KeyRing) -> None:
-        self.view.ring = ring
-        self.safe_ring = ring  # a migration commits only once every copy is acknowledged
+        self.rings.commit(ring)
         self._bump()
-
-    def _settle_ring(self) -> None:
-        """After a failover, the ring's replicas are complete once every live server of it reports
-        (on its heartbeats) that it finished re-replicating for it - then it becomes the ring
-        losses are judged by."""
-        ring = self.view.ring
-        if ring is None or ring is self.safe_ring:
-            return
-        if all(self.node_rebuilt.get(s, -1) >= ring.version or not self.view.alive(s)
-               for s in ring.servers):
-            self.safe_ring = ring
 
     def _server_address(self, sid: int) -> tuple[str, int]:
         node = self.view.nodes[sid]
         return node.host, node.port
-
-    def _server_gone(self, nid: int) -> None:
-        """Failover: take a dead or departed server off the key ring. Its segments fall to their
-        first replicas, which hold the data; if every holder of some segment is gone, the data is
-        lost - the ring is left as it is and workers touching those keys get DataLostError."""
-        ring = self.view.ring
-        if ring is None or nid not in ring.servers:
-            return
-        k = int(self.view.settings.get("replication", 0))
-        # judge against the last ring whose replicas are known to be complete: servers dying one
-        # after the other faster than re-replication must count together
-        safe = self.safe_ring or ring
-        dead = [s for s in safe.servers if not self.view.alive(s)]
-        loss = find_data_loss(safe, dead, k)
-        if loss is not None:
-            self.view.settings["lost"] = loss.masters
-            self.view.settings["data_loss"] = loss.to_json()
-            log.error("%s", loss.message())
-            return
-        gone = {s for s in ring.servers if not self.view.alive(s)}
-        self.view.ring = KeyRing([s for s in ring.servers if s not in gone],
-                                 virtual=ring.virtual, block_bits=ring.block_bits,
-                                 version=ring.version + 1)
-        log.warning("key ring v%d: server(s) %s removed, their ranges fail over to their replicas",
-                    self.view.ring.version, sorted(gone))
 
     # -- liveness ----------------------------------------------------------------------------
     def _check_liveness(self) -> None:
@@ -340,7 +304,7 @@ class Scheduler:
                       node.role, nid, node.rank, node.pid, node.host, node.port,
                       self.liveness.silence(nid))
             if node.role == "server":
-                self._server_gone(nid)
+                self.rings.server_gone(nid)
             self._bump()
             self._recheck_barriers()
             self.tasks.node_gone(nid)
@@ -354,7 +318,7 @@ class Scheduler:
         node.state = "left"
         log.info("%s %d (rank %d) left", node.role, nid, node.rank)
         if node.role == "server" and not self.shutting_down:
-            self._server_gone(nid)
+            self.rings.server_gone(nid)
         self._bump()
         self._recheck_barriers()
         self.tasks.node_gone(nid)
@@ -376,7 +340,7 @@ class Scheduler:
         return not others_up or time.monotonic() > self.shutdown_deadline
 
     # -- barriers ---------------------------------------------------------------------------
-    def _barrier(self, identity: bytes, msg: Message) -> None:
+    def _barrier(self, identity: bytes, msg: Message, role: str | None) -> None:
         name = str(msg.meta.get("name", ""))
         group = str(msg.meta.get("group", "worker"))
         nid = int(msg.meta["id"])

@@ -6,6 +6,7 @@ from pserver.errors import AuthError
 from pserver.membership.barrier import Barriers, members
 from pserver.membership.liveness import Liveness
 from pserver.membership.registration import Pending, Request, pick_rank
+from pserver.membership.ring_keeper import RingKeeper
 from pserver.testing import FakeClock, view_of
 
 
@@ -98,3 +99,55 @@ def test_liveness_blames_a_starved_loop_not_the_nodes():
         clock.now += 0.1
         dead = live.expired([1])
     assert dead == [1]
+
+
+def _keeper(servers: int, k: int) -> RingKeeper:
+    view = view_of(servers=servers, ring=False)
+    view.settings["replication"] = k
+    keeper = RingKeeper(view)
+    keeper.start(list(view.nodes), virtual=16)
+    return keeper
+
+
+def test_failover_takes_a_dead_server_off_the_ring_when_its_replicas_survive():
+    keeper = _keeper(3, k=1)
+    keeper.view.nodes[2].alive = False
+    assert keeper.server_gone(2) is None
+    assert keeper.view.ring.servers == [1, 3] and keeper.view.ring.version == 2
+    assert keeper.safe.version == 1                   # replicas of v2 not rebuilt yet
+    assert keeper.server_gone(2) is None and keeper.view.ring.version == 2  # not in the ring now
+
+
+def test_servers_dying_faster_than_re_replication_count_together():
+    keeper = _keeper(3, k=1)
+    keeper.view.nodes[2].alive = False
+    keeper.server_gone(2)
+    keeper.view.nodes[3].alive = False
+    loss = keeper.server_gone(3)                      # judged against v1: 2 and 3 held segments alone
+    assert loss is not None and keeper.view.settings["lost"] == loss.masters
+    assert keeper.view.ring.version == 2              # the ring is left as it is
+
+
+def test_a_rebuilt_ring_becomes_safe_and_a_later_failure_is_survived():
+    keeper = _keeper(3, k=1)
+    keeper.view.nodes[2].alive = False
+    keeper.server_gone(2)
+    keeper.rebuilt[1] = 2
+    keeper.settle()
+    assert keeper.safe.version == 1                   # server 3 has not reported yet
+    keeper.rebuilt[3] = 2
+    keeper.settle()
+    assert keeper.safe is keeper.view.ring
+    keeper.view.nodes[3].alive = False
+    assert keeper.server_gone(3) is None and keeper.view.ring.servers == [1]
+
+
+def test_ring_with_a_server_added_or_removed():
+    keeper = _keeper(2, k=0)
+    ring = keeper.with_server(remove=2)
+    assert ring.servers == [1] and ring.version == 2 and keeper.view.ring.version == 1
+    assert keeper.with_server(add=1).servers == [1, 2]   # already there: unchanged servers
+    keeper.view.nodes[1].alive = keeper.view.nodes[2].alive = False
+    assert keeper.with_server(remove=1) is None
+    keeper.commit(ring)
+    assert keeper.view.ring is ring and keeper.safe is ring
