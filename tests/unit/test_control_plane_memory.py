@@ -4,6 +4,7 @@ heartbeats, barriers), scheduler_request and the executor's task channel - no so
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -154,3 +155,24 @@ def test_recording_link_decodes_what_was_sent():
     link = RecordingLink(routed=False)
     link.send(wire.Message("push", 3, meta={"x": 1}))
     assert link.sent[0][1].meta == {"x": 1} and link.events == [("send", None, link.sent[0][1])]
+
+
+def _until(cond, timeout: float = 20.0) -> bool:
+    """Wait (not a timing assertion: a generous bound) for ``cond()`` to hold."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_heartbeats_carry_a_late_join_and_the_shutdown_to_every_node():
+    with MemoryCluster(num_servers=1, num_workers=1) as c:
+        server, w1 = c.join_all(["server", "worker"])
+        w2 = c.join("worker")                     # the cluster runs: admitted at once
+        assert w2.rank == 1 and w2.view.num_workers == 2
+        assert _until(lambda: w1.view.num_workers == 2 and server.view.num_workers == 2)
+        tr = MemoryTransport(c.hub, c.cfg, "scheduler")
+        assert scheduler_request(c.cfg, "shutdown", transport=tr).op == "ok"
+        assert _until(lambda: all(n.shutdown_requested.is_set() for n in (server, w1, w2)))
