@@ -132,7 +132,9 @@ class MemoryCluster:
     """The real :class:`Scheduler` loop (in a thread) and real :class:`Membership` objects of
     servers and workers, talking over one MemoryHub. ``join(role)`` registers a node (blocking
     until the cluster started, so join the expected nodes from threads: :meth:`join_all`).
-    Use as a context manager; :meth:`close` stops nodes and the scheduler loop."""
+    Use as a context manager; :meth:`close` stops nodes and the scheduler loop. Not yet in memory:
+    a server joining or leaving a running cluster (its migration, ft/migration.py, uses sockets).
+    """
 
     def __init__(self, num_servers: int = 1, num_workers: int = 1, **cfg: Any) -> None:
         self.hub = MemoryHub()
