@@ -8,7 +8,7 @@ import zmq
 
 from pserver import wire
 from pserver.link import LinkError, LinkTimeout, MemoryHub, Poller, ZmqLink
-from pserver.testing import RecordingLink
+from pserver.testing import MemoryTransport, RecordingLink, memory_config
 
 
 def test_dealer_to_router_and_back_in_order():
@@ -85,3 +85,20 @@ def test_poller_asks_scripted_links_and_unregisters():
     assert poller.poll(5) == [b]
     poller.unregister(b)
     assert b not in poller and poller.poll(0) == []
+
+
+def test_transport_messages_skip_a_malformed_one_and_count_the_rest(caplog):
+    hub = MemoryHub()
+    tr = MemoryTransport(hub, memory_config(), "worker")
+    router, port = tr.router_link("h")
+    dealer = tr.dealer_link("h", port, "server", identity=b"d")
+    dealer.send(wire.Message("hello", 1))
+    ident, _ = router.recv()
+    router.send_frames([b"junk"], "junk", to=ident)
+    router.send(wire.Message("ok", 2), to=ident)
+    assert [m.op for m in tr.messages(dealer, "the router")] == ["ok"]
+    assert "malformed message from the router dropped" in caplog.text
+    assert tr.counters.to_json()["messages_received"] == 1
+    tr.close()
+    with pytest.raises(LinkError):
+        dealer.send(wire.Message("late", 3))
