@@ -24,6 +24,11 @@ class LinkError(PServerError):
     message within the link's send timeout. Nothing of the message was sent."""
 
 
+class LinkTimeout(LinkError):
+    """A send that timed out: the link's only peer did not take the message within the send
+    timeout (a DEALER whose connection never completed, e.g. wrong keys). Nothing was sent."""
+
+
 class Link:
     """One endpoint. Subclasses implement the five methods; all are called from the owner thread.
 
@@ -50,8 +55,9 @@ class Link:
         """Wait up to ``timeout`` seconds (None: for ever) for a message; True if one waits."""
         raise NotImplementedError
 
-    def close(self) -> None:
-        """Release the endpoint; later sends raise LinkError. Idempotent."""
+    def close(self, linger: float = 0.0) -> None:
+        """Release the endpoint, letting queued messages out for up to ``linger`` seconds (what
+        is still queued then is dropped); later sends raise LinkError. Idempotent."""
         raise NotImplementedError
 
 
@@ -82,6 +88,8 @@ class ZmqLink(Link):
                 sock.send(f, zmq.SNDMORE, copy=False)
                 nbytes += _nbytes(f)
             sock.send(last, 0, copy=False)
+        except zmq.Again as e:  # a DEALER's sndtimeo ran out (only the first frame can block)
+            raise LinkTimeout(f"cannot send {op!r}: no peer took it in time") from e
         except zmq.ZMQError as e:
             raise LinkError(f"cannot send {op!r}: {e}") from e
         if self.counters is not None:
@@ -98,9 +106,9 @@ class ZmqLink(Link):
     def poll(self, timeout: float | None) -> bool:
         return bool(self.sock.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:
         if not self.sock.closed:
-            self.sock.close(linger=0)
+            self.sock.close(linger=int(linger * 1000))
 
 
 def recv_frames(sock: zmq.Socket) -> list[zmq.Frame] | None:
@@ -119,23 +127,33 @@ def recv_frames(sock: zmq.Socket) -> list[zmq.Frame] | None:
 
 
 class Poller:
-    """Waits on several links at once (all ZeroMQ, or all in memory)."""
+    """Waits on several links at once: ZeroMQ links, or in-memory ones; other links (scripted test
+    doubles) are asked without waiting."""
 
     def __init__(self) -> None:
         self._zmq = zmq.Poller()
         self._links: dict[object, Link] = {}  # socket (or the link itself) -> link
+        self._memory: list[MemoryLink] = []
+        self._other: list[Link] = []
 
     def register(self, link: Link) -> None:
         key = getattr(link, "sock", link)
-        if key not in self._links:
-            self._links[key] = link
-            if isinstance(link, ZmqLink):
-                self._zmq.register(link.sock, zmq.POLLIN)
+        if key in self._links:
+            return
+        self._links[key] = link
+        if isinstance(link, ZmqLink):
+            self._zmq.register(link.sock, zmq.POLLIN)
+        else:
+            (self._memory if isinstance(link, MemoryLink) else self._other).append(link)
 
     def unregister(self, link: Link) -> None:
         key = getattr(link, "sock", link)
-        if self._links.pop(key, None) is not None and isinstance(link, ZmqLink):
+        if self._links.pop(key, None) is None:
+            return
+        if isinstance(link, ZmqLink):
             self._zmq.unregister(link.sock)
+        else:
+            (self._memory if isinstance(link, MemoryLink) else self._other).remove(link)
 
     def __contains__(self, link: Link) -> bool:
         return getattr(link, "sock", link) in self._links
@@ -145,9 +163,10 @@ class Poller:
 
     def poll(self, timeout: float | None) -> list[Link]:
         """The registered links with a message waiting, after at most ``timeout`` seconds."""
-        memory = [link for link in self._links.values() if isinstance(link, MemoryLink)]
-        if memory:
-            return _poll_memory(memory, timeout)
+        if self._other:
+            return [link for link in self._other if link.poll(0)]
+        if self._memory:
+            return _poll_memory(self._memory, timeout)
         ms = None if timeout is None else max(0, int(timeout * 1000))
         return [self._links[s] for s, _ in self._zmq.poll(ms)]
 
@@ -207,7 +226,7 @@ class MemoryLink(Link):
     def poll(self, timeout: float | None) -> bool:
         return bool(_poll_memory([self], timeout))
 
-    def close(self) -> None:
+    def close(self, linger: float = 0.0) -> None:  # sends are delivered at once: nothing lingers
         with self.hub.cond:
             self.closed = True
             if self.routed and self.hub.routers.get(self.name) is self:

@@ -1,10 +1,9 @@
-"""ZeroMQ sockets of one node: creation (with the cluster's credentials), send and receive of
-:class:`~pserver.wire.Message`, and traffic counters. Nothing else.
+"""ZeroMQ sockets of one node: creation (with the cluster's credentials) as sockets or as
+:class:`~pserver.link.Link` s, decoding of received :class:`~pserver.wire.Message` s, and traffic
+counters. Nothing else.
 
-Shape: every node that serves requests binds one ROUTER; every node that makes requests connects one
-DEALER per peer. A DEALER->ROUTER connection is a single TCP stream read by a single-threaded loop, which is
-what gives per-sender FIFO order. ZeroMQ sockets are not thread-safe: each socket here is used by exactly one
-thread (or under its owner's lock).
+Every node that serves requests binds one ROUTER; every node that makes requests connects one DEALER
+per peer (one TCP stream read by one loop: per-sender FIFO order). A socket is used by one thread only.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ import zmq
 from . import security, wire
 from .config import Config, zmq_endpoint
 from .errors import ConfigError, PServerError
-from .link import ZmqLink
+from .link import Link, ZmqLink
 from .link import recv_frames as recv
 
 log = logging.getLogger(__name__)
@@ -133,8 +132,7 @@ class Transport:
             # A DEALER whose only connection failed its handshake (wrong or no keys) has no peer and
             # would block on send for ever: give up after the connect timeout instead (zmq.Again).
             sock.sndtimeo = max(1, int(self.cfg.connect_timeout * 1000))
-        if identity is None and peer_role == "scheduler":
-            identity = self._token + b"%d" % next(self._dealer_ids)
+        identity = self.dealer_identity(peer_role, identity)
         if identity is not None:
             sock.identity = identity
         if ":" in host:
@@ -143,9 +141,30 @@ class Transport:
         sock.connect(zmq_endpoint(host, port))
         return sock
 
+    def dealer_identity(self, peer_role: str, identity: bytes | None = None) -> bytes | None:
+        """The routing identity of a new DEALER to a ``peer_role``: ``identity`` if given, else a
+        token-based one for the scheduler (see :func:`node_token`), else None (ZeroMQ picks)."""
+        if identity is None and peer_role == "scheduler":
+            identity = self._token + b"%d" % next(self._dealer_ids)
+        return identity
+
     def link(self, sock: zmq.Socket) -> ZmqLink:
         """``sock`` (made by this transport) as a :class:`~pserver.link.Link` feeding its counters."""
         return ZmqLink(sock, self.counters)
+
+    def router_link(self, host: str, port: int = 0, handover: bool = False) -> tuple[Link, int]:
+        """:meth:`bind_router` as a routed Link. handover: a peer reconnecting with the identity of
+        a live connection takes it over (ROUTER_HANDOVER). Raises ConfigError if it cannot bind."""
+        sock, port = self.bind_router(host, port)
+        if handover:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        return ZmqLink(sock, self.counters), port
+
+    def dealer_link(self, host: str, port: int, peer_role: str,
+                    identity: bytes | None = None) -> Link:
+        """:meth:`connect_dealer` as a Link. Its sends to the scheduler raise LinkTimeout after the
+        connect timeout when no connection could be made."""
+        return ZmqLink(self.connect_dealer(host, port, peer_role, identity), self.counters)
 
     def send(self, sock: zmq.Socket, msg: wire.Message, identity: bytes | None = None) -> None:
         """Send ``msg`` on ``sock`` (to ``identity`` on a ROUTER). Raises zmq.ZMQError as
@@ -177,6 +196,25 @@ class Transport:
         msg = wire.decode(body, self.limits)
         self.counters.count(self.counters.received, msg.op, sum(map(len, body)))
         return identity, msg, role
+
+    def decode_body(self, body: list) -> tuple[wire.Message, str | None]:
+        """Decode the frames a :meth:`Link.recv` returned -> (message, authenticated peer role or
+        None). Raises ProtocolError (or LimitError) for malformed input; nothing is counted then."""
+        role = self.creds.peer_role(body[0]) if self.creds.secure and body else None
+        msg = wire.decode(body, self.limits)
+        self.counters.count(self.counters.received, msg.op, sum(map(len, body)))
+        return msg, role
+
+    def messages(self, link: Link, peer: str) -> Iterator[wire.Message]:
+        """Every message waiting on an unrouted ``link``, decoded, without blocking. A malformed one
+        is logged (naming ``peer``) and skipped: nothing received may stop the caller's loop."""
+        while (item := link.recv()) is not None:
+            try:
+                msg, _ = self.decode_body(item[1])
+            except PServerError as e:
+                log.warning("malformed message from %s dropped: %s", peer, e)
+                continue
+            yield msg
 
     def drain(self, sock: zmq.Socket, peer: str) -> Iterator[wire.Message]:
         """Every message waiting on a DEALER socket, decoded, without blocking. A malformed one is

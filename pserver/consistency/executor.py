@@ -6,24 +6,8 @@ where the worker's time goes (paper: "Tasks and consistency", the idle-time figu
     for t, payload in ex.assigned():                     # tasks the scheduler hands this worker
         ex.run(t, step)                                  # step(t) computes, then ex.push / ex.pull
 
-A task is issued into a TaskDAG with the model current at issue, then started once every task the
-model makes it wait for has finished; its pushes and pulls (`ex.push`, `ex.pull`) are subtasks, so
-a task finishes when its own work is done and the replies of its subtasks arrived. Replies are
-collected in issue order: a pull's `then(values)` runs (in the caller's thread) before any later
-subtask completes, which is what an algorithm keeping state per iteration (DBPG's margins) needs.
-
-Time is split into computing (inside `run`), waiting_deps (blocked because the model does not
-allow the next task yet - including collecting the replies that task depends on) and waiting_net
-(blocked in KVWorker.wait on a reply the caller needs now, e.g. a blocking pull).
-
-With `app` and a KVWorker, the executor joins the application's task queue at the scheduler
-(pserver.membership.tasks): it asks for tasks ahead of need, reports finished ones with its time
-totals, and follows the application's model in the cluster view, so `pserver consistency --app
-APP --tau 4` changes tau for the tasks issued after the next heartbeat. Without a scheduler (a
-plain kv object, or app=None) `assigned()` yields the local plan 0 .. count-1.
-
-Not thread-safe: one thread drives the executor (the worker's main loop); only the model update
-arrives from the heartbeat thread, and TaskDAG takes it under its own lock.
+Pushes and pulls of a task are its subtasks; replies are collected in issue order. Not thread-safe:
+one thread drives it. Semantics, time accounting and the scheduler channel: docs/consistency.md.
 """
 
 from __future__ import annotations
@@ -36,8 +20,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-import zmq
 
 from pserver.consistency.dag import BoundedDelay, ConsistencyModel, Eventual, TaskDAG, parse_model
 from pserver.consistency.timing import IdleTimer
@@ -357,8 +339,8 @@ class Executor:
 
 
 class _Channel:
-    """A DEALER of this worker to the scheduler for task ops, owned by the executor's thread
-    (the membership's control socket stays free for barriers)."""
+    """A link of this worker to the scheduler for task ops, owned by the executor's thread
+    (the membership's control link stays free for barriers)."""
 
     def __init__(self, kv: Any, app: str) -> None:
         self.transport = kv.transport
@@ -366,13 +348,13 @@ class _Channel:
         self.app = app
         self.lost = kv.membership.scheduler_lost
         m = kv.membership
-        self.sock = self.transport.connect_dealer(m.sched_host, m.sched_port, "scheduler")
+        self.link = self.transport.dealer_link(m.sched_host, m.sched_port, "scheduler")
         self._ts = itertools.count(1)
         self.timeout = max(float(getattr(kv.cfg, "connect_timeout", 30.0)), 5.0)
 
     def send(self, op: str, meta: dict) -> int:
         ts = next(self._ts)
-        self.transport.send(self.sock, Message(op, ts, meta={**meta, "id": self.node}))
+        self.link.send(Message(op, ts, meta={**meta, "id": self.node}))
         return ts
 
     def request(self, op: str, meta: dict, expect: str) -> Any:
@@ -393,19 +375,16 @@ class _Channel:
         seconds (None: until one arrives; SchedulerUnreachableError if the scheduler is lost)."""
         out = []
         step = 0.5 if timeout is None else timeout
+        link, decode = self.link, self.transport.decode_body
         while True:
-            if self.sock.poll(step * 1000):
-                while True:
-                    try:
-                        frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    out.append(self.transport.decode(frames, routed=False)[1])
+            if link.poll(step):
+                while (item := link.recv()) is not None:
+                    out.append(decode(item[1])[0])
             if out or timeout is not None:
                 return out
             if self.lost.is_set():
                 raise SchedulerUnreachableError("lost contact with the scheduler")
 
     def close(self) -> None:
-        self.sock.close(linger=1000)  # let the last report go out
+        self.link.close(linger=1.0)  # let the last report go out
 

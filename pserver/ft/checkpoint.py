@@ -1,26 +1,11 @@
 """Checkpoints: snapshots of every table to a directory, and restore into a cluster of any size.
 
-Layout of a checkpoint directory (shared by the scheduler and every server, e.g. NFS)::
-
-    DIR/LATEST                  name of the last committed checkpoint (replaced atomically)
-    DIR/ckpt-000007/            a committed checkpoint
-        manifest.json           ring, servers, table specs, shard files with bytes and sha256, time
-        shard-<id>.npz          per server: keys, values, optimizer state of the keys it MASTERED
-        shard-<id>.json         per server: its table specs and range vector clocks
-    DIR/ckpt-000008.partial/    a checkpoint being written (or interrupted: never loaded)
-
-Protocol: the scheduler creates ``<name>.partial``, every live server writes its shard into it (its
-single loop writes, so a shard is a consistent snapshot of that server; shards of different servers
-are taken at slightly different moments), and once every server reported its shard written the
-scheduler writes the manifest, renames ``.partial`` to its final name and then replaces LATEST. Each
-step is atomic (write a temporary file, fsync, rename), so a crash at any point leaves LATEST naming
-the previous complete checkpoint. Readers verify each file's size and sha256 against the manifest.
-
-Restore works for any number of servers: a server of the new ring reads every shard and keeps the
-keys it must hold (``holds(keys) -> bool mask``, vectorised), streaming values in bounded chunks.
-
-The functions here do file I/O only and need no sockets; the scheduler drives a round through
-:class:`pserver.ft.checkpoint_round.CheckpointCoordinator`.
+``DIR/LATEST`` names the last committed ``DIR/ckpt-NNNNNN/`` (manifest.json, and per server
+shard-<id>.npz with the keys it mastered and shard-<id>.json with its specs and range clocks);
+``DIR/ckpt-NNNNNN.partial/`` is one being written, never loaded. Every step is atomic, so a crash
+leaves LATEST naming the previous complete checkpoint; readers check sizes and sha256. Restore keeps
+the keys a server of the new ring must hold. File I/O only: the scheduler's round is in
+:mod:`pserver.ft.checkpoint_round`. Protocol and rationale: docs/fault-tolerance.md, "Checkpoints".
 """
 
 from __future__ import annotations

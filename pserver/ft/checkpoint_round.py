@@ -1,7 +1,7 @@
 """The scheduler's side of a checkpoint: one round at a time, driven by the scheduler's single loop.
 
 A round: create ``DIR/<name>.partial`` (:func:`checkpoint.begin`), send every live server of the key
-ring ``checkpoint_write`` over a DEALER to its ROUTER, collect the shard reports, then
+ring ``checkpoint_write`` over a link to its ROUTER, collect the shard reports, then
 :func:`checkpoint.commit`. A server that dies or refuses, a change of the ring's servers or the
 timeout aborts the round: the ``.partial`` directory stays (collected after the next commit) and
 LATEST keeps naming the previous complete checkpoint.
@@ -16,9 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import zmq
-
 from ..errors import CheckpointError
+from ..link import Link, Poller
 from ..ring import KeyRing
 from ..wire import Message
 from .checkpoint import begin, commit, latest, read_manifest, resolve
@@ -66,8 +65,8 @@ class CheckpointCoordinator:
         self._next_due = time.monotonic() + every if every > 0 else float("inf")
         self._ts = 0
         self._start_error = ""
-        self._socks: dict[int, zmq.Socket] = {}
-        self._poller = zmq.Poller()
+        self._links: dict[int, Link] = {}  # server id -> link to its ROUTER, kept across rounds
+        self._poller = Poller()
 
     def prepare_restore(self, directory: str, view: ClusterView) -> int:
         """Validate the latest checkpoint of DIR (or the one named by DIR/ckpt-NNNNNN) and put it in
@@ -111,8 +110,8 @@ class CheckpointCoordinator:
         self._start_error = ""
         view = self.view()
         servers = view.role_nodes("server")
-        for sid in [s for s in self._socks if not view.alive(s)]:
-            self._drop_socket(sid)
+        for sid in [s for s in self._links if not view.alive(s)]:
+            self._drop_link(sid)
         if view.ring is None or not servers:
             self._start_error = "the cluster has not started: no servers to checkpoint yet"
             return
@@ -135,12 +134,12 @@ class CheckpointCoordinator:
                              for n in servers], {n.id for n in servers}, time.monotonic())
         meta = {"dir": partial, "ring": ring.to_json()}
         for node in servers:
-            sock = self._socks.get(node.id)
-            if sock is None:
-                sock = self.transport.connect_dealer(node.host, node.port, "server")
-                self._socks[node.id] = sock
-                self._poller.register(sock, zmq.POLLIN)
-            self.transport.send(sock, Message("checkpoint_write", self._ts, meta=meta))
+            link = self._links.get(node.id)
+            if link is None:
+                link = self.transport.dealer_link(node.host, node.port, "server")
+                self._links[node.id] = link
+                self._poller.register(link)
+            link.send(Message("checkpoint_write", self._ts, meta=meta))
         log.info("checkpoint %s started: %d servers writing to %s", name, len(servers), partial)
 
     # -- progress ----------------------------------------------------------------------------
@@ -158,9 +157,9 @@ class CheckpointCoordinator:
                 self._start(self.directory)
 
     def _read_replies(self) -> None:
-        for sock, _ in self._poller.poll(0):
-            sid = next((s for s, k in self._socks.items() if k is sock), -1)
-            for msg in self.transport.drain(sock, f"server {sid}"):
+        for link in self._poller.poll(0):
+            sid = next((s for s, k in self._links.items() if k is link), -1)
+            for msg in self.transport.messages(link, f"server {sid}"):
                 rnd = self.round
                 if rnd is None or msg.ts != rnd.ts or sid not in rnd.waiting:
                     continue  # a late reply of an aborted round
@@ -185,7 +184,7 @@ class CheckpointCoordinator:
         if dead:
             self._abort(f"server(s) {dead} died while writing their shards")
             for sid in dead:
-                self._drop_socket(sid)
+                self._drop_link(sid)
         elif view.ring is None or sorted(view.ring.servers) != sorted(rnd.ring.servers):
             self._abort("the key ring changed during the checkpoint")
         elif time.monotonic() - rnd.started > self.timeout:
@@ -223,11 +222,11 @@ class CheckpointCoordinator:
         for ident, ts in rnd.requesters:
             self.reply(ident, Message("error", ts, meta={"error": text, "kind": "CheckpointError"}))
 
-    def _drop_socket(self, sid: int) -> None:
-        sock = self._socks.pop(sid, None)
-        if sock is not None:
-            self._poller.unregister(sock)
-            sock.close(linger=0)
+    def _drop_link(self, sid: int) -> None:
+        link = self._links.pop(sid, None)
+        if link is not None:
+            self._poller.unregister(link)
+            link.close()
 
     def status(self) -> dict[str, Any]:
         """For the scheduler's status: the directory, the running round and the last checkpoint."""

@@ -1,8 +1,8 @@
 """A node's side of membership: registration with the scheduler, the heartbeat thread, the cached
 cluster view, barriers and leaving.
 
-Two sockets talk to the scheduler: a control DEALER used by the node's main thread (register, barrier,
-status, leave) and a heartbeat DEALER owned by the heartbeat thread, so that heartbeats never stall
+Two links talk to the scheduler: a control link used by the node's main thread (register, barrier,
+status, leave) and a heartbeat link owned by the heartbeat thread, so that heartbeats never stall
 behind a long update or a blocking barrier.
 """
 
@@ -15,11 +15,10 @@ import threading
 import time
 from collections.abc import Callable
 
-import zmq
-
 from .. import logs
 from ..config import Config
 from ..errors import BarrierTimeoutError, PServerError, RemoteError, SchedulerUnreachableError
+from ..link import Link, LinkError, LinkTimeout
 from ..transport import Transport
 from ..wire import Message
 from .view import ClusterView
@@ -36,7 +35,7 @@ class Membership:
         self.role = role
         self.host, self.port = host, port
         self.sched_host, self.sched_port = cfg.require_scheduler()
-        self.control = transport.connect_dealer(self.sched_host, self.sched_port, "scheduler")
+        self.control: Link = transport.dealer_link(self.sched_host, self.sched_port, "scheduler")
         self._ts = itertools.count(1)
         self._lock = threading.Lock()
         self._view = ClusterView()
@@ -78,59 +77,75 @@ class Membership:
 
     # -- control requests ----------------------------------------------------------------------
     def request(self, op: str, meta: dict, timeout: float, expect: str) -> Message:
-        """Send ``op`` on the control socket and wait for the reply ``expect`` with the same ts."""
-        ts = next(self._ts)
-        self.transport.send(self.control, Message(op, ts, meta=meta))
+        """Send ``op`` on the control link and wait for the reply ``expect`` with the same ts
+        (other replies are dropped).
+
+        Raises: TimeoutError if no such reply came within ``timeout`` seconds (the scheduler may
+        or may not have acted on it); RemoteError if the scheduler refused; ProtocolError for a
+        malformed reply; LinkTimeout if no connection to the scheduler could be made."""
+        ts = self.send_request(op, meta)
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.control.poll(left * 1000):
+            msg = self._next_reply(deadline)
+            if msg is None:
                 raise TimeoutError(op)
-            _, msg, _ = self.transport.decode(self.control.recv_multipart(copy=False), routed=False)
             if msg.op == "error":
                 raise RemoteError(f"scheduler refused {op}: {msg.meta.get('error')}")
             if msg.ts == ts and msg.op == expect:
                 return msg
 
     def send_request(self, op: str, meta: dict) -> int:
-        """Send ``op`` on the control socket without waiting; see :meth:`read_reply`."""
+        """Send ``op`` on the control link without waiting (see :meth:`read_reply`); returns its
+        ts. Raises LinkTimeout if no connection to the scheduler could be made (nothing sent)."""
         ts = next(self._ts)
-        self.transport.send(self.control, Message(op, ts, meta=meta))
+        self.control.send(Message(op, ts, meta=meta))
         return ts
 
     def read_reply(self) -> Message | None:
-        """A reply waiting on the control socket, or None (never blocks)."""
-        if not self.control.poll(0):
-            return None
-        _, msg, _ = self.transport.decode(self.control.recv_multipart(copy=False), routed=False)
-        return msg
+        """A reply waiting on the control link, or None (never blocks). Raises ProtocolError for
+        a malformed one (it is consumed)."""
+        item = self.control.recv()
+        return None if item is None else self.transport.decode_body(item[1])[0]
+
+    def _next_reply(self, deadline: float) -> Message | None:
+        """The next reply on the control link, waiting until ``deadline`` (monotonic); None then."""
+        while True:
+            msg = self.read_reply()
+            if msg is not None:
+                return msg
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.control.poll(left):
+                return None
 
     def register(self, requested_rank: int = -1) -> None:
-        """Register and block until the scheduler admits this node into a started cluster."""
+        """Register and block until the scheduler admits this node into a started cluster, then
+        start the heartbeat thread.
+
+        Raises: SchedulerUnreachableError if the scheduler did not answer, or the cluster did not
+        start, within the connect timeout; RemoteError if the scheduler refused. The node is not
+        a member then (node_id stays -1)."""
         meta = {"role": self.role, "host": self.host, "port": self.port, "pid": os.getpid(),
                 "rank": requested_rank}
         timeout = self.cfg.connect_timeout
-        ts = next(self._ts)
         where = f"{self.sched_host}:{self.sched_port}"
         unreachable = (f"no answer from the scheduler at {where} within {timeout:g} s: is it running "
                        f"and reachable from here, and does this node have the cluster's keys? "
                        f"(PSERVER_SCHEDULER, PSERVER_KEYS, PSERVER_CONNECT_TIMEOUT)")
         try:
-            self.transport.send(self.control, Message("register", ts, meta=meta))
-        except zmq.Again:  # no connection could be made (see Transport.connect_dealer)
+            self.send_request("register", meta)
+        except LinkError:  # no connection could be made (see Transport.connect_dealer)
             raise SchedulerUnreachableError(unreachable) from None
         deadline = time.monotonic() + timeout
         acknowledged = False
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.control.poll(left * 1000):
+            msg = self._next_reply(deadline)
+            if msg is None:
                 if not acknowledged:
                     raise SchedulerUnreachableError(unreachable)
                 raise SchedulerUnreachableError(
                     f"the scheduler at {where} accepted this {self.role} but the cluster did not "
                     f"start within {timeout:g} s: fewer servers/workers came than it waits for "
                     f"(PSERVER_NUM_SERVERS, PSERVER_NUM_WORKERS)")
-            _, msg, _ = self.transport.decode(self.control.recv_multipart(copy=False), routed=False)
             if msg.op == "error":
                 raise RemoteError(f"the scheduler refused registration: {msg.meta.get('error')}")
             if msg.op == "registered":
@@ -147,6 +162,12 @@ class Membership:
         self._hb_thread.start()
 
     def barrier(self, name: str = "", group: str = "worker", timeout: float | None = None) -> None:
+        """Block until every live node of ``group`` ("worker", "server" or "all") reached the
+        barrier ``name``.
+
+        Raises: BarrierTimeoutError after ``timeout`` seconds (default: the config's barrier
+        timeout; this node still counts as arrived at the scheduler); RemoteError if the
+        scheduler refused (e.g. an unknown group)."""
         timeout = self.cfg.barrier_timeout if timeout is None else timeout
         try:
             self.request("barrier", {"id": self.node_id, "name": name, "group": group},
@@ -159,6 +180,8 @@ class Membership:
                 f"PSERVER_BARRIER_TIMEOUT if that is expected") from None
 
     def status(self, timeout: float = 5.0) -> dict:
+        """The scheduler's status report. Raises SchedulerUnreachableError without an answer
+        within ``timeout`` seconds."""
         try:
             return self.request("status", {}, timeout, "status").meta
         except TimeoutError:
@@ -175,7 +198,7 @@ class Membership:
 
     # -- heartbeats ----------------------------------------------------------------------------
     def _heartbeat_loop(self) -> None:
-        sock = self.transport.connect_dealer(self.sched_host, self.sched_port, "scheduler")
+        link = self.transport.dealer_link(self.sched_host, self.sched_port, "scheduler")
         interval = self.cfg.heartbeat_interval
         lost_after = max(3.0, 10 * self.cfg.heartbeat_timeout)
         last_reply = time.monotonic()
@@ -189,19 +212,19 @@ class Membership:
                         meta["traffic"] = self.traffic()
                         next_report = now + 1.0
                     try:
-                        self.transport.send(sock, Message("heartbeat", meta=meta))
-                    except zmq.Again:  # no connection to the scheduler: judged by lost_after
+                        link.send(Message("heartbeat", meta=meta))
+                    except LinkTimeout:  # no connection to the scheduler: judged by lost_after
                         pass
                     next_beat = now + interval
-                if sock.poll(max(0.0, next_beat - time.monotonic()) * 1000):
-                    for msg in self.transport.drain(sock, "the scheduler (heartbeat reply)"):
+                if link.poll(max(0.0, next_beat - time.monotonic())):
+                    for msg in self.transport.messages(link, "the scheduler (heartbeat reply)"):
                         last_reply = time.monotonic()
                         self._on_heartbeat_reply(msg)
                 elif time.monotonic() - last_reply > lost_after and not self.scheduler_lost.is_set():
                     log.error("lost the scheduler: no heartbeat reply for %.1f s", lost_after)
                     self.scheduler_lost.set()
         finally:
-            sock.close(linger=0)
+            link.close()
 
     def _on_heartbeat_reply(self, msg: Message) -> None:
         if msg.op != "hb":

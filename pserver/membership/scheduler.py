@@ -1,5 +1,7 @@
 """The scheduler: the paper's server manager (membership, liveness, key ring) plus the task scheduler of
-the worker group (barriers, progress, shutdown). One single-threaded loop over one ROUTER socket."""
+the worker group (barriers, progress, shutdown). One single-threaded loop over one routed link,
+dispatching each op to a handler; the decisions live apart from I/O in ``registration``,
+``barrier``, ``liveness``, ``ring_keeper`` and ``tasks``."""
 
 from __future__ import annotations
 
@@ -7,19 +9,20 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-
-import zmq
 
 from .. import security
 from ..config import Config
 from ..errors import AuthError, PServerError
 from ..ft.checkpoint_round import CheckpointCoordinator
-from ..ft.loss import find_data_loss
 from ..ft.migration import MigrationCoordinator
+from ..link import LinkError, Poller
 from ..ring import KeyRing
 from ..transport import Transport, node_token
 from ..wire import Message
+from .barrier import Barriers
+from .liveness import Liveness
+from .registration import Pending, Request, pick_rank
+from .ring_keeper import RingKeeper
 from .tasks import TaskService
 from .view import ClusterView, NodeInfo
 
@@ -28,37 +31,45 @@ log = logging.getLogger(__name__)
 security.allow_op("drain", "server")
 
 
-@dataclass
-class _Barrier:
-    group: str
-    arrived: dict[int, tuple[bytes, int]] = field(default_factory=dict)  # node id -> (identity, ts)
-
-
 class Scheduler:
     """Runs the cluster's control plane until shut down.
 
     exit_when_workers_done: shut the cluster down once every worker that joined has left (the normal
     end of a job); turn off for a long-lived cluster that workers come and go from.
+    transport: the sockets to use (default: a new ZeroMQ Transport; ``pserver.testing`` has one in
+    memory); the scheduler owns it and closes it when :meth:`run` ends.
+    Raises ConfigError if it cannot bind, CheckpointError if ``restore`` is unusable.
     """
 
     def __init__(self, cfg: Config, credentials: security.Credentials | None = None,
                  exit_when_workers_done: bool = True, checkpoint_dir: str | None = None,
-                 checkpoint_every: float = 0.0, checkpoint_keep: int = 3, restore: str | None = None):
+                 checkpoint_every: float = 0.0, checkpoint_keep: int = 3, restore: str | None = None,
+                 transport: Transport | None = None):
         self.cfg = cfg
         host, port = cfg.require_scheduler()
-        self.transport = Transport(cfg, "scheduler", credentials)
-        self.sock, self.port = self.transport.bind_router(cfg.host or _bind_host(host), port)
+        self.transport = transport if transport is not None else \
+            Transport(cfg, "scheduler", credentials)
         # a node's DEALER that reconnects keeps its secret identity (transport.node_token): let it in
-        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.link, self.port = self.transport.router_link(cfg.host or _bind_host(host), port,
+                                                          handover=True)
+        self._poller = Poller()
+        self._poller.register(self.link)
+        # op -> handler(identity, msg, authenticated role); who may send which op: security.py
+        self._handlers = {
+            "heartbeat": self._heartbeat, "register": self._register, "barrier": self._barrier,
+            "status": self._status, "drain": self._drain_server, "leave": self._leave_op,
+            "checkpoint": self._checkpoint, "shutdown": self._shutdown,
+            **dict.fromkeys(TaskService.OPS, self._task)}
+        self._tick = min(0.05, cfg.heartbeat_interval / 2)
         self.view = ClusterView(settings={})
-        self.pending: list[tuple[bytes, int, dict]] = []   # registrations waiting for the cluster
+        self.rings = RingKeeper(self.view)
+        self.pending = Pending(cfg.num_servers, cfg.num_workers)  # waiting for the cluster to start
         self.identity_of: dict[int, bytes] = {}            # node id -> ROUTER identity (heartbeat sock)
         self._announce = False                              # the view changed: push it to the nodes
-        self._last_check = time.monotonic()
-        self.last_seen: dict[int, float] = {}
+        self.liveness = Liveness(cfg.heartbeat_interval, cfg.heartbeat_timeout)
         self.traffic: dict[int, dict] = {}                  # node id -> traffic its heartbeats report
         self.started = False
-        self.barriers: dict[str, _Barrier] = {}
+        self.barriers = Barriers()
         self.shutting_down = False
         self.shutdown_deadline = 0.0
         self.exit_when_workers_done = exit_when_workers_done
@@ -67,9 +78,7 @@ class Scheduler:
         self.rejected = 0
         self.tasks = TaskService(self._send, lambda: self.view, self._bump)  # app task queues
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> rejected messages
-        self.safe_ring: KeyRing | None = None   # last ring whose replicas are all in place
         self.node_view: dict[int, int] = {}     # node id -> view version its heartbeat reported
-        self.node_rebuilt: dict[int, int] = {}  # server id -> ring version it finished re-replicating
         self.migration = MigrationCoordinator(self.transport, self._server_address, self.view.alive,
                                               self._commit_ring)
         self.owner: dict[int, bytes] = {}  # node id -> node_token of the connection that registered it
@@ -87,35 +96,35 @@ class Scheduler:
 
     # -- main loop ------------------------------------------------------------------------------
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        tick = min(0.05, self.cfg.heartbeat_interval / 2)
+        """Serve until the cluster has shut down; the transport is closed then (also on error)."""
         try:
-            while True:
-                for _ in poller.poll(tick * 1000):
-                    self._drain()
-                self._check_liveness()
-                if self._announce:
-                    self._announce_view()
-                self.checkpoints.tick(self.started and not self.shutting_down)
-                if self.started and not self.shutting_down:
-                    self.migration.tick(self.view.ring)
-                    self._settle_ring()
-                if self.shutting_down and self._may_exit():
-                    break
+            while not self.step():
+                pass
         finally:
             log.info("scheduler exits")
             self.transport.close()
 
+    def step(self) -> bool:
+        """One turn of the loop: wait up to a tick for messages, handle them, check liveness,
+        announce a changed view and advance checkpoints and migrations. True once the scheduler
+        may exit (shut down and every node gone, or the shutdown grace period over)."""
+        if self._poller.poll(self._tick):
+            self._drain()
+        self._check_liveness()
+        if self._announce:
+            self._announce_view()
+        self.checkpoints.tick(self.started and not self.shutting_down)
+        if self.started and not self.shutting_down:
+            self.migration.tick(self.view.ring)
+            self.rings.settle()
+        return self.shutting_down and self._may_exit()
+
     def _drain(self) -> None:
-        while True:
+        link, decode = self.link, self.transport.decode_body
+        while (item := link.recv()) is not None:
+            identity, body = item
             try:
-                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            identity = bytes(frames[0].buffer)
-            try:
-                _, msg, role = self.transport.decode(frames, routed=True)
+                msg, role = decode(body)
                 if self.transport.creds.secure and not security.authorise(msg.op, role, True):
                     raise AuthError(f"a {role} may not send {msg.op!r} to the scheduler")
                 self._handle(identity, msg, role)
@@ -144,112 +153,107 @@ class Scheduler:
 
     def _send(self, identity: bytes, msg: Message) -> None:
         try:
-            self.transport.send(self.sock, msg, identity)
-        except zmq.ZMQError as e:  # peer vanished (ROUTER_MANDATORY)
+            self.link.send(msg, identity)
+        except LinkError as e:  # peer vanished (ROUTER_MANDATORY)
             log.debug("cannot reply to a vanished peer: %s", e)
 
     def _handle(self, identity: bytes, msg: Message, role: str | None) -> None:
+        handler = self._handlers.get(msg.op)
+        if handler is None:
+            raise ValueError(f"unknown op {msg.op!r} for the scheduler")
+        handler(identity, msg, role)
+
+    def _heartbeat(self, identity: bytes, msg: Message, role: str | None) -> None:
         m = msg.meta
-        op = msg.op
-        if op == "heartbeat":
-            nid = int(m["id"])
-            node = self.view.nodes.get(nid)
-            if node is None:
-                raise ValueError(f"heartbeat from unknown node {nid}")
-            self._check_owner(nid, identity, op)
-            self.last_seen[nid] = time.monotonic()
-            self.identity_of[nid] = identity
-            self.node_view[nid] = int(m.get("v", -1))
-            if "rebuilt" in m:
-                self.node_rebuilt[nid] = int(m["rebuilt"])
-            if isinstance(m.get("traffic"), dict):
-                self.traffic[nid] = m["traffic"]
-            reply = {"v": self.view.version, "shutdown": self.shutting_down}
-            if int(m.get("v", -1)) != self.view.version:
-                reply["view"] = self.view.to_json()
-            if not node.alive and node.state == "dead":
-                reply["dead"] = True  # it was declared dead: it must not come back silently
-            self._send(identity, Message("hb", msg.ts, meta=reply))
-        elif op == "register":
-            self._register(identity, msg, role)
-        elif op == "barrier":
-            self._barrier(identity, msg)
-        elif op == "status":
-            self._send(identity, Message("status", msg.ts, meta=self.status()))
-        elif op == "drain":  # a server leaving gracefully: answered once its ranges have moved
-            nid = int(m["id"])
-            self._check_owner(nid, identity, op)
-            self.migration.request(lambda: self._ring_with(remove=nid), f"server {nid} leaves",
-                                   lambda: self._send(identity, Message("drained", msg.ts)))
-        elif op == "leave":
-            self._check_owner(int(m["id"]), identity, op)
-            self._leave(int(m["id"]))
-            self._send(identity, Message("ok", msg.ts))
-        elif op == "checkpoint":  # answered when the checkpoint is committed or aborted
-            self.checkpoints.request(identity, msg)
-        elif op in TaskService.OPS:  # the task scheduler: plans, work, progress, consistency
-            if "id" in m:
-                self._check_owner(int(m["id"]), identity, op)
-            self.tasks.handle(identity, msg)
-        elif op == "shutdown":
-            log.warning("shutdown requested")
-            self._begin_shutdown()
-            self._send(identity, Message("ok", msg.ts))
-        else:
-            raise ValueError(f"unknown op {op!r} for the scheduler")
+        nid = int(m["id"])
+        node = self.view.nodes.get(nid)
+        if node is None:
+            raise ValueError(f"heartbeat from unknown node {nid}")
+        self._check_owner(nid, identity, msg.op)
+        self.liveness.seen(nid)
+        self.identity_of[nid] = identity
+        self.node_view[nid] = int(m.get("v", -1))
+        if "rebuilt" in m:
+            self.rings.rebuilt[nid] = int(m["rebuilt"])
+        if isinstance(m.get("traffic"), dict):
+            self.traffic[nid] = m["traffic"]
+        reply = {"v": self.view.version, "shutdown": self.shutting_down}
+        if int(m.get("v", -1)) != self.view.version:
+            reply["view"] = self.view.to_json()
+        if not node.alive and node.state == "dead":
+            reply["dead"] = True  # it was declared dead: it must not come back silently
+        self._send(identity, Message("hb", msg.ts, meta=reply))
+
+    def _status(self, identity: bytes, msg: Message, role: str | None) -> None:
+        self._send(identity, Message("status", msg.ts, meta=self.status()))
+
+    def _drain_server(self, identity: bytes, msg: Message, role: str | None) -> None:
+        """A server leaving gracefully: answered ("drained") once its ranges have moved."""
+        nid = int(msg.meta["id"])
+        self._check_owner(nid, identity, msg.op)
+        self.migration.request(lambda: self.rings.with_server(remove=nid), f"server {nid} leaves",
+                               lambda: self._send(identity, Message("drained", msg.ts)))
+
+    def _leave_op(self, identity: bytes, msg: Message, role: str | None) -> None:
+        nid = int(msg.meta["id"])
+        self._check_owner(nid, identity, msg.op)
+        self._leave(nid)
+        self._send(identity, Message("ok", msg.ts))
+
+    def _checkpoint(self, identity: bytes, msg: Message, role: str | None) -> None:
+        self.checkpoints.request(identity, msg)  # answered when committed or aborted
+
+    def _task(self, identity: bytes, msg: Message, role: str | None) -> None:
+        """The task scheduler's ops: plans, work, progress, consistency."""
+        if "id" in msg.meta:
+            self._check_owner(int(msg.meta["id"]), identity, msg.op)
+        self.tasks.handle(identity, msg)
+
+    def _shutdown(self, identity: bytes, msg: Message, role: str | None) -> None:
+        log.warning("shutdown requested")
+        self._begin_shutdown()
+        self._send(identity, Message("ok", msg.ts))
 
     # -- registration --------------------------------------------------------------------------
     def _register(self, identity: bytes, msg: Message, role: str | None) -> None:
-        m = msg.meta
-        node_role = m["role"]
-        if node_role not in ("server", "worker"):
-            raise ValueError(f"cannot register role {node_role!r}")
-        if role is not None and role != node_role:
-            raise AuthError(f"credentials of a {role} cannot register as a {node_role}")
-        info = {"role": node_role, "host": str(m["host"]), "port": int(m["port"]),
-                "pid": int(m["pid"]), "rank": int(m.get("rank", -1))}
+        req = Request.parse(msg.meta, role)
         if self.shutting_down:
             raise ValueError("the cluster is shutting down")
         self._send(identity, Message("registered", msg.ts))
         if self.started:
             # a late node: joins the running cluster at once (elastic membership); a server gets
             # its key ranges through a two-phase migration while the cluster keeps serving
-            node = self._admit(info, node_role)
+            node = self._admit(req)
             self._bump()
             self._welcome(identity, msg.ts, node)
-            if node_role == "server":
-                self.migration.request(lambda nid=node.id: self._ring_with(add=nid),
+            if req.role == "server":
+                self.migration.request(lambda nid=node.id: self.rings.with_server(add=nid),
                                        f"server {node.id} joins")
             return
-        self.pending.append((identity, msg.ts, info))
-        n_s = sum(1 for _, _, i in self.pending if i["role"] == "server")
-        n_w = sum(1 for _, _, i in self.pending if i["role"] == "worker")
-        log.info("registered a %s (%d/%d servers, %d/%d workers)", node_role, n_s,
-                 self.cfg.num_servers, n_w, self.cfg.num_workers)
-        if n_s >= self.cfg.num_servers and n_w >= self.cfg.num_workers:
+        complete = self.pending.add((identity, msg.ts), req)
+        log.info("registered a %s (%d/%d servers, %d/%d workers)", req.role,
+                 self.pending.count("server"), self.cfg.num_servers,
+                 self.pending.count("worker"), self.cfg.num_workers)
+        if complete:
             self._start()
 
-    def _admit(self, info: dict, role: str) -> NodeInfo:
-        taken = {n.rank for n in self.view.role_nodes(role, alive_only=False)}
-        rank = info["rank"] if info["rank"] >= 0 and info["rank"] not in taken else \
-            next(r for r in range(len(taken) + 1) if r not in taken)
-        node = NodeInfo(id=self._next_id, role=role, rank=rank, host=info["host"],
-                        port=info["port"], pid=info["pid"])
+    def _admit(self, req: Request) -> NodeInfo:
+        role = req.role
+        rank = pick_rank(req.rank, (n.rank for n in self.view.role_nodes(role, alive_only=False)))
+        node = NodeInfo(id=self._next_id, role=role, rank=rank, host=req.host,
+                        port=req.port, pid=req.pid)
         self._next_id += 1
         self.view.nodes[node.id] = node
-        self.last_seen[node.id] = time.monotonic()
+        self.liveness.seen(node.id)
         if role == "worker":
             self.workers_ever += 1
         return node
 
     def _start(self) -> None:
-        # servers first, ordered by requested rank then arrival: ids and ranks are deterministic
-        order = sorted(self.pending, key=lambda p: (p[2]["role"] != "server",
-                                                    p[2]["rank"] if p[2]["rank"] >= 0 else 1 << 30))
-        admitted = [(ident, ts, self._admit(info, info["role"])) for ident, ts, info in order]
+        admitted = [(ident, ts, self._admit(req))
+                    for (ident, ts), req in self.pending.admission_order()]
         servers = [n.id for n in self.view.role_nodes("server")]
-        self.view.ring = self.safe_ring = KeyRing(servers, virtual=self.cfg.virtual_servers,
-                                                  version=1)
+        self.rings.start(servers, self.cfg.virtual_servers)
         if "restore" in self.view.settings:  # these servers load the checkpoint before serving
             self.view.settings["restore"]["servers"] = servers
         self.view.settings.update({
@@ -258,7 +262,6 @@ class Scheduler:
             "replica_key_cache": self.cfg.replica_key_cache_bytes})
         self.view.version = 1
         self.started = True
-        self.pending.clear()
         for ident, ts, node in admitted:
             self._welcome(ident, ts, node)
         log.info("cluster started: %d servers, %d workers", len(servers), self.view.num_workers)
@@ -281,88 +284,31 @@ class Scheduler:
             if self.view.alive(nid):
                 self._send(identity, Message("hb", 0, meta=meta))
 
-    def _ring_with(self, add: int | None = None, remove: int | None = None) -> KeyRing | None:
-        """The current ring with one server added or removed (None if that changes nothing)."""
-        ring = self.view.ring
-        servers = [s for s in ring.servers if s != remove and self.view.alive(s)]
-        if add is not None and self.view.alive(add) and add not in servers:
-            servers.append(add)
-        if not servers:
-            return None
-        return KeyRing(servers, virtual=ring.virtual, block_bits=ring.block_bits,
-                       version=ring.version + 1)
-
     def _commit_ring(self, ring: KeyRing) -> None:
-        self.view.ring = ring
-        self.safe_ring = ring  # a migration commits only once every copy is acknowledged
+        self.rings.commit(ring)
         self._bump()
-
-    def _settle_ring(self) -> None:
-        """After a failover, the ring's replicas are complete once every live server of it reports
-        (on its heartbeats) that it finished re-replicating for it - then it becomes the ring
-        losses are judged by."""
-        ring = self.view.ring
-        if ring is None or ring is self.safe_ring:
-            return
-        if all(self.node_rebuilt.get(s, -1) >= ring.version or not self.view.alive(s)
-               for s in ring.servers):
-            self.safe_ring = ring
 
     def _server_address(self, sid: int) -> tuple[str, int]:
         node = self.view.nodes[sid]
         return node.host, node.port
 
-    def _server_gone(self, nid: int) -> None:
-        """Failover: take a dead or departed server off the key ring. Its segments fall to their
-        first replicas, which hold the data; if every holder of some segment is gone, the data is
-        lost - the ring is left as it is and workers touching those keys get DataLostError."""
-        ring = self.view.ring
-        if ring is None or nid not in ring.servers:
-            return
-        k = int(self.view.settings.get("replication", 0))
-        # judge against the last ring whose replicas are known to be complete: servers dying one
-        # after the other faster than re-replication must count together
-        safe = self.safe_ring or ring
-        dead = [s for s in safe.servers if not self.view.alive(s)]
-        loss = find_data_loss(safe, dead, k)
-        if loss is not None:
-            self.view.settings["lost"] = loss.masters
-            self.view.settings["data_loss"] = loss.to_json()
-            log.error("%s", loss.message())
-            return
-        gone = {s for s in ring.servers if not self.view.alive(s)}
-        self.view.ring = KeyRing([s for s in ring.servers if s not in gone],
-                                 virtual=ring.virtual, block_bits=ring.block_bits,
-                                 version=ring.version + 1)
-        log.warning("key ring v%d: server(s) %s removed, their ranges fail over to their replicas",
-                    self.view.ring.version, sorted(gone))
-
     # -- liveness ----------------------------------------------------------------------------
     def _check_liveness(self) -> None:
         if not self.started:
             return
-        now = time.monotonic()
-        stalled = now - self._last_check > 2 * self.cfg.heartbeat_interval
-        self._last_check = now
-        if stalled:
-            # this loop did not run for a while (a starved machine): the silence measured now is
-            # ours, not the nodes' - give them a fresh interval rather than declare them dead
-            for nid in self.last_seen:
-                self.last_seen[nid] = max(self.last_seen[nid], now - self.cfg.heartbeat_interval)
-            return
-        for nid, node in self.view.nodes.items():
-            if node.alive and now - self.last_seen.get(nid, now) > self.cfg.heartbeat_timeout:
-                node.alive = False
-                node.state = "dead"
-                log.error("%s %d (rank %d, pid %d at %s:%d) missed heartbeats for %.2f s: marked dead",
-                          node.role, nid, node.rank, node.pid, node.host, node.port,
-                          now - self.last_seen[nid])
-                if node.role == "server":
-                    self._server_gone(nid)
-                self._bump()
-                self._recheck_barriers()
-                self.tasks.node_gone(nid)
-                self._maybe_finish()
+        for nid in self.liveness.expired([n.id for n in self.view.nodes.values() if n.alive]):
+            node = self.view.nodes[nid]
+            node.alive = False
+            node.state = "dead"
+            log.error("%s %d (rank %d, pid %d at %s:%d) missed heartbeats for %.2f s: marked dead",
+                      node.role, nid, node.rank, node.pid, node.host, node.port,
+                      self.liveness.silence(nid))
+            if node.role == "server":
+                self.rings.server_gone(nid)
+            self._bump()
+            self._recheck_barriers()
+            self.tasks.node_gone(nid)
+            self._maybe_finish()
 
     def _leave(self, nid: int) -> None:
         node = self.view.nodes.get(nid)
@@ -372,7 +318,7 @@ class Scheduler:
         node.state = "left"
         log.info("%s %d (rank %d) left", node.role, nid, node.rank)
         if node.role == "server" and not self.shutting_down:
-            self._server_gone(nid)
+            self.rings.server_gone(nid)
         self._bump()
         self._recheck_barriers()
         self.tasks.node_gone(nid)
@@ -394,33 +340,27 @@ class Scheduler:
         return not others_up or time.monotonic() > self.shutdown_deadline
 
     # -- barriers ---------------------------------------------------------------------------
-    def _barrier(self, identity: bytes, msg: Message) -> None:
+    def _barrier(self, identity: bytes, msg: Message, role: str | None) -> None:
         name = str(msg.meta.get("name", ""))
         group = str(msg.meta.get("group", "worker"))
         nid = int(msg.meta["id"])
         self._check_owner(nid, identity, "barrier")
-        b = self.barriers.setdefault(name, _Barrier(group))
-        b.arrived[nid] = (identity, msg.ts)
-        self._complete(name, b)
+        self._release(self.barriers.arrive(name, group, nid, (identity, msg.ts), self.view))
 
-    def _complete(self, name: str, b: _Barrier) -> None:
-        members = {n.id for n in self.view.nodes.values() if n.alive
-                   and ((b.group == "all" and n.role != "scheduler") or n.role == b.group)}
-        if members <= set(b.arrived):
-            for ident, ts in b.arrived.values():
-                self._send(ident, Message("barrier_done", ts))
-            del self.barriers[name]
+    def _release(self, waiters: list) -> None:
+        for ident, ts in waiters:
+            self._send(ident, Message("barrier_done", ts))
 
     def _recheck_barriers(self) -> None:
-        for name, b in list(self.barriers.items()):
-            self._complete(name, b)
+        self._release(self.barriers.recheck(self.view))
 
     # -- status --------------------------------------------------------------------------
     def status(self) -> dict:
-        now = time.monotonic()
+        """The cluster's state for `pserver status`: the view with each node's silence, traffic
+        and ring share, the scheduler's counters, checkpoints and task progress (JSON-ready)."""
         view = self.view.to_json()
         for n in view["nodes"]:
-            n["last_heartbeat"] = round(now - self.last_seen.get(n["id"], now), 3)
+            n["last_heartbeat"] = round(self.liveness.silence(n["id"]), 3)
             if n["id"] in self.traffic:
                 n["traffic"] = self.traffic[n["id"]]
         shares = self.view.ring.share() if self.view.ring else {}

@@ -1,26 +1,11 @@
 """The scheduler's task scheduler (paper: a worker group's scheduler "assigns tasks (data ranges) to
 workers, tracks progress and reschedules unfinished work when workers join or leave").
 
-An *application* (e.g. "lr") has a plan of ``count`` tasks with ids 0 .. count-1 and optional JSON
-payloads, of one of two kinds:
-
-- ``each``: every live worker runs every task, in id order (an iteration of DBPG: each worker
-  computes the block's gradient on its own data). A task is *complete* once every live worker
-  reported it done.
-- ``any``: each task is run by one worker, whichever asks first (a data shard of a job that needs
-  no per-worker state). A dead worker's unfinished tasks go back to the queue (`requeue_node`).
-
-Workers pull work ("task_next", answered with up to ``max`` task ids, held by the scheduler while
-an ``any`` queue is empty but tasks are still out) and report completions with metrics
-("task_done": losses, seconds computing / waiting). The consistency model of an application lives
-in ``view.settings["consistency"][app]`` and is changed with the scheduler-only op
-"set_consistency"; every node sees it with the next heartbeat reply, and workers apply it to the
-tasks they issue from then on (pserver.consistency.executor). Tasks are handed out ahead of the
-model on purpose: the worker's own TaskDAG enforces the model, so the scheduler is never on the
-critical path of an iteration (see docs/consistency.md).
-
-`TaskScheduler` is the decision logic, free of I/O (unit-tested directly); `TaskService` binds it
-to the scheduler's socket and cluster view.
+An application has a plan of ``count`` tasks: ``each`` (every live worker runs every task, in id
+order) or ``any`` (one worker per task; a dead worker's unfinished tasks are requeued or dropped).
+Workers pull work ("task_next") and report completions with metrics ("task_done"); an app's
+consistency model lives in ``view.settings["consistency"]``. `TaskScheduler` is the decision logic,
+free of I/O; `TaskService` binds it to the scheduler's loop. Ops and rationale: docs/consistency.md.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from pserver.consistency.executor import Executor
 from pserver.errors import ConfigError, TaskError
 from pserver.membership.client import scheduler_request
 from pserver.membership.tasks import TaskScheduler
+from pserver.testing import ScriptedKV
 
 
 # -- the task scheduler's decisions ------------------------------------------------------------
@@ -79,31 +80,6 @@ def test_any_tasks_are_shared_and_a_dead_workers_tasks_are_requeued():
 
 
 # -- the executor over a scripted kv ------------------------------------------------------------
-class ScriptedKV:
-    """push/pull return timestamps at once; wait(ts) "receives" the reply and logs the order."""
-
-    def __init__(self):
-        self.ts = 0
-        self.waited: list[int] = []
-        self.values: dict[int, object] = {}
-        self.idle_timer = None
-
-    def _next(self, value=None):
-        self.ts += 1
-        self.values[self.ts] = value
-        return self.ts
-
-    def push(self, keys, vals, table=None):
-        return self._next()
-
-    def pull(self, keys, table=None, wait=True):
-        return self._next(("w", self.ts + 1))
-
-    def wait(self, ts):
-        self.waited.append(ts)
-        return self.values.pop(ts)
-
-
 @pytest.mark.parametrize("tau", [0, 1, 3])
 def test_executor_starts_a_task_only_after_tasks_older_than_tau_finished(tau):
     kv = ScriptedKV()
@@ -363,7 +339,7 @@ def test_straggler_is_slower_at_all_of_its_iterations_work(tmp_path, monkeypatch
     only the gradient (which left the benchmark's "2x straggler" about 1.1x slower)."""
     from pserver.apps.lr import dbpg, gen
     from pserver.apps.lr.data import read_shard
-    from tests.test_lr_train import run_fake
+    from tests.cluster.test_lr_train import run_fake
 
     gen.generate(str(tmp_path), 4000, features=3000, nnz=20, noise=0.05, seed=3, test_examples=10)
     shard = read_shard(str(tmp_path / "train.libsvm"))

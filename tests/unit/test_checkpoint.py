@@ -14,10 +14,13 @@ from pserver.errors import CheckpointError, DataLostError
 from pserver.ft import checkpoint as ck
 from pserver.ft.checkpoint_round import CheckpointCoordinator
 from pserver.ft.loss import DataLoss, find_data_loss
+from pserver.link import MemoryHub
 from pserver.membership.view import ClusterView
 from pserver.ring import KeyRing
 from pserver.store.spec import TableSpec
 from pserver.store.table import Table
+from pserver.testing import MemoryTransport, memory_config, view_of
+from pserver.wire import Message, decode
 
 SPECS = [TableSpec("w", dim=1),
          TableSpec("emb", dim=3, dtype="float64", updater="adagrad", updater_args={"lr": 0.5})]
@@ -266,3 +269,64 @@ def test_data_loss_needs_k_plus_one_failures_and_says_what_to_do():
         loss.check(np.array([safe[0], lost[0]], dtype=np.uint64))
     whole = find_data_loss(KeyRing([9], virtual=1), [9], 0)
     assert whole is not None and whole.fraction == 1.0 and "server 9 held the only copy" in whole.message()
+
+
+# -- the scheduler's checkpoint round over in-memory links ----------------------------------------------
+class _Round:
+    """A CheckpointCoordinator whose servers are in-memory routers the test answers for."""
+
+    def __init__(self, tmp_path):
+        self.hub, self.view, self.replies = MemoryHub(), view_of(servers=2), []
+        self.servers = {sid: self.hub.router(f"127.0.0.1:{7000 + sid}") for sid in (1, 2)}
+        self.coord = CheckpointCoordinator(
+            MemoryTransport(self.hub, memory_config(), "scheduler"), lambda: self.view,
+            lambda ident, msg: self.replies.append((ident, msg)), lambda: 9,
+            directory=str(tmp_path))
+
+    def requests(self, sid):
+        """The checkpoint_write requests server ``sid`` received: (sender, message)."""
+        out = []
+        while (item := self.servers[sid].recv()) is not None:
+            out.append((item[0], decode(item[1])))
+        return out
+
+    def answer(self, sid, sender, request, error=None):
+        if error is not None:
+            msg = Message("error", request.ts, meta={"error": error})
+        else:  # an empty shard: nothing but its description
+            with open(os.path.join(request.meta["dir"], f"shard-{sid}.json"), "w") as f:
+                json.dump({"tables": []}, f)
+            msg = Message("checkpoint_done", request.ts, meta={"server": sid, "files": {},
+                                                               "keys": {}})
+        self.servers[sid].send(msg, to=sender)
+
+
+def test_checkpoint_round_commits_once_every_server_reported(tmp_path):
+    r = _Round(tmp_path)
+    r.coord.request(b"cli", Message("checkpoint", 5))
+    for sid in (1, 2):
+        [(sender, req)] = r.requests(sid)
+        assert req.op == "checkpoint_write" and req.meta["dir"].endswith(".partial")
+        r.coord.tick()
+        assert r.replies == []                     # not before the last shard is in
+        r.answer(sid, sender, req)
+    r.coord.tick()
+    [(ident, done)] = r.replies
+    assert (ident, done.op, done.ts) == (b"cli", "checkpoint_done", 5)
+    assert done.meta["servers"] == 2 and ck.latest(str(tmp_path)) == done.meta["name"]
+
+
+def test_checkpoint_round_aborts_on_a_refusal_or_a_dead_server(tmp_path):
+    r = _Round(tmp_path)
+    r.coord.request(b"cli", Message("checkpoint", 1))
+    (sender, req), = r.requests(1)
+    r.answer(1, sender, req, error="disk full")
+    r.coord.tick()
+    assert [(i, m.op) for i, m in r.replies] == [(b"cli", "error")]
+    assert "disk full" in r.replies[0][1].meta["error"] and r.coord.round is None
+    r.coord.request(b"cli", Message("checkpoint", 2))
+    assert r.coord.round is not None
+    r.view.nodes[2].alive = False
+    r.coord.tick()
+    assert "died while writing" in r.replies[-1][1].meta["error"] and r.coord.round is None
+    assert ck.latest(str(tmp_path)) is None        # nothing was committed

@@ -16,6 +16,7 @@ from pserver.consistency import (
     staleness_ok,
 )
 from pserver.errors import ConfigError, TaskError
+from pserver.testing import FakeClock
 
 
 def ready_set(dag: TaskDAG, ids) -> set[int]:
@@ -389,14 +390,6 @@ def test_many_threads_bounded_delay_never_violated():
 
 
 # -- idle timer -------------------------------------------------------------------------------
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_idle_timer_accumulates_and_shares():
     clock = FakeClock()
     timer = IdleTimer(clock)
