@@ -12,14 +12,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pserver"
 DESIGN = ROOT / "docs" / "design.md"
 
-# Imports that break the table today, in files other engineers are reshaping. Each is
-# (importing module, imported module); the coordinator removes them once the code obeys the table.
-ALLOWED = {
-    # the scheduler drives ft/'s coordinators (checkpoint rounds, migration, loss detection)
-    ("pserver.membership.scheduler", "pserver.ft.checkpoint_round"),
-    ("pserver.membership.scheduler", "pserver.ft.loss"),
-    ("pserver.membership.scheduler", "pserver.ft.migration"),
-}
+# Imports allowed against the table, as (importing module, imported module), each with its reason.
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def layer_table() -> list[tuple[str, list[str]]]:
