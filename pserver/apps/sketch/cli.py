@@ -12,6 +12,8 @@ import sys
 
 from ...errors import ConfigError
 
+HEARTBEAT_TIMEOUT = 10.0  # seconds
+
 
 def register(subparsers) -> None:
     """Add `sketch` (with `count` and `query`) to the pserver command."""
@@ -67,7 +69,9 @@ def cmd_count(args: argparse.Namespace) -> int:
         return worker.main(_worker_argv(args))  # join the existing cluster as one worker
     from ...launch import LocalCluster
 
-    with LocalCluster(args.servers, args.workers, insecure=args.insecure) as cluster:
+    # --check counts every token exactly in Python on rank 0: allow it a loaded machine's pauses
+    with LocalCluster(args.servers, args.workers, insecure=args.insecure,
+                      heartbeat_timeout=HEARTBEAT_TIMEOUT) as cluster:
         return cluster.run_workers([sys.executable, "-m", "pserver.apps.sketch.worker",
                                     *_worker_argv(args)])
 

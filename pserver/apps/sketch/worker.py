@@ -72,10 +72,12 @@ def run(kv, args: argparse.Namespace) -> dict:
     """Insert this worker's shard; rank 0 returns the summary (others an empty dict)."""
     sketch = CountMinSketch(kv, args.name, shape_of(args), conservative=args.conservative,
                             share=args.share)
+    # the job's worker count, not the live one: a query client may join while inserts go on
+    workers = kv.cfg.num_workers
     kv.barrier("sketch-start")  # start-up skew is not insert time
     t0 = time.perf_counter()
     for _ in range(args.repeat):
-        for chunk in shard_chunks(args.files, kv.rank, kv.num_workers, args.chunk_bytes):
+        for chunk in shard_chunks(args.files, kv.rank, workers, args.chunk_bytes):
             sketch.insert_text(chunk)
     sketch.flush()
     mine = time.perf_counter() - t0
@@ -84,7 +86,7 @@ def run(kv, args: argparse.Namespace) -> dict:
     if kv.rank != 0:
         return {}
     n = sketch.total()
-    summary = {"workers": kv.num_workers, "servers": kv.num_servers, "inserts": n,
+    summary = {"workers": workers, "servers": kv.num_servers, "inserts": n,
                "seconds": seconds, "inserts_per_s": n / seconds,
                "rank0_inserts_per_s": sketch.inserted / mine,
                "depth": sketch.shape.depth, "width": sketch.shape.width,

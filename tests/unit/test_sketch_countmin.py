@@ -1,0 +1,117 @@
+"""CountMinSketch over an in-process stand-in for KVWorker (sum / assign tables in dicts)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from pserver.apps.sketch import countmin
+from pserver.apps.sketch.countmin import CountMinSketch
+from pserver.apps.sketch.shape import SketchShape
+from pserver.errors import ConfigError, DTypeError, TableError
+
+
+class FakeKV:
+    """The KVWorker calls CountMinSketch makes, against tables shared by every FakeKV given the
+    same ``tables``; pushes apply at once and are checked as the real worker checks them."""
+
+    def __init__(self, tables: dict | None = None):
+        self.tables = {} if tables is None else tables
+        self.pushes: list[tuple[str, int]] = []
+
+    def declare_table(self, name, dim=1, dtype="float32", updater="sum", **_):
+        spec = (dim, dtype, updater)
+        if self.tables.setdefault(name, (spec, {}))[0] != spec:
+            raise TableError(f"table {name} declared with another spec")
+
+    def push(self, keys, vals, table):
+        (dim, dtype, updater), rows = self.tables[table]
+        assert keys.dtype == np.uint64 and np.all(np.diff(keys.astype(float)) > 0)
+        assert vals.dtype == np.dtype(dtype)
+        vals = vals.reshape(len(keys), dim)
+        for k, v in zip(keys.tolist(), vals, strict=True):
+            rows[k] = rows.get(k, 0) + v if updater == "sum" else v.copy()
+        self.pushes.append((table, len(keys)))
+        return len(self.pushes)
+
+    def wait(self, ts):
+        return None
+
+    def pull(self, keys, table):
+        (dim, _, _), rows = self.tables[table]
+        out = np.array([rows.get(k, np.zeros(dim)) for k in keys.tolist()], dtype=np.float64)
+        return out.reshape(len(keys), dim) if dim > 1 else out.reshape(len(keys))
+
+    def pull_range(self, table):
+        (dim, _, _), rows = self.tables[table]
+        keys = np.array(sorted(rows), dtype=np.uint64)
+        return keys, self.pull(keys, table).reshape(len(keys), dim)
+
+
+def _stream(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"w{i}" for i in np.minimum(rng.zipf(1.2, n), 10_000)]
+
+
+@pytest.mark.parametrize("conservative", [False, True])
+def test_two_writers_estimates_and_heavy_hitters(conservative, monkeypatch):
+    monkeypatch.setattr(countmin, "PUSH_TOKENS", 5_000)
+    monkeypatch.setattr(countmin, "ITEM_BATCH", 3_000)
+    tables: dict = {}
+    shape = SketchShape.for_error(0.005, 0.01, seed=7)
+    a = CountMinSketch(FakeKV(tables), "s", shape, conservative=conservative, share=0.01)
+    b = CountMinSketch(FakeKV(tables), "s", shape, conservative=conservative, share=0.01)
+    sa, sb = _stream(20_000, 1), _stream(15_000, 2)
+    assert a.insert(iter(sa)) == len(sa)
+    b.insert_text(" ".join(sb).encode())
+    a.flush()
+    b.flush()
+    reader = CountMinSketch(FakeKV(tables), "s")          # opens it: shape from the servers
+    assert reader.shape == shape and reader.conservative == conservative
+    truth = Counter(sa + sb)
+    items = list(truth)
+    est = reader.estimate(items)
+    true = np.array([truth[i] for i in items], dtype=float)
+    assert reader.total() == len(sa) + len(sb)
+    assert np.all(est >= true)
+    assert np.mean(est - true > shape.eps * reader.total()) <= shape.delta
+    found = {t.decode(): e for t, e in reader.heavy_hitters(0.02)}
+    heavy = {i for i, c in truth.items() if c >= 0.02 * reader.total()}
+    assert heavy and heavy <= set(found)
+    assert all(e >= 0.02 * reader.total() for e in found.values())
+
+
+def test_small_batches_wait_for_the_push_threshold(monkeypatch):
+    kv = FakeKV()
+    s = CountMinSketch(kv, "s", SketchShape(2, 64))
+    s.insert(["a", "b", "a"])
+    assert s.total() == 0 and s.inserted == 3          # aggregated locally, not pushed yet
+    s.flush()
+    assert s.total() == 3 and s.estimate(["a"])[0] >= 2
+    s.flush()                                          # nothing pending: no empty push
+    assert sum(1 for t, _ in kv.pushes if t == "s") == 1
+
+
+def test_opening_or_recreating_a_sketch_wrongly_raises():
+    tables: dict = {}
+    with pytest.raises(TableError, match="no sketch named"):
+        CountMinSketch(FakeKV(tables), "missing")
+    CountMinSketch(FakeKV(tables), "s", SketchShape(3, 100))
+    CountMinSketch(FakeKV(tables), "s", SketchShape(3, 100))          # same shape: joins
+    with pytest.raises(TableError, match="exists"):
+        CountMinSketch(FakeKV(tables), "s", SketchShape(3, 101))
+    with pytest.raises(TableError, match="exists"):
+        CountMinSketch(FakeKV(tables), "s", SketchShape(3, 100), conservative=True)
+
+
+def test_user_mistakes_raise_specific_errors():
+    s = CountMinSketch(FakeKV(), "s", SketchShape(2, 64), share=0.01)
+    with pytest.raises(DTypeError, match="str or bytes"):
+        s.insert(["a", 3])
+    with pytest.raises(ConfigError, match="phi"):
+        s.heavy_hitters(0.001)
+    with pytest.raises(ConfigError):
+        CountMinSketch(FakeKV(), "t", SketchShape(2, 64), share=0)
+    assert s.estimate([]).size == 0 and s.heavy_hitters(0.5) == []
