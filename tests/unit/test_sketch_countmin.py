@@ -115,3 +115,13 @@ def test_user_mistakes_raise_specific_errors():
     with pytest.raises(ConfigError):
         CountMinSketch(FakeKV(), "t", SketchShape(2, 64), share=0)
     assert s.estimate([]).size == 0 and s.heavy_hitters(0.5) == []
+
+
+def test_a_corrupt_meta_row_is_refused_not_trusted():
+    for row in ([np.nan, 10, 0, 0, 0.1], [2, 1e30, 0, 0, 0.1], [2.5, 10, 0, 0, 0.1],
+                [2, 10, 0, 3, 0.1], [2, 10, 0, 0, 2.0], [-2, 10, 0, 0, 0.1]):
+        kv = FakeKV()
+        CountMinSketch(kv, "s", SketchShape(2, 10))
+        kv.tables["s_meta"][1][0] = np.array(row)
+        with pytest.raises(TableError, match="does not describe a sketch"):
+            CountMinSketch(kv, "s")

@@ -59,8 +59,7 @@ class CountMinSketch:
         elif not meta[0]:
             raise TableError(f"no sketch named {name!r} on this cluster: create it by passing "
                              "shape=SketchShape(...) (or run `pserver sketch count`)")
-        self.shape = SketchShape(int(meta[0]), int(meta[1]), int(meta[2]))
-        self.conservative, self.share = bool(meta[3]), float(meta[4])
+        self.shape, self.conservative, self.share = _parse_meta(name, meta)
         self._salts = kernels.row_salts(np.uint64(self.shape.seed), self.shape.depth)
         self._pending: np.ndarray | None = None   # increments not pushed yet (cells + N)
         self._local: np.ndarray | None = None     # this writer's own sketch (conservative)
@@ -185,6 +184,19 @@ class CountMinSketch:
         keep = np.flatnonzero(est >= phi * n)
         texts = candidates.decode(rows[keep])
         return sorted(zip(texts, est[keep].tolist(), strict=True), key=lambda t: (-t[1], t[0]))
+
+
+def _parse_meta(name: str, meta: np.ndarray) -> tuple[SketchShape, bool, float]:
+    """Shape, conservative flag and share from the meta row (TableError if it is not one that
+    CountMinSketch writes: anyone may push to the table)."""
+    whole = np.isfinite(meta).all() and np.array_equal(meta[:4], np.floor(meta[:4]))
+    try:
+        if not whole or meta[3] not in (0, 1) or not 0 < meta[4] < 1:
+            raise ConfigError("not a sketch's meta row")
+        return SketchShape(int(meta[0]), int(meta[1]), int(meta[2])), bool(meta[3]), float(meta[4])
+    except ConfigError as e:
+        raise TableError(f"the table {name}_meta does not describe a sketch ({meta.tolist()}): "
+                         "it was written by something else; use another sketch name") from e
 
 
 def _as_bytes(item: str | bytes) -> bytes:
