@@ -3,7 +3,7 @@
 Input: the package descriptions of `apt-cache dumpavail` (about 50 MB, 6.8 M tokens here), each
 worker inserting its shard --repeat times. Configurations (workers x 2 servers, plain and
 conservative) run alternately --rounds times (shared machine); medians are reported with the
-in-process kernel rate (no network) as the ceiling. Method: docs/benchmarks.md; docs/sketch.md.
+in-process kernel rate (no network) as the ceiling. Method and results: docs/sketch.md.
 
 Usage: python benchmarks/sketch.py [--workers 1 2 3] [--servers 2] [--repeat 3] [--rounds 3]
        [--text FILE] [--out benchmarks/results/sketch.json] [--plot docs/img/sketch.png]"""
@@ -76,19 +76,26 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, cpu) = plt.subplots(1, 2, figsize=(10, 4))
+    ws = sorted({r["workers"] for r in results["runs"]})
     for mode, style in (("plain", "o-"), ("conservative", "s--")):
         rows = [r for r in results["runs"] if r["mode"] == mode]
         if rows:
-            ax.plot([r["workers"] for r in rows], [r["median_inserts_per_s"] / 1e6 for r in rows],
-                    style, label=f"{mode} ({results['servers']} servers)")
-    ws = sorted({r["workers"] for r in results["runs"]})
-    ax.plot(ws, ws, ":", color="grey", label="target: 1 M/s per worker")
-    ax.set_xlabel("workers")
-    ax.set_ylabel("inserts/s (millions), end to end")
-    ax.set_xticks(ws)
-    ax.set_title(f"CountMin {results['depth']} x {results['width']} on {os.cpu_count()} cores")
-    ax.legend()
+            x = [r["workers"] for r in rows]
+            label = f"{mode} ({results['servers']} servers)"
+            ax.plot(x, [r["median_inserts_per_s"] / 1e6 for r in rows], style, label=label)
+            cpu.plot(x, [r["median_per_cpu_s"] / 1e6 for r in rows], style, label=label)
+    ax.plot(ws, ws, ":", color="grey", label="target: 1 M/s per worker core")
+    cpu.axhline(1.0, ls=":", color="grey", label="target: 1 M per worker core")
+    ax.set_ylabel("inserts/s (millions), end to end, all workers")
+    cpu.set_ylabel("inserts per CPU second of worker 0 (millions)")
+    for a in (ax, cpu):
+        a.set_xlabel("workers")
+        a.set_xticks(ws)
+        a.set_ylim(bottom=0)
+        a.legend()
+    fig.suptitle(f"CountMin {results['depth']} x {results['width']}, apt-cache dumpavail, "
+                 f"{os.cpu_count()} cores shared by every process")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -119,6 +126,7 @@ def main() -> None:
         runs = [{"workers": w, "mode": m,
                  "median_inserts_per_s": statistics.median(x["inserts_per_s"] for x in xs),
                  "per_worker": statistics.median(x["inserts_per_s"] for x in xs) / w,
+                 "median_per_cpu_s": statistics.median(x["rank0_inserts_per_cpu_s"] for x in xs),
                  "samples": xs} for (w, m), xs in samples.items()]
         results = {"text_bytes": os.path.getsize(text), "servers": args.servers,
                    "repeat": args.repeat, "rounds": args.rounds, "depth": shape.depth,
@@ -132,7 +140,8 @@ def main() -> None:
     plot(results, args.plot)
     for r in runs:
         print(f"{r['workers']} workers x {args.servers} servers, {r['mode']}: median "
-              f"{r['median_inserts_per_s']:,.0f} inserts/s ({r['per_worker']:,.0f} per worker)")
+              f"{r['median_inserts_per_s']:,.0f} inserts/s ({r['per_worker']:,.0f} per worker, "
+              f"{r['median_per_cpu_s']:,.0f} per worker CPU second)")
     print(f"kernel ceiling (one core, no network): {results['kernel_tokens_per_s']}")
     print(f"wrote {args.out} and {args.plot}")
 
