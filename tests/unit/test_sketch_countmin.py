@@ -110,6 +110,10 @@ def test_user_mistakes_raise_specific_errors():
     s = CountMinSketch(FakeKV(), "s", SketchShape(2, 64), share=0.01)
     with pytest.raises(DTypeError, match="str or bytes"):
         s.insert(["a", 3])
+    with pytest.raises(DTypeError, match="encode"):
+        s.insert_text("a str")
+    with pytest.raises(DTypeError, match="encode"):
+        s.insert_text(np.zeros(4, dtype=np.int64))
     with pytest.raises(ConfigError, match="phi"):
         s.heavy_hitters(0.001)
     with pytest.raises(ConfigError):
@@ -125,3 +129,30 @@ def test_a_corrupt_meta_row_is_refused_not_trusted():
         kv.tables["s_meta"][1][0] = np.array(row)
         with pytest.raises(TableError, match="does not describe a sketch"):
             CountMinSketch(kv, "s")
+
+
+def test_writers_shard_by_the_job_size_not_by_who_is_connected(tmp_path):
+    """A reader connected while the job runs (pserver sketch query) is a live worker too: the
+    writers must still split the input by the job's worker count, or a shard goes uncounted."""
+    import argparse
+    from types import SimpleNamespace
+
+    from pserver.apps.sketch import worker
+    from pserver.apps.sketch.text import exact_counts
+
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"alpha beta gamma alpha\n" * 500 + b"delta " * 300)
+    tables: dict = {}
+    args = argparse.Namespace(files=[str(path)], name="s", eps=0.01, delta=0.1, width=None,
+                              depth=None, seed=0, conservative=False, share=0.01, top=0.1,
+                              check=True, repeat=1, chunk_bytes=256)
+    summary = {}
+    for rank in (1, 0):
+        kv = FakeKV(tables)
+        kv.rank, kv.num_workers, kv.num_servers = rank, 3, 2   # 2 writers + 1 reader live
+        kv.cfg = SimpleNamespace(num_workers=2)
+        kv.barrier = lambda name: None
+        summary = worker.run(kv, args)
+    assert summary["inserts"] == sum(exact_counts([str(path)]).values())
+    assert summary["check"]["below_true"] == 0 and summary["workers"] == 2
+    assert "delta" in dict(summary["heavy_hitters"])

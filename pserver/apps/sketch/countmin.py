@@ -70,10 +70,22 @@ class CountMinSketch:
 
     # -- writing ------------------------------------------------------------------------------
     def insert_text(self, data: bytes | np.ndarray) -> int:
-        """Count every token of ``data`` (one batch); returns the number of tokens.
+        """Count every token of ``data`` (bytes or a 1-D uint8 array) as one batch; returns the
+        number of tokens. The counts are pushed once PUSH_TOKENS have accumulated.
 
-        Raises what KVWorker.push raises (a push of an earlier batch may surface here)."""
-        buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes) else data
+        Raises:
+            DTypeError: data is not bytes or a 1-D uint8 array; nothing is counted.
+            PServerError: what KVWorker.push / wait raise, for this push or an earlier one still
+                in flight; the batch is counted locally and the failed push may or may not have
+                been applied.
+        """
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            buf = np.frombuffer(data, dtype=np.uint8)
+        elif isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1:
+            buf = data
+        else:
+            raise DTypeError(f"insert_text takes bytes or a 1-D uint8 array, got "
+                             f"{type(data).__name__}: encode text first (s.encode())")
         hashes, starts, ends = kernels.tokenize_hash(buf, kernels.FOLD)
         uniq, counts, first = kernels.aggregate(hashes)
         picked = candidates.select(counts, hashes.size, self.share)
@@ -85,7 +97,11 @@ class CountMinSketch:
         """Count every item (str, taken as UTF-8, or bytes; not lower-cased) once; an iterator
         is consumed in batches of ITEM_BATCH. Returns the number of items.
 
-        Raises DTypeError for an item that is neither str nor bytes (earlier batches stay counted)."""
+        Raises:
+            DTypeError: an item is neither str nor bytes; earlier batches stay counted, the
+                batch holding it is not.
+            PServerError: as insert_text.
+        """
         it = iter(items)
         n = 0
         while batch := list(itertools.islice(it, ITEM_BATCH)):
@@ -138,15 +154,23 @@ class CountMinSketch:
 
     def flush(self) -> None:
         """Push what is aggregated and wait until the servers applied all of this writer's
-        pushes. Raises what KVWorker.wait raises; the unacknowledged pushes may or may not
-        have been applied then."""
+        pushes.
+
+        Raises:
+            PServerError: what KVWorker.push / wait raise; the pushes not acknowledged may or
+                may not have been applied, and are not retried.
+        """
         self._push_pending()
         while self._inflight:
             self.kv.wait(self._inflight.popleft())
 
     # -- reading ------------------------------------------------------------------------------
     def estimate_hashes(self, hashes: np.ndarray) -> np.ndarray:
-        """Estimated counts (float64) of items given by their hashes (kernels.hash_spans)."""
+        """Estimated counts (float64) of items given by their hashes (item_hashes).
+
+        Raises:
+            PServerError: what KVWorker.pull raises; nothing changes.
+        """
         hashes = np.ascontiguousarray(hashes, dtype=np.uint64)
         if hashes.size == 0:
             return np.zeros(0)
@@ -159,11 +183,18 @@ class CountMinSketch:
         """Estimated count of each item (as inserted: text tokens are lower-case), read now
         from the servers: never below the count inserted and acknowledged so far.
 
-        Raises DTypeError for an item that is neither str nor bytes; what KVWorker.pull raises."""
+        Raises:
+            DTypeError: an item is neither str nor bytes.
+            PServerError: what KVWorker.pull raises; nothing changes.
+        """
         return self.estimate_hashes(item_hashes(items))
 
     def total(self) -> float:
-        """N: the sum of all counts the servers have applied."""
+        """N: the sum of all counts the servers have applied.
+
+        Raises:
+            PServerError: what KVWorker.pull raises; nothing changes.
+        """
         key = np.array([self.shape.total_key], dtype=np.uint64)
         return float(self.kv.pull(key, table=self.name)[0])
 
@@ -172,7 +203,10 @@ class CountMinSketch:
         item with a true count >= phi * N is among them once its writer flushed; an item below
         (phi - eps) * N is among them with probability <= delta.
 
-        Raises ConfigError unless share <= phi < 1 (items below the share are not tracked)."""
+        Raises:
+            ConfigError: phi is not in [share, 1) (items below the share are not tracked).
+            PServerError: what KVWorker.pull / pull_range raise; nothing changes.
+        """
         if not self.share <= phi < 1:
             raise ConfigError(f"phi must lie in [{self.share:g}, 1): this sketch tracks "
                               f"candidates above a share of {self.share:g} of each batch")
