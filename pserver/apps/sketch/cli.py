@@ -101,6 +101,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     print(f"N = {n:,.0f}; {out['bound']}")
     for item, e in out["estimates"].items():
         print(f"{item!r:30} {e:,.0f}")
+    if "heavy_hitters" in out:
+        print(f"items with estimate >= {args.top:g} * N:")
     for item, e in out.get("heavy_hitters", []):
         print(f"  {item!r:30} {e:,.0f}")
     return 0
