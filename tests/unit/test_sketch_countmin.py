@@ -156,3 +156,6 @@ def test_writers_shard_by_the_job_size_not_by_who_is_connected(tmp_path):
     assert summary["inserts"] == sum(exact_counts([str(path)]).values())
     assert summary["check"]["below_true"] == 0 and summary["workers"] == 2
     assert "delta" in dict(summary["heavy_hitters"])
+    kv.rank = 2  # a third writer in a job of two
+    with pytest.raises(ConfigError, match="PSERVER_NUM_WORKERS"):
+        worker.run(kv, args)

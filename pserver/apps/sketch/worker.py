@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from ... import logs
-from ...errors import PServerError
+from ...errors import ConfigError, PServerError
 from .countmin import CountMinSketch
 from .shape import SketchShape
 from .text import CHUNK_BYTES, exact_counts, shard_chunks
@@ -80,6 +80,9 @@ def run(kv, args: argparse.Namespace) -> dict:
                             share=args.share)
     # the job's worker count, not the live one: a query client may join while inserts go on
     workers = kv.cfg.num_workers
+    if not 0 <= kv.rank < workers:
+        raise ConfigError(f"worker rank {kv.rank} has no shard among {workers} workers: set "
+                          "PSERVER_NUM_WORKERS to the number of writers (pserver launch does)")
     kv.barrier("sketch-start")  # start-up skew is not insert time
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     for _ in range(args.repeat):
