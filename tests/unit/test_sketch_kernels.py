@@ -171,3 +171,24 @@ def test_shards_refuse_a_missing_file_or_rank(tmp_path):
         list(text.shard_chunks([str(tmp_path / "nope")]))
     with pytest.raises(ConfigError):
         list(text.shard_chunks([], rank=2, num_shards=2))
+
+
+def test_pull_then_max_conservative_update_loses_counts_under_concurrency():
+    """Why --conservative is per writer (docs/sketch.md): two writers that read the shared cells,
+    then push max(cell, min + count), both adding x once, leave x's estimate below its count;
+    the per-writer sub-sketches summed (what CountMinSketch does) do not."""
+    shape = SketchShape(3, 50)
+    salts = kernels.row_salts(np.uint64(0), shape.depth)
+    x = item_hashes([b"x"])
+    shared = np.zeros(shape.cells)
+    cells = kernels.cells(x, salts, shape.width)[0]
+    seen = [shared[cells].copy() for _ in range(2)]         # both read before either writes
+    for s in seen:
+        np.maximum.at(shared, cells, s.min() + 1.0)         # the "max" rule on the servers
+    assert shared[cells].min() == 1.0                        # true count is 2
+    summed = np.zeros(shape.cells)
+    for _ in range(2):
+        local, pending = np.zeros(shape.cells), np.zeros(shape.cells)
+        kernels.add_conservative(x, np.ones(1), salts, shape.width, local, pending)
+        summed += pending
+    assert summed[cells].min() == 2.0
