@@ -11,12 +11,16 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ...errors import ConfigError, DTypeError, TableError
 from . import candidates, kernels
 from .shape import SketchShape
+
+if TYPE_CHECKING:
+    from ... import KVWorker
 
 PUSH_TOKENS = 1 << 20   # counts a writer aggregates before it pushes
 WINDOW = 4              # pushes in flight per writer before push() waits for the oldest
@@ -33,11 +37,14 @@ class CountMinSketch:
     (heavy_hitters finds every item above it).
 
     Raises:
-        TableError: opening a sketch that does not exist, or creating one that exists with
-            another shape, update mode or share; nothing is written then.
+        ConfigError: share is not strictly between 0 and 1; nothing is declared.
+        TableError: opening a sketch that does not exist, creating one that exists with another
+            shape, update mode or share, or a table of these names declared otherwise; the
+            tables may be declared then, but no value is written.
+        PServerError: what KVWorker.declare_table / pull / push raise.
     """
 
-    def __init__(self, kv, name: str = "sketch", shape: SketchShape | None = None,
+    def __init__(self, kv: KVWorker, name: str = "sketch", shape: SketchShape | None = None,
                  conservative: bool = False, share: float = 1e-3) -> None:
         if not 0 < share < 1:
             raise ConfigError(f"the candidate share must lie strictly between 0 and 1, got {share}")
