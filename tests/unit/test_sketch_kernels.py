@@ -35,6 +35,10 @@ def test_tokens_match_the_reference_tokeniser_and_item_hashes():
     assert item_hashes(["THE"])[0] != item_hashes(["the"])[0]   # items are not folded
 
 
+def test_warm_up_runs_every_kernel():
+    kernels.warm_up()
+
+
 def test_empty_and_separator_only_input():
     for data in (b"", b" ,;\n\t"):
         hashes, _, _ = kernels.tokenize_hash(np.frombuffer(data, dtype=np.uint8), kernels.FOLD)

@@ -161,3 +161,15 @@ def add_conservative(hashes: np.ndarray, counts: np.ndarray, salts: np.ndarray,
             if v < target:
                 pending[idx[i]] += target - v
                 local[idx[i]] = target
+
+
+def warm_up() -> None:
+    """Load every kernel (from numba's on-disk cache, or compile it) on tiny inputs, so that a
+    worker pays for it while it waits to join the cluster rather than after."""
+    salts = row_salts(np.uint64(0), 2)
+    hashes, _, _ = tokenize_hash(np.frombuffer(b"a b a", dtype=np.uint8), FOLD)
+    hash_spans(np.zeros(1, dtype=np.uint8), np.zeros(2, dtype=np.int64))
+    uniq, counts, _ = aggregate(hashes)
+    cells(uniq, salts, 4)
+    add_counts(uniq, counts, salts, 4, np.zeros(8))
+    add_conservative(uniq, counts, salts, 4, np.zeros(8), np.zeros(8))

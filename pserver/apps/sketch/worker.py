@@ -10,12 +10,14 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 import numpy as np
 
 from ... import logs
 from ...errors import ConfigError, PServerError
+from . import kernels
 from .countmin import CountMinSketch
 from .shape import SketchShape
 from .text import CHUNK_BYTES, exact_counts, shard_chunks
@@ -132,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from ... import KVWorker
 
+    # the kernels load while this worker joins (that mostly waits for the other nodes)
+    warm = threading.Thread(target=kernels.warm_up, daemon=True)
+    warm.start()
     kv = KVWorker()
+    warm.join()
     logs.setup_logging(kv.cfg.log_level or "WARNING", None)
     logs.set_node("worker", kv.rank)
     try:
