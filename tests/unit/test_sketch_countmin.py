@@ -94,6 +94,24 @@ def test_small_batches_wait_for_the_push_threshold(monkeypatch):
     assert sum(1 for t, _ in kv.pushes if t == "s") == 1
 
 
+def test_large_text_is_counted_in_chunks_cut_between_tokens(monkeypatch):
+    import pserver.apps.sketch.text as text
+    from pserver.apps.sketch import kernels
+
+    monkeypatch.setattr(text.split, "__defaults__", (10,))
+    sizes = []
+    tokenize = kernels.tokenize_hash
+    monkeypatch.setattr(kernels, "tokenize_hash",
+                        lambda buf, fold: sizes.append(buf.size) or tokenize(buf, fold))
+    data = b"alpha beta gammadelta " * 50 + b"omega"
+    s = CountMinSketch(FakeKV(), "s", SketchShape(3, 4096))
+    assert s.insert_text(data) == 151
+    s.flush()
+    est = s.estimate(["alpha", "gammadelta", "omega", "gamma"])
+    assert est.tolist() == [50, 50, 1, 0]   # a wide sketch: exact; no token cut in two
+    assert len(sizes) > 50 and max(sizes) <= 10 + len(b"gammadelta")
+
+
 def test_opening_or_recreating_a_sketch_wrongly_raises():
     tables: dict = {}
     with pytest.raises(TableError, match="no sketch named"):

@@ -18,6 +18,7 @@ import numpy as np
 from ...errors import ConfigError, DTypeError, TableError
 from . import candidates, kernels
 from .shape import SketchShape
+from .text import split
 
 if TYPE_CHECKING:
     from ... import KVWorker
@@ -77,8 +78,9 @@ class CountMinSketch:
 
     # -- writing ------------------------------------------------------------------------------
     def insert_text(self, data: bytes | np.ndarray) -> int:
-        """Count every token of ``data`` (bytes or a 1-D uint8 array) as one batch; returns the
-        number of tokens. The counts are pushed once PUSH_TOKENS have accumulated.
+        """Count every token of ``data`` (bytes or a 1-D uint8 array), in batches of about
+        text.CHUNK_BYTES; returns the number of tokens. The counts are pushed once PUSH_TOKENS
+        have accumulated.
 
         Raises:
             DTypeError: data is not bytes or a 1-D uint8 array; nothing is counted.
@@ -93,12 +95,15 @@ class CountMinSketch:
         else:
             raise DTypeError(f"insert_text takes bytes or a 1-D uint8 array, got "
                              f"{type(data).__name__}: encode text first (s.encode())")
-        hashes, starts, ends = kernels.tokenize_hash(buf, kernels.FOLD)
-        uniq, counts, first = kernels.aggregate(hashes)
-        picked = candidates.select(counts, hashes.size, self.share)
-        texts = [bytes(buf[starts[first[j]]:ends[first[j]]]).lower() for j in picked]
-        self._add(uniq, counts, uniq[picked], texts, hashes.size)
-        return int(hashes.size)
+        n = 0
+        for chunk in split(buf):  # the kernels' scratch memory is a dozen times the bytes
+            hashes, starts, ends = kernels.tokenize_hash(chunk, kernels.FOLD)
+            uniq, counts, first = kernels.aggregate(hashes)
+            picked = candidates.select(counts, hashes.size, self.share)
+            texts = [bytes(chunk[starts[first[j]]:ends[first[j]]]).lower() for j in picked]
+            self._add(uniq, counts, uniq[picked], texts, hashes.size)
+            n += hashes.size
+        return n
 
     def insert(self, items: Iterable[str | bytes]) -> int:
         """Count every item (str, taken as UTF-8, or bytes; not lower-cased) once; an iterator

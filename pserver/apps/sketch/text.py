@@ -37,6 +37,21 @@ def token_boundary(data: np.ndarray, p: int) -> int:
     return min(p, n)
 
 
+def cuts(data: np.ndarray, chunk_bytes: int, lo: int, hi: int) -> Iterator[tuple[int, int]]:
+    """[start, end) of pieces of data[lo:hi] of about chunk_bytes each, cut between tokens
+    (lo and hi must not split a token)."""
+    while lo < hi:
+        cut = min(hi, token_boundary(data, lo + chunk_bytes))
+        yield lo, cut
+        lo = cut
+
+
+def split(data: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
+    """Views of ``data`` of about chunk_bytes each, cut between tokens."""
+    for lo, hi in cuts(data, chunk_bytes, 0, data.size):
+        yield data[lo:hi]
+
+
 def shard_chunks(paths: Iterable[str], rank: int = 0, num_shards: int = 1,
                  chunk_bytes: int = CHUNK_BYTES) -> Iterator[np.ndarray]:
     """uint8 arrays: shard ``rank`` of ``num_shards`` of every file, about chunk_bytes each.
@@ -56,10 +71,8 @@ def shard_chunks(paths: Iterable[str], rank: int = 0, num_shards: int = 1,
                 try:
                     lo = token_boundary(data, size * rank // num_shards)
                     hi = token_boundary(data, size * (rank + 1) // num_shards)
-                    while lo < hi:
-                        cut = min(hi, token_boundary(data, lo + chunk_bytes))
-                        yield data[lo:cut].copy()  # a view would keep the mmap from closing
-                        lo = cut
+                    for a, b in cuts(data, chunk_bytes, lo, hi):
+                        yield data[a:b].copy()  # a view would keep the mmap from closing
                 finally:
                     del data  # the mmap cannot close while a view exports its buffer
 
