@@ -83,7 +83,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("scheduler", args.scheduler), ("keys", args.keys),
                                    ("insecure", args.insecure or None)) if v}
     if not (overrides.get("scheduler") or os.environ.get("PSERVER_SCHEDULER")):
-        raise ConfigError("sketch query: give the cluster with --scheduler HOST:PORT or "
+        raise ConfigError("give the cluster with --scheduler HOST:PORT or "
                           "PSERVER_SCHEDULER")
     # bytes.lower() folds ASCII only, as the tokeniser does
     items = [i.encode("utf-8") if args.exact else i.encode("utf-8").lower() for i in args.items]
