@@ -7,6 +7,7 @@
   pserver checkpoint [--dir DIR]      snapshot every table now (restore: scheduler --restore DIR)
   pserver keygen DIR                  the cluster's CURVE keys
   pserver demo | train | gen-data | predict   the sparse logistic regression job
+  pserver sketch count | query        a CountMin sketch of text files
 """
 
 from __future__ import annotations
@@ -357,6 +358,9 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
         from .apps.lr.cli import register as register_lr
 
         register_lr(sub)
+        from .apps.sketch.cli import register as register_sketch
+
+        register_sketch(sub)
     return p
 
 
