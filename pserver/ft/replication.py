@@ -39,6 +39,7 @@ import numba
 import numpy as np
 import zmq
 
+from ..errors import ProtocolError
 from ..ring import KeyRing
 from ..transport import Transport
 from ..wire import Message
@@ -51,6 +52,25 @@ log = logging.getLogger(__name__)
 BATCH_ITEMS = 31         # updates per repl_batch message (two arrays each, under the array limit)
 WINDOW = 4096            # timestamps remembered per (master, worker): far more than are ever in flight
 _NO_KEYS = np.zeros(0, np.uint64)  # the keys of a forward that names a list the replica holds
+
+
+class RoundAck:
+    """Token of a synchronous round's aggregated forward: its ack releases every participant's."""
+
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens: list[tuple]) -> None:
+        self.tokens = tokens
+
+
+class PrecopyAck:
+    """Token of a migration's pre-copies: once all are acknowledged, ``to`` (the scheduler) is
+    answered ``migrate_ready`` for its request ``ts``."""
+
+    __slots__ = ("to", "ts")
+
+    def __init__(self, to: bytes, ts: int) -> None:
+        self.to, self.ts = to, ts
 
 
 class _Window:
@@ -72,7 +92,10 @@ class _Window:
 
 
 class Replicator(Rebuilder):
-    """Forwarding to replicas, outstanding replica acknowledgements and the replication clock."""
+    """The master's half: forwarding to replicas, the outstanding replica acknowledgements (the
+    one place they are counted, per token: a worker's (identity, ts, part), a RoundAck or a
+    PrecopyAck), copies of ranges and the replication clock. Methods that settle acks return the
+    tokens that have none left; the server releases those."""
 
     def __init__(self, transport: Transport, my_id: int, peer_address: Callable[[int], tuple[str, int]]):
         self.transport = transport
@@ -110,6 +133,85 @@ class Replicator(Rebuilder):
         self._in_flight: dict[int, list[tuple]] = {}
         self.ref_misses = 0
         self.ref_limit = list_refs.REF_BYTES      # the cluster's replica_key_cache (0 = off)
+        self.known_peers: dict[int, tuple[str, int]] = {}  # joiners announced by a migration
+        self.clock_of: Callable[[str, int, int], dict | None] = lambda _t, _lo, _hi: None
+        self.resyncs: list[tuple[int, str, int, int]] = []  # re-copies replicas asked for
+        self.resyncs_requested = 0
+
+    # -- the server's interface -----------------------------------------------------------------
+    def configure(self, view) -> list[object]:
+        """Adopt the settings of cluster view ``view`` (k, replicate_after_aggregation,
+        replica_key_cache) and forget dead peers; returns the tokens whose acks are settled by
+        a replica's death."""
+        settings = view.settings
+        self.k = int(settings.get("replication", 0))
+        self.after_aggregation = bool(settings.get("replicate_after_aggregation", True))
+        limit = settings.get("replica_key_cache")
+        if type(limit) is int and limit >= 0 and limit != self.ref_limit:
+            self.ref_limit = limit
+            self.ref_senders.clear()  # accounts made for another bound
+        for sid in list(self.ref_stores):  # lists stored here by masters that are gone
+            node = view.nodes.get(sid)
+            if node is None or not node.alive:
+                del self.ref_stores[sid]
+        done: list[object] = []
+        for sid in list(self.socks):
+            node = view.nodes.get(sid)  # a joiner may not be in this view yet: not dead
+            if node is not None and not node.alive:
+                done += self.drop_replica(sid)
+        return done
+
+    def adopt_ring(self, new: KeyRing, copied: bool, tables: dict) -> None:
+        """Serve under ring ``new`` (ignored unless newer). After a failover, queue copies of what
+        new replicas lack; after a migration's commit (``copied``) they were made in its prepare."""
+        old = self.ring
+        if old is not None and new.version <= old.version:
+            return
+        self.ring = new
+        if old is None:
+            return
+        log.info("key ring v%d -> v%d (servers %s)", old.version, new.version, new.servers)
+        if not copied and self.k:
+            n = self.plan_rebuild(old, new, tables)
+            if n:
+                log.info("re-replicating %d keys in the background (ring v%d)", n, new.version)
+        else:
+            self.rebuilt_version = new.version
+
+    def on_reply(self, sid: int, msg: Message) -> list[object]:
+        """A message from replica ``sid`` to this master: acks (``repl_ack``, ``error``), a miss
+        of a named key list, or a request to copy a range again. Returns the settled tokens.
+        Raises ProtocolError for a malformed ack (nothing settled then)."""
+        if msg.op == "error" or msg.meta.get("errors"):
+            log.error("replica %d refused an update: %s", sid, msg.meta.get("error"))
+        if msg.op in ("repl_ack", "error"):
+            return self.carried_acks(sid, msg.meta.get("rids", [msg.ts]) if msg.op == "repl_ack"
+                                     else [msg.ts])
+        if msg.op == "repl_miss":
+            return self.on_miss(msg.ts, sid)
+        if msg.op == "repl_resync":
+            lo, hi = msg.meta.get("lo"), msg.meta.get("hi")
+            if type(lo) is not int or type(hi) is not int or not 0 <= lo < hi <= 1 << 64:
+                raise ProtocolError("a repl_resync needs integer bounds 0 <= lo < hi <= 2**64")
+            self.resyncs.append((sid, msg.table, lo, hi))
+            self.resyncs_requested += 1
+            log.error("replica %d could not apply an update of table %r: copying keys [%d, %d) "
+                      "to it again", sid, msg.table, lo, hi)
+        return []
+
+    def carried_acks(self, sid: int, rids) -> list[object]:
+        """Replica ``sid`` acknowledged this server's forwards ``rids``; the settled tokens.
+        Raises ProtocolError unless ``rids`` is a list of integers."""
+        if type(rids) is not list or len(rids) > 1 << 16 or not all(type(r) is int for r in rids):
+            raise ProtocolError("replica acknowledgements must be a list of integer ids")
+        done: list[object] = []
+        for rid in rids:
+            done += self.on_ack(rid, sid)
+        return done
+
+    def has_work(self) -> bool:
+        """True while copies of ranges wait to be sent (see rebuild_step)."""
+        return bool(self.jobs or self.resyncs)
 
     # -- configuration --------------------------------------------------------------------------
     def active(self) -> bool:
