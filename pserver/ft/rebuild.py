@@ -142,16 +142,16 @@ class Rebuilder:
         replica_groups) - before or after their chunk, which is read from the table when sent, so
         the holder ends with the master's state either way. Returns the number of chunks to be
         acknowledged (0: nothing to wait for)."""
-        chunks = nkeys = 0
+        count = nkeys = 0
         for name, sid, keys in self._copies(self.ring, new, tables, masters=self.ring):
             self.jobs.append((name, sid, keys, token))
-            chunks += chunks(len(keys))
+            count += chunks(len(keys))
             nkeys += len(keys)
-        if chunks:
-            self.outstanding[token] = self.outstanding.get(token, 0) + chunks
+        if count:
+            self.outstanding[token] = self.outstanding.get(token, 0) + count
             log.info("pre-copying %d keys to their holders under ring v%d", nkeys, new.version)
         self.last_copied = nkeys
-        return chunks
+        return count
 
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Callable
+from operator import attrgetter
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from .clocks import AppliedClocks
 from .dispatch import SERVER_OPS
 from .filtering import FILTER_META, ServerFilters
 from .rounds import SyncRounds
+from .tables import Tables
 
 log = logging.getLogger(__name__)
 
@@ -39,23 +41,25 @@ class ServerCore:
                  default_updater: str = "sum", secure: bool = False) -> None:
         self.repl, self.limits, self.secure = repl, limits or Limits(), secure
         self.slot_cache_bytes = slot_cache_bytes
-        self.tables: dict[str, Table] = {"default": Table(
-            TableSpec(name="default", updater=default_updater), slot_cache=slot_cache_bytes)}
+        self.tables = Tables(slot_cache_bytes, default_updater)
         self.out: list[tuple[bytes, Message]] = []
         self.held: dict[bytes, deque] = {}   # sender -> requests held behind its sync push
         self.filters = ServerFilters.from_env(self.held, self.limits.max_message_bytes)
         self.rounds = SyncRounds()
         self.clocks = AppliedClocks(self.rounds)
         self.acks = AckBook(self.out)
-        self.replica = ReplicaSide(repl, self.clocks, self.out, self.table, self._declare_missing,
-                                   self._aggregate_forward, self._count, self.on_replicated)
+        self.replica = ReplicaSide(
+            repl, self.clocks, self.out, self.tables.table, self.tables.declare_missing,
+            lambda msg, table, keys, vals, worker, master: self._aggregate(
+                None, msg, table, keys, vals, worker, origin=master),
+            self.count, self.on_replicated)
         repl.clock_of = self.clocks.copy_json
         self.view = ClusterView()
         self.errors = self.duplicates = 0
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> refused requests
         self.stats: Callable[[], dict] = lambda: {}  # the node's stats, set by the loop
         self._as_of_waiting: set[bytes] = set()  # senders whose first held request is an as_of pull
-        self._ops = {op: (getattr(self, e.handler), e.roles, e.deferrable)
+        self._ops = {op: (attrgetter(e.handler)(self), e.roles, e.deferrable)
                      for op, e in SERVER_OPS.items()}
 
     # -- entry points -------------------------------------------------------------------------------
@@ -88,10 +92,10 @@ class ServerCore:
 
     def reject(self, identity: bytes, ts: int, err: Exception, part=None) -> None:
         """Answer request ``ts`` with an error (kind: the exception class) and count it."""
-        self._count(err)
+        self.count(err)
         meta = {"error": str(err)[:1000], "kind": type(err).__name__}
         if isinstance(err, WrongOwnerError):
-            meta["rv"] = self.ring_version()
+            meta["rv"] = _ring_version(self.repl)
             log.info("request from %r for keys this server does not master: %s", identity[:16], err)
         else:
             log.warning("refused a request from %r: %s", identity[:16], err)
@@ -99,7 +103,8 @@ class ServerCore:
             meta["p"] = part
         self.out.append((identity, Message("error", ts, meta=meta)))
 
-    def _count(self, err: Exception) -> None:
+    def count(self, err: Exception) -> None:
+        """Count a refused request (stats "errors" and "rejected" by exception class)."""
         self.errors += 1
         self.rejections[type(err).__name__] += 1
 
@@ -118,20 +123,9 @@ class ServerCore:
             meta["p"] = req.meta["p"]
         self.out.append((identity, Message(op, req.ts, meta=meta, arrays=list(arrays))))
 
-    def table(self, name: str) -> Table:
-        """The table ``name``; TableError (saying what to do) if it is not declared here."""
-        table = self.tables.get(name or "default")
-        if table is None:
-            raise TableError(f"table {name!r} is not declared on this server; call "
-                             f"kv.declare_table({name!r}, ...) on the workers first")
-        return table
-
-    def ring_version(self) -> int:
-        return self.repl.ring.version if self.repl.ring is not None else -1
-
     # -- handlers (see pserver.kv.dispatch) ---------------------------------------------------------
     def on_push(self, identity: bytes, msg: Message) -> None:
-        table = self.table(msg.table)
+        table = self.tables.table(msg.table)
         pp = msg.meta.get("pp") == 1  # push_pull: answer with the keys' values once applied
         if table.spec.push_filters or FILTER_META in msg.meta:
             if pp:
@@ -180,7 +174,7 @@ class ServerCore:
         self.acks.local_done(token)
 
     def on_pull(self, identity: bytes, msg: Message) -> None:
-        table = self.table(msg.table)
+        table = self.tables.table(msg.table)
         if "as_of" in msg.meta:
             if table.spec.pull_filters or FILTER_META in msg.meta:
                 raise ProtocolError("as_of pulls are not supported on tables with pull filters")
@@ -206,14 +200,14 @@ class ServerCore:
         self._answer(identity, msg, "vals", [apply_pull(table, keys)], meta)
 
     def on_pull_range(self, identity: bytes, msg: Message) -> None:
-        table = self.table(msg.table)
+        table = self.tables.table(msg.table)
         lo, hi = keyfmt.range_bounds(msg.meta)
         k, v = table.range_items(lo, hi)
         ring = self.repl.ring
         if ring is not None and len(ring.servers) > 1 and len(k):
             mine = ring.owner_of(k) == self.repl.my_id  # replicas answer nothing
             k, v = k[mine], v[mine]
-        self._answer(identity, msg, "range", [k, v], {"rv": self.ring_version()})
+        self._answer(identity, msg, "range", [k, v], {"rv": _ring_version(self.repl)})
 
     def on_declare_table(self, identity: bytes, msg: Message) -> None:
         """Declare a table (meta "spec"). For a sync table, a worker is a pusher unless meta
@@ -226,15 +220,12 @@ class ServerCore:
             raise TableError(f"update rule {spec.updater!r} is not registered on this server: "
                              f"start servers with --plugin MODULE (a module that calls "
                              f"pserver.register_updater)")
-        self.declare(spec)
+        self.tables.declare(spec)
         meta = {"push_factor": spec.push_factor}
         if spec.sync:
             meta["round"] = self.rounds.declare(spec.name, keyfmt.sender_id(identity),
                                                 msg.meta.get("pushes", True) is not False)
         self._answer(identity, msg, "ok", meta=meta)
-
-    def on_forward(self, identity: bytes, msg: Message) -> None:
-        self.replica.handle(identity, msg)
 
     def on_migrate(self, identity: bytes, msg: Message) -> None:
         """Scheduler-driven change of the key ring (see pserver.ft.migration)."""
@@ -263,22 +254,7 @@ class ServerCore:
     def on_stats(self, identity: bytes, msg: Message) -> None:
         self._answer(identity, msg, "stats", meta=self.stats())
 
-    # -- tables, ownership --------------------------------------------------------------------------
-    def declare(self, spec: TableSpec) -> None:
-        """Create table ``spec.name``; TableError if it exists with another spec."""
-        have = self.tables.get(spec.name)
-        if have is None:
-            self.tables[spec.name] = Table(spec, slot_cache=self.slot_cache_bytes)
-            log.info("declared table %s", spec.to_json())
-        elif have.spec != spec:
-            raise TableError(f"table {spec.name!r} already exists with spec {have.spec.to_json()}; "
-                             f"it was declared again as {spec.to_json()} - every worker must "
-                             f"declare the same spec (or use another name)")
-
-    def _declare_missing(self, spec: TableSpec) -> None:
-        if spec.name not in self.tables:
-            self.declare(spec)
-
+    # -- ownership ---------------------------------------------------------------------------------
     def _check_owner(self, msg: Message, keys: keyfmt.KeySet) -> None:
         """Serve only keys this server masters. A request split with the same ring version is
         trusted (the hot path); otherwise the keys' owners are computed."""
@@ -324,9 +300,6 @@ class ServerCore:
                                                "wp": msg.meta.get("p"), "rnd": rnd},
                     keys.as_array(), vals, always=True) > 0)
         self._apply_rounds(name)
-
-    def _aggregate_forward(self, msg, table, keys, vals, worker: int, master: int) -> None:
-        self._aggregate(None, msg, table, keys, vals, worker, origin=master)
 
     def _apply_late_part(self, token, msg: Message, table: Table, keys, vals, sender: int) -> None:
         """A resent part of a round already applied here: applied alone, replicated like an
@@ -409,7 +382,7 @@ class ServerCore:
         try:
             self.on_replicated(self.repl.on_reply(sid, msg))
         except PServerError as e:
-            self._count(e)
+            self.count(e)
             log.warning("malformed message from replica %d: %s", sid, e)
 
     def on_view(self, view: ClusterView) -> None:
@@ -424,6 +397,10 @@ class ServerCore:
         for name in self.rounds.tables():
             self._apply_rounds(name)
         self._recheck_as_of()
+
+
+def _ring_version(repl: Replicator) -> int:
+    return repl.ring.version if repl.ring is not None else -1
 
 
 def check_limits(keys: keyfmt.KeySet, table: Table, lim: Limits) -> None:

@@ -14,7 +14,8 @@ _ANY = _S | _W | _SV
 
 
 class Op(NamedTuple):
-    """One entry: ``handler`` is a method name of ServerCore, ``handler(identity, msg) -> None``."""
+    """One entry: ``handler`` names a method of ServerCore (or of one of its parts, dotted),
+    called as ``handler(identity, msg) -> None``."""
 
     handler: str
     roles: frozenset[str]
@@ -28,10 +29,10 @@ SERVER_OPS: dict[str, Op] = {
     "pull_range": Op("on_pull_range", _W, False),
     "declare_table": Op("on_declare_table", _W, False),
     # replication among servers (pserver.ft.replica)
-    "replicate": Op("on_forward", _SV, True),
-    "replicate_agg": Op("on_forward", _SV, True),
-    "repl_batch": Op("on_forward", _SV, True),
-    "repl_load": Op("on_forward", _SV, False),
+    "replicate": Op("replica.handle", _SV, True),
+    "replicate_agg": Op("replica.handle", _SV, True),
+    "repl_batch": Op("replica.handle", _SV, True),
+    "repl_load": Op("replica.handle", _SV, False),
     # scheduler-driven fault tolerance
     "migrate_prepare": Op("on_migrate", _S, False),
     "migrate_commit": Op("on_migrate", _S, False),

@@ -198,7 +198,7 @@ def test_acks_sent_during_a_burst_keep_fifo_application(lone_server, monkeypatch
     """An "assign" table makes the order visible: the last push applied wins."""
     monkeypatch.setattr(server_mod, "ACK_DELAY", 0.0)
     srv = lone_server
-    srv.core.declare(pserver.TableSpec(name="last", updater="assign"))
+    srv.core.tables.declare(pserver.TableSpec(name="last", updater="assign"))
     keys, msgs = _pushes(25, table="last")
     sock = _serve(srv, msgs)
     assert _acks(sock.events) == [(ts, 0) for ts in range(1, 26)]

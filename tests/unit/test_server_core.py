@@ -61,7 +61,7 @@ def _acked(core: ServerCore, who: bytes = b"n4") -> list[int]:
 
 
 def _sync(core: ServerCore, name: str = "s") -> None:
-    core.declare(pserver.TableSpec(name=name, updater="sum", sync=True))
+    core.tables.declare(pserver.TableSpec(name=name, updater="sum", sync=True))
 
 
 def _declare(core: ServerCore, who: bytes, name: str = "s", **meta) -> Message:
@@ -170,7 +170,7 @@ def test_without_declarations_a_round_waits_for_every_live_worker():
 @pytest.mark.parametrize("op", ["replicate_agg", "replicate"])
 def test_a_replica_acknowledges_a_forward_before_applying_it(op):
     core = _core()
-    core.declare(pserver.TableSpec(name="last", updater="assign"))
+    core.tables.declare(pserver.TableSpec(name="last", updater="assign"))
     core.replica.acks_due = {}  # in a burst
     for ts in range(1, 7):
         core.handle(b"s2", _forward(ts, ts, op, "last"))
