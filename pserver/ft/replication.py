@@ -1,32 +1,9 @@
-"""Replication of a server's updates to the replicas of its key ranges (the server side of fault
-tolerance).
-
-Placement: a key's replicas are the next k distinct servers clockwise on the key ring after its master
-(:meth:`KeyRing.replica_table`), so when a master dies each of its segments falls to a server that already
-holds it, and failover moves no data.
-
-Protocol: the master applies a worker's push, forwards it (split by replica set) to the replicas with the
-worker's id and timestamp, and acknowledges the worker only once every replica acknowledged - so an
-acknowledged push survives any k failures of its range. Under synchronous aggregation the master may instead
-forward the aggregated update once per round (``replicate_after_aggregation``): k/n of the bandwidth.
-
-Batching: while the server drains a burst of requests, forwards are collected per replica and sent
-at the end of the burst as one ``repl_batch`` message per replica (at most BATCH_ITEMS updates or
-half the message-size limit each), which the replica applies item by item, in order, and acknowledges
-once. Under load a burst completes several updates per replica, and each message saved is a send, a
-receive, a decode and an acknowledgement on both ends.
-
-Key caching: a forward of a part of a key list the replica already holds names it instead of
-carrying its keys (:mod:`pserver.ft.list_refs`). Copies of whole ranges (re-replication after a
-failover, a migration's pre-copy) are made between bursts by :class:`~pserver.ft.rebuild.Rebuilder`.
-
-Exactly-once after failover: every server keeps a *replication clock*, for each (master, worker) pair
-the recent request parts - (timestamp, part id) - it received through that master (a window of the last
-WINDOW). A worker resending part p of request t names the server p went to and p; the resend is a
-duplicate at the new master exactly when (t, p) is in that window: the new master was the replica of
-precisely the keys of p. Masters also keep the window of parts they applied, which travels with copies of
-their keys. (Parts, not timestamps: one request may reach the same master as several parts after a
-re-split, and a master may refuse part t and apply t+1, so neither "ts seen" nor "latest >= t" is exact.)
+"""The master's half of replication: forwarding updates to the replicas of their key ranges,
+counting the replicas' acknowledgements (one counter, typed tokens), key caching on the link, copies
+of ranges and the replication clock (exactly-once after failover). A key's replicas are the next k
+distinct servers clockwise on the ring after its master, so failover moves no data. Forwards of a
+burst travel as one ``repl_batch`` per replica. The protocol is described in docs/_walk_server.md,
+"Replication".
 """
 
 from __future__ import annotations

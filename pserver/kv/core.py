@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 
 class ServerCore:
     """One server's state machine. ``repl``: its Replicator (a k=0 one forwards nothing);
-    ``secure``: check each op's roles (the dispatch table's) against the sender's proven role."""
+    ``secure``: check each op's roles (the dispatch table's) against the sender's proven role.
+
+    Handlers (``on_*``, named by the dispatch table) raise PServerError for a refused request
+    before any stored value changed; ``handle`` answers it with an error reply and counts it."""
 
     def __init__(self, repl: Replicator, limits: Limits | None = None, slot_cache_bytes: int = 0,
                  default_updater: str = "sum", secure: bool = False) -> None:
