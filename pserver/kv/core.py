@@ -12,6 +12,7 @@ from operator import attrgetter
 
 import numpy as np
 
+from .. import security
 from ..errors import AuthError, LimitError, ProtocolError, PServerError, TableError, WrongOwnerError
 from ..ft import checkpoint as ft_checkpoint
 from ..ft.replica import ReplicaSide
@@ -76,7 +77,10 @@ class ServerCore:
                 raise ProtocolError("meta 'p' (the request part) must be an integer")
             if self.secure:
                 entry = self._ops.get(msg.op)
-                if entry is not None and role not in entry[1]:
+                # an op a server does not serve: refused as the cluster's table says (a worker
+                # sending a scheduler's op is an AuthError, not an unknown op)
+                if (role not in entry[1]) if entry is not None else \
+                        not security.authorise(msg.op, role, True):
                     raise AuthError(f"a {role} may not send {msg.op!r} to a server")
             held = self.held.get(identity)
             if held is not None and self.filters.is_awaited_resend(identity, msg):

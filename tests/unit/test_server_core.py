@@ -86,8 +86,13 @@ def test_an_unknown_op_and_an_unauthorised_role_are_refused():
     core = _core(secure=True)
     core.handle(b"n4", Message("format_disk", 1), role="worker")
     core.handle(b"n4", _forward(2, 1.0), role="worker")  # only servers replicate
-    assert [m.meta["kind"] for _, m in _sent(core)] == ["ProtocolError", "AuthError"]
+    core.handle(b"n4", Message("shutdown", 3), role="worker")  # a scheduler's op
+    core.handle(b"n4", Message("barrier", 4), role="worker")  # a worker's op, not a server's
+    assert [m.meta["kind"] for _, m in _sent(core)] == ["AuthError"] * 3 + ["ProtocolError"]
     assert not core.replica.deferred
+    insecure = _core()
+    insecure.handle(b"n4", Message("format_disk", 1))
+    assert [m.meta["kind"] for _, m in _sent(insecure)] == ["ProtocolError"]
 
 
 def test_the_authorisation_of_server_ops_is_the_dispatch_table():
