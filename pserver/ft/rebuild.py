@@ -63,7 +63,7 @@ class Rebuilder:
         parts. ``rid`` > 0 asks the receiver to acknowledge it."""
         values, state = table.rows(keys)
         arrays = [keys, values] + ([state] if state is not None else [])
-        meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_json()}
+        meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_of()}
         clock = self.clock_of(table.spec.name, int(keys[0]), int(keys[-1]) + 1) if len(keys) else None
         if clock is not None:  # an "as of" read at the copy's holder must not wait for ever
             meta["clock"] = clock

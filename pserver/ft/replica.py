@@ -16,6 +16,7 @@ from ..kv.clocks import AppliedClocks
 from ..store.apply import apply_push
 from ..store.spec import TableSpec
 from ..wire import Message
+from .exactly_once import ReplicationClock
 from .list_refs import check_refs
 from .replication import Replicator
 
@@ -37,10 +38,10 @@ class ReplicaSide:
     worker, master)``: a forwarded part of a synchronous round; ``reject(err)``: count a refusal;
     ``replicated(tokens)``: release tokens settled by acks a master carried on its forwards."""
 
-    def __init__(self, repl: Replicator, clocks: AppliedClocks, out: list, table: Callable,
-                 declare: Callable, aggregate: Callable, reject: Callable,
-                 replicated: Callable) -> None:
-        self.repl, self.clocks, self.out = repl, clocks, out
+    def __init__(self, repl: Replicator, exactly_once: ReplicationClock, clocks: AppliedClocks,
+                 out: list, table: Callable, declare: Callable, aggregate: Callable,
+                 reject: Callable, replicated: Callable) -> None:
+        self.repl, self.exactly_once, self.clocks, self.out = repl, exactly_once, clocks, out
         self.table, self.declare, self.aggregate, self.reject = table, declare, aggregate, reject
         self.replicated = replicated
         self.deferred: list[tuple] = []   # (table, keys, values, key list ref, master)
@@ -106,9 +107,7 @@ class ReplicaSide:
         if clock is not None:
             self.clocks.merge_json(spec.name, clock)  # checked before anything is stored
         table.load(keys, msg.arrays[1], msg.arrays[2] if len(msg.arrays) == 3 else None)
-        for worker, parts in msg.meta.get("applied", []):
-            for ts, part in parts[-4096:]:
-                self.repl.record(master, int(worker), int(ts), part)
+        self.exactly_once.load(master, msg.meta.get("applied", []))
         if msg.ts:  # a pre-copy of a migration: the master waits for it
             self.out.append((identity, Message("repl_ack", msg.ts)))
 
@@ -124,14 +123,14 @@ class ReplicaSide:
         if msg.op == "replicate_agg":
             self._defer(table, keys, vals, ref, master)
             for worker, ts, part in msg.meta.get("clk", []):
-                self.repl.record(master, int(worker), int(ts), part)
+                self.exactly_once.record(master, int(worker), int(ts), part)
                 self.clocks.record(name, int(worker), keys, int(ts))
         else:
             src, wts, wp = int(msg.meta["src"]), int(msg.meta["wts"]), msg.meta.get("wp")
             if wp is not None and type(wp) is not int:
                 raise ProtocolError("meta 'wp' must be an integer part id")
-            if not self.repl.seen(master, src, wts, wp):
-                self.repl.record(master, src, wts, wp)
+            if not self.exactly_once.seen(master, src, wts, wp):
+                self.exactly_once.record(master, src, wts, wp)
                 self.clocks.record(name, src, keys, wts)
                 if table.spec.sync and "rnd" in msg.meta:
                     self.apply_deferred()  # in order with this master's earlier forwards

@@ -27,7 +27,6 @@ from .rebuild import Rebuilder, chunks
 log = logging.getLogger(__name__)
 
 BATCH_ITEMS = 31         # updates per repl_batch message (two arrays each, under the array limit)
-WINDOW = 4096            # timestamps remembered per (master, worker): far more than are ever in flight
 _NO_KEYS = np.zeros(0, np.uint64)  # the keys of a forward that names a list the replica holds
 
 
@@ -50,24 +49,6 @@ class PrecopyAck:
         self.to, self.ts = to, ts
 
 
-class _Window:
-    """The last WINDOW timestamps seen, with O(1) insert and membership."""
-
-    __slots__ = ("order", "seen")
-
-    def __init__(self) -> None:
-        self.order: deque[tuple] = deque()
-        self.seen: set[tuple] = set()
-
-    def add(self, ts: tuple) -> None:
-        if ts in self.seen:
-            return
-        self.seen.add(ts)
-        self.order.append(ts)
-        if len(self.order) > WINDOW:
-            self.seen.discard(self.order.popleft())
-
-
 class Replicator(Rebuilder):
     """The master's half: forwarding to replicas, the outstanding replica acknowledgements (the
     one place they are counted, per token: a worker's (identity, ts, part), a RoundAck or a
@@ -88,8 +69,6 @@ class Replicator(Rebuilder):
         self.waiting: dict[int, list] = {}        # replication id -> tokens of the requests it carries
         self._rid_peer: dict[int, int] = {}       # replication id -> replica it went to
         self.outstanding: dict[object, int] = {}  # token -> replica acks still missing
-        self.clock: dict[tuple[int, int], _Window] = {}  # (master, worker) -> ts received through it
-        self.applied: dict[int, _Window] = {}            # worker -> ts applied here as master
         self.bytes_forwarded = 0
         self.last_copied = 0
         self.jobs: deque[tuple[str, int, np.ndarray]] = deque()  # background copies: table, to, keys
@@ -112,6 +91,7 @@ class Replicator(Rebuilder):
         self.ref_limit = list_refs.REF_BYTES      # the cluster's replica_key_cache (0 = off)
         self.known_peers: dict[int, tuple[str, int]] = {}  # joiners announced by a migration
         self.clock_of: Callable[[str, int, int], dict | None] = lambda _t, _lo, _hi: None
+        self.applied_of: Callable[[], list] = list  # exactly-once windows that travel with copies
         self.resyncs: list[tuple[int, str, int, int]] = []  # re-copies replicas asked for
         self.resyncs_requested = 0
 
@@ -470,34 +450,6 @@ class Replicator(Rebuilder):
                         done.append(token)
         self.forget_peer(sid)
         return done
-
-    # -- exactly-once bookkeeping ---------------------------------------------------------------
-    def record(self, master: int, worker: int, ts: int, part) -> None:
-        """Part ``part`` of request ``ts`` of ``worker`` reached this server through ``master``."""
-        window = self.clock.get((master, worker))
-        if window is None:
-            window = self.clock[(master, worker)] = _Window()
-        window.add((ts, part))
-
-    def seen(self, master: int, worker: int, ts: int, part) -> bool:
-        """True if part ``part`` of request ``ts`` of ``worker`` already reached this server
-        through ``master`` (or was applied here, when ``master`` is this server)."""
-        window = self.clock.get((master, worker))
-        if window is not None and (ts, part) in window.seen:
-            return True
-        mine = self.applied.get(worker) if master == self.my_id else None
-        return mine is not None and (ts, part) in mine.seen
-
-    def note_applied(self, worker: int, ts: int, part) -> None:
-        window = self.applied.get(worker)
-        if window is None:
-            window = self.applied[worker] = _Window()
-        window.add((ts, part))
-
-    def applied_json(self) -> list:
-        """The windows of applied parts, to travel with a copy of this master's keys."""
-        return [[w, [list(tp) for tp in win.order]] for w, win in self.applied.items()]
-
 
 @numba.njit(cache=True, nogil=True)
 def _group_by_destination(vnodes: np.ndarray, dest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -15,6 +15,7 @@ import numpy as np
 from .. import security
 from ..errors import AuthError, LimitError, ProtocolError, PServerError, TableError, WrongOwnerError
 from ..ft import checkpoint as ft_checkpoint
+from ..ft.exactly_once import ReplicationClock
 from ..ft.replica import ReplicaSide
 from ..ft.replication import PrecopyAck, Replicator, RoundAck
 from ..membership.view import ClusterView
@@ -52,12 +53,13 @@ class ServerCore:
         self.rounds = SyncRounds()
         self.clocks = AppliedClocks(self.rounds)
         self.acks = AckBook(self.out)
+        self.exactly_once = ReplicationClock(repl.my_id)
         self.replica = ReplicaSide(
-            repl, self.clocks, self.out, self.tables.table, self.tables.declare_missing,
+            repl, self.exactly_once, self.clocks, self.out, self.tables.table, self.tables.declare_missing,
             lambda msg, table, keys, vals, worker, master: self._aggregate(
                 None, msg, table, keys, vals, worker, origin=master),
             self.count, self.on_replicated)
-        repl.clock_of = self.clocks.copy_json
+        repl.clock_of, repl.applied_of = self.clocks.copy_json, self.exactly_once.applied_json
         self.view = ClusterView()
         self.errors = self.duplicates = 0
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> refused requests
@@ -105,7 +107,7 @@ class ServerCore:
             meta["rv"] = _ring_version(self.repl)
             log.info("request from %r for keys this server does not master: %s", identity[:16], err)
         else:
-            log.warning("refused a request from %r: %s", identity[:16], err)
+            log.warning("rejected a request from %r: %s", identity[:16], err)
         if type(part) is int:
             meta["p"] = part
         self.out.append((identity, Message("error", ts, meta=meta)))
@@ -145,9 +147,9 @@ class ServerCore:
         self._check_owner(msg, keys)
         part = msg.meta.get("p")
         token = (identity, msg.ts, part)
-        repl = self.repl
+        repl, once = self.repl, self.exactly_once
         orig = origins(msg.meta.get("orig"))
-        if orig and any(repl.seen(s, sender, msg.ts, p) for s, p in orig):
+        if orig and any(once.seen(s, sender, msg.ts, p) for s, p in orig):
             # a resend after failover of an update this server already has (it was the replica)
             self.duplicates += 1
             if pp:
@@ -156,9 +158,9 @@ class ServerCore:
                 self._answer(identity, msg, "ack", meta={"dup": 1})
             return
         self.clocks.record(table.spec.name, sender, keys, msg.ts, msg.meta.get("span"))
-        repl.note_applied(sender, msg.ts, part)
+        once.note_applied(sender, msg.ts, part)
         for s, p in orig:  # an old master's own forward of the part may still be on its way
-            repl.record(s, sender, msg.ts, p)
+            once.record(s, sender, msg.ts, p)
         if pp:
             self.acks.reads[token] = (table, keys)  # read when its acknowledgement is due
         if table.spec.sync:
@@ -251,6 +253,8 @@ class ServerCore:
         self.repl.adopt_ring(ring, True, self.tables)
 
     def on_checkpoint_write(self, identity: bytes, msg: Message) -> None:
+        # the one handler with I/O (it writes this server's shard to disk): a rare, scheduler-driven
+        # op that must see the store between two requests, so the loop's thread runs it
         report = ft_checkpoint.handle_write(msg.meta, self.repl.my_id, self.tables,
                                             self.clocks.clocks)
         self.out.append((identity, Message("ok", msg.ts, meta=report)))

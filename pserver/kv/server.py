@@ -91,7 +91,7 @@ class KVServer:
                  self.membership.rank, self.cfg.bind_host(), self.port)
         # SIGTERM = leave gracefully: hand the key ranges over (two-phase migration), then exit
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_leaving", True))
-        self.repl.my_id = self.membership.node_id
+        self.repl.my_id = self.core.exactly_once.me = self.membership.node_id
         # started with `pserver scheduler --restore DIR`: load what this server holds before serving
         tables, clocks = ft_checkpoint.restore_for(
             self.membership.view, self.membership.node_id, self.cfg.slot_cache_bytes)
