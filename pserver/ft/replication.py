@@ -166,6 +166,14 @@ class Replicator(Rebuilder):
             done += self.on_ack(rid, sid)
         return done
 
+    def stats(self) -> dict:
+        """Counters for the server's stats: forwards sent, their bytes, key list misses, lists held
+        for each master, re-copies replicas asked for."""
+        return {"forwards": self.messages_forwarded, "bytes_forwarded": self.bytes_forwarded,
+                "key_list_misses": self.ref_misses,
+                "key_lists_held": {m: len(st.lists) for m, st in self.ref_stores.items()},
+                "resyncs_requested": self.resyncs_requested}
+
     def has_work(self) -> bool:
         """True while copies of ranges wait to be sent (see rebuild_step)."""
         return bool(self.jobs or self.resyncs)

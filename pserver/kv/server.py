@@ -276,12 +276,7 @@ class KVServer:
         core, repl = self.core, self.repl
         return {"id": self.membership.node_id, "pid": os.getpid(), "errors": core.errors,
                 "rejected": dict(core.rejections), "duplicates": core.duplicates,
-                "replication": {"forwards": repl.messages_forwarded,
-                                "bytes_forwarded": repl.bytes_forwarded,
-                                "key_list_misses": repl.ref_misses,
-                                "key_lists_held": {m: len(st.lists) for m, st in repl.ref_stores.items()},
-                                "replica_apply_errors": core.replica.apply_errors,
-                                "resyncs_requested": repl.resyncs_requested},
+                "replication": {**repl.stats(), "replica_apply_errors": core.replica.apply_errors},
                 "tables": {n: {"keys": len(t), "bytes": t.nbytes(), "spec": t.spec.to_json(),
                                "slot_cache": t.slot_cache.stats()}
                            for n, t in core.tables.items()},
