@@ -401,7 +401,7 @@ def test_straggler_is_slower_at_all_of_its_iterations_work(tmp_path, monkeypatch
     only the gradient (which left the benchmark's "2x straggler" about 1.1x slower)."""
     from pserver.apps.lr import dbpg, gen
     from pserver.apps.lr.data import read_shard
-    from tests.test_lr_train import run_fake
+    from tests.cluster.test_lr_train import run_fake
 
     gen.generate(str(tmp_path), 4000, features=3000, nnz=20, noise=0.05, seed=3, test_examples=10)
     shard = read_shard(str(tmp_path / "train.libsvm"))
