@@ -25,8 +25,11 @@ HERE = Path(__file__).resolve().parent
 def server_main(out_dir: str, argv: list[str]) -> None:
     """Install the timers, then run ``pserver server ARGV``; SIGUSR1 starts timing, SIGUSR2 stops
     it and writes OUT_DIR/PID.json."""
+    from pserver import link as link_mod
     from pserver import transport as transport_mod
     from pserver.cli import main
+    from pserver.ft import replica as replica_mod
+    from pserver.kv import core as core_mod
     from pserver.kv import server as server_mod
     from pserver.store import index as index_mod
     from pserver.store import table as table_mod
@@ -63,14 +66,18 @@ def server_main(out_dir: str, argv: list[str]) -> None:
     srv = server_mod.KVServer
     for step in ("_burst", "_drain_replica", "_end_burst"):
         setattr(srv, step, timed(step, getattr(srv, step)))
-    srv._apply_deferred = timed("replica_apply", in_replica_apply(srv._apply_deferred))
-    srv._process = timed("process", srv._process, by_op=lambda a, r: a[2].op)
+    replica = replica_mod.ReplicaSide
+    replica.apply_deferred = timed("replica_apply", in_replica_apply(replica.apply_deferred))
+    core_mod.ServerCore._process = timed("process", core_mod.ServerCore._process,
+                                         by_op=lambda a, r: a[2].op)
+    # replies leave through the server's link (Link.send), forwards through Transport.send
+    link_mod.Link.send = timed("send", link_mod.Link.send, by_op=lambda a, r: a[1].op)
     transport_mod.Transport.send = timed("send", transport_mod.Transport.send, by_op=lambda a, r: a[2].op)
     transport_mod.Transport.decode = timed("decode", transport_mod.Transport.decode,
                                            by_op=lambda a, r: r[1].op)
     index_mod.HashIndex.lookup = timed("lookup", index_mod.HashIndex.lookup, by_role=True)
     table_mod.update_rows = timed("update", table_mod.update_rows, by_role=True)
-    server_mod.keyfmt.sum_parts = timed("sum_parts", server_mod.keyfmt.sum_parts)
+    core_mod.sum_parts = timed("sum_parts", core_mod.sum_parts)
 
     def start(*_):
         state["on"] = True

@@ -29,6 +29,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from pserver.errors import AuthError
+from pserver.kv.dispatch import SERVER_OPS
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ REJECTION_LOG_INTERVAL_S = 60.0  # per peer and cause; rejected clients retry ev
 # ---------------------------------------------------------------------------------------------
 # Authorisation: op -> roles allowed to send it. A pattern ending in "*" matches by prefix; an op
 # is allowed for the union of its exact entry and every matching pattern; unknown ops are denied.
+# The ops a server serves come from its dispatch table (pserver.kv.dispatch); these are the rest.
 _S = frozenset({"scheduler"})
 _W = frozenset({"worker"})
 _SV = frozenset({"server"})
@@ -52,12 +54,8 @@ _op_roles: dict[str, frozenset[str]] = {
     "ring": _S,
     "set_consistency": _S,
     "migrate_*": _S,
-    # the workers' data path and coordination
-    "push": _W,
-    "pull": _W,
+    # the workers' coordination
     "push_range": _W,
-    "pull_range": _W,
-    "declare_table": _W,
     "barrier": _W,
     "report": _W,
     # membership, for every node the scheduler manages
@@ -66,12 +64,11 @@ _op_roles: dict[str, frozenset[str]] = {
     "leave": _W | _SV,
     # read-only queries, for any member (admin tools use the scheduler's key)
     "status": _S | _W | _SV,
-    "stats": _S | _W | _SV,
-    "ping": _S | _W | _SV,
     # fault tolerance among servers
-    "replicate": _SV,
     "migrate_data": _SV,
 }
+for _op, _entry in SERVER_OPS.items():
+    _op_roles[_op] = _op_roles.get(_op, frozenset()) | _entry.roles
 OP_ROLES: Mapping[str, frozenset[str]] = MappingProxyType(_op_roles)
 _resolved: dict[str, frozenset[str]] = {}
 _RESOLVED_MAX = 1024  # op names come off the wire: bound the cache

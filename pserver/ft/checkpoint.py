@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 # Only the scheduler's credentials may start a checkpoint (the CLI uses the scheduler's key, as for
 # shutdown), and only the scheduler may tell a server to write its shard.
 security.allow_op("checkpoint", "scheduler")
-security.allow_op("checkpoint_write", "scheduler")
 
 FORMAT = "pserver.checkpoint/1"
 SHARD_FORMAT = "pserver.checkpoint-shard/1"

@@ -1,25 +1,8 @@
-"""Key caching on the replication link: a master names a key list its replica already holds
-instead of sending the keys again (the paper's key caching, between a master and its replicas).
-
-A master forwards the same key lists again and again when a job pushes repeated lists (a worker's
-blocks of data; the aggregate of a synchronous round): the part of a list that goes to one replica
-is fixed while the ring is. The first time, the forward carries the keys and a fresh *ref* id
-("ks": store them under this id); later forwards of that part carry only the id ("kr") and the
-values, and the replica takes the keys it stored. That saves the keys' bytes on the link (8 of the
-12 bytes a key of a float32 update) and, on the replica, the comparison of a received list with
-the one its slot cache holds (the stored array is the cached one, see ``adopt``).
-
-Bounds: the master decides what the replica keeps. It accounts the bytes of the lists stored at
-each replica (LRU, at most the cluster's ``replica_key_cache`` setting, default ``REF_BYTES``) and
-names the ids it evicts in the next forward ("kd"); the replica drops those first, and does not
-store past the same bound (the update is still applied; naming that list later is a miss). Ids are
-never reused, so a stale id cannot name another list.
-
-A miss (the replica does not hold a named list) means a forward was lost on a live link, or the
-replica refused a store: the replica refuses the whole message before applying any of it
-(``repl_miss``) and the master sends it again with the keys, after dropping every list it stored
-at that replica. Updates of later messages that were applied meanwhile are then ahead of the
-resent ones: order between them is lost only in that case, which a lost forward would break anyway.
+"""Key caching on the replication link: a master names a key list its replica already holds ("kr")
+instead of sending the keys again; it stores lists at the replica ("ks") within a bound it accounts
+(LRU, the cluster's ``replica_key_cache``) and names those it evicts ("kd"). A replica that lacks a
+named list refuses the whole message (``repl_miss``) and the master resends it with its keys.
+Details: docs/_walk_server.md, "Key caching on the link".
 """
 
 from __future__ import annotations

@@ -1,17 +1,8 @@
-"""Detection of lost key ranges: which parts of the key ring lost every copy when servers died.
-
-With replication k, a key lives on its master and the next k distinct servers clockwise on the ring
-(:meth:`KeyRing.replica_table`). Its value survives as long as one of those k+1 servers is alive; when
-all of them die together (faster than failover re-replicates), the value is gone from the cluster and
-the only way back is a checkpoint. A pure function of (ring, dead servers, k): no I/O.
-
-Use it with the ring in effect when the servers died (the one whose replica placement the data
-follows), e.g. in the scheduler::
-
-    loss = find_data_loss(ring_before, dead_ids, k)
-    if loss is not None:
-        view.settings["data_loss"] = loss.to_json()      # workers: DataLoss.from_json(...).check(keys)
-        log.error("%s", loss.message())
+"""Detection of lost key ranges: which parts of the key ring lost every copy when servers died (a
+key's master and its k replicas all dead before failover re-replicated it). A pure function of
+(ring, dead servers, k): the scheduler records the loss in the view's settings, workers raise
+DataLostError for requests touching it, and the way back is a checkpoint
+(``pserver scheduler --restore DIR``).
 """
 
 from __future__ import annotations

@@ -1,18 +1,8 @@
-"""Live change of the key ring (a server joins or leaves gracefully), driven by the scheduler.
-
-Two phases, as in the paper:
-
-1. *prepare*: the scheduler sends every server of the old ring the new ring. Each server pre-copies the
-   keys it masters to the servers that will hold them under the new ring but do not hold them now
-   (values, optimizer state and the replication clock), and from then on also forwards every update of
-   those keys to them, exactly like a replica. When every copy is acknowledged it answers *ready*.
-2. *commit*: once every server is ready, the scheduler sends the new ring to every server (they switch
-   at once: the old owner stops serving the moved keys and answers WrongOwner, so workers re-split and
-   resend) and broadcasts it in the cluster view.
-
-Training never stops: requests are served throughout, and an update applied by an old owner before the
-switch reached the new owner through phase 1's forwarding. A server dying during a migration aborts it
-(the servers drop the pending ring); the failover then runs and the migration is started again.
+"""Live change of the key ring (a server joins or leaves gracefully), driven by the scheduler, in two
+phases as in the paper: *prepare* (every server pre-copies the keys it masters to their holders under
+the new ring - values, state, replication and range clocks - and forwards later updates to them too,
+then answers ready) and *commit* (every server switches to the new ring at once). Requests are served
+throughout; a server dying during a migration aborts it, and it is started again after the failover.
 """
 
 from __future__ import annotations

@@ -63,7 +63,10 @@ class Rebuilder:
         parts. ``rid`` > 0 asks the receiver to acknowledge it."""
         values, state = table.rows(keys)
         arrays = [keys, values] + ([state] if state is not None else [])
-        meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_json()}
+        meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_of()}
+        clock = self.clock_of(table.spec.name, int(keys[0]), int(keys[-1]) + 1) if len(keys) else None
+        if clock is not None:  # an "as of" read at the copy's holder must not wait for ever
+            meta["clock"] = clock
         self.transport.send(self._sock(sid), Message("repl_load", rid, table.spec.name, meta, arrays))
 
     def plan_rebuild(self, old: KeyRing, new: KeyRing, tables: dict) -> int:
@@ -82,6 +85,8 @@ class Rebuilder:
     def rebuild_step(self, tables: dict, budget: int = 1 << 16) -> bool:
         """Send up to ``budget`` keys of queued copies (re-replication, migration pre-copies);
         True while more remain."""
+        if self.resyncs:
+            self._plan_resyncs(tables)
         while budget > 0 and self.jobs:
             name, sid, keys, token = self.jobs[0]
             size = budget if token is None else PRECOPY_KEYS  # pre-copies go in counted chunks
@@ -114,6 +119,21 @@ class Rebuilder:
             self.rebuilt_version = self._rebuilding_version
         return bool(self.jobs)
 
+    def _plan_resyncs(self, tables: dict) -> None:
+        """Queue copies of the ranges replicas asked for again (their apply of a forward failed):
+        the keys of each range that this server masters."""
+        resyncs, self.resyncs = self.resyncs, []
+        for sid, name, lo, hi in resyncs:
+            table = tables.get(name)
+            if table is None or self.ring is None:
+                continue
+            keys = table.keys_sorted()
+            keys = keys[np.searchsorted(keys, np.uint64(lo)):np.searchsorted(keys, np.uint64(hi - 1),
+                                                                               side="right")]
+            keys = keys[self.ring.owner_of(keys) == self.my_id] if len(keys) else keys
+            if len(keys):
+                self.jobs.append((name, sid, keys, None))
+
     def precopy(self, new: KeyRing, tables: dict, token: object) -> int:
         """Phase 1 of a migration: queue copies of the keys this server masters now to the
         servers that will hold them under ``new``, each chunk acknowledged to ``token``; they go
@@ -122,16 +142,16 @@ class Rebuilder:
         replica_groups) - before or after their chunk, which is read from the table when sent, so
         the holder ends with the master's state either way. Returns the number of chunks to be
         acknowledged (0: nothing to wait for)."""
-        chunks = nkeys = 0
+        count = nkeys = 0
         for name, sid, keys in self._copies(self.ring, new, tables, masters=self.ring):
             self.jobs.append((name, sid, keys, token))
-            chunks += chunks(len(keys))
+            count += chunks(len(keys))
             nkeys += len(keys)
-        if chunks:
-            self.outstanding[token] = self.outstanding.get(token, 0) + chunks
+        if count:
+            self.outstanding[token] = self.outstanding.get(token, 0) + count
             log.info("pre-copying %d keys to their holders under ring v%d", nkeys, new.version)
         self.last_copied = nkeys
-        return chunks
+        return count
 
 
 

@@ -1,32 +1,9 @@
-"""Replication of a server's updates to the replicas of its key ranges (the server side of fault
-tolerance).
-
-Placement: a key's replicas are the next k distinct servers clockwise on the key ring after its master
-(:meth:`KeyRing.replica_table`), so when a master dies each of its segments falls to a server that already
-holds it, and failover moves no data.
-
-Protocol: the master applies a worker's push, forwards it (split by replica set) to the replicas with the
-worker's id and timestamp, and acknowledges the worker only once every replica acknowledged - so an
-acknowledged push survives any k failures of its range. Under synchronous aggregation the master may instead
-forward the aggregated update once per round (``replicate_after_aggregation``): k/n of the bandwidth.
-
-Batching: while the server drains a burst of requests, forwards are collected per replica and sent
-at the end of the burst as one ``repl_batch`` message per replica (at most BATCH_ITEMS updates or
-half the message-size limit each), which the replica applies item by item, in order, and acknowledges
-once. Under load a burst completes several updates per replica, and each message saved is a send, a
-receive, a decode and an acknowledgement on both ends.
-
-Key caching: a forward of a part of a key list the replica already holds names it instead of
-carrying its keys (:mod:`pserver.ft.list_refs`). Copies of whole ranges (re-replication after a
-failover, a migration's pre-copy) are made between bursts by :class:`~pserver.ft.rebuild.Rebuilder`.
-
-Exactly-once after failover: every server keeps a *replication clock*, for each (master, worker) pair
-the recent request parts - (timestamp, part id) - it received through that master (a window of the last
-WINDOW). A worker resending part p of request t names the server p went to and p; the resend is a
-duplicate at the new master exactly when (t, p) is in that window: the new master was the replica of
-precisely the keys of p. Masters also keep the window of parts they applied, which travels with copies of
-their keys. (Parts, not timestamps: one request may reach the same master as several parts after a
-re-split, and a master may refuse part t and apply t+1, so neither "ts seen" nor "latest >= t" is exact.)
+"""The master's half of replication: forwarding updates to the replicas of their key ranges,
+counting the replicas' acknowledgements (one counter, typed tokens), key caching on the link, copies
+of ranges and the replication clock (exactly-once after failover). A key's replicas are the next k
+distinct servers clockwise on the ring after its master, so failover moves no data. Forwards of a
+burst travel as one ``repl_batch`` per replica. The protocol is described in docs/_walk_server.md,
+"Replication".
 """
 
 from __future__ import annotations
@@ -39,6 +16,7 @@ import numba
 import numpy as np
 import zmq
 
+from ..errors import ProtocolError
 from ..ring import KeyRing
 from ..transport import Transport
 from ..wire import Message
@@ -49,30 +27,33 @@ from .rebuild import Rebuilder, chunks
 log = logging.getLogger(__name__)
 
 BATCH_ITEMS = 31         # updates per repl_batch message (two arrays each, under the array limit)
-WINDOW = 4096            # timestamps remembered per (master, worker): far more than are ever in flight
 _NO_KEYS = np.zeros(0, np.uint64)  # the keys of a forward that names a list the replica holds
 
 
-class _Window:
-    """The last WINDOW timestamps seen, with O(1) insert and membership."""
+class RoundAck:
+    """Token of a synchronous round's aggregated forward: its ack releases every participant's."""
 
-    __slots__ = ("order", "seen")
+    __slots__ = ("tokens",)
 
-    def __init__(self) -> None:
-        self.order: deque[tuple] = deque()
-        self.seen: set[tuple] = set()
+    def __init__(self, tokens: list[tuple]) -> None:
+        self.tokens = tokens
 
-    def add(self, ts: tuple) -> None:
-        if ts in self.seen:
-            return
-        self.seen.add(ts)
-        self.order.append(ts)
-        if len(self.order) > WINDOW:
-            self.seen.discard(self.order.popleft())
+
+class PrecopyAck:
+    """Token of a migration's pre-copies: once all are acknowledged, ``to`` (the scheduler) is
+    answered ``migrate_ready`` for its request ``ts``."""
+
+    __slots__ = ("to", "ts")
+
+    def __init__(self, to: bytes, ts: int) -> None:
+        self.to, self.ts = to, ts
 
 
 class Replicator(Rebuilder):
-    """Forwarding to replicas, outstanding replica acknowledgements and the replication clock."""
+    """The master's half: forwarding to replicas, the outstanding replica acknowledgements (the
+    one place they are counted, per token: a worker's (identity, ts, part), a RoundAck or a
+    PrecopyAck), copies of ranges and the replication clock. Methods that settle acks return the
+    tokens that have none left; the server releases those."""
 
     def __init__(self, transport: Transport, my_id: int, peer_address: Callable[[int], tuple[str, int]]):
         self.transport = transport
@@ -88,8 +69,6 @@ class Replicator(Rebuilder):
         self.waiting: dict[int, list] = {}        # replication id -> tokens of the requests it carries
         self._rid_peer: dict[int, int] = {}       # replication id -> replica it went to
         self.outstanding: dict[object, int] = {}  # token -> replica acks still missing
-        self.clock: dict[tuple[int, int], _Window] = {}  # (master, worker) -> ts received through it
-        self.applied: dict[int, _Window] = {}            # worker -> ts applied here as master
         self.bytes_forwarded = 0
         self.last_copied = 0
         self.jobs: deque[tuple[str, int, np.ndarray]] = deque()  # background copies: table, to, keys
@@ -110,6 +89,94 @@ class Replicator(Rebuilder):
         self._in_flight: dict[int, list[tuple]] = {}
         self.ref_misses = 0
         self.ref_limit = list_refs.REF_BYTES      # the cluster's replica_key_cache (0 = off)
+        self.known_peers: dict[int, tuple[str, int]] = {}  # joiners announced by a migration
+        self.clock_of: Callable[[str, int, int], dict | None] = lambda _t, _lo, _hi: None
+        self.applied_of: Callable[[], list] = list  # exactly-once windows that travel with copies
+        self.resyncs: list[tuple[int, str, int, int]] = []  # re-copies replicas asked for
+        self.resyncs_requested = 0
+
+    # -- the server's interface -----------------------------------------------------------------
+    def configure(self, view) -> list[object]:
+        """Adopt the settings of cluster view ``view`` (k, replicate_after_aggregation,
+        replica_key_cache) and forget dead peers; returns the tokens whose acks are settled by
+        a replica's death."""
+        settings = view.settings
+        self.k = int(settings.get("replication", 0))
+        self.after_aggregation = bool(settings.get("replicate_after_aggregation", True))
+        limit = settings.get("replica_key_cache")
+        if type(limit) is int and limit >= 0 and limit != self.ref_limit:
+            self.ref_limit = limit
+            self.ref_senders.clear()  # accounts made for another bound
+        for sid in list(self.ref_stores):  # lists stored here by masters that are gone
+            node = view.nodes.get(sid)
+            if node is None or not node.alive:
+                del self.ref_stores[sid]
+        done: list[object] = []
+        for sid in list(self.socks):
+            node = view.nodes.get(sid)  # a joiner may not be in this view yet: not dead
+            if node is not None and not node.alive:
+                done += self.drop_replica(sid)
+        return done
+
+    def adopt_ring(self, new: KeyRing, copied: bool, tables: dict) -> None:
+        """Serve under ring ``new`` (ignored unless newer). After a failover, queue copies of what
+        new replicas lack; after a migration's commit (``copied``) they were made in its prepare."""
+        old = self.ring
+        if old is not None and new.version <= old.version:
+            return
+        self.ring = new
+        if old is None:
+            return
+        log.info("key ring v%d -> v%d (servers %s)", old.version, new.version, new.servers)
+        if not copied and self.k:
+            n = self.plan_rebuild(old, new, tables)
+            if n:
+                log.info("re-replicating %d keys in the background (ring v%d)", n, new.version)
+        else:
+            self.rebuilt_version = new.version
+
+    def on_reply(self, sid: int, msg: Message) -> list[object]:
+        """A message from replica ``sid`` to this master: acks (``repl_ack``, ``error``), a miss
+        of a named key list, or a request to copy a range again. Returns the settled tokens.
+        Raises ProtocolError for a malformed ack (nothing settled then)."""
+        if msg.op == "error" or msg.meta.get("errors"):
+            log.error("replica %d refused an update: %s", sid, msg.meta.get("error"))
+        if msg.op in ("repl_ack", "error"):
+            return self.carried_acks(sid, msg.meta.get("rids", [msg.ts]) if msg.op == "repl_ack"
+                                     else [msg.ts])
+        if msg.op == "repl_miss":
+            return self.on_miss(msg.ts, sid)
+        if msg.op == "repl_resync":
+            lo, hi = msg.meta.get("lo"), msg.meta.get("hi")
+            if type(lo) is not int or type(hi) is not int or not 0 <= lo < hi <= 1 << 64:
+                raise ProtocolError("a repl_resync needs integer bounds 0 <= lo < hi <= 2**64")
+            self.resyncs.append((sid, msg.table, lo, hi))
+            self.resyncs_requested += 1
+            log.error("replica %d could not apply an update of table %r: copying keys [%d, %d) "
+                      "to it again", sid, msg.table, lo, hi)
+        return []
+
+    def carried_acks(self, sid: int, rids) -> list[object]:
+        """Replica ``sid`` acknowledged this server's forwards ``rids``; the settled tokens.
+        Raises ProtocolError unless ``rids`` is a list of integers."""
+        if type(rids) is not list or len(rids) > 1 << 16 or not all(type(r) is int for r in rids):
+            raise ProtocolError("replica acknowledgements must be a list of integer ids")
+        done: list[object] = []
+        for rid in rids:
+            done += self.on_ack(rid, sid)
+        return done
+
+    def stats(self) -> dict:
+        """Counters for the server's stats: forwards sent, their bytes, key list misses, lists held
+        for each master, re-copies replicas asked for."""
+        return {"forwards": self.messages_forwarded, "bytes_forwarded": self.bytes_forwarded,
+                "key_list_misses": self.ref_misses,
+                "key_lists_held": {m: len(st.lists) for m, st in self.ref_stores.items()},
+                "resyncs_requested": self.resyncs_requested}
+
+    def has_work(self) -> bool:
+        """True while copies of ranges wait to be sent (see rebuild_step)."""
+        return bool(self.jobs or self.resyncs)
 
     # -- configuration --------------------------------------------------------------------------
     def active(self) -> bool:
@@ -391,34 +458,6 @@ class Replicator(Rebuilder):
                         done.append(token)
         self.forget_peer(sid)
         return done
-
-    # -- exactly-once bookkeeping ---------------------------------------------------------------
-    def record(self, master: int, worker: int, ts: int, part) -> None:
-        """Part ``part`` of request ``ts`` of ``worker`` reached this server through ``master``."""
-        window = self.clock.get((master, worker))
-        if window is None:
-            window = self.clock[(master, worker)] = _Window()
-        window.add((ts, part))
-
-    def seen(self, master: int, worker: int, ts: int, part) -> bool:
-        """True if part ``part`` of request ``ts`` of ``worker`` already reached this server
-        through ``master`` (or was applied here, when ``master`` is this server)."""
-        window = self.clock.get((master, worker))
-        if window is not None and (ts, part) in window.seen:
-            return True
-        mine = self.applied.get(worker) if master == self.my_id else None
-        return mine is not None and (ts, part) in mine.seen
-
-    def note_applied(self, worker: int, ts: int, part) -> None:
-        window = self.applied.get(worker)
-        if window is None:
-            window = self.applied[worker] = _Window()
-        window.add((ts, part))
-
-    def applied_json(self) -> list:
-        """The windows of applied parts, to travel with a copy of this master's keys."""
-        return [[w, [list(tp) for tp in win.order]] for w, win in self.applied.items()]
-
 
 @numba.njit(cache=True, nogil=True)
 def _group_by_destination(vnodes: np.ndarray, dest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

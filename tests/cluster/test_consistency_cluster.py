@@ -253,6 +253,44 @@ def test_pull_as_of_waits_for_the_clock_and_reports_it(cluster_factory):
         kv.close()
 
 
+def test_a_live_worker_that_never_pushes_a_sync_table_does_not_block_its_rounds(cluster_factory):
+    """A round of a sync table waits for the live workers that declared it, not for every live
+    worker: an evaluation client (or another application) that never declares it blocks nothing."""
+    cluster = cluster_factory(2, 2)
+    a, b = _workers(cluster, 2)
+    a.declare_table("s", sync=True)  # b never declares "s"
+    keys = np.arange(0, 50_000, 7, dtype=np.uint64)  # spread over both servers
+    try:
+        for _ in range(3):
+            a.wait(a.push(keys, np.ones(keys.size, np.float32), "s"), timeout=20)
+        assert np.all(a.wait(a.pull(keys, "s", wait=False), timeout=20) == 3.0)
+    finally:
+        for kv in (a, b):
+            kv.close()
+
+
+def test_an_as_of_pull_is_answered_after_its_range_moved_to_a_joining_server(cluster_factory):
+    """The pre-copy of a migration carries the range clock of the keys it copies, so an "as of"
+    pull at their new holder does not wait for ever for a push applied before the move."""
+    cluster = cluster_factory(1, 1)
+    (kv,) = _workers(cluster, 1)
+    kv.declare_table("t")
+    keys = np.unique(np.random.default_rng(7).integers(0, 2**64 - 1, 2000, dtype=np.uint64))
+    try:
+        ts = kv.push(keys, np.ones(keys.size, np.float32), "t")
+        kv.wait(ts)
+        cluster.add_server()
+        deadline = time.monotonic() + 90
+        while len(kv.membership.view.ring.servers) < 2:
+            assert time.monotonic() < deadline, "the joining server never received key ranges"
+            time.sleep(0.1)
+        vals = kv.wait(kv.pull(keys, "t", wait=False, as_of={kv.membership.node_id: ts}),
+                       timeout=20)
+        assert np.all(vals == 1.0)
+    finally:
+        kv.close()
+
+
 def test_task_ops_are_for_workers_and_changing_consistency_for_the_scheduler():
     from pserver.security import authorise
 

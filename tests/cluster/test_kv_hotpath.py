@@ -19,6 +19,7 @@ from pserver.config import Config
 from pserver.kv import keys as keyfmt
 from pserver.kv import server as server_mod
 from pserver.kv.server import KVServer
+from pserver.link import ZmqLink
 from pserver.wire import Message
 
 
@@ -113,6 +114,8 @@ class _RecordingSocket:
     """Stands in for the server's ROUTER: hands out queued frames, records what is sent and when
     (as positions in one event log shared by receives and sends)."""
 
+    type = zmq.ROUTER
+
     def __init__(self, messages: list[list[bytes]]):
         self.frames = []
         for parts in messages:
@@ -139,9 +142,12 @@ class _RecordingSocket:
             self.events.append(("send", ident, wire.decode(body)))
 
 
-def _serve(srv: KVServer) -> None:
-    """What the serving loop does when a poll finds requests waiting on the server socket."""
-    srv._burst([(srv.sock, zmq.POLLIN)])
+def _serve(srv: KVServer, messages: list[list[bytes]]) -> _RecordingSocket:
+    """What the serving loop does when a poll finds ``messages`` waiting on the server's link."""
+    sock = _RecordingSocket(messages)
+    srv.router = ZmqLink(sock)
+    srv._burst([srv.router])
+    return sock
 
 
 @pytest.fixture
@@ -176,119 +182,40 @@ def test_a_long_burst_acknowledges_every_push_once_in_order(lone_server, monkeyp
     monkeypatch.setattr(server_mod, "ACK_DELAY", delay)
     srv = lone_server
     keys, msgs = _pushes(30)
-    srv.sock = _RecordingSocket(msgs)
-    _serve(srv)
-    acks = _acks(srv.sock.events)
+    sock = _serve(srv, msgs)
+    acks = _acks(sock.events)
     assert acks == [(ts, 0) for ts in range(1, 31)]  # every push, once, in the order applied
-    assert (srv.tables["default"].pull(keys) == sum(range(1, 31))).all()  # "sum": exact
-    sends = [ev for ev in srv.sock.events if ev[0] == "send"]
+    assert (srv.core.tables["default"].pull(keys) == sum(range(1, 31))).all()  # "sum": exact
+    sends = [ev for ev in sock.events if ev[0] == "send"]
     if delay:  # nothing due before the burst ended: one message for all
-        assert len(sends) == 1 and srv.sock.events[-1][0] == "send"
+        assert len(sends) == 1 and sock.events[-1][0] == "send"
     else:  # every ack due at once: sent before the next request is read
         assert len(sends) == 30
-        assert [ev[0] for ev in srv.sock.events] == ["recv", "send"] * 30
+        assert [ev[0] for ev in sock.events] == ["recv", "send"] * 30
 
 
 def test_acks_sent_during_a_burst_keep_fifo_application(lone_server, monkeypatch):
     """An "assign" table makes the order visible: the last push applied wins."""
     monkeypatch.setattr(server_mod, "ACK_DELAY", 0.0)
     srv = lone_server
-    srv._declare(pserver.TableSpec(name="last", updater="assign"))
+    srv.core.tables.declare(pserver.TableSpec(name="last", updater="assign"))
     keys, msgs = _pushes(25, table="last")
-    srv.sock = _RecordingSocket(msgs)
-    _serve(srv)
-    assert _acks(srv.sock.events) == [(ts, 0) for ts in range(1, 26)]
-    assert (srv.tables["last"].pull(keys) == 25).all()
+    sock = _serve(srv, msgs)
+    assert _acks(sock.events) == [(ts, 0) for ts in range(1, 26)]
+    assert (srv.core.tables["last"].pull(keys) == 25).all()
 
 
-def _forwards(n: int, table: str = "default", op: str = "replicate_agg") -> tuple[np.ndarray, list]:
-    """n updates forwarded by master s2; update ts carries the value ts."""
-    keys = np.unique(np.random.default_rng(5).integers(0, 2**64 - 1, 300, dtype=np.uint64))
-    msgs = []
-    for ts in range(1, n + 1):
-        meta = {"kf": "k", "clk": [[4, ts, 0]]} if op == "replicate_agg" else \
-            {"kf": "k", "src": 4, "wts": ts, "wp": 0}
-        body = wire.encode(Message(op, ts, table, meta, [keys, np.full((len(keys), 1), ts, np.float32)]))
-        msgs.append([b"s2", *body])
-    return keys, msgs
-
-
-def _repl_acks(events) -> list[int]:
-    out = []
-    for ev in events:
-        if ev[0] == "send" and ev[2].op == "repl_ack":
-            out += ev[2].meta.get("rids", [ev[2].ts])
-    return out
-
-
-@pytest.mark.parametrize("op", ["replicate_agg", "replicate"])
-def test_a_replica_acknowledges_a_forward_before_applying_it(lone_server, op):
-    """The ack leaves at the end of the burst; the update waits until the server is idle (or
-    anything reads replica data), and is then applied in the order it arrived."""
-    srv = lone_server
-    srv._declare(pserver.TableSpec(name="last", updater="assign"))
-    keys, msgs = _forwards(6, "last", op)
-    srv.sock = _RecordingSocket(msgs)
-    _serve(srv)
-    assert _repl_acks(srv.sock.events) == [1, 2, 3, 4, 5, 6]
-    assert srv.tables["last"].pull(keys).tolist() == [[0.0]] * len(keys)  # not applied yet
-    srv._apply_deferred()   # what the serving loop does when a poll finds nothing waiting
-    assert (srv.tables["last"].pull(keys) == 6).all()  # "assign": the last forward won
-    assert not srv._deferred
-
-
-def test_deferred_forwards_are_applied_before_anything_reads_replica_data(lone_server):
-    srv = lone_server
-    keys, msgs = _forwards(3)
-    stats = wire.encode(Message("stats", 9))
-    srv.sock = _RecordingSocket([*msgs, [b"n4", *stats]])
-    _serve(srv)
-    reply = next(ev[2] for ev in srv.sock.events if ev[0] == "send" and ev[2].op == "stats")
-    assert reply.meta["tables"]["default"]["keys"] == len(keys)
-    assert (srv.tables["default"].pull(keys) == 1 + 2 + 3).all()
-    # a pull_range (a rebuild or migration reading the range) sees them too
-    keys, msgs = _forwards(2)
-    rng = wire.encode(Message("pull_range", 10, "default", {"lo": 0, "hi": 2**64}))
-    srv.sock = _RecordingSocket([*msgs, [b"n4", *rng]])
-    _serve(srv)
-    reply = next(ev[2] for ev in srv.sock.events if ev[0] == "send" and ev[2].op == "range")
-    got = dict(zip(reply.arrays[0].tolist(), reply.arrays[1][:, 0].tolist(), strict=True))
-    assert all(got[int(k)] == 6 + 1 + 2 for k in keys)
-    # a new cluster view (how a replica learns it was promoted to master) applies them first
-    keys, msgs = _forwards(1)
-    srv.sock = _RecordingSocket(msgs)
-    _serve(srv)
-    assert srv._deferred
-    srv._on_view()
-    assert not srv._deferred and (srv.tables["default"].pull(keys) == 9 + 1).all()
-
-
-def test_a_deferred_forward_the_update_rule_refuses_is_counted_and_the_rest_applied():
-    def handle(w, pushed):  # a user rule that refuses the value 2
-        if (pushed == 2).any():
-            raise ValueError("no twos")
-        w += pushed
-    srv = KVServer(Config.from_env(scheduler="127.0.0.1:9", insecure=True), handle=handle)
-    try:
-        keys, msgs = _forwards(3)
-        srv.sock = _RecordingSocket(msgs)
-        _serve(srv)
-        assert _repl_acks(srv.sock.events) == [1, 2, 3]
-        srv._apply_deferred()  # must not raise out of the server loop
-        assert srv.errors == 1 and srv.rejections["ValueError"] == 1
-        assert (srv.tables["default"].pull(keys) == 1 + 3).all()
-    finally:
-        srv.transport.close()
-
-
-def test_deferred_forwards_are_bounded(lone_server, monkeypatch):
-    monkeypatch.setattr(server_mod, "DEFER_MAX_KEYS", 500)  # two forwards of 300 keys pass it
-    srv = lone_server
-    keys, msgs = _forwards(5)
-    srv.sock = _RecordingSocket(msgs)
-    _serve(srv)
-    assert len(srv._deferred) == 1 and srv._deferred_keys == len(keys)  # 1+2 then 3+4 applied
-    assert (srv.tables["default"].pull(keys) == 1 + 2 + 3 + 4).all()
+def test_a_replica_acknowledges_forwards_once_per_burst(lone_server):
+    """A burst of forwards from one master is acknowledged by one repl_ack naming them all, sent
+    at the end of the burst (the applies are deferred: tests/unit/test_server_core.py)."""
+    keys = np.arange(300, dtype=np.uint64) * 7
+    msgs = [[b"s2", *wire.encode(Message("replicate", ts, "default",
+                                         {"kf": "k", "src": 4, "wts": ts, "wp": 0},
+                                         [keys, np.ones((300, 1), np.float32)]))]
+            for ts in range(1, 7)]
+    sock = _serve(lone_server, msgs)
+    sends = [ev[2] for ev in sock.events if ev[0] == "send"]
+    assert [(m.op, m.meta.get("rids")) for m in sends] == [("repl_ack", [1, 2, 3, 4, 5, 6])]
 
 
 # ------------------------------------------------------------------------------ real cluster

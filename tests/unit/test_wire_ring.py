@@ -10,6 +10,7 @@ import pytest
 from pserver.errors import ProtocolError
 from pserver.kv import keys as keyfmt
 from pserver.ring import KeyRing
+from pserver.store.apply import sum_parts
 from pserver.wire import Limits, Message, decode, encode
 
 
@@ -136,7 +137,7 @@ def test_sum_parts_merges_sorted_parts_like_a_sort_and_reduce(parts_n):
         k = np.unique(rng.integers(0, 3000, 800 + 100 * i).astype(np.uint64))
         parts.append((k, rng.random((len(k), 2)).astype(np.float32)))
     parts.append((np.empty(0, np.uint64), np.empty((0, 2), np.float32)))  # an empty push
-    keys, vals = keyfmt.sum_parts(parts, 2)
+    keys, vals = sum_parts(parts, 2)
     want_keys = np.unique(np.concatenate([k for k, _ in parts]))
     want = np.zeros((len(want_keys), 2))
     for k, v in parts:

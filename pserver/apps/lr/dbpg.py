@@ -144,6 +144,7 @@ def warm_up_servers(kv, cfg: DBPGConfig) -> None:
     changes nothing, whatever that key holds). The table is synchronous: every worker must call
     this, before DBPG(), or none. Blocks until every worker has called it (run it in a thread)."""
     declare_tables(kv, cfg)
+    kv.barrier("lr_tables")  # a sync round waits for the workers that declared it before it began
     key, table = np.array([KEY_SPACE - 1], np.uint64), cfg.table + "_count"
     kv.push(key, np.zeros((1, 2), np.float32), table=table)
     kv.pull(key, table=table)

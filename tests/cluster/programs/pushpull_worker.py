@@ -12,6 +12,7 @@ import pserver
 out_dir, rounds = sys.argv[1], int(sys.argv[2])
 kv = pserver.KVWorker()
 kv.declare_table("w", updater="sgd", updater_args={"lr": 0.5}, sync=True)
+kv.barrier()  # every worker declared before anyone pushes: each round waits for all
 keys = np.arange(0, 20000, 3, dtype=np.uint64)
 mine = keys[kv.rank::2] if kv.rank < 2 else keys  # workers push different key subsets
 seen = []

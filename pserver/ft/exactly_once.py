@@ -1,0 +1,76 @@
+"""Exactly-once after failover: every server keeps a *replication clock*, for each (master, worker)
+pair the recent request parts (timestamp, part id) it received through that master, and the parts it
+applied as master. A resent part names the server it first went to; it is a duplicate at the new
+master exactly when that (timestamp, part) is in the window (docs/_walk_server.md, "Replication")."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ..errors import ProtocolError
+
+WINDOW = 4096  # parts remembered per (master, worker): far more than are ever in flight
+
+
+class _Window:
+    """The last WINDOW timestamps seen, with O(1) insert and membership."""
+
+    __slots__ = ("order", "seen")
+
+    def __init__(self) -> None:
+        self.order: deque[tuple] = deque()
+        self.seen: set[tuple] = set()
+
+    def add(self, ts: tuple) -> None:
+        if ts in self.seen:
+            return
+        self.seen.add(ts)
+        self.order.append(ts)
+        if len(self.order) > WINDOW:
+            self.seen.discard(self.order.popleft())
+
+
+class ReplicationClock:
+    """The windows of one server; ``me``: its node id (its own applied parts count as "seen"
+    through itself)."""
+
+    def __init__(self, me: int = -1) -> None:
+        self.me = me
+        self.clock: dict[tuple[int, int], _Window] = {}  # (master, worker) -> parts received through it
+        self.applied: dict[int, _Window] = {}            # worker -> parts applied here as master
+
+    def record(self, master: int, worker: int, ts: int, part) -> None:
+        """Part ``part`` of request ``ts`` of ``worker`` reached this server through ``master``."""
+        window = self.clock.get((master, worker))
+        if window is None:
+            window = self.clock[(master, worker)] = _Window()
+        window.add((ts, part))
+
+    def seen(self, master: int, worker: int, ts: int, part) -> bool:
+        """True if part ``part`` of request ``ts`` of ``worker`` already reached this server
+        through ``master`` (or was applied here, when ``master`` is this server)."""
+        window = self.clock.get((master, worker))
+        if window is not None and (ts, part) in window.seen:
+            return True
+        mine = self.applied.get(worker) if master == self.me else None
+        return mine is not None and (ts, part) in mine.seen
+
+    def note_applied(self, worker: int, ts: int, part) -> None:
+        window = self.applied.get(worker)
+        if window is None:
+            window = self.applied[worker] = _Window()
+        window.add((ts, part))
+
+    def applied_json(self) -> list:
+        """The windows of applied parts, to travel with a copy of this master's keys."""
+        return [[w, [list(tp) for tp in win.order]] for w, win in self.applied.items()]
+
+    def load(self, master: int, applied) -> None:
+        """Record the applied parts that came with a copy of ``master``'s keys (``applied_json``).
+        Raises ProtocolError if malformed (parts recorded before it stay)."""
+        try:
+            for worker, parts in applied:
+                for ts, part in parts[-WINDOW:]:
+                    self.record(master, int(worker), int(ts), part)
+        except (TypeError, ValueError) as e:
+            raise ProtocolError(f"a copy's applied parts are malformed: {e}") from None
