@@ -29,7 +29,6 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from pserver.errors import AuthError
-from pserver.kv.dispatch import SERVER_OPS
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,8 @@ REJECTION_LOG_INTERVAL_S = 60.0  # per peer and cause; rejected clients retry ev
 # ---------------------------------------------------------------------------------------------
 # Authorisation: op -> roles allowed to send it. A pattern ending in "*" matches by prefix; an op
 # is allowed for the union of its exact entry and every matching pattern; unknown ops are denied.
-# The ops a server serves come from its dispatch table (pserver.kv.dispatch); these are the rest.
+# The ops a server serves are added by its dispatch table (pserver.kv.dispatch, through allow_ops
+# when it is imported); these are the rest.
 _S = frozenset({"scheduler"})
 _W = frozenset({"worker"})
 _SV = frozenset({"server"})
@@ -67,8 +67,6 @@ _op_roles: dict[str, frozenset[str]] = {
     # fault tolerance among servers
     "migrate_data": _SV,
 }
-for _op, _entry in SERVER_OPS.items():
-    _op_roles[_op] = _op_roles.get(_op, frozenset()) | _entry.roles
 OP_ROLES: Mapping[str, frozenset[str]] = MappingProxyType(_op_roles)
 _resolved: dict[str, frozenset[str]] = {}
 _RESOLVED_MAX = 1024  # op names come off the wire: bound the cache
@@ -84,6 +82,13 @@ def allow_op(op: str, *roles: str) -> None:
         raise ValueError(f"allow_op({op!r}, {roles}): op must be non-empty and roles in {ROLES}")
     _op_roles[op] = _op_roles.get(op, frozenset()) | frozenset(roles)
     _resolved.clear()
+
+
+def allow_ops(table: Mapping[str, frozenset[str]]) -> None:
+    """Let each op of ``table`` (op -> roles) be sent by its roles: a node's dispatch table hands
+    its ops over at import. Raises ValueError as :func:`allow_op` does."""
+    for op, roles in table.items():
+        allow_op(op, *sorted(roles))
 
 
 def allowed_roles(op: str) -> frozenset[str]:

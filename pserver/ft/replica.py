@@ -12,7 +12,6 @@ import numpy as np
 
 from ..errors import ProtocolError, PServerError
 from ..kv import keys as keyfmt
-from ..kv.clocks import AppliedClocks
 from ..store.apply import apply_push
 from ..store.spec import TableSpec
 from ..wire import Message
@@ -34,11 +33,13 @@ def master_of(identity: bytes) -> int:
 
 
 class ReplicaSide:
-    """``table(name)``/``declare(spec)``: the server's tables; ``aggregate(msg, table, keys, vals,
-    worker, master)``: a forwarded part of a synchronous round; ``reject(err)``: count a refusal;
-    ``replicated(tokens)``: release tokens settled by acks a master carried on its forwards."""
+    """``clocks``: the server's applied range clocks (the core's ``AppliedClocks``: ``record``,
+    ``merge_json``; passed in, so that ft/ does not import kv/); ``table(name)``/``declare(spec)``:
+    the server's tables; ``aggregate(msg, table, keys, vals, worker, master)``: a forwarded part of
+    a synchronous round; ``reject(err)``: count a refusal; ``replicated(tokens)``:
+    release tokens settled by acks a master carried on its forwards."""
 
-    def __init__(self, repl: Replicator, exactly_once: ReplicationClock, clocks: AppliedClocks,
+    def __init__(self, repl: Replicator, exactly_once: ReplicationClock, clocks,
                  out: list, table: Callable, declare: Callable, aggregate: Callable,
                  reject: Callable, replicated: Callable) -> None:
         self.repl, self.exactly_once, self.clocks, self.out = repl, exactly_once, clocks, out

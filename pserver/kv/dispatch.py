@@ -1,11 +1,13 @@
 """The server's ops: each names its handler, the roles allowed to send it and whether a replica's
 deferred updates may stay unapplied while it is served (it neither reads nor replaces what a replica
-holds). Pure data: ``pserver.security`` derives the authorisation of server ops from this table, and
+holds). The authorisation of server ops in ``pserver.security`` is this table's (handed over at import), and
 :class:`~pserver.kv.core.ServerCore` binds the handlers."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+from .. import security
 
 _S = frozenset({"scheduler"})
 _W = frozenset({"worker"})
@@ -42,3 +44,4 @@ SERVER_OPS: dict[str, Op] = {
     "ping": Op("on_ping", _ANY, True),
     "stats": Op("on_stats", _ANY, False),
 }
+security.allow_ops({op: entry.roles for op, entry in SERVER_OPS.items()})

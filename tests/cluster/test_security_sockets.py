@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import zmq
 
+import pserver.kv.dispatch  # noqa: F401 (hands the server's ops to the authorisation table)
 from pserver import security
 from pserver.errors import AuthError
 from pserver.security import Credentials, authorise, keygen
