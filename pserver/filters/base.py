@@ -399,6 +399,38 @@ class FilterChain:
         return Payload(p.keys, p.values, {**p.meta, "filters": list(self.names)}, list(p.frames),
                        local={"chain.inputs": inputs})
 
+    def encode_rows(self, encoded: Payload, rows: np.ndarray, ctx: FilterContext) -> Payload:
+        """Rows ``rows`` (indices into the keys as the SELECT and PRECISION stages left them) of
+        the message ``encoded`` (a result of :meth:`encode` or of this method), encoded again for
+        the peer of ``ctx``: a resend of part of a message to another peer after a failover.
+        Only the KEYS/PACK filters run again, so residuals, sampling and rounding are not applied
+        twice: what was held back stays held back, counted once.
+        Raises ConfigError if ``encoded`` did not come from this chain."""
+        inputs = encoded.local.get("chain.inputs")
+        if not isinstance(inputs, list) or len(inputs) != len(self.filters):
+            raise ConfigError("encode_rows needs the payload returned by this chain's encode")
+        first = next((i for i, f in enumerate(self.filters) if f.stage >= KEYS), len(self.filters))
+        src = inputs[first] if first < len(self.filters) else encoded
+        meta = {k: v for k, v in src.meta.items() if k != "filters"}
+        p = Payload(None if src.keys is None else src.keys[rows],
+                    None if src.values is None else src.values[rows], meta, [])
+        inputs = list(inputs[:first])
+        for i in range(first, len(self.filters)):
+            f = self.filters[i]
+            inputs.append(p)
+            p = f.encode(p, ctx)
+            self._count(ctx, f.name, "sent", p, f.pairs_after(p))
+        return Payload(p.keys, p.values, {**p.meta, "filters": list(self.names)}, list(p.frames),
+                       local={"chain.inputs": inputs})
+
+    def selected_keys(self, encoded: Payload) -> np.ndarray | None:
+        """The keys the message ``encoded`` carries after its SELECT and PRECISION stages (the
+        rows :meth:`encode_rows` indexes), or None if it carries none."""
+        inputs = encoded.local.get("chain.inputs")
+        first = next((i for i, f in enumerate(self.filters) if f.stage >= KEYS), len(self.filters))
+        src = inputs[first] if isinstance(inputs, list) and first < len(inputs) else encoded
+        return src.keys
+
     def reset_peer(self, ctx: FilterContext) -> None:
         """Forget every belief about ``ctx.peer`` (call when the peer restarted)."""
         for f in self.filters:

@@ -37,7 +37,8 @@ from ..store.updaters import FunctionUpdater, register_updater
 from ..transport import Transport, recv
 from ..wire import Message
 from . import keys as keyfmt
-from .filtering import FILTER_META, ServerFilters, heartbeat_reporter
+from .filtering import FILTER_META, ServerFilters
+from .traffic import heartbeat_reporter
 
 log = logging.getLogger(__name__)
 
