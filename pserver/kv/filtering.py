@@ -5,7 +5,7 @@ way on every node; a message whose header names other filters is refused (Filter
 A filtered request carries the chain's header under ``meta["fc"]``, a layout ``meta["fl"]`` and
 then keys, values and the filters' extra frames. Tables without filters keep the plain path of
 pserver.kv.keys untouched. Wire layout, key-cache misses, per-peer state and resends after a
-failover: docs/filters.md ("On the worker and the server").
+failover: docs/filters.md ("On the push/pull path: filtered tables").
 """
 
 from __future__ import annotations
