@@ -1,26 +1,11 @@
 """The user-defined filter interface (paper: "User-defined filters") and the chain that applies it.
 
 A filter is a pair of pure functions over a message payload: ``encode`` on the sender, ``decode``
-on the receiver. A :class:`FilterChain` applies its filters in order on the sender, writes their
-names into the header (``meta["filters"]``), and undoes them in reverse order on the receiver,
-refusing a message whose filter names differ from its own.
-
-Filters declare a *stage*; a chain must list them in non-decreasing stage order, because each stage
-consumes what the previous one produces:
-
-  SELECT    (kkt, significant, random_skip)  decide which pairs to send; may keep per-peer state
-  PRECISION (fp16, bf16, fixed)               change how values are represented (need raw values)
-  KEYS      (key_cache)                       replace the key list by something the receiver holds
-  PACK      (compress)                        move keys and values into compressed binary frames
-
-Rules every filter follows (and user filters must too):
-
-* ``encode`` never modifies its input payload (arrays, meta or frames): the chain keeps the inputs
-  of the KEYS and PACK stages to resend a message after a :class:`~pserver.errors.KeyCacheMiss`.
-* header fields go under ``meta[self.kind]`` (a JSON object), which ``decode`` removes again.
-* ``decode`` treats its input as hostile: it checks dtypes, shapes and header fields against each
-  other and against ``ctx.max_bytes`` *before* allocating, and raises
-  :class:`~pserver.errors.ProtocolError` (or a subclass) on anything inconsistent.
+on the receiver, plus counters. A :class:`FilterChain` applies its filters in stage order (SELECT,
+PRECISION, KEYS, PACK) on the sender, names them in the header (``meta["filters"]``) and undoes
+them in reverse on the receiver, refusing a message whose names differ from its own. The stages,
+and the rules every filter follows (encode never modifies its input; header fields under
+``meta[kind]``; decode treats its input as hostile): docs/filters.md ("The interface").
 """
 
 from __future__ import annotations

@@ -21,14 +21,11 @@ import numpy as np
 from .. import security, wire
 from ..config import Config
 from ..errors import (
-    DTypeError,
-    InvalidKeysError,
     PServerError,
     RequestTimeoutError,
     SchedulerUnreachableError,
     ServerDeadError,
     TableError,
-    ValueShapeError,
 )
 from ..link import LinkError, Poller, ZmqLink
 from ..membership.node import Membership
@@ -36,6 +33,7 @@ from ..store.spec import TableSpec
 from ..transport import Transport
 from ..wire import Message
 from . import keys as keyfmt
+from .arguments import check_keys, check_out, check_range, check_span, check_vals
 from .filtering import FILTER_META, WorkerFilters
 from .tracker import Request, RequestTracker
 from .traffic import heartbeat_reporter
@@ -82,6 +80,7 @@ class KVWorker:
         self._reroute_due = 0.0     # monotonic time of the next safety-net re-routing pass
         self._reroute_flag = False  # a part could not be sent or waits out a refusal: re-route soon
         self._ring = self.membership.view.ring   # the ring requests are being split with
+        self._rings[self._ring.version] = self._ring
         self._closed = False
         self.idle_timer = None      # an IdleTimer: time blocked in wait() counts as waiting_net
         # per-table filter chains (set_weights, select_all); resends go out through _send
@@ -193,9 +192,9 @@ class KVWorker:
         Errors of the servers (and DataLostError) are raised by ``wait(ts)``.
         """
         spec = self._spec(table)
-        keys = _check_keys(keys)
-        vals = _check_vals(vals, len(keys), spec.push_cols, spec.dtype, "vals")
-        span = _check_span(span, keys) if span is not None else None
+        keys = check_keys(keys)
+        vals = check_vals(vals, len(keys), spec.push_cols, spec.dtype, "vals")
+        span = check_span(span, keys) if span is not None else None
         if spec.push_filters:
             self.filters.check(spec)
         return self._issue_push(spec, Request("push", spec.name, keys, vals, callback=callback),
@@ -220,7 +219,9 @@ class KVWorker:
             if spec.sync or span is not None:  # every server takes part (an empty push if need be)
                 for sid in self._all_servers():
                     parts.setdefault(sid, slice(0, 0))
-            msgs = [self._encode_part(ts, req, sid, sel) for sid, sel in parts.items()]
+            rv = self._ring.version
+            msgs = [(sid, self._message(ts, req, req.add_part(sid, sel, rv)))
+                    for sid, sel in parts.items()]
             if spec.sync:
                 self._rounds[spec.name] = req.rnd + 1
             self._tracker.register(ts, req)
@@ -252,9 +253,9 @@ class KVWorker:
                 the values of some servers only.
         """
         spec = self._spec(table)
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         n = len(keys)
-        out = _check_out(out, n, spec)
+        out = check_out(out, n, spec)
         with self._lock:
             self._check_usable()
             ts = self._tracker.next_ts()
@@ -265,14 +266,15 @@ class KVWorker:
                 req.meta["as_of"] = {str(int(k)): int(v) for k, v in as_of.items()}
             if clock:
                 req.meta["vc"] = 1
-            msgs = [self._encode_part(ts, req, sid, sel) for sid, sel in self._split(keys).items()]
+            parts = self._split(keys)
+            rv = self._ring.version
+            msgs = [(sid, self._message(ts, req, req.add_part(sid, sel, rv)))
+                    for sid, sel in parts.items()]
             self._tracker.register(ts, req)
             for sid, msg in msgs:
                 self._send(sid, msg)
-        return self._wait_then(ts, callback) if wait else ts
-
-    def _wait_then(self, ts: int, callback: Callable | None):
-        """A blocking call's result, also handed to its callback."""
+        if not wait:
+            return ts
         result = self.wait(ts)
         if callback is not None:
             callback(result)
@@ -297,23 +299,28 @@ class KVWorker:
         if spec.push_filters or spec.pull_filters:
             self.push(keys, vals, table, span=span)
             return self.pull(keys, table, out=out, wait=wait, callback=callback)
-        keys = _check_keys(keys)
+        keys = check_keys(keys)
         n = len(keys)
-        vals = _check_vals(vals, n, spec.push_cols, spec.dtype, "vals")
-        span = _check_span(span, keys) if span is not None else None
-        out = _check_out(out, n, spec)
+        vals = check_vals(vals, n, spec.push_cols, spec.dtype, "vals")
+        span = check_span(span, keys) if span is not None else None
+        out = check_out(out, n, spec)
         ts = self._issue_push(spec, Request("pushpull", spec.name, keys, vals,
                                             out=out.reshape(n, spec.dim),
                                             callback=None if wait else callback, result=out),
                               span)
-        return self._wait_then(ts, callback) if wait else ts
+        if not wait:
+            return ts
+        result = self.wait(ts)
+        if callback is not None:
+            callback(result)
+        return result
 
     def push_range(self, lo: int, hi: int, vals: np.ndarray, table: str | None = None) -> int:
         """Push values for every key lo <= k < hi (a dense range; vals holds (hi-lo)*cols entries).
 
         Raises: InvalidKeysError for a bad range, otherwise as ``push``.
         """
-        _check_range(lo, hi)
+        check_range(lo, hi)
         return self.push(np.arange(lo, hi, dtype=np.uint64), vals, table)
 
     def pull_range(self, lo: int = 0, hi: int = 1 << 64, table: str | None = None,
@@ -328,7 +335,7 @@ class KVWorker:
             LimitError: a single entry exceeds this worker's limits.
             RequestTimeoutError, RemoteError, DataLostError: as ``wait``.
         """
-        _check_range(lo, hi)
+        check_range(lo, hi)
         spec = self._spec(table)
         row = 8 + spec.dim * np.dtype(spec.dtype).itemsize
         limit = max(1, min(self.cfg.max_keys, (self.cfg.max_message_bytes - 1024) // row))
@@ -490,7 +497,7 @@ class KVWorker:
         left the ring or refused the keys), re-split with the current ring, in timestamp order so
         per-sender FIFO holds at the new owners. Servers drop the duplicates."""
         view = self.membership.view
-        ring = self._ring = view.ring
+        ring = self._ring = self._rings.setdefault(view.ring.version, view.ring)
         if self.membership.scheduler_lost.is_set():
             raise SchedulerUnreachableError("lost contact with the scheduler")
         lost = set(view.settings.get("lost", []))
@@ -540,9 +547,8 @@ class KVWorker:
             for sid, sel in targets.items():
                 rows = np.arange(len(keys))[sel]
                 npid = req.add_part(sid, np.searchsorted(req.keys, keys[rows]), ring.version, orig)
-                meta, arrays = self.filters.encode_rows(sid, (ts, npid), sent, rows)
-                self._send(sid, Message("push", ts, req.table,
-                                        self._stamp(meta, req, npid, ring.version, orig), arrays))
+                encoded = self.filters.encode_rows(sid, (ts, npid), sent, rows)
+                self._send(sid, self._message(ts, req, npid, encoded))
             return
         idx = np.arange(len(req.keys))[part.sel]
         targets = dict(ring.split(req.keys[idx]))
@@ -565,27 +571,31 @@ class KVWorker:
         ring = self.membership.view.ring
         if ring.version != self._routed_rv and self._tracker.pending:
             self._reroute()
-        self._ring = ring
+        if ring is not self._ring:
+            self._ring = self._rings.setdefault(ring.version, ring)
         return dict(ring.split(keys))
 
     def _all_servers(self) -> list[int]:
         """Every server of the current ring (also makes it the ring that stamps the parts)."""
-        self._ring = self.membership.view.ring
-        return list(self._ring.servers)
+        ring = self.membership.view.ring
+        if ring is not self._ring:
+            self._ring = self._rings.setdefault(ring.version, ring)
+        return list(ring.servers)
 
     def _encode_part(self, ts: int, req: Request, sid: int, sel, orig: tuple = ()
                      ) -> tuple[int, Message]:
         """Record the part of request ``ts`` for server ``sid`` (keys ``sel``) and encode it."""
-        ring = self._ring
-        self._rings.setdefault(ring.version, ring)
-        return sid, self._message(ts, req, req.add_part(sid, sel, ring.version, orig))
+        return sid, self._message(ts, req, req.add_part(sid, sel, self._ring.version, orig))
 
-    def _message(self, ts: int, req: Request, pid: int) -> Message:
-        """The message of part ``pid`` of request ``ts``. Raises what a filter's encode raises."""
+    def _message(self, ts: int, req: Request, pid: int, encoded: tuple | None = None) -> Message:
+        """The message of part ``pid`` of request ``ts`` (with ``encoded``: that (meta, arrays) of
+        a filtered resend, stamped). Raises what a filter's encode raises."""
         part = req.parts[pid]
         sel, kind = part.sel, req.kind
         spec = self._tables.get(req.table) if kind in ("push", "pull") else None
-        if spec is not None and (spec.push_filters if kind == "push" else spec.pull_filters):
+        if encoded is not None:
+            meta, arrays = encoded
+        elif spec is not None and (spec.push_filters if kind == "push" else spec.pull_filters):
             vals = req.vals[sel] if kind == "push" else None  # the chain packs keys and values
             meta, arrays = self.filters.encode(part.sid, (ts, pid), spec, kind, req.keys[sel],
                                                vals)
@@ -599,21 +609,17 @@ class KVWorker:
             meta, arrays = dict(req.meta), []
             if kind == "range":
                 meta["lo"], meta["hi"] = sel
-        return Message(_OPS.get(kind, kind), ts, req.table if kind != "declare" else "",
-                       self._stamp(meta, req, pid, part.rv, part.orig), arrays)
-
-    @staticmethod
-    def _stamp(meta: dict, req: Request, pid: int, rv: int, orig: tuple) -> dict:
-        """``meta`` with the request-wide fields: round, span / as_of / vc, part id, ring."""
+        # request-wide fields: round, span / as_of / vc, part id, ring version, resent from
         if req.rnd is not None:
             meta["rnd"] = req.rnd
-        if req.meta and req.kind in ("push", "pull", "pushpull"):
+        if req.meta and kind in ("push", "pull", "pushpull"):
             meta.update(req.meta)
         meta["p"] = pid
-        meta["rv"] = rv
-        if orig:
-            meta["orig"] = [list(o) for o in orig]
-        return meta
+        meta["rv"] = part.rv
+        if part.orig:
+            meta["orig"] = [list(o) for o in part.orig]
+        return Message(_OPS.get(kind, kind), ts, req.table if kind != "declare" else "", meta,
+                       arrays)
 
     def _send(self, sid: int, msg: Message) -> None:
         """Send ``msg`` to server ``sid``; a part that cannot go out stays waiting and is re-routed
@@ -685,60 +691,3 @@ class KVWorker:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _check_keys(keys) -> np.ndarray:
-    if not isinstance(keys, np.ndarray):
-        raise DTypeError(f"keys must be a numpy uint64 array, got {type(keys).__name__}; use "
-                         f"np.asarray(keys, dtype=np.uint64)")
-    if keys.dtype != np.uint64:
-        raise DTypeError(f"keys must be uint64, got {keys.dtype}; use keys.astype(np.uint64)")
-    if keys.ndim != 1:
-        raise InvalidKeysError(f"keys must be 1-D, got shape {keys.shape}")
-    if not keyfmt.sorted_unique(keys):
-        raise InvalidKeysError("keys must be sorted and unique; use np.unique(keys), which sorts "
-                               "and removes duplicates (and reorder the values the same way)")
-    return np.ascontiguousarray(keys)
-
-
-def _check_vals(vals, n: int, cols: int, dtype: str, what: str) -> np.ndarray:
-    if not isinstance(vals, np.ndarray):
-        raise DTypeError(f"{what} must be a numpy array, got {type(vals).__name__}")
-    if vals.dtype != np.dtype(dtype):
-        raise DTypeError(f"{what} have dtype {vals.dtype} but the table stores {dtype}; use "
-                         f"{what}.astype(np.{dtype})")
-    if vals.size != n * cols:
-        raise ValueShapeError(f"{what} hold {vals.size} entries but {n} keys x {cols} columns = "
-                              f"{n * cols} are needed")
-    return np.ascontiguousarray(vals).reshape(n, cols)
-
-
-def _check_out(out, n: int, spec: TableSpec) -> np.ndarray:
-    """The result buffer of a read of n keys: ``out`` checked, or a new one ((n,) for dim 1)."""
-    if out is None:
-        return np.empty((n,) if spec.dim == 1 else (n, spec.dim), dtype=spec.dtype)
-    if not isinstance(out, np.ndarray) or out.dtype != np.dtype(spec.dtype):
-        raise DTypeError(f"out has dtype {getattr(out, 'dtype', type(out).__name__)}, table "
-                         f"{spec.name!r} stores {spec.dtype}")
-    if out.size != n * spec.dim or not out.flags.c_contiguous:
-        raise ValueShapeError(f"out must be a C-contiguous array of {n}x{spec.dim} entries, got "
-                              f"shape {out.shape}")
-    return out
-
-
-def _check_range(lo: int, hi: int) -> None:
-    if not (isinstance(lo, int | np.integer) and isinstance(hi, int | np.integer)
-            and 0 <= lo <= hi <= 1 << 64):
-        raise InvalidKeysError(f"a key range needs integers 0 <= lo <= hi <= 2**64, got "
-                               f"[{lo}, {hi})")
-
-
-def _check_span(span, keys: np.ndarray) -> list[int]:
-    try:
-        lo, hi = (int(x) for x in span)
-    except (TypeError, ValueError):
-        raise InvalidKeysError(f"span must be a pair (lo, hi) of integers, got {span!r}") from None
-    if not 0 <= lo < hi <= 1 << 64 or (len(keys) and not lo <= int(keys[0]) <= int(keys[-1]) < hi):
-        raise InvalidKeysError(f"span [{lo}, {hi}) must be a key range within [0, 2**64) that "
-                               "contains every pushed key")
-    return [lo, hi]

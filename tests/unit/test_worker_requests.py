@@ -26,7 +26,7 @@ def _worker(spec: TableSpec, ring: KeyRing) -> tuple[KVWorker, list]:
     kv._send = lambda sid, msg: sent.append((sid, msg))
     kv.filters = WorkerFilters(kv._send, kv._tracker.pending)
     kv._tables = {spec.name: spec}
-    kv._rings, kv._ring = {}, ring
+    kv._rings, kv._ring = {ring.version: ring}, ring
     kv._lock, kv._closed, kv.idle_timer = threading.RLock(), False, None
     kv._read_only, kv._rounds = set(), {}
     kv._routed_rv = kv._routed_view = ring.version
