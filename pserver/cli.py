@@ -238,7 +238,7 @@ def format_status(view: dict) -> str:
     lines.insert(0, f"cluster view v{view['version']}: scheduler pid {s.get('pid')} port "
                     f"{s.get('port')}, ring v{ring.get('version', '-')} with "
                     f"{ring.get('virtual', '-')} virtual servers per server")
-    from .kv.filtering import format_traffic
+    from .kv.traffic import format_traffic
 
     traffic = format_traffic(view)  # per node, as last reported on its heartbeats
     return "\n".join(lines + ([traffic] if traffic else []))

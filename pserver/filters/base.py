@@ -1,26 +1,11 @@
 """The user-defined filter interface (paper: "User-defined filters") and the chain that applies it.
 
 A filter is a pair of pure functions over a message payload: ``encode`` on the sender, ``decode``
-on the receiver. A :class:`FilterChain` applies its filters in order on the sender, writes their
-names into the header (``meta["filters"]``), and undoes them in reverse order on the receiver,
-refusing a message whose filter names differ from its own.
-
-Filters declare a *stage*; a chain must list them in non-decreasing stage order, because each stage
-consumes what the previous one produces:
-
-  SELECT    (kkt, significant, random_skip)  decide which pairs to send; may keep per-peer state
-  PRECISION (fp16, bf16, fixed)               change how values are represented (need raw values)
-  KEYS      (key_cache)                       replace the key list by something the receiver holds
-  PACK      (compress)                        move keys and values into compressed binary frames
-
-Rules every filter follows (and user filters must too):
-
-* ``encode`` never modifies its input payload (arrays, meta or frames): the chain keeps the inputs
-  of the KEYS and PACK stages to resend a message after a :class:`~pserver.errors.KeyCacheMiss`.
-* header fields go under ``meta[self.kind]`` (a JSON object), which ``decode`` removes again.
-* ``decode`` treats its input as hostile: it checks dtypes, shapes and header fields against each
-  other and against ``ctx.max_bytes`` *before* allocating, and raises
-  :class:`~pserver.errors.ProtocolError` (or a subclass) on anything inconsistent.
+on the receiver, plus counters. A :class:`FilterChain` applies its filters in stage order (SELECT,
+PRECISION, KEYS, PACK) on the sender, names them in the header (``meta["filters"]``) and undoes
+them in reverse on the receiver, refusing a message whose names differ from its own. The stages,
+and the rules every filter follows (encode never modifies its input; header fields under
+``meta[kind]``; decode treats its input as hostile): docs/filters.md ("The interface").
 """
 
 from __future__ import annotations
@@ -398,6 +383,38 @@ class FilterChain:
             self._count(ctx, f.name, "sent", p, f.pairs_after(p))
         return Payload(p.keys, p.values, {**p.meta, "filters": list(self.names)}, list(p.frames),
                        local={"chain.inputs": inputs})
+
+    def encode_rows(self, encoded: Payload, rows: np.ndarray, ctx: FilterContext) -> Payload:
+        """Rows ``rows`` (indices into the keys as the SELECT and PRECISION stages left them) of
+        the message ``encoded`` (a result of :meth:`encode` or of this method), encoded again for
+        the peer of ``ctx``: a resend of part of a message to another peer after a failover.
+        Only the KEYS/PACK filters run again, so residuals, sampling and rounding are not applied
+        twice: what was held back stays held back, counted once.
+        Raises ConfigError if ``encoded`` did not come from this chain."""
+        inputs = encoded.local.get("chain.inputs")
+        if not isinstance(inputs, list) or len(inputs) != len(self.filters):
+            raise ConfigError("encode_rows needs the payload returned by this chain's encode")
+        first = next((i for i, f in enumerate(self.filters) if f.stage >= KEYS), len(self.filters))
+        src = inputs[first] if first < len(self.filters) else encoded
+        meta = {k: v for k, v in src.meta.items() if k != "filters"}
+        p = Payload(None if src.keys is None else src.keys[rows],
+                    None if src.values is None else src.values[rows], meta, [])
+        inputs = list(inputs[:first])
+        for i in range(first, len(self.filters)):
+            f = self.filters[i]
+            inputs.append(p)
+            p = f.encode(p, ctx)
+            self._count(ctx, f.name, "sent", p, f.pairs_after(p))
+        return Payload(p.keys, p.values, {**p.meta, "filters": list(self.names)}, list(p.frames),
+                       local={"chain.inputs": inputs})
+
+    def selected_keys(self, encoded: Payload) -> np.ndarray | None:
+        """The keys the message ``encoded`` carries after its SELECT and PRECISION stages (the
+        rows :meth:`encode_rows` indexes), or None if it carries none."""
+        inputs = encoded.local.get("chain.inputs")
+        first = next((i for i, f in enumerate(self.filters) if f.stage >= KEYS), len(self.filters))
+        src = inputs[first] if isinstance(inputs, list) and first < len(inputs) else encoded
+        return src.keys
 
     def reset_peer(self, ctx: FilterContext) -> None:
         """Forget every belief about ``ctx.peer`` (call when the peer restarted)."""

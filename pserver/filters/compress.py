@@ -1,29 +1,11 @@
 """Compression (paper: "compression"): send only non-zero values, then compress the frames.
 
-Encode, in this order:
-
-1. values: rows that are bitwise zero are dropped; their positions travel as a bitmap (n/8 bytes)
-   or as a delta-coded index list (4 bytes per non-zero row), whichever is smaller compressed,
-   or not at all when every row is non-zero. Bitwise means -0.0 is kept, so the round trip is exact. Float
-   values that are all small integers (counts, flags) travel as 1- or 2-byte integers when the
-   conversion is bitwise exact both ways.
-2. keys: delta-encoded (k0, k1-k0, ...): sorted random 64-bit keys have small gaps with zero high
-   bytes, which is what makes them compressible.
-3. each frame (keys, positions, values) is byte-shuffled (byte i of every element together, as in
-   blosc) and compressed with lz4 or zstd; a frame whose compressed size does not save at least
-   3% is sent raw, flagged in the header.
-
-Header section ``meta["compress"]``::
-
-    {"codec": "lz4"|"zstd", "n": pairs, "keys": bool,
-     "vals": null | {"dtype": wire dtype, "cols": -1 (1-D) or int, "nnz": int,
-                     "pos": "all"|"bitmap"|"index", ["int": "|u1"|"|i1"|"<u2"|"<i2"]},
-     "f": [[raw_bytes, compressed 0|1, shuffle itemsize], ...]}   # one per frame added, in order
-
-Decode checks every declared size against the others and against ``ctx.max_bytes`` before it
-decompresses anything, decompresses with bounded output (lz4 with the declared size as the
-buffer, zstd only when the frame's content size equals the declared size), and raises
-ProtocolError on any mismatch or codec error.
+Encode drops bitwise-zero value rows (positions as a bitmap or delta-coded index list), narrows
+float values that are small integers, delta-encodes the keys, byte-shuffles every frame and
+compresses it with lz4 or zstd (a frame that does not shrink is sent raw). Decode checks every
+declared size against the others and ``ctx.max_bytes`` before decompressing anything (bounded
+output) and raises ProtocolError on any mismatch. The steps, the header section
+``meta["compress"]`` and measurements: docs/filters.md ("compress").
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """Key caching (paper: "key caching"): send a signature of a key list the receiver already holds.
 
-Iterative algorithms push and pull the same key lists again and again (a worker's block of
-features). The receiver keeps recently seen key lists in an LRU bounded in bytes, per peer; the
-sender mirrors that LRU (same capacity, same policy) to know which lists the receiver holds and then
-sends a 16-byte blake2b signature of the keys instead of the keys - for 8-byte keys and 8-byte
-values that removes nearly half the traffic.
-
-The mirror is a belief, never a guarantee: the receiver may have restarted, or messages may have
-been lost. A receiver that does not hold a signature (or holds a list of another length under it)
-raises :class:`~pserver.errors.KeyCacheMiss` before anything is applied; the sender then calls
-``FilterChain.resend_with_keys``, which forgets the mirror for that peer and sends the keys again.
-A signature is never trusted to mean anything but "the list whose blake2b-128 is this", so a wrong
-or forged one is a miss, not a mis-application.
-
-Header section ``meta["key_cache"]``: ``{"mode": "none"|"plain"|"store"|"sig", "n": int,
-"sig": 32 hex chars (mode sig only)}``. "store" asks the receiver to cache the keys it carries.
+The receiver keeps recently seen key lists per peer in an LRU bounded in bytes; the sender mirrors
+it and sends a 16-byte blake2b signature instead of keys it believes the receiver holds. The mirror
+is a belief: a receiver that does not hold a signature raises KeyCacheMiss before applying
+anything, and the sender resends with the keys (``FilterChain.resend_with_keys``). A wrong or
+forged signature is a miss, never a mis-application. Header section and savings:
+docs/filters.md ("key_cache").
 """
 
 from __future__ import annotations

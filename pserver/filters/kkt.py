@@ -1,23 +1,11 @@
 """KKT filter (paper: "KKT filter", for L1-regularised models such as sparse logistic regression).
 
-With the proximal update w_k <- soft_threshold(w_k - g_k / u_k, lambda / u_k), a coordinate with
-w_k = 0 stays 0 whenever |g_k| <= lambda: its gradient is useless to the server. The worker
-therefore skips coordinate k when ``w_k == 0 and |g_k| <= lambda - delta``; delta >= 0 is a safety
-margin for gradients computed on stale weights or on part of the data. The paper reports that
-this removes more than 93% of the features from traffic.
-
-Worker side: :class:`KKTFilter` reads the current weights from ``FilterContext.weights`` (an array
-aligned with the payload's keys, or a callable ``keys -> w``; the worker's last pulled copy of w)
-and the gradient from the values: a 1-D value array is g; for 2-D values (n, cols) - e.g. g and the
-curvature bound u pushed together - column ``grad_col`` is g and whole rows are dropped.
-
-Note the gradient each worker pushes is usually its *share* of the full gradient; the decision is
-taken on what the worker has. Pushing (or scaling the filter's view to) an estimate of the full
-gradient, or choosing delta, is the application's trade-off between traffic and exactness.
-
-Server side: :class:`ActiveSet` remembers which coordinates the aggregated KKT conditions show to
-be inactive, so that the application can skip them; on convergence the set is reset and one more
-pass over all coordinates checks that none of them should have moved (``on_converged``).
+Worker side, :class:`KKTFilter`: skip coordinate k when ``w_k == 0 and |g_k| <= lambda - delta``
+(the proximal update would leave it at 0), with w from ``FilterContext.weights`` and g from the
+values (column ``grad_col`` of 2-D values; whole rows are dropped). Server side,
+:class:`ActiveSet`: the coordinates the aggregated KKT conditions show to be inactive, reset on
+convergence for one checking pass. The condition, the choice of delta and the measured savings:
+docs/filters.md ("kkt").
 """
 
 from __future__ import annotations

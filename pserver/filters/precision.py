@@ -1,23 +1,9 @@
 """Precision (paper: "precision"): send values with fewer bits.
 
-Three modes, each a filter of its own kind:
-
-* ``fp16``  IEEE half precision, round to nearest even. Relative error <= 2**-11 for
-  6.1e-5 <= |x| <= 65504; absolute error <= 2**-25 below that. |x| > 65504 (and +-inf) is clipped
-  to +-65504 and counted ("fp16.clipped").
-* ``bf16``  bfloat16 (the top 16 bits of a float32), round to nearest even. Relative error
-  <= 2**-8 for normal numbers; float32 range. Values beyond +-3.39e38 are clipped and counted.
-* ``fixed:B:LO:HI``  B-byte (1..4) fixed point over [LO, HI] with *stochastic rounding*: a value
-  between two grid points goes to the upper one with probability equal to its distance from the
-  lower one (in steps), so the decoded value is unbiased (E[decoded] = x). Grid step
-  ``(HI - LO) / (256**B - 3)``; the error is < 1 step (standard deviation <= step / 2). When
-  LO <= 0 <= HI the grid contains 0 exactly, so zeros stay zeros (and stay droppable by
-  compression). Values outside [LO, HI] (and NaN, sent as 0) are clipped and counted
-  ("fixed.clipped"); their error is the clipping distance plus < 1 step. ``fixed:3:-1:1`` is the
-  paper's reference setting: step 1.19e-7.
-
-NaN passes through fp16 and bf16 unchanged. Decoding casts back to the sender's dtype
-(float16/32/64, recorded in ``meta[kind]["dtype"]``), which adds at most half an ulp of that dtype.
+Three filters: ``fp16`` and ``bf16`` (round to nearest even; out-of-range values clipped and
+counted) and ``fixed:B:LO:HI`` (B-byte fixed point over [LO, HI] with stochastic, unbiased
+rounding; zeros stay zeros when LO <= 0 <= HI). Decoding casts back to the sender's dtype. Error
+bounds per mode: docs/filters.md ("Precision").
 """
 
 from __future__ import annotations

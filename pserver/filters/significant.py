@@ -1,20 +1,11 @@
 """Significantly-modified filter (paper: "significantly-modified"): send only entries whose change
 since they were last sent exceeds a threshold; hold the rest back, accumulated, until they do.
 
-It applies to *additive* payloads (pushes of gradients or deltas): the sender adds every message's
-values to a residual kept per (peer, direction, table, key) and sends an entry once its
-accumulated change is significant:
-
-* ``significant:abs:X``  when max_col |change| > X;
-* ``significant:rel:X``  when max_col |change| > X * |w_k|, with w_k the sender's current weight
-  from ``FilterContext.weights`` (so any change to a zero weight is significant).
-
-Nothing is lost, only delayed: what is not sent stays in the residual; a flush
-(``FilterChain.flush(ctx)``, or ``ctx.flush=True`` on a normal message) sends every residual. The
-residual store is bounded: when it holds more than ``max_keys`` entries, the largest residuals are
-sent early until it is back within the bound. Residuals live in ``ctx.state`` (per peer) as a
-sorted key array and a value array, updated with vectorised merges - no per-key Python work.
-The receiver does nothing: held-back entries simply do not arrive yet.
+For additive payloads: the sender adds each message's values to a residual per (peer, direction,
+table, key) - ``significant:abs:X`` sends when max_col |change| > X, ``significant:rel:X`` when
+it exceeds X * |w_k|. Nothing is lost, only delayed: a flush (``FilterChain.flush``, or
+``ctx.flush``) sends every residual; beyond ``max_keys`` residuals the largest are sent early.
+Residuals are sorted arrays merged vectorised. The receiver does nothing. docs/filters.md.
 """
 
 from __future__ import annotations

@@ -1,43 +1,20 @@
-"""The filter chain on the push/pull path (paper: "User-defined filters"), and traffic accounting.
+"""The filter chain on the push/pull path (paper: "User-defined filters"), worker and server side.
 
-A table's spec names its chains (``TableSpec.push_filters`` / ``pull_filters``); every node parses
-them the same way, so a worker and a server always agree on the chain, and a message whose header
-names other filters is refused with :class:`~pserver.errors.FilterMismatchError`.
-
-On the wire a filtered request carries the chain's header under ``meta["fc"]`` (which holds
-``"filters"``, the names of the filters applied, and one section per filter), a layout field
-``meta["fl"]`` ("kv", "k", "v" or "": which of keys and values travel as plain arrays) and then
-the arrays: keys, values, then the filters' extra frames. Pushes run the push chain on
-(keys, values). Pulls run the pull chain twice: on the request's keys (key caching, compression)
-and on the reply's values (precision, compression). Tables without filters keep the plain path of
-pserver.kv.keys untouched: no payload objects, no copies.
-
-Key-cache misses. A server that does not hold a key list a request names by signature answers
-with an error of kind "KeyCacheMiss" and applies nothing; the worker then resends that part with
-its keys under the same timestamp (``FilterChain.resend_with_keys``). Until the resend arrives the
-server holds every later request of that worker back, so per-sender FIFO order - a pull issued
-right after a push sees that push - survives the miss.
-
-State. Filters keep per-peer state (key caches, residuals) in dicts owned here: on a worker one
-per (server, table), on a server one per (worker identity, table); a server drops a worker's
-state when the worker leaves the cluster. Pushes and pulls of a table share it, so a key list
-cached by a push is named by signature in the pull that follows (give both chains the same
-key_cache size, or they evict each other's lists: correct, but no saving).
-
-Counters. Each node has one :class:`~pserver.filters.Counters` (bytes, pairs and messages per
-message kind and filter stage, sent and received) next to its transport's per-op byte counters;
-:func:`traffic_report` packs both for ``KVWorker.stats()``, the server's "stats" op and the
-heartbeats that let ``pserver status`` show every node's traffic.
+A table's spec names its chains (``TableSpec.push_filters`` / ``pull_filters``), parsed the same
+way on every node; a message whose header names other filters is refused (FilterMismatchError).
+A filtered request carries the chain's header under ``meta["fc"]``, a layout ``meta["fl"]`` and
+then keys, values and the filters' extra frames. Tables without filters keep the plain path of
+pserver.kv.keys untouched. Wire layout, key-cache misses, per-peer state and resends after a
+failover: docs/filters.md ("On the push/pull path: filtered tables").
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -48,41 +25,27 @@ from ..filters import KEYS, Counters, FilterChain, FilterContext, KeyCaching, Pa
 from ..filters.key_cache import parse_size
 from ..wire import Message
 from .keys import KeySet
+from .traffic import WIRE_STAGE
 
 if TYPE_CHECKING:
     from ..membership.view import ClusterView
     from ..store.spec import TableSpec
     from ..store.table import Table
-    from ..transport import TrafficCounters
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DATA_OPS_RECEIVED",
-    "DATA_OPS_SENT",
     "FILTER_META",
     "LAYOUT",
     "ServerFilters",
     "WorkerFilters",
     "chain_for",
-    "format_traffic",
-    "format_traffic_summary",
     "lossless_part",
-    "traffic_report",
-    "traffic_row",
-    "traffic_summary",
 ]
 
 FILTER_META = "fc"
 LAYOUT = "fl"
 _LAYOUTS = ("", "k", "v", "kv")
-# Ops of the data plane as a worker sees them (the rest is membership: heartbeats, barriers).
-DATA_OPS_SENT = ("push", "pull", "pull_range")
-DATA_OPS_RECEIVED = ("ack", "vals", "range", "error")
-# A heartbeat carries at most this much traffic report (the header limit is 64 KiB).
-_MAX_REPORT_BYTES = 16 << 10
-# Counter stage of what a filtered message carries after the whole chain, whatever its filters.
-WIRE_STAGE = "on_wire"
 KEY_CACHE_LIMIT_VAR = "PSERVER_KEY_CACHE_LIMIT"
 
 _chains: dict[str, FilterChain] = {}
@@ -150,8 +113,9 @@ class WorkerFilters:
     :meth:`set_weights` / :meth:`select_all`, which only replace dict entries.
     """
 
-    def __init__(self, kv: Any) -> None:
-        self._kv = kv  # the KVWorker: sends resends (kv._send), flushes through kv.push
+    def __init__(self, send: Callable[[int, Message], None], pending: Container[int]) -> None:
+        self._send = send        # (server id, message): resends after a key-cache miss
+        self._pending = pending  # timestamps of requests still pending (to purge ``sent``)
         self.counters = Counters()
         self.states: dict[tuple[int, str], dict] = {}   # (server id, table) -> filter state
         self.weights: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
@@ -182,36 +146,36 @@ class WorkerFilters:
         else:
             self._select_all.discard(table)
 
-    def flush(self, table: str) -> int | None:
-        """Push everything the select filters of ``table`` hold back (significant's residuals) to
-        its servers through ``kv.push``; returns the push's timestamp, or None if nothing is held.
-        On a synchronous table every worker must flush in the same round."""
-        kv = self._kv
-        spec = kv._spec(table)
+    def holds(self, spec: TableSpec) -> bool:
+        """Whether the select filters of ``spec``'s push chain hold anything back."""
+        chain = chain_for(spec.push_filters)
+        return any(f.held_back(self._ctx(sid, name, "push")) is not None
+                   for sid, name in list(self.states) if name == spec.name for f in chain.filters)
+
+    def take_held(self, spec: TableSpec) -> tuple[np.ndarray, np.ndarray] | None:
+        """Remove and return everything the select filters of ``spec``'s push chain hold back
+        for any server (significant's residuals) as sorted (keys, (n, cols) values), or None if
+        nothing is held. The caller pushes them (``KVWorker.flush``) with :meth:`select_all` on,
+        and holds the lock that keeps other pushes from adding to the residuals meanwhile."""
         chain = chain_for(spec.push_filters)
         parts: list[Payload] = []
-        with kv._lock:  # no push of this worker may add to the residuals meanwhile
-            for sid, name in list(self.states):
-                if name != spec.name:
-                    continue
-                ctx = self._ctx(sid, name, "push")
-                for f in chain.filters:
-                    take = getattr(f, "flush", None)
-                    p = take(ctx) if callable(take) else None
-                    if p is not None and p.keys is not None and p.keys.shape[0]:
-                        parts.append(p)
-            if not parts:
-                return None
-            keys = np.concatenate([p.keys for p in parts])
-            vals = np.concatenate([np.asarray(p.values).reshape(p.keys.shape[0], -1)
-                                   for p in parts])
-            order = np.argsort(keys, kind="stable")
-            self.select_all(spec.name)
-            try:
-                return kv.push(keys[order], vals[order].astype(spec.dtype, copy=False),
-                               table=spec.name)
-            finally:
-                self.select_all(spec.name, False)
+        for sid, name in list(self.states):
+            if name != spec.name:
+                continue
+            ctx = self._ctx(sid, name, "push")
+            for f in chain.filters:
+                take = getattr(f, "flush", None)
+                p = take(ctx) if callable(take) else None
+                if p is not None and p.keys is not None and p.keys.shape[0]:
+                    parts.append(p)
+        if not parts:
+            return None
+        # residuals of several servers (one that left the ring and its heirs) may share keys
+        keys, inverse = np.unique(np.concatenate([p.keys for p in parts]), return_inverse=True)
+        rows = np.concatenate([np.asarray(p.values).reshape(p.keys.shape[0], -1) for p in parts])
+        vals = np.zeros((keys.shape[0], rows.shape[1]), dtype=rows.dtype)
+        np.add.at(vals, inverse, rows)
+        return keys, vals.astype(spec.dtype, copy=False)
 
     # -- requests ---------------------------------------------------------------------------
     def _ctx(self, sid: int, table: str, direction: str) -> FilterContext:
@@ -248,10 +212,27 @@ class WorkerFilters:
                                 spec.dtype)
         return meta, arrays
 
+    def take_sent(self, part: Any) -> _Sent | None:
+        """Forget request part ``part`` and return what was recorded of it (None if nothing)."""
+        return self.sent.pop(part, None)
+
+    def encode_rows(self, sid: int, part: Any, sent: _Sent, rows: np.ndarray
+                    ) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """(meta, arrays) of rows ``rows`` of an earlier part ``sent`` (see :meth:`take_sent`),
+        resent to server ``sid`` as part ``part`` after a failover: the entries that part
+        carried, nothing that was held back (``FilterChain.encode_rows``)."""
+        ctx = self._ctx(sid, sent.table, sent.op)
+        enc = sent.chain.encode_rows(sent.encoded, rows, ctx)
+        _count_wire(ctx, sent.chain, enc, "sent")
+        meta, arrays = _message_parts(enc)
+        self.sent[part] = replace(sent, encoded=enc, meta=meta, n=int(rows.shape[0]),
+                                  resent=False)
+        return meta, arrays
+
     def _forget_stale(self) -> None:
         # Parts abandoned without a reply (a dead server, a re-routed part, a request that failed
         # elsewhere) would otherwise stay here forever: keep those of requests still pending.
-        pending = self._kv._pending
+        pending = self._pending
         for key in [k for k in self.sent if k[0] not in pending]:
             del self.sent[key]
         self._purge_at = max(4096, 2 * len(self.sent))
@@ -292,7 +273,7 @@ class WorkerFilters:
         self.counters.incr("key_cache.resent")
         log.info("server %d missed a cached key list of request %d: resent with its keys", sid, ts)
         try:
-            self._kv._send(sid, Message(sent.op, ts, sent.table, meta, arrays))
+            self._send(sid, Message(sent.op, ts, sent.table, meta, arrays))
         except ServerDeadError:
             pass  # the part stays waiting; the worker re-routes it when the ring drops the server
 
@@ -438,106 +419,6 @@ class ServerFilters:
             del self.states[key]
         for identity in [i for i in self.awaiting if i not in alive]:
             del self.awaiting[identity]
-
-
-# -- traffic accounting ------------------------------------------------------------------------
-def traffic_report(transport: TrafficCounters, counters: Counters) -> dict[str, Any]:
-    """One node's traffic: the transport's bytes/messages per op and the filter stages' bytes,
-    pairs and events (``{..transport.., "filters": counters.to_json()}``)."""
-    return {**transport.to_json(), "filters": counters.to_json()}
-
-
-def heartbeat_reporter(transport: TrafficCounters, counters: Counters
-                       ) -> Callable[[], dict[str, Any]]:
-    """A callable for Membership.traffic: a compact traffic report that never raises and stays
-    small enough for a heartbeat header."""
-
-    def report() -> dict[str, Any]:
-        try:
-            full = traffic_report(transport, counters)
-            out = {k: full[k] for k in ("bytes_sent", "bytes_received", "messages_sent",
-                                        "messages_received")}
-            out["sent_by_op"] = full["sent_by_op"]
-            out["received_by_op"] = full["received_by_op"]
-            out["filters"] = {"stages": full["filters"]["stages"]}
-            if len(json.dumps(out)) > _MAX_REPORT_BYTES:
-                out.pop("filters")
-            return out
-        except Exception:  # a heartbeat must never die of its report
-            log.exception("traffic report failed")
-            return {}
-
-    return report
-
-
-def data_bytes(report: dict[str, Any]) -> tuple[int, int]:
-    """(bytes sent, bytes received) of a worker's report on the data plane only: requests to and
-    replies from servers, without membership traffic (heartbeats, barriers)."""
-    sent = sum(report.get("sent_by_op", {}).get(op, {}).get("bytes", 0) for op in DATA_OPS_SENT)
-    recv = sum(report.get("received_by_op", {}).get(op, {}).get("bytes", 0)
-               for op in DATA_OPS_RECEIVED)
-    return int(sent), int(recv)
-
-
-def stage_totals(report: dict[str, Any], kind: str, side: str = "sent") -> list[tuple[str, int, int]]:
-    """[(stage, bytes, pairs)] of one message kind in a report, in filter order ("raw" first)."""
-    stages = report.get("filters", {}).get("stages", {}).get(kind, {})
-    return [(stage, int(c.get(f"bytes_{side}", 0)), int(c.get(f"pairs_{side}", 0)))
-            for stage, c in stages.items()]
-
-
-def format_traffic(view: dict[str, Any]) -> str:
-    """Lines for ``pserver status``: each node's traffic as last reported on its heartbeats, and
-    for filtered tables the bytes before and after the filters. "" when no node reported."""
-    rows = [("ROLE", "RANK", "SENT MB", "RECV MB", "MSGS OUT", "MSGS IN", "FILTERS (raw -> wire MB)")]
-    for n in sorted(view.get("nodes", []), key=lambda n: (n["role"], n["rank"])):
-        t = n.get("traffic")
-        if not t:
-            continue
-        filt = []
-        for kind in ("push", "pull"):
-            for side in ("sent", "received"):
-                cells = {stage: b for stage, b, _ in stage_totals(t, kind, side)}
-                if cells.get(WIRE_STAGE):
-                    filt.append(f"{kind} {'out' if side == 'sent' else 'in'} "
-                                f"{cells.get('raw', 0) / 1e6:.2f}->{cells[WIRE_STAGE] / 1e6:.2f}")
-        rows.append((n["role"], str(n["rank"]), f"{t.get('bytes_sent', 0) / 1e6:.2f}",
-                     f"{t.get('bytes_received', 0) / 1e6:.2f}", str(t.get("messages_sent", 0)),
-                     str(t.get("messages_received", 0)), "; ".join(filt) or "-"))
-    if len(rows) == 1:
-        return ""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "traffic (from heartbeats):\n" + "\n".join(lines)
-
-
-def traffic_row(report: dict[str, Any]) -> list[float]:
-    """Four numbers of a worker's report that sum meaningfully over workers: data-plane bytes
-    sent to servers, data-plane bytes received from servers (= sent by the servers to it),
-    pairs pushed through filter chains before the filters, and after them."""
-    sent, recv = data_bytes(report)
-    stages = report.get("filters", {}).get("stages", {}).get("push", {})
-    raw = stages.get("raw", {}).get("pairs_sent", 0)
-    wire = stages.get(WIRE_STAGE, {}).get("pairs_sent", 0)
-    return [float(sent), float(recv), float(raw), float(wire)]
-
-
-def traffic_summary(row: Any) -> dict[str, int]:
-    """The summed :func:`traffic_row` of all workers as a dict (for job summaries)."""
-    sent, recv, raw, wire = (round(float(x)) for x in row)
-    return {"workers_sent_bytes": sent, "servers_sent_bytes": recv,
-            "filtered_push_pairs_raw": raw, "filtered_push_pairs_sent": wire}
-
-
-def format_traffic_summary(t: dict[str, int]) -> str:
-    """One line for a job summary from :func:`traffic_summary`."""
-    line = (f"  data traffic: workers sent {t['workers_sent_bytes'] / 1e6:,.2f} MB, servers sent "
-            f"{t['servers_sent_bytes'] / 1e6:,.2f} MB")
-    if t["filtered_push_pairs_raw"]:
-        kept = t["filtered_push_pairs_sent"] / t["filtered_push_pairs_raw"]
-        line += (f"; push filters passed {t['filtered_push_pairs_sent']:,} of "
-                 f"{t['filtered_push_pairs_raw']:,} pairs ({100 * kept:.1f}%)")
-    return line
 
 
 def lossless_part(spec: str) -> str:

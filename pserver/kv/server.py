@@ -29,7 +29,7 @@ from ..transport import Transport
 from ..wire import Message
 from . import keys as keyfmt
 from .core import ServerCore
-from .filtering import heartbeat_reporter
+from .traffic import heartbeat_reporter
 
 log = logging.getLogger(__name__)
 

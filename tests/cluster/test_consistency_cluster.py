@@ -232,11 +232,11 @@ def test_pull_as_of_waits_for_the_clock_and_reports_it(cluster_factory):
     nb = b.membership.node_id
     first = b.push(keys, np.ones(keys.size, np.float32), "t", span=(0, 1 << 20))
     b.wait(first)
-    nxt = b._last_ts + 1                                  # b's next request timestamp
+    nxt = b._tracker.last_ts + 1                          # b's next request timestamp
     ts = a.pull(keys, "t", wait=False, as_of={nb: nxt}, clock=True)
     before = a.pull(keys, "t", wait=False)                # per-sender FIFO: held behind it
     time.sleep(0.3)
-    assert ts in a._pending and before in a._pending      # not answered: the clock is behind
+    assert ts in a._tracker.pending and before in a._tracker.pending  # the clock is behind
     t_push = time.monotonic()
     second = b.push(keys, np.full(keys.size, 2, np.float32), "t", span=(0, 1 << 20))
     assert second == nxt

@@ -15,7 +15,8 @@ import pserver
 from pserver.cli import format_status
 from pserver.errors import ConfigError, RemoteError, TableError
 from pserver.filters import FilterContext, Payload, parse_filters
-from pserver.kv.filtering import WIRE_STAGE, _message_parts, format_traffic
+from pserver.kv.filtering import _message_parts
+from pserver.kv.traffic import WIRE_STAGE, format_traffic
 from pserver.launch import LocalCluster
 from pserver.membership.client import scheduler_request
 from pserver.wire import Message, decode, encode
@@ -246,11 +247,11 @@ def test_significantly_modified_holds_back_then_flush_delivers_everything(kv2):
     assert not np.allclose(partial, total, atol=1e-4)          # some entries are held back
     held = kv.stats()["filters"]["events"]["significant.held"]
     assert held > 0
-    ts = kv.filters.flush("s")
+    ts = kv.flush("s")
     assert ts is not None
     kv.wait(ts)
     np.testing.assert_allclose(kv.pull(keys, table="s"), total, atol=1e-5)
-    assert kv.filters.flush("s") is None                        # nothing left
+    assert kv.flush("s") is None                        # nothing left
 
 
 def test_key_cache_miss_resent_with_keys_in_order(cluster_factory):
@@ -281,7 +282,7 @@ def test_key_cache_miss_resent_with_keys_in_order(cluster_factory):
         assert resent > 20
         assert missed == resent
     finally:
-        kv._pending.clear()  # after a failure: do not wait for what will never come
+        kv._tracker.pending.clear()  # after a failure: do not wait for what will never come
         kv.close()
 
 
@@ -366,12 +367,8 @@ def test_spec_carries_canonical_filter_chains():
 
 def test_message_layout_and_traffic_helpers():
     from pserver.errors import ProtocolError
-    from pserver.kv.filtering import (
-        _payload_of,
-        lossless_part,
-        traffic_row,
-        traffic_summary,
-    )
+    from pserver.kv.filtering import _payload_of, lossless_part
+    from pserver.kv.traffic import traffic_row, traffic_summary
 
     keys = np.arange(40, dtype=np.uint64)
     enc = parse_filters("key_cache,compress").encode(Payload(keys, np.ones(40, np.float32)),

@@ -19,7 +19,7 @@ import numpy as np
 
 from ... import logs
 from ...errors import ConfigError, PServerError
-from ...kv.filtering import format_traffic_summary, traffic_row, traffic_summary
+from ...kv.traffic import format_traffic_summary, traffic_row, traffic_summary
 from .data import prefer_small_pages, read_shard
 from .dbpg import DBPG, DBPGConfig, PassStats, warm_up_servers
 from .model import auc, logloss, predict, save_model
