@@ -209,6 +209,8 @@ class ServerCore:
         self._answer(identity, msg, "vals", [apply_pull(table, keys)], meta)
 
     def on_pull_range(self, identity: bytes, msg: Message) -> None:
+        """The entries of [lo, hi) this server masters, sorted; with meta "limit" L at most L of
+        them, and meta "next" in the reply (the key to go on from) when more remain."""
         table = self.tables.table(msg.table)
         lo, hi = keyfmt.range_bounds(msg.meta)
         k, v = table.range_items(lo, hi)
@@ -216,7 +218,15 @@ class ServerCore:
         if ring is not None and len(ring.servers) > 1 and len(k):
             mine = ring.owner_of(k) == self.repl.my_id  # replicas answer nothing
             k, v = k[mine], v[mine]
-        self._answer(identity, msg, "range", [k, v], {"rv": _ring_version(self.repl)})
+        meta = {"rv": _ring_version(self.repl)}
+        limit = msg.meta.get("limit")
+        if limit is not None:  # a page: at most limit entries, and where the next page starts
+            if type(limit) is not int or limit < 1:
+                raise ProtocolError("meta 'limit' of a range pull must be an integer >= 1")
+            if len(k) > limit:
+                k, v = k[:limit], v[:limit]
+                meta["next"] = int(k[-1]) + 1
+        self._answer(identity, msg, "range", [k, v], meta)
 
     def on_declare_table(self, identity: bytes, msg: Message) -> None:
         """Declare a table (meta "spec"). For a sync table, a worker is a pusher unless meta

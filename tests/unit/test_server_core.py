@@ -276,3 +276,28 @@ def test_a_malformed_clock_in_a_copy_changes_nothing():
                                  [KEYS, np.ones((len(KEYS), 1), np.float32)]))
     assert [m.meta["kind"] for _, m in _sent(holder)] == ["ProtocolError"]
     assert len(holder.tables["default"]) == 0
+
+
+def test_a_range_pull_with_a_limit_answers_pages_that_cover_the_range_once():
+    core = _core()
+    core.handle(b"n4", _push(1, 2.0), "worker")
+    _sent(core)
+    got, lo, hi = [], 0, 1 << 64
+    for ts in range(2, 100):
+        core.handle(b"n4", Message("pull_range", ts, "default", {"lo": lo, "hi": hi, "limit": 7}),
+                    "worker")
+        (_, reply), = _sent(core)
+        assert reply.op == "range" and len(reply.arrays[0]) <= 7
+        got.append(reply.arrays[0])
+        if "next" not in reply.meta:
+            break
+        lo = reply.meta["next"]
+    assert np.array_equal(np.concatenate(got), KEYS) and len(got) == -(-len(KEYS) // 7)
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, "7"])
+def test_a_range_pull_with_a_bad_limit_is_refused(limit):
+    core = _core()
+    core.handle(b"n4", Message("pull_range", 1, "default", {"lo": 0, "hi": 100, "limit": limit}), "worker")
+    (_, reply), = _sent(core)
+    assert reply.op == "error" and "limit" in reply.meta["error"]
