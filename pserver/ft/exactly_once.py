@@ -1,7 +1,7 @@
 """Exactly-once after failover: every server keeps a *replication clock*, for each (master, worker)
 pair the recent request parts (timestamp, part id) it received through that master, and the parts it
 applied as master. A resent part names the server it first went to; it is a duplicate at the new
-master exactly when that (timestamp, part) is in the window (docs/_walk_server.md, "Replication")."""
+master exactly when that (timestamp, part) is in the window (docs/fault-tolerance.md, "Replication")."""
 
 from __future__ import annotations
 

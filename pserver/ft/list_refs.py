@@ -2,7 +2,7 @@
 instead of sending the keys again; it stores lists at the replica ("ks") within a bound it accounts
 (LRU, the cluster's ``replica_key_cache``) and names those it evicts ("kd"). A replica that lacks a
 named list refuses the whole message (``repl_miss``) and the master resends it with its keys.
-Details: docs/_walk_server.md, "Key caching on the link".
+Details: docs/fault-tolerance.md, "Replication".
 """
 
 from __future__ import annotations

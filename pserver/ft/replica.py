@@ -168,8 +168,8 @@ class ReplicaSide:
 
     def _defer(self, table, keys: keyfmt.KeySet, vals: np.ndarray, ref, master: int) -> None:
         """Apply a forward after this burst's acknowledgements are sent: the replica holds it in
-        memory either way, and the apply leaves the path of the worker's ack (docs/_walk_server.md,
-        "Deferred replica applies"). Whatever reads or replaces replica data applies them first."""
+        memory either way, and the apply leaves the path of the worker's ack (docs/fault-tolerance.md,
+        "Replication"). Whatever reads or replaces replica data applies them first."""
         self.deferred.append((table, keys, vals, ref, master))
         self.deferred_keys += keys.n
         if self.deferred_keys > DEFER_MAX_KEYS:

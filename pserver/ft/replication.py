@@ -2,7 +2,7 @@
 counting the replicas' acknowledgements (one counter, typed tokens), key caching on the link, copies
 of ranges and the replication clock (exactly-once after failover). A key's replicas are the next k
 distinct servers clockwise on the ring after its master, so failover moves no data. Forwards of a
-burst travel as one ``repl_batch`` per replica. The protocol is described in docs/_walk_server.md,
+burst travel as one ``repl_batch`` per replica. The protocol is described in docs/fault-tolerance.md,
 "Replication".
 """
 

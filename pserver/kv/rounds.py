@@ -1,6 +1,6 @@
 """Synchronous aggregation rounds of a server (no I/O): the k-th push of every worker that pushes a
 sync table is summed and applied once. A round waits for the live workers that DECLARED the table as
-pushers here, from the round the declaration's reply named (docs/_walk_server.md, "Rounds")."""
+pushers here, from the round the declaration's reply named (docs/design.md, "Synchronous rounds")."""
 
 from __future__ import annotations
 

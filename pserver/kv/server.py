@@ -1,7 +1,7 @@
 """The server node's loop: the only part of a server that does I/O. It polls its ROUTER link (requests)
 and its links to replicas, hands each message of a burst to :class:`~pserver.kv.core.ServerCore` and
 sends what the core returns - replies at once, acknowledgements and forwards batched per burst. The
-loop is the only owner of the store: no locks on the data path (docs/_walk_server.md walks a push).
+loop is the only owner of the store: no locks on the data path (docs/design.md walks a push).
 """
 
 from __future__ import annotations
