@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import numba
 import numpy as np
-import zmq
 
 from ..errors import ProtocolError
+from ..link import Link, LinkError
 from ..ring import KeyRing
 from ..transport import Transport
 from ..wire import Message
@@ -63,8 +63,7 @@ class Replicator(Rebuilder):
         self.after_aggregation = True
         self.ring: KeyRing | None = None
         self.next_ring: KeyRing | None = None     # during a migration: the ring being prepared
-        self.socks: dict[int, zmq.Socket] = {}
-        self.sock_peer: dict[zmq.Socket, int] = {}
+        self.links: dict[int, Link] = {}          # replica (or new holder) id -> link to it
         self._next_rid = 0
         self.waiting: dict[int, list] = {}        # replication id -> tokens of the requests it carries
         self._rid_peer: dict[int, int] = {}       # replication id -> replica it went to
@@ -112,7 +111,7 @@ class Replicator(Rebuilder):
             if node is None or not node.alive:
                 del self.ref_stores[sid]
         done: list[object] = []
-        for sid in list(self.socks):
+        for sid in list(self.links):
             node = view.nodes.get(sid)  # a joiner may not be in this view yet: not dead
             if node is not None and not node.alive:
                 done += self.drop_replica(sid)
@@ -183,21 +182,19 @@ class Replicator(Rebuilder):
         return self.ring is not None and (self.next_ring is not None
                                           or (self.k > 0 and len(self.ring.servers) > 1))
 
-    def _sock(self, sid: int) -> zmq.Socket:
-        sock = self.socks.get(sid)
-        if sock is None:
+    def _link(self, sid: int) -> Link:
+        link = self.links.get(sid)
+        if link is None:
             host, port = self.peer_address(sid)
-            sock = self.transport.connect_dealer(host, port, "server", b"s%d" % self.my_id)
-            self.socks[sid] = sock
-            self.sock_peer[sock] = sid
-        return sock
+            link = self.links[sid] = self.transport.dealer_link(host, port, "server",
+                                                                 b"s%d" % self.my_id)
+        return link
 
     def forget_peer(self, sid: int) -> None:
         self.ref_senders.pop(sid, None)
-        sock = self.socks.pop(sid, None)
-        if sock is not None:
-            self.sock_peer.pop(sock, None)
-            sock.close(linger=0)
+        link = self.links.pop(sid, None)
+        if link is not None:
+            link.close()
 
     # -- forwarding -----------------------------------------------------------------------------
     def replica_groups(self, keys: np.ndarray, memo: dict | None = None
@@ -282,7 +279,7 @@ class Replicator(Rebuilder):
             v = vals[sel]
             if not len(v) and not always:
                 continue
-            m = dict(meta, kf="k")
+            m = {**meta, "kf": "k"}
             # (token, op, table, meta, keys sent, values, the list and the part of it they are)
             item = (token, op, table, m, self._keys_to_send(sid, keys, sel, memo, m), v, keys, sel)
             if self._batch is not None:
@@ -418,8 +415,8 @@ class Replicator(Rebuilder):
                 meta["acks"] = acks
             msg = Message("repl_batch", rid, "", meta, [a for it in items for a in it[4:6]])
         try:
-            self.transport.send(self._sock(sid), msg)
-        except zmq.ZMQError as e:
+            self._link(sid).send(msg)
+        except LinkError as e:
             log.warning("cannot forward to replica %d: %s", sid, e)
             return False
         self.waiting[rid] = [it[0] for it in items]

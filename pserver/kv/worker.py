@@ -441,7 +441,7 @@ class KVWorker:
 
     def _on_reply(self, sid: int, frames: list) -> None:
         try:
-            _, msg, _ = self.transport.decode(frames, routed=False)
+            msg, _ = self.transport.decode_body(frames)
         except PServerError as e:
             self._on_undecodable(sid, frames, e)
             return
@@ -630,8 +630,7 @@ class KVWorker:
                 node = self.membership.view.nodes.get(sid)
                 if node is None or not node.alive:
                     raise ServerDeadError(f"server {sid} is not alive")
-                link = self.transport.link(self.transport.connect_dealer(
-                    node.host, node.port, "server", self._identity))
+                link = self.transport.dealer_link(node.host, node.port, "server", self._identity)
                 self._links[sid] = link
                 self._link_server[link] = sid
                 self._poller.register(link)

@@ -133,7 +133,7 @@ class Membership:
                        f"(PSERVER_SCHEDULER, PSERVER_KEYS, PSERVER_CONNECT_TIMEOUT)")
         try:
             self.send_request("register", meta)
-        except LinkError:  # no connection could be made (see Transport.connect_dealer)
+        except LinkError:  # no connection could be made (see Transport.dealer_link)
             raise SchedulerUnreachableError(unreachable) from None
         deadline = time.monotonic() + timeout
         acknowledged = False
