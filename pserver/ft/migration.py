@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..link import Link, LinkError
+from ..protocol import KEY_COUNT
 from ..ring import KeyRing
 from ..transport import Transport
 from ..wire import Message
@@ -111,7 +112,7 @@ class MigrationCoordinator:
             for msg in self.transport.messages(link, f"server {sid}"):
                 if self.current is not None and msg.ts == self._ts and msg.op == "migrate_ready":
                     self.current.waiting.discard(sid)
-                    log.info("server %d pre-copied %s keys", sid, msg.meta.get("keys", "?"))
+                    log.info("server %d pre-copied %s keys", sid, msg.meta.get(KEY_COUNT, "?"))
 
     def _commit(self) -> None:
         m = self.current

@@ -12,6 +12,7 @@ from collections import deque
 import numpy as np
 
 from ..link import LinkError
+from ..protocol import APPLIED, KEY_FORM, RANGE_CLOCK, SPEC
 from ..ring import KeyRing
 from ..wire import Message
 
@@ -63,10 +64,10 @@ class Rebuilder:
         parts. ``rid`` > 0 asks the receiver to acknowledge it."""
         values, state = table.rows(keys)
         arrays = [keys, values] + ([state] if state is not None else [])
-        meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_of()}
+        meta = {KEY_FORM: "k", SPEC: table.spec.to_json(), APPLIED: self.applied_of()}
         clock = self.clock_of(table.spec.name, int(keys[0]), int(keys[-1]) + 1) if len(keys) else None
         if clock is not None:  # an "as of" read at the copy's holder must not wait for ever
-            meta["clock"] = clock
+            meta[RANGE_CLOCK] = clock
         self._link(sid).send(Message("repl_load", rid, table.spec.name, meta, arrays))
 
     def plan_rebuild(self, old: KeyRing, new: KeyRing, tables: dict) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import ProtocolError
 from ..link import Link, LinkError
+from ..protocol import CARRIED_ACKS, ERROR, ERRORS, HI, ITEMS, KEY_DROP, KEY_FORM, KEY_REF, KEY_STORE, LO, RIDS
 from ..ring import KeyRing
 from ..transport import Transport
 from ..wire import Message
@@ -138,15 +139,15 @@ class Replicator(Rebuilder):
         """A message from replica ``sid`` to this master: acks (``repl_ack``, ``error``), a miss
         of a named key list, or a request to copy a range again. Returns the settled tokens.
         Raises ProtocolError for a malformed ack (nothing settled then)."""
-        if msg.op == "error" or msg.meta.get("errors"):
-            log.error("replica %d refused an update: %s", sid, msg.meta.get("error"))
+        if msg.op == "error" or msg.meta.get(ERRORS):
+            log.error("replica %d refused an update: %s", sid, msg.meta.get(ERROR))
         if msg.op in ("repl_ack", "error"):
-            return self.carried_acks(sid, msg.meta.get("rids", [msg.ts]) if msg.op == "repl_ack"
+            return self.carried_acks(sid, msg.meta.get(RIDS, [msg.ts]) if msg.op == "repl_ack"
                                      else [msg.ts])
         if msg.op == "repl_miss":
             return self.on_miss(msg.ts, sid)
         if msg.op == "repl_resync":
-            lo, hi = msg.meta.get("lo"), msg.meta.get("hi")
+            lo, hi = msg.meta.get(LO), msg.meta.get(HI)
             if type(lo) is not int or type(hi) is not int or not 0 <= lo < hi <= 1 << 64:
                 raise ProtocolError("a repl_resync needs integer bounds 0 <= lo < hi <= 2**64")
             self.resyncs.append((sid, msg.table, lo, hi))
@@ -279,7 +280,7 @@ class Replicator(Rebuilder):
             v = vals[sel]
             if not len(v) and not always:
                 continue
-            m = {**meta, "kf": "k"}
+            m = {**meta, KEY_FORM: "k"}
             # (token, op, table, meta, keys sent, values, the list and the part of it they are)
             item = (token, op, table, m, self._keys_to_send(sid, keys, sel, memo, m), v, keys, sel)
             if self._batch is not None:
@@ -306,7 +307,7 @@ class Replicator(Rebuilder):
             sender = self.ref_senders[sid] = RefSender(self.ref_limit)
         ref = refs[1].get(sid)
         if ref is not None and sender.use(ref):
-            meta["kr"] = ref
+            meta[KEY_REF] = ref
             return _NO_KEYS
         part = keys[sel]
         if part.size < list_refs.MIN_KEYS:
@@ -315,9 +316,9 @@ class Replicator(Rebuilder):
         evicted = sender.store(self._next_ref, part.nbytes)
         if evicted is None:
             return part
-        meta["ks"] = refs[1][sid] = self._next_ref
+        meta[KEY_STORE] = refs[1][sid] = self._next_ref
         if evicted:
-            meta["kd"] = evicted
+            meta[KEY_DROP] = evicted
         return part
 
     def on_miss(self, rid: int, sid: int) -> list[object]:
@@ -333,9 +334,9 @@ class Replicator(Rebuilder):
         drop = self.ref_senders[sid].reset() if sid in self.ref_senders else []
         resend = []
         for token, op, table, meta, _k, v, keys, sel in items:
-            meta = {f: x for f, x in meta.items() if f not in ("kr", "ks", "kd")}
+            meta = {f: x for f, x in meta.items() if f not in (KEY_REF, KEY_STORE, KEY_DROP)}
             resend.append((token, op, table, meta, keys[sel], v, keys, sel))
-        resend[0][3]["kd"] = drop
+        resend[0][3][KEY_DROP] = drop
         log.warning("replica %d lacked a key list this server named: forward sent again with its keys",
                     sid)
         if self._send_items(sid, resend):  # the same requests now wait for the new forward
@@ -410,9 +411,9 @@ class Replicator(Rebuilder):
             _, op, table, meta, k, v = items[0][:6]
             msg = Message(op, rid, table, meta, [k, v])
         else:
-            meta = {"items": [[it[1], it[2], it[3]] for it in items]}
+            meta = {ITEMS: [[it[1], it[2], it[3]] for it in items]}
             if acks:
-                meta["acks"] = acks
+                meta[CARRIED_ACKS] = acks
             msg = Message("repl_batch", rid, "", meta, [a for it in items for a in it[4:6]])
         try:
             self._link(sid).send(msg)

@@ -22,6 +22,7 @@ from ..ft import checkpoint as ft_checkpoint
 from ..ft.replication import Replicator
 from ..link import Link, LinkError, Poller
 from ..membership.node import Membership
+from ..protocol import ERROR, REBUILT, REPLICA_APPLY_ERRORS, RIDS
 from ..store import index as store_index
 from ..store.apply import sum_parts
 from ..store.updaters import FunctionUpdater, register_updater
@@ -126,9 +127,9 @@ class KVServer:
                 repl.rebuild_step(core.tables)
             if core.out or core.acks.due:
                 self._flush()
-            membership.report["rebuilt"] = repl.rebuilt_version
+            membership.report[REBUILT] = repl.rebuilt_version
             if replica.apply_errors:
-                membership.report["replica_apply_errors"] = replica.apply_errors
+                membership.report[REPLICA_APPLY_ERRORS] = replica.apply_errors
             if membership.view.version != self._view_version:
                 self._on_view()
             if self._leaving and self._leave_step():
@@ -156,7 +157,7 @@ class KVServer:
             log.warning("key ranges handed over: exiting")
             return True
         if msg is not None and msg.op == "error":
-            log.error("the scheduler refused the graceful leave: %s", msg.meta.get("error"))
+            log.error("the scheduler refused the graceful leave: %s", msg.meta.get(ERROR))
             return True
         return time.monotonic() > self._drain_deadline
 
@@ -242,10 +243,10 @@ class KVServer:
         for identity, rids in acks_due.items():
             if not repl.attach_acks(int(identity[1:]), rids):
                 core.out.append((identity, Message(
-                    "repl_ack", rids[0], meta={"rids": rids} if len(rids) > 1 else None)))
+                    "repl_ack", rids[0], meta={RIDS: rids} if len(rids) > 1 else None)))
         core.on_replicated(repl.flush())  # a replica that cannot be reached: stop waiting
         for identity, rids in repl.unsent_acks():  # their carrier could not be sent
-            core.out.append((identity, Message("repl_ack", rids[0], meta={"rids": rids})))
+            core.out.append((identity, Message("repl_ack", rids[0], meta={RIDS: rids})))
         self._flush()
 
     def _flush(self) -> None:
