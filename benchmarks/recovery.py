@@ -88,17 +88,17 @@ class SchedulerProbe:
     def __init__(self, cluster: LocalCluster):
         cfg = cluster.config()
         self.transport = Transport(cfg, "worker" if cluster.insecure else "scheduler")
-        self.sock = self.transport.connect_dealer(*cfg.require_scheduler(), "scheduler")
+        self.link = self.transport.dealer_link(*cfg.require_scheduler(), "scheduler")
         self.ts = 0
 
     def status(self, timeout: float = 2.0) -> dict:
         self.ts += 1
-        self.transport.send(self.sock, Message("status", self.ts))
+        self.link.send(Message("status", self.ts))
         deadline = time.monotonic() + timeout
-        while self.sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
-            _, msg, _ = self.transport.decode(self.sock.recv_multipart(copy=False), routed=False)
-            if msg.ts == self.ts:
-                return msg.meta
+        while self.link.poll(max(0.0, deadline - time.monotonic())):
+            for msg in self.transport.messages(self.link, "scheduler"):
+                if msg.ts == self.ts:
+                    return msg.meta
         raise PServerError("the scheduler did not answer a status request")
 
     def close(self) -> None:
@@ -119,11 +119,11 @@ def server_traffic(cluster: LocalCluster, probe: SchedulerProbe) -> dict[str, li
         for node in probe.status()["nodes"]:
             if node["role"] != "server" or not node["alive"]:
                 continue
-            sock = transport.connect_dealer(node["host"], node["port"], "server")
-            transport.send(sock, Message("stats", 1))
-            if not sock.poll(5000):
+            link = transport.dealer_link(node["host"], node["port"], "server")
+            link.send(Message("stats", 1))
+            if not link.poll(5):
                 raise PServerError(f"server {node['id']} did not answer a stats request")
-            _, msg, _ = transport.decode(sock.recv_multipart(copy=False), routed=False)
+            msg, _ = transport.decode_body(link.recv()[1])
             for op, c in msg.meta["traffic"]["sent_by_op"].items():
                 t = total.setdefault(op, [0, 0])
                 t[0] += c["messages"]
@@ -143,7 +143,7 @@ class ProbeWorker(pserver.KVWorker):
     def _on_reply(self, sid: int, frames: list) -> None:
         if self.replies is not None:
             with contextlib.suppress(PServerError):
-                _, msg, _ = self.transport.decode(frames, routed=False)
+                msg, _ = self.transport.decode_body(frames)
                 self.replies.append((time.monotonic(), sid, msg.op, msg.meta.get("kind"), msg.ts))
         super()._on_reply(sid, frames)
 
@@ -370,16 +370,18 @@ def rebuild_cost(sizes: list[int], repeats: int = 3) -> list[dict]:
     meanwhile). In process, with a transport that encodes but sends nothing."""
     from pserver import wire
     from pserver.ft.replication import Replicator
+    from pserver.link import Link
     from pserver.ring import KeyRing
     from pserver.store.spec import TableSpec
     from pserver.store.table import Table
 
-    class Encoder:
-        def connect_dealer(self, *_a, **_k) -> None:
-            return None
-
-        def send(self, _sock, msg: Message) -> None:
+    class Encoder(Link):  # what a ZmqLink does before the socket: encode
+        def send(self, msg: Message, to: bytes | None = None) -> None:
             wire.encode(msg)
+
+    class Encoders:
+        def dealer_link(self, *_a, **_k) -> Link:
+            return Encoder()
 
     old, new = KeyRing([1, 2, 3], version=1), KeyRing([2, 3], version=2)  # server 1 died
     out = []
@@ -391,7 +393,7 @@ def rebuild_cost(sizes: list[int], repeats: int = 3) -> list[dict]:
         times: dict[str, list[float]] = {"plan": [], "longest_step": [], "all_steps": []}
         steps = copied = 0
         for _ in range(repeats):
-            repl = Replicator(Encoder(), 2, lambda _sid: ("127.0.0.1", 0))
+            repl = Replicator(Encoders(), 2, lambda _sid: ("127.0.0.1", 0))
             repl.ring, repl.k = new, 1
             t = time.perf_counter()
             copied = repl.plan_rebuild(old, new, {"default": table})

@@ -27,6 +27,7 @@ def server_main(out_dir: str, argv: list[str]) -> None:
     it and writes OUT_DIR/PID.json."""
     from pserver import link as link_mod
     from pserver import transport as transport_mod
+    from pserver import wire as wire_mod
     from pserver.cli import main
     from pserver.ft import replica as replica_mod
     from pserver.kv import core as core_mod
@@ -70,11 +71,13 @@ def server_main(out_dir: str, argv: list[str]) -> None:
     replica.apply_deferred = timed("replica_apply", in_replica_apply(replica.apply_deferred))
     core_mod.ServerCore._process = timed("process", core_mod.ServerCore._process,
                                          by_op=lambda a, r: a[2].op)
-    # replies leave through the server's link (Link.send), forwards through Transport.send
-    link_mod.Link.send = timed("send", link_mod.Link.send, by_op=lambda a, r: a[1].op)
-    transport_mod.Transport.send = timed("send", transport_mod.Transport.send, by_op=lambda a, r: a[2].op)
-    transport_mod.Transport.decode = timed("decode", transport_mod.Transport.decode,
-                                           by_op=lambda a, r: r[1].op)
+    # every message leaves through a link's send_frames (replies, acks, forwards, copies), encoded
+    # by wire.encode just before; every one received is decoded by Transport.decode_body
+    wire_mod.encode = timed("encode", wire_mod.encode, by_op=lambda a, r: a[0].op)
+    link_mod.ZmqLink.send_frames = timed("send", link_mod.ZmqLink.send_frames,
+                                         by_op=lambda a, r: a[2])
+    transport_mod.Transport.decode_body = timed("decode", transport_mod.Transport.decode_body,
+                                                by_op=lambda a, r: r[0].op)
     index_mod.HashIndex.lookup = timed("lookup", index_mod.HashIndex.lookup, by_role=True)
     table_mod.update_rows = timed("update", table_mod.update_rows, by_role=True)
     core_mod.sum_parts = timed("sum_parts", core_mod.sum_parts)

@@ -23,6 +23,7 @@ import time
 from . import logs
 from .config import ENV_VARS, Config
 from .errors import PServerError
+from .protocol import BYTES, CONSISTENCY, DIR, KEY_COUNT, NAME, PATH, SECONDS, SERVERS, TABLES, TASKS
 
 # Settings one role alone reads: a flag of that role's command only. Every other PSERVER_* setting is
 # a flag of every node command. `pserver launch` takes all of them (see launch_cluster_kwargs).
@@ -247,15 +248,15 @@ def format_status(view: dict) -> str:
 def cmd_checkpoint(args: argparse.Namespace) -> int:
     from .membership.client import scheduler_request
 
-    meta = {"dir": os.path.abspath(args.dir)} if args.dir else {}
+    meta = {DIR: os.path.abspath(args.dir)} if args.dir else {}
     done = scheduler_request(_config(args), "checkpoint", meta, role="scheduler",
                              timeout=args.timeout).meta
     if args.json:
         print(json.dumps(done, indent=2))
     else:
-        print(f"checkpoint {done['name']} written to {done['path']}: {done['keys']:,} keys in "
-              f"{len(done['tables'])} tables from {done['servers']} servers, "
-              f"{done['bytes'] / 1e6:.1f} MB in {done['seconds']:.2f} s")
+        print(f"checkpoint {done[NAME]} written to {done[PATH]}: {done[KEY_COUNT]:,} keys in "
+              f"{len(done[TABLES])} tables from {done[SERVERS]} servers, "
+              f"{done[BYTES] / 1e6:.1f} MB in {done[SECONDS]:.2f} s")
     return 0
 
 
@@ -273,10 +274,10 @@ def cmd_consistency(args: argparse.Namespace) -> int:
             return 2
         meta = scheduler_request(cfg, "set_consistency", {"app": args.app, "model": model},
                                  role="scheduler", timeout=args.timeout).meta
-        print(f"{args.app}: {meta['consistency'][args.app]}")
+        print(f"{args.app}: {meta[CONSISTENCY][args.app]}")
         return 0
     tasks = scheduler_request(cfg, "status", role=args.role or _status_role(cfg),
-                              timeout=args.timeout).meta.get("tasks", {})
+                              timeout=args.timeout).meta.get(TASKS, {})
     if args.json:
         print(json.dumps(tasks, indent=2))
         return 0

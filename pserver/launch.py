@@ -24,6 +24,7 @@ from typing import Any
 from . import security
 from .config import Config, settings_env
 from .errors import ConfigError, PServerError
+from .protocol import DIR
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +224,7 @@ class LocalCluster:
         its summary (name, path, keys, bytes, seconds). Raises RemoteError if it was aborted."""
         from .membership.client import scheduler_request
 
-        meta = {"dir": os.path.abspath(directory)} if directory else {}
+        meta = {DIR: os.path.abspath(directory)} if directory else {}
         return scheduler_request(self.config(), "checkpoint", meta, role="scheduler",
                                  timeout=timeout).meta
 

@@ -3,7 +3,7 @@
 A :class:`Link` is one endpoint - routed (a ROUTER: it receives from and replies to many peers, named
 by identity) or not (a DEALER: one peer). Every poll loop sends, receives and polls through links and
 a :class:`Poller`, so a loop runs unchanged over ZeroMQ (:class:`ZmqLink`) or in memory
-(:class:`MemoryHub`, for tests without sockets). Decoding stays in ``Transport.decode``.
+(:class:`MemoryHub`, for tests without sockets). Decoding stays in ``Transport.decode_body``.
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from .membership.view import ClusterView, NodeInfo
 from .ring import KeyRing
 from .transport import _TOKEN_LEN, _TOKEN_TAG, TrafficCounters, Transport
 
-__all__ = ["FakeClock", "MemoryCluster", "MemoryTransport", "RecordingLink", "ScriptedKV",
-           "view_of"]
+__all__ = ["FakeClock", "MemoryCluster", "MemoryTransport", "RecordingLink", "RecordingTransport",
+           "ScriptedKV", "view_of"]
 
 
 class RecordingLink(Link):
@@ -70,13 +70,43 @@ class RecordingLink(Link):
         self.closed = True
 
 
+class RecordingTransport:
+    """Stands in for a Transport whose DEALER links are :class:`RecordingLink` s: ``sent`` lists
+    (peer port, Message) over all of them in send order; sends to a port in ``refuse`` raise
+    LinkError (nothing recorded). ``links`` maps port -> the latest link to it."""
+
+    def __init__(self, limits: wire.Limits | None = None) -> None:
+        self.limits = limits if limits is not None else wire.Limits()
+        self.sent: list[tuple[int, wire.Message]] = []
+        self.links: dict[int, RecordingLink] = {}
+        self.refuse: set[int] = set()
+
+    def dealer_link(self, host: str, port: int, peer_role: str,
+                    identity: bytes | None = None) -> RecordingLink:
+        link = self.links[port] = _PeerLink(self, port)
+        return link
+
+
+class _PeerLink(RecordingLink):
+    """A RecordingLink of a :class:`RecordingTransport`, to the peer at ``port``."""
+
+    def __init__(self, transport: RecordingTransport, port: int) -> None:
+        super().__init__(routed=False)
+        self.transport, self.port = transport, port
+
+    def send_frames(self, frames: list, op: str, to: bytes | None = None) -> None:
+        if self.port in self.transport.refuse:
+            raise LinkError(f"cannot send {op!r}: port {self.port} refused")
+        super().send_frames(frames, op, to)
+        self.transport.sent.append((self.port, self.sent[-1][1]))
+
+
 class MemoryTransport(Transport):
     """A :class:`Transport` whose links live in a :class:`MemoryHub` (insecure, no ZeroMQ).
 
     A router bound at host:port is named "host:port" in the hub (port 0: the first free one from
     49152); dealers to the scheduler get token identities as over ZeroMQ, so the scheduler's
-    node-id binding works. The socket methods (bind_router, connect_dealer, send, drain) are not
-    available and raise NotImplementedError.
+    node-id binding works.
     """
 
     def __init__(self, hub: MemoryHub, cfg: Config, role: str) -> None:
@@ -106,11 +136,6 @@ class MemoryTransport(Transport):
         with self._lock:
             self._links.append(link)
         return link
-
-    def bind_router(self, *a: Any, **k: Any) -> Any:
-        raise NotImplementedError("MemoryTransport has links only: use router_link")
-
-    connect_dealer = send = drain = link = bind_router
 
     def close(self) -> None:
         with self._lock:

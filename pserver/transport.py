@@ -15,14 +15,12 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 
-import numpy as np
 import zmq
 
 from . import security, wire
 from .config import Config, zmq_endpoint
 from .errors import ConfigError, PServerError
 from .link import Link, ZmqLink
-from .link import recv_frames as recv
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +101,7 @@ class Transport:
         self._sockets.append(sock)
         return sock
 
-    def bind_router(self, host: str, port: int = 0) -> tuple[zmq.Socket, int]:
+    def _bind_router(self, host: str, port: int = 0) -> tuple[zmq.Socket, int]:
         """A ROUTER bound on host:port (port 0 = any free port). Returns the socket and its port."""
         sock = self._socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished peer raises, never drops
@@ -124,8 +122,8 @@ class Transport:
             raise ConfigError(f"cannot bind {host}:{port}: {e} (check PSERVER_HOST / the port)") from None
         return sock, port
 
-    def connect_dealer(self, host: str, port: int, peer_role: str,
-                       identity: bytes | None = None) -> zmq.Socket:
+    def _connect_dealer(self, host: str, port: int, peer_role: str,
+                        identity: bytes | None = None) -> zmq.Socket:
         """A DEALER connected to the ROUTER of a peer of role ``peer_role``."""
         sock = self._socket(zmq.DEALER)
         if peer_role == "scheduler":
@@ -148,54 +146,21 @@ class Transport:
             identity = self._token + b"%d" % next(self._dealer_ids)
         return identity
 
-    def link(self, sock: zmq.Socket) -> ZmqLink:
-        """``sock`` (made by this transport) as a :class:`~pserver.link.Link` feeding its counters."""
-        return ZmqLink(sock, self.counters)
-
     def router_link(self, host: str, port: int = 0, handover: bool = False) -> tuple[Link, int]:
-        """:meth:`bind_router` as a routed Link. handover: a peer reconnecting with the identity of
-        a live connection takes it over (ROUTER_HANDOVER). Raises ConfigError if it cannot bind."""
-        sock, port = self.bind_router(host, port)
+        """A ROUTER bound on host:port (port 0: any free port) as a routed Link, and its port.
+        handover: a peer reconnecting with the identity of a live connection takes it over
+        (ROUTER_HANDOVER). Raises ConfigError if it cannot bind."""
+        sock, port = self._bind_router(host, port)
         if handover:
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         return ZmqLink(sock, self.counters), port
 
     def dealer_link(self, host: str, port: int, peer_role: str,
                     identity: bytes | None = None) -> Link:
-        """:meth:`connect_dealer` as a Link. Its sends to the scheduler raise LinkTimeout after the
-        connect timeout when no connection could be made."""
-        return ZmqLink(self.connect_dealer(host, port, peer_role, identity), self.counters)
-
-    def send(self, sock: zmq.Socket, msg: wire.Message, identity: bytes | None = None) -> None:
-        """Send ``msg`` on ``sock`` (to ``identity`` on a ROUTER). Raises zmq.ZMQError as
-        sock.send does (e.g. EHOSTUNREACH: a ROUTER's peer is gone)."""
-        frames = wire.encode(msg)
-        # Socket.send per frame instead of send_multipart, whose per-call checks cost more than a
-        # small message's send itself (wire.encode's frames are bytes or numpy arrays).
-        nbytes = 0
-        if identity is not None:
-            sock.send(identity, zmq.SNDMORE)
-            nbytes = len(identity)
-        last = frames[-1]
-        for f in frames[:-1]:
-            sock.send(f, zmq.SNDMORE, copy=False)
-            nbytes += f.nbytes if type(f) is np.ndarray else len(f)
-        sock.send(last, 0, copy=False)
-        nbytes += last.nbytes if type(last) is np.ndarray else len(last)
-        self.counters.count(self.counters.sent, msg.op, nbytes)
-
-    def decode(self, frames: list, routed: bool) -> tuple[bytes | None, wire.Message, str | None]:
-        """Decode received frames -> (identity or None, message, authenticated peer role or None).
-
-        Raises ProtocolError for malformed input; the identity is still available to the caller via
-        :func:`identity_of` so that it can send an error reply.
-        """
-        identity = frames[0].bytes if routed else None
-        body = frames[1:] if routed else frames
-        role = self.creds.peer_role(body[0]) if self.creds.secure and body else None
-        msg = wire.decode(body, self.limits)
-        self.counters.count(self.counters.received, msg.op, sum(map(len, body)))
-        return identity, msg, role
+        """A DEALER connected to the ROUTER of a peer of role ``peer_role``, as a Link. Its sends
+        to the scheduler raise LinkTimeout after the connect timeout when no connection could be
+        made; other sends raise LinkError as :meth:`Link.send` says."""
+        return ZmqLink(self._connect_dealer(host, port, peer_role, identity), self.counters)
 
     def decode_body(self, body: list) -> tuple[wire.Message, str | None]:
         """Decode the frames a :meth:`Link.recv` returned -> (message, authenticated peer role or
@@ -211,20 +176,6 @@ class Transport:
         while (item := link.recv()) is not None:
             try:
                 msg, _ = self.decode_body(item[1])
-            except PServerError as e:
-                log.warning("malformed message from %s dropped: %s", peer, e)
-                continue
-            yield msg
-
-    def drain(self, sock: zmq.Socket, peer: str) -> Iterator[wire.Message]:
-        """Every message waiting on a DEALER socket, decoded, without blocking. A malformed one is
-        logged (naming ``peer``) and skipped: nothing received may stop the caller's loop."""
-        while True:
-            frames = recv(sock)
-            if frames is None:
-                return
-            try:
-                _, msg, _ = self.decode(frames, routed=False)
             except PServerError as e:
                 log.warning("malformed message from %s dropped: %s", peer, e)
                 continue

@@ -26,6 +26,24 @@ from pserver.consistency.timing import IdleTimer
 from pserver.errors import ConfigError, RemoteError, SchedulerUnreachableError, TaskError
 from pserver.wire import Message
 
+from ..protocol import (
+    APP,
+    APP_METRICS,
+    COUNT,
+    ERROR,
+    FINISHED,
+    ID,
+    KIND,
+    MAX,
+    METRICS,
+    MODEL,
+    ON_FAILURE,
+    PAYLOADS,
+    STOP,
+    TASK_IDS,
+    TASKS,
+)
+
 __all__ = ["Executor"]
 
 log = logging.getLogger(__name__)
@@ -241,12 +259,12 @@ class Executor:
         if self._channel is None:
             self._count = int(count)
             return
-        meta = {"app": self.app, "count": int(count), "kind": kind, "model": str(self.dag.model),
-                "on_failure": on_failure}
+        meta = {APP: self.app, COUNT: int(count), KIND: kind, MODEL: str(self.dag.model),
+                ON_FAILURE: on_failure}
         if payloads is not None:
-            meta["payloads"] = payloads
+            meta[PAYLOADS] = payloads
         reply = self._channel.request("task_plan", meta, "ok")
-        text = reply.meta.get("model")
+        text = reply.meta.get(MODEL)
         if text and text != str(self.dag.model):  # the application's model at the scheduler wins
             self.dag.set_model(parse_model(text))
 
@@ -268,7 +286,7 @@ class Executor:
                 asked = True
             for msg in ch.poll(0):
                 asked = asked and not self._take(msg, queue)
-                finished = finished or bool(msg.meta.get("finished"))
+                finished = finished or bool(msg.meta.get(FINISHED))
             if queue:
                 yield queue.popleft()
                 continue
@@ -279,15 +297,15 @@ class Executor:
             with self.timer.waiting_deps():
                 for msg in ch.poll(None):
                     asked = asked and not self._take(msg, queue)
-                    finished = finished or bool(msg.meta.get("finished"))
+                    finished = finished or bool(msg.meta.get(FINISHED))
 
     def _take(self, msg: Any, queue: deque) -> bool:
         """Queue the tasks of a reply; True if it answered our request."""
         if msg.op == "error":
-            raise RemoteError(f"the scheduler refused a task request: {msg.meta.get('error')}")
+            raise RemoteError(f"the scheduler refused a task request: {msg.meta.get(ERROR)}")
         if msg.op != "tasks":
             return False
-        queue.extend((int(t), p) for t, p in msg.meta.get("tasks", []))
+        queue.extend((int(t), p) for t, p in msg.meta.get(TASKS, []))
         return True
 
     def report(self, **app_metrics: float) -> None:
@@ -296,15 +314,15 @@ class Executor:
 
     def _report(self, ask: int | None = None, stop: bool = False) -> None:
         snap = self.timer.snapshot()
-        meta = {"app": self.app, "ids": self._done[:], "metrics": {
+        meta = {APP: self.app, TASK_IDS: self._done[:], METRICS: {
             k: round(snap[k], 6) for k in ("computing_s", "waiting_deps_s", "waiting_net_s")}}
         if self._metrics:
-            meta["app_metrics"] = dict(self._metrics)
+            meta[APP_METRICS] = dict(self._metrics)
             self._metrics.clear()
         if ask is not None:
-            meta["max"] = ask
+            meta[MAX] = ask
         if stop:
-            meta["stop"] = True
+            meta[STOP] = True
         self._done.clear()
         self._channel.send("task_done", meta)
 
@@ -354,7 +372,7 @@ class _Channel:
 
     def send(self, op: str, meta: dict) -> int:
         ts = next(self._ts)
-        self.link.send(Message(op, ts, meta={**meta, "id": self.node}))
+        self.link.send(Message(op, ts, meta={**meta, ID: self.node}))
         return ts
 
     def request(self, op: str, meta: dict, expect: str) -> Any:
@@ -364,7 +382,7 @@ class _Channel:
         while time.monotonic() < deadline:
             for msg in self.poll(0.1):
                 if msg.op == "error":
-                    raise RemoteError(f"the scheduler refused {op}: {msg.meta.get('error')}")
+                    raise RemoteError(f"the scheduler refused {op}: {msg.meta.get(ERROR)}")
                 if msg.ts == ts and msg.op == expect:
                     return msg
         raise SchedulerUnreachableError(f"the scheduler did not answer {op} within "

@@ -27,6 +27,7 @@ from ..errors import (
     PServerError,
     ValueShapeError,
 )
+from ..protocol import FILTER_NAMES
 from .counters import Counters, StageCount
 
 __all__ = [
@@ -296,7 +297,7 @@ class FilterChain:
         modified. The result's ``local`` keeps what :meth:`resend_with_keys` needs.
         """
         _check_outgoing(p)
-        if "filters" in p.meta:
+        if FILTER_NAMES in p.meta:
             raise ConfigError('meta["filters"] is reserved for the filter chain')
         p = Payload(p.keys, p.values, dict(p.meta), list(p.frames))
         self._count(ctx, "raw", "sent", p, p.n_pairs())
@@ -316,7 +317,7 @@ class FilterChain:
         """
         if not isinstance(p.meta, dict):
             raise ProtocolError("message meta is not a JSON object")
-        got = p.meta.get("filters", [])
+        got = p.meta.get(FILTER_NAMES, [])
         if not isinstance(got, list) or got != self.names:
             raise FilterMismatchError(
                 f"message from {ctx.peer!r} was encoded with filters {got!r:.200} but this node "

@@ -27,6 +27,7 @@ import numpy as np
 from .. import security
 from ..consistency.clock import RangeClock
 from ..errors import CheckpointError, PServerError
+from ..protocol import DIR, FILES, KEY_COUNT, RING, SECONDS, SERVER
 from ..ring import KeyRing
 from ..store.spec import TableSpec
 
@@ -147,14 +148,15 @@ def write_shard(partial_dir: str, server_id: int, tables: dict[str, Table],
         time.sleep(delay)
     os.replace(tmp, os.path.join(partial_dir, data_name))
     files = {data_name: {"bytes": w.size, "sha256": w.sha.hexdigest()}}
-    meta = {"format": SHARD_FORMAT, "server": server_id, "ring": ring.to_json(), "tables": entries}
+    manifest = {"format": SHARD_FORMAT, "server": server_id, "ring": ring.to_json(),
+                "tables": entries}
     files[meta_name] = _write_atomic(os.path.join(partial_dir, meta_name),
-                                     json.dumps(meta, separators=(",", ":")).encode())
+                                     json.dumps(manifest, separators=(",", ":")).encode())
     _fsync_dir(partial_dir)
     seconds = time.monotonic() - start
     log.info("checkpoint shard of server %d: %d keys in %d tables, %d bytes, %.3f s", server_id,
              sum(counts.values()), len(counts), w.size, seconds)
-    return {"server": server_id, "files": files, "keys": counts, "seconds": round(seconds, 4)}
+    return {SERVER: server_id, FILES: files, KEY_COUNT: counts, SECONDS: round(seconds, 4)}
 
 
 def handle_write(meta: dict, server_id: int, tables: dict[str, Table],
@@ -162,10 +164,10 @@ def handle_write(meta: dict, server_id: int, tables: dict[str, Table],
     """A server's handler of the scheduler's ``checkpoint_write`` request (meta: "dir" = the
     ``.partial`` directory, "ring" = the ring whose masters write). Returns the shard report."""
     try:
-        ring = KeyRing.from_json(meta["ring"])
+        ring = KeyRing.from_json(meta[RING])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint_write needs the key ring: {e}") from None
-    return write_shard(str(meta.get("dir", "")), server_id, tables, clocks, ring)
+    return write_shard(str(meta.get(DIR, "")), server_id, tables, clocks, ring)
 
 
 def _check_partial_dir(path: str) -> str:
@@ -198,8 +200,8 @@ def commit(directory: str, name: str, reports: list[dict], ring: KeyRing, *,
                 raise CheckpointError(f"shard file {path} is missing or has {size} bytes, but its "
                                       f"server reported {info['bytes']}")
             total_bytes += size
-        meta = _read_json(os.path.join(partial, f"shard-{rep['server']}.json"))
-        for entry in meta["tables"]:
+        shard_manifest = _read_json(os.path.join(partial, f"shard-{rep['server']}.json"))
+        for entry in shard_manifest["tables"]:
             spec = entry["spec"]
             if tables.setdefault(entry["name"], spec) != spec:
                 raise CheckpointError(f"table {entry['name']!r} has different specs on different "
@@ -387,11 +389,11 @@ def load(directory: str, holds: Callable[[np.ndarray], np.ndarray], name: str | 
         sid = int(shard["server"])
         for fname, info in shard["files"].items():
             _verify(os.path.join(path, fname), info)
-        meta = _read_json(os.path.join(path, f"shard-{sid}.json"))
+        shard_manifest = _read_json(os.path.join(path, f"shard-{sid}.json"))
         data = os.path.join(path, f"shard-{sid}.npz")
         try:
             with zipfile.ZipFile(data) as zf:
-                for entry in meta["tables"]:
+                for entry in shard_manifest["tables"]:
                     spec = specs[entry["name"]]
                     if entry.get("clock"):
                         clocks[spec.name].merge(RangeClock.from_json(entry["clock"]))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from ..link import Link, Poller
+from ..protocol import DIR, ERROR, KIND, RING, SERVER
 from ..ring import KeyRing
 from ..wire import Message
 from .checkpoint import begin, commit, latest, read_manifest, resolve
@@ -86,17 +87,17 @@ class CheckpointCoordinator:
     def request(self, identity: bytes, msg: Message) -> None:
         """The "checkpoint" op (meta "dir" optional): start a round, or join the running one; the
         reply ("checkpoint_done" with a summary, or "error") is sent when the round ends."""
-        directory = msg.meta.get("dir") or self.directory
+        directory = msg.meta.get(DIR) or self.directory
         if not directory:
             self.reply(identity, Message("error", msg.ts, meta={
-                "error": "no checkpoint directory: start the scheduler with --checkpoint-dir DIR "
-                         "or pass --dir DIR", "kind": "CheckpointError"}))
+                ERROR: "no checkpoint directory: start the scheduler with --checkpoint-dir DIR "
+                       "or pass --dir DIR", KIND: "CheckpointError"}))
             return
         directory = os.path.abspath(str(directory))
         if self.round is not None and self.round.directory != directory:
             self.reply(identity, Message("error", msg.ts, meta={
-                "error": f"a checkpoint to {self.round.directory} is in progress; retry when it is "
-                         f"done", "kind": "CheckpointError"}))
+                ERROR: f"a checkpoint to {self.round.directory} is in progress; retry when it is "
+                       f"done", KIND: "CheckpointError"}))
             return
         if self.round is None:
             self._start(directory)
@@ -104,7 +105,7 @@ class CheckpointCoordinator:
             self.round.requesters.append((identity, msg.ts))
         else:
             self.reply(identity, Message("error", msg.ts, meta={
-                "error": self._start_error, "kind": "CheckpointError"}))
+                ERROR: self._start_error, KIND: "CheckpointError"}))
 
     def _start(self, directory: str) -> None:
         self._start_error = ""
@@ -132,7 +133,7 @@ class CheckpointCoordinator:
         self.round = _Round(self._ts, directory, name, ring,
                             [{"id": n.id, "rank": n.rank, "host": n.host, "port": n.port}
                              for n in servers], {n.id for n in servers}, time.monotonic())
-        meta = {"dir": partial, "ring": ring.to_json()}
+        meta = {DIR: partial, RING: ring.to_json()}
         for node in servers:
             link = self._links.get(node.id)
             if link is None:
@@ -164,12 +165,12 @@ class CheckpointCoordinator:
                 if rnd is None or msg.ts != rnd.ts or sid not in rnd.waiting:
                     continue  # a late reply of an aborted round
                 if msg.op == "error":
-                    self._abort(f"server {sid} could not write its shard: {msg.meta.get('error')}")
+                    self._abort(f"server {sid} could not write its shard: {msg.meta.get(ERROR)}")
                     return
                 try:
                     rep = msg.meta
-                    if int(rep["server"]) != sid:
-                        raise ValueError(f"report of server {rep['server']}")
+                    if int(rep[SERVER]) != sid:
+                        raise ValueError(f"report of server {rep[SERVER]}")
                     rnd.reports[sid] = rep
                     rnd.waiting.discard(sid)
                 except (KeyError, TypeError, ValueError) as e:
@@ -220,7 +221,7 @@ class CheckpointCoordinator:
                 f"{before or '(none)'} in {rnd.directory}")
         log.error("%s", text)
         for ident, ts in rnd.requesters:
-            self.reply(ident, Message("error", ts, meta={"error": text, "kind": "CheckpointError"}))
+            self.reply(ident, Message("error", ts, meta={ERROR: text, KIND: "CheckpointError"}))
 
     def _drop_link(self, sid: int) -> None:
         link = self._links.pop(sid, None)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..config import REPLICA_KEY_CACHE_DEFAULT, parse_size
 from ..errors import ProtocolError
+from ..protocol import KEY_DROP, KEY_REF, KEY_STORE
 
 # bytes of keys a master may keep stored at one replica (and a replica per master), unless the
 # cluster's setting (PSERVER_REPLICA_KEY_CACHE, on the scheduler) says otherwise
@@ -102,7 +103,7 @@ def check_refs(store: RefStore | None, metas) -> bool:
     added: set[int] = set()    # by earlier items of the message
     dropped: set[int] = set()
     for meta in metas:
-        drop, put, use = meta.get("kd"), meta.get("ks"), meta.get("kr")
+        drop, put, use = meta.get(KEY_DROP), meta.get(KEY_STORE), meta.get(KEY_REF)
         if drop is not None:
             if type(drop) is not list or not all(type(ref) is int for ref in drop):
                 raise ProtocolError("meta 'kd' must be a list of integer key list ids")

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import zmq
-
+from ..link import Link, LinkError
+from ..protocol import KEY_COUNT
 from ..ring import KeyRing
 from ..transport import Transport
 from ..wire import Message
@@ -42,23 +42,23 @@ class MigrationCoordinator:
         self.alive = alive
         self.commit_ring = commit
         self.timeout = timeout
-        self.socks: dict[int, zmq.Socket] = {}
+        self.links: dict[int, Link] = {}  # server id -> link to it
         self.current: _Migration | None = None
         self.queue: list[tuple[Callable[[], KeyRing | None], str, Callable[[], None] | None]] = []
         self._ts = 0
         self.completed = 0
 
-    def _sock(self, sid: int) -> zmq.Socket:
-        sock = self.socks.get(sid)
-        if sock is None:
+    def _link(self, sid: int) -> Link:
+        link = self.links.get(sid)
+        if link is None:
             host, port = self.address(sid)
-            sock = self.socks[sid] = self.transport.connect_dealer(host, port, "server")
-        return sock
+            link = self.links[sid] = self.transport.dealer_link(host, port, "server")
+        return link
 
     def _send(self, sid: int, op: str, meta: dict) -> None:
         try:
-            self.transport.send(self._sock(sid), Message(op, self._ts, meta=meta))
-        except zmq.ZMQError as e:
+            self._link(sid).send(Message(op, self._ts, meta=meta))
+        except LinkError as e:
             log.warning("cannot reach server %d for %s: %s", sid, op, e)
 
     def request(self, make_ring: Callable[[], KeyRing | None], reason: str,
@@ -108,16 +108,16 @@ class MigrationCoordinator:
             self._send(sid, "migrate_prepare", {"ring": ring.to_json(), "servers": where})
 
     def _read(self) -> None:
-        for sid, sock in list(self.socks.items()):
-            for msg in self.transport.drain(sock, f"server {sid}"):
+        for sid, link in list(self.links.items()):
+            for msg in self.transport.messages(link, f"server {sid}"):
                 if self.current is not None and msg.ts == self._ts and msg.op == "migrate_ready":
                     self.current.waiting.discard(sid)
-                    log.info("server %d pre-copied %s keys", sid, msg.meta.get("keys", "?"))
+                    log.info("server %d pre-copied %s keys", sid, msg.meta.get(KEY_COUNT, "?"))
 
     def _commit(self) -> None:
         m = self.current
         self.current = None
-        for sid in sorted(set(m.ring.servers) | set(self.socks)):
+        for sid in sorted(set(m.ring.servers) | set(self.links)):
             if self.alive(sid):
                 self._send(sid, "migrate_commit", {"ring": m.ring.to_json()})
         self.commit_ring(m.ring)
@@ -133,13 +133,13 @@ class MigrationCoordinator:
             return
         self.current = None
         log.error("migration to ring v%d aborted: %s; it will be retried", m.ring.version, why)
-        for sid in self.socks:
+        for sid in self.links:
             if self.alive(sid):
                 self._send(sid, "migrate_abort", {})
         # retried with the servers of the time: make_ring recomputes the ring from the new view
         self.queue.insert(0, (m.make_ring, m.reason, m.done))
 
     def forget(self, sid: int) -> None:
-        sock = self.socks.pop(sid, None)
-        if sock is not None:
-            sock.close(linger=0)
+        link = self.links.pop(sid, None)
+        if link is not None:
+            link.close()

@@ -1,7 +1,7 @@
 """Copies of key ranges between servers, made between request bursts: re-replication after a
 failover (new replicas get the keys they lack) and the pre-copy phase of a live migration (a
 joining or remaining server gets the ranges it will hold). Part of the :class:`Replicator`, which
-owns the sockets, the acknowledgement bookkeeping and the ring these copies follow.
+owns the links, the acknowledgement bookkeeping and the ring these copies follow.
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import logging
 from collections import deque
 
 import numpy as np
-import zmq
 
+from ..link import LinkError
+from ..protocol import APPLIED, KEY_FORM, RANGE_CLOCK, SPEC
 from ..ring import KeyRing
 from ..wire import Message
 
@@ -23,7 +24,7 @@ PRECOPY_KEYS = 1 << 16   # keys per migration pre-copy chunk, sent between reque
 class Rebuilder:
     """The copying half of :class:`~pserver.ft.replication.Replicator` (which defines the
     attributes used here: ``k``, ``my_id``, ``ring``, ``next_ring``, ``jobs``, the rid
-    bookkeeping and the sockets)."""
+    bookkeeping and the links)."""
 
     # -- re-replication after a ring change -----------------------------------------------------
     def _copies(self, old: KeyRing | None, new: KeyRing, tables: dict, masters: KeyRing
@@ -63,11 +64,11 @@ class Rebuilder:
         parts. ``rid`` > 0 asks the receiver to acknowledge it."""
         values, state = table.rows(keys)
         arrays = [keys, values] + ([state] if state is not None else [])
-        meta = {"kf": "k", "spec": table.spec.to_json(), "applied": self.applied_of()}
+        meta = {KEY_FORM: "k", SPEC: table.spec.to_json(), APPLIED: self.applied_of()}
         clock = self.clock_of(table.spec.name, int(keys[0]), int(keys[-1]) + 1) if len(keys) else None
         if clock is not None:  # an "as of" read at the copy's holder must not wait for ever
-            meta["clock"] = clock
-        self.transport.send(self._sock(sid), Message("repl_load", rid, table.spec.name, meta, arrays))
+            meta[RANGE_CLOCK] = clock
+        self._link(sid).send(Message("repl_load", rid, table.spec.name, meta, arrays))
 
     def plan_rebuild(self, old: KeyRing, new: KeyRing, tables: dict) -> int:
         """After a failover: queue copies of the keys this server masters under ``new`` to their
@@ -106,14 +107,14 @@ class Rebuilder:
                 self._rid_peer[self._next_rid] = sid
                 try:
                     self._send_copy(table, sid, chunk, self._next_rid)
-                except zmq.ZMQError as e:  # the migration then times out and is aborted
+                except LinkError as e:  # the migration then times out and is aborted
                     log.warning("cannot pre-copy to server %d: %s", sid, e)
                 continue
             if table is None or self.ring is None or sid not in self.ring.servers:
                 continue
             try:
                 self._send_copy(table, sid, chunk)
-            except zmq.ZMQError as e:
+            except LinkError as e:
                 log.warning("cannot copy to replica %d: %s", sid, e)
         if not any(job[3] is None for job in self.jobs):
             self.rebuilt_version = self._rebuilding_version

@@ -12,6 +12,25 @@ import numpy as np
 
 from ..errors import ProtocolError, PServerError
 from ..kv import keys as keyfmt
+from ..protocol import (
+    APPLIED,
+    CARRIED_ACKS,
+    CLOCK_ENTRIES,
+    ERROR,
+    ERRORS,
+    HI,
+    ITEMS,
+    KEY_DROP,
+    KEY_REF,
+    KEY_STORE,
+    LO,
+    RANGE_CLOCK,
+    SOURCE,
+    SPEC,
+    SYNC_ROUND,
+    WORKER_PART,
+    WORKER_TS,
+)
 from ..store.apply import apply_push
 from ..store.spec import TableSpec
 from ..wire import Message
@@ -68,14 +87,14 @@ class ReplicaSide:
     def _batch(self, identity: bytes, msg: Message) -> None:
         """Several forwards in one message: applied in order, each as if it came alone, then
         acknowledged once. A refused item is counted in the ack; the others are still applied."""
-        items = msg.meta.get("items")
+        items = msg.meta.get(ITEMS)
         if (type(items) is not list or not 1 <= len(items) <= 64 or len(msg.arrays) != 2 * len(items)
                 or not all(type(it) is list and len(it) == 3 and it[0] in ("replicate", "replicate_agg")
                            and type(it[1]) is str and type(it[2]) is dict for it in items)):
             raise ProtocolError("a repl_batch needs items [op, table, meta] and two arrays per item")
         master = master_of(identity)
-        if "acks" in msg.meta:  # this server's forwards to the sender, acknowledged on the way
-            self.replicated(self.repl.carried_acks(master, msg.meta["acks"]))
+        if CARRIED_ACKS in msg.meta:  # this server's forwards to the sender, acknowledged on the way
+            self.replicated(self.repl.carried_acks(master, msg.meta[CARRIED_ACKS]))
         if not check_refs(self.repl.ref_stores.get(master), (it[2] for it in items)):
             self.out.append((identity, Message("repl_miss", msg.ts)))  # nothing applied: resent
             return
@@ -89,8 +108,8 @@ class ReplicaSide:
                 errors.append(str(e)[:200])
         if errors:
             log.warning("refused %d of %d forwarded updates: %s", len(errors), len(items), errors[0])
-            self.out.append((identity, Message("repl_ack", msg.ts, meta={"errors": len(errors),
-                                                                          "error": errors[0]})))
+            self.out.append((identity, Message("repl_ack", msg.ts, meta={ERRORS: len(errors),
+                                                                          ERROR: errors[0]})))
         else:
             self._ack(identity, msg.ts)
 
@@ -98,17 +117,17 @@ class ReplicaSide:
         """A copy of keys (re-replication, a migration's pre-copy, a re-copy): values, state, the
         master's applied parts and the range clock of the copied range."""
         master = master_of(identity)
-        spec = TableSpec.from_json(msg.meta.get("spec"))
+        spec = TableSpec.from_json(msg.meta.get(SPEC))
         self.declare(spec)
         table = self.table(spec.name)
         keys = keyfmt.unpack_keys(msg).as_array()
         if len(msg.arrays) not in (2, 3) or msg.arrays[1].shape != (len(keys), table.dim):
             raise ProtocolError("a replica snapshot needs keys, values (and state) that match")
-        clock = msg.meta.get("clock")
+        clock = msg.meta.get(RANGE_CLOCK)
         if clock is not None:
             self.clocks.merge_json(spec.name, clock)  # checked before anything is stored
         table.load(keys, msg.arrays[1], msg.arrays[2] if len(msg.arrays) == 3 else None)
-        self.exactly_once.load(master, msg.meta.get("applied", []))
+        self.exactly_once.load(master, msg.meta.get(APPLIED, []))
         if msg.ts:  # a pre-copy of a migration: the master waits for it
             self.out.append((identity, Message("repl_ack", msg.ts)))
 
@@ -123,17 +142,17 @@ class ReplicaSide:
         name = table.spec.name
         if msg.op == "replicate_agg":
             self._defer(table, keys, vals, ref, master)
-            for worker, ts, part in msg.meta.get("clk", []):
+            for worker, ts, part in msg.meta.get(CLOCK_ENTRIES, []):
                 self.exactly_once.record(master, int(worker), int(ts), part)
                 self.clocks.record(name, int(worker), keys, int(ts))
         else:
-            src, wts, wp = int(msg.meta["src"]), int(msg.meta["wts"]), msg.meta.get("wp")
+            src, wts, wp = int(msg.meta[SOURCE]), int(msg.meta[WORKER_TS]), msg.meta.get(WORKER_PART)
             if wp is not None and type(wp) is not int:
                 raise ProtocolError("meta 'wp' must be an integer part id")
             if not self.exactly_once.seen(master, src, wts, wp):
                 self.exactly_once.record(master, src, wts, wp)
                 self.clocks.record(name, src, keys, wts)
-                if table.spec.sync and "rnd" in msg.meta:
+                if table.spec.sync and SYNC_ROUND in msg.meta:
                     self.apply_deferred()  # in order with this master's earlier forwards
                     self.aggregate(msg, table, keys, vals, src, master)
                 else:
@@ -147,7 +166,7 @@ class ReplicaSide:
         the list it names ("kr", see pserver.ft.list_refs; check_refs made sure it is held).
         Drops the lists the master evicted ("kd") and stores the keys it asks to ("ks")."""
         meta = msg.meta
-        drop, put, use = meta.get("kd"), meta.get("ks"), meta.get("kr")
+        drop, put, use = meta.get(KEY_DROP), meta.get(KEY_STORE), meta.get(KEY_REF)
         store = self.repl.ref_store(master) if drop or put is not None or use is not None else None
         if drop:
             store.drop(drop)
@@ -196,4 +215,4 @@ class ReplicaSide:
                               "asking it to copy keys [%d, %d) again", table.spec.name, master, lo, hi)
                 if keys.n:
                     self.out.append((b"s%d" % master, Message(
-                        "repl_resync", 0, table.spec.name, meta={"lo": lo, "hi": hi})))
+                        "repl_resync", 0, table.spec.name, meta={LO: lo, HI: hi})))

@@ -14,9 +14,10 @@ from collections.abc import Callable
 
 import numba
 import numpy as np
-import zmq
 
 from ..errors import ProtocolError
+from ..link import Link, LinkError
+from ..protocol import CARRIED_ACKS, ERROR, ERRORS, HI, ITEMS, KEY_DROP, KEY_FORM, KEY_REF, KEY_STORE, LO, RIDS
 from ..ring import KeyRing
 from ..transport import Transport
 from ..wire import Message
@@ -63,8 +64,7 @@ class Replicator(Rebuilder):
         self.after_aggregation = True
         self.ring: KeyRing | None = None
         self.next_ring: KeyRing | None = None     # during a migration: the ring being prepared
-        self.socks: dict[int, zmq.Socket] = {}
-        self.sock_peer: dict[zmq.Socket, int] = {}
+        self.links: dict[int, Link] = {}          # replica (or new holder) id -> link to it
         self._next_rid = 0
         self.waiting: dict[int, list] = {}        # replication id -> tokens of the requests it carries
         self._rid_peer: dict[int, int] = {}       # replication id -> replica it went to
@@ -112,7 +112,7 @@ class Replicator(Rebuilder):
             if node is None or not node.alive:
                 del self.ref_stores[sid]
         done: list[object] = []
-        for sid in list(self.socks):
+        for sid in list(self.links):
             node = view.nodes.get(sid)  # a joiner may not be in this view yet: not dead
             if node is not None and not node.alive:
                 done += self.drop_replica(sid)
@@ -139,15 +139,15 @@ class Replicator(Rebuilder):
         """A message from replica ``sid`` to this master: acks (``repl_ack``, ``error``), a miss
         of a named key list, or a request to copy a range again. Returns the settled tokens.
         Raises ProtocolError for a malformed ack (nothing settled then)."""
-        if msg.op == "error" or msg.meta.get("errors"):
-            log.error("replica %d refused an update: %s", sid, msg.meta.get("error"))
+        if msg.op == "error" or msg.meta.get(ERRORS):
+            log.error("replica %d refused an update: %s", sid, msg.meta.get(ERROR))
         if msg.op in ("repl_ack", "error"):
-            return self.carried_acks(sid, msg.meta.get("rids", [msg.ts]) if msg.op == "repl_ack"
+            return self.carried_acks(sid, msg.meta.get(RIDS, [msg.ts]) if msg.op == "repl_ack"
                                      else [msg.ts])
         if msg.op == "repl_miss":
             return self.on_miss(msg.ts, sid)
         if msg.op == "repl_resync":
-            lo, hi = msg.meta.get("lo"), msg.meta.get("hi")
+            lo, hi = msg.meta.get(LO), msg.meta.get(HI)
             if type(lo) is not int or type(hi) is not int or not 0 <= lo < hi <= 1 << 64:
                 raise ProtocolError("a repl_resync needs integer bounds 0 <= lo < hi <= 2**64")
             self.resyncs.append((sid, msg.table, lo, hi))
@@ -183,21 +183,19 @@ class Replicator(Rebuilder):
         return self.ring is not None and (self.next_ring is not None
                                           or (self.k > 0 and len(self.ring.servers) > 1))
 
-    def _sock(self, sid: int) -> zmq.Socket:
-        sock = self.socks.get(sid)
-        if sock is None:
+    def _link(self, sid: int) -> Link:
+        link = self.links.get(sid)
+        if link is None:
             host, port = self.peer_address(sid)
-            sock = self.transport.connect_dealer(host, port, "server", b"s%d" % self.my_id)
-            self.socks[sid] = sock
-            self.sock_peer[sock] = sid
-        return sock
+            link = self.links[sid] = self.transport.dealer_link(host, port, "server",
+                                                                 b"s%d" % self.my_id)
+        return link
 
     def forget_peer(self, sid: int) -> None:
         self.ref_senders.pop(sid, None)
-        sock = self.socks.pop(sid, None)
-        if sock is not None:
-            self.sock_peer.pop(sock, None)
-            sock.close(linger=0)
+        link = self.links.pop(sid, None)
+        if link is not None:
+            link.close()
 
     # -- forwarding -----------------------------------------------------------------------------
     def replica_groups(self, keys: np.ndarray, memo: dict | None = None
@@ -282,7 +280,7 @@ class Replicator(Rebuilder):
             v = vals[sel]
             if not len(v) and not always:
                 continue
-            m = dict(meta, kf="k")
+            m = {**meta, KEY_FORM: "k"}
             # (token, op, table, meta, keys sent, values, the list and the part of it they are)
             item = (token, op, table, m, self._keys_to_send(sid, keys, sel, memo, m), v, keys, sel)
             if self._batch is not None:
@@ -309,7 +307,7 @@ class Replicator(Rebuilder):
             sender = self.ref_senders[sid] = RefSender(self.ref_limit)
         ref = refs[1].get(sid)
         if ref is not None and sender.use(ref):
-            meta["kr"] = ref
+            meta[KEY_REF] = ref
             return _NO_KEYS
         part = keys[sel]
         if part.size < list_refs.MIN_KEYS:
@@ -318,9 +316,9 @@ class Replicator(Rebuilder):
         evicted = sender.store(self._next_ref, part.nbytes)
         if evicted is None:
             return part
-        meta["ks"] = refs[1][sid] = self._next_ref
+        meta[KEY_STORE] = refs[1][sid] = self._next_ref
         if evicted:
-            meta["kd"] = evicted
+            meta[KEY_DROP] = evicted
         return part
 
     def on_miss(self, rid: int, sid: int) -> list[object]:
@@ -336,9 +334,9 @@ class Replicator(Rebuilder):
         drop = self.ref_senders[sid].reset() if sid in self.ref_senders else []
         resend = []
         for token, op, table, meta, _k, v, keys, sel in items:
-            meta = {f: x for f, x in meta.items() if f not in ("kr", "ks", "kd")}
+            meta = {f: x for f, x in meta.items() if f not in (KEY_REF, KEY_STORE, KEY_DROP)}
             resend.append((token, op, table, meta, keys[sel], v, keys, sel))
-        resend[0][3]["kd"] = drop
+        resend[0][3][KEY_DROP] = drop
         log.warning("replica %d lacked a key list this server named: forward sent again with its keys",
                     sid)
         if self._send_items(sid, resend):  # the same requests now wait for the new forward
@@ -413,13 +411,13 @@ class Replicator(Rebuilder):
             _, op, table, meta, k, v = items[0][:6]
             msg = Message(op, rid, table, meta, [k, v])
         else:
-            meta = {"items": [[it[1], it[2], it[3]] for it in items]}
+            meta = {ITEMS: [[it[1], it[2], it[3]] for it in items]}
             if acks:
-                meta["acks"] = acks
+                meta[CARRIED_ACKS] = acks
             msg = Message("repl_batch", rid, "", meta, [a for it in items for a in it[4:6]])
         try:
-            self.transport.send(self._sock(sid), msg)
-        except zmq.ZMQError as e:
+            self._link(sid).send(msg)
+        except LinkError as e:
             log.warning("cannot forward to replica %d: %s", sid, e)
             return False
         self.waiting[rid] = [it[0] for it in items]

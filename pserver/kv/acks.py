@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..protocol import ACK_LIST, PART
 from ..store.apply import apply_pull
 from ..wire import Message
 
@@ -70,7 +71,7 @@ class AckBook:
             read = self.reads.pop((identity, ts, part), None)
             if read is not None:
                 vals = apply_pull(*read) if type(read) is tuple else read
-                self.out.append((identity, Message("vals", ts, meta={"p": part} if part is not None
+                self.out.append((identity, Message("vals", ts, meta={PART: part} if part is not None
                                                    else None, arrays=[vals])))
                 return
         batch = self.due.get(identity)
@@ -83,9 +84,9 @@ class AckBook:
         """The acks due, one message per worker; none are due afterwards."""
         due, self.due = self.due, {}
         return [(identity, ack_message(*acks[0]) if len(acks) == 1
-                 else Message("acks", 0, meta={"a": acks})) for identity, acks in due.items()]
+                 else Message("acks", 0, meta={ACK_LIST: acks})) for identity, acks in due.items()]
 
 
 def ack_message(ts: int, part) -> Message:
     """The acknowledgement of part ``part`` (None: an unsplit request) of request ``ts``."""
-    return Message("ack", ts, meta={"p": part} if part is not None else None)
+    return Message("ack", ts, meta={PART: part} if part is not None else None)

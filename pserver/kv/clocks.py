@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ..consistency.clock import KEY_SPACE_END, NEVER, RangeClock
 from ..errors import ProtocolError, PServerError
+from ..protocol import CLOCK
 from .keys import KeySet
 from .rounds import SyncRounds
 
@@ -56,7 +57,7 @@ class AppliedClocks:
         clock = self.clocks.get(table)
         nodes = set(clock.nodes()) if clock is not None else set()
         nodes.update(self.rounds.senders(table))
-        return {"vc": {str(n): self.applied_time(table, n, lo, hi) for n in sorted(nodes)}}
+        return {CLOCK: {str(n): self.applied_time(table, n, lo, hi) for n in sorted(nodes)}}
 
     def copy_json(self, table: str, lo: int, hi: int) -> dict | None:
         """The clock of [lo, hi) of ``table``, to travel with a copy of its keys (None: none)."""

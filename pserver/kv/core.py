@@ -19,6 +19,34 @@ from ..ft.exactly_once import ReplicationClock
 from ..ft.replica import ReplicaSide
 from ..ft.replication import PrecopyAck, Replicator, RoundAck
 from ..membership.view import ClusterView
+from ..protocol import (
+    AS_OF,
+    CLOCK,
+    CLOCK_ENTRIES,
+    DUPLICATE,
+    ERROR,
+    FILTER_META,
+    ID,
+    KEY_COUNT,
+    KIND,
+    LIMIT,
+    NEXT,
+    ORIGINS,
+    PART,
+    PUSH_FACTOR,
+    PUSH_PULL,
+    PUSHES,
+    RING,
+    RING_VERSION,
+    ROUND,
+    SERVERS,
+    SOURCE,
+    SPAN,
+    SPEC,
+    SYNC_ROUND,
+    WORKER_PART,
+    WORKER_TS,
+)
 from ..ring import KeyRing
 from ..store.apply import apply_pull, apply_push, sum_parts
 from ..store.spec import TableSpec
@@ -28,7 +56,7 @@ from . import keys as keyfmt
 from .acks import AckBook
 from .clocks import AppliedClocks
 from .dispatch import SERVER_OPS
-from .filtering import FILTER_META, ServerFilters
+from .filtering import ServerFilters
 from .rounds import SyncRounds
 from .tables import Tables
 
@@ -74,7 +102,7 @@ class ServerCore:
         waits). Never raises: a refused request is answered with an error. Returns ``out``, the
         replies to send (the caller empties it); acks due are collected in ``acks``."""
         try:
-            part = msg.meta.get("p")
+            part = msg.meta.get(PART)
             if part is not None and type(part) is not int:
                 raise ProtocolError("meta 'p' (the request part) must be an integer")
             if self.secure:
@@ -93,23 +121,23 @@ class ServerCore:
             else:
                 self._process(identity, msg)
         except PServerError as e:
-            self.reject(identity, msg.ts, e, msg.meta.get("p"))
+            self.reject(identity, msg.ts, e, msg.meta.get(PART))
         except Exception as e:
             log.exception("unexpected error on a request")
-            self.reject(identity, msg.ts, e, msg.meta.get("p"))
+            self.reject(identity, msg.ts, e, msg.meta.get(PART))
         return self.out
 
     def reject(self, identity: bytes, ts: int, err: Exception, part=None) -> None:
         """Answer request ``ts`` with an error (kind: the exception class) and count it."""
         self.count(err)
-        meta = {"error": str(err)[:1000], "kind": type(err).__name__}
+        meta = {ERROR: str(err)[:1000], KIND: type(err).__name__}
         if isinstance(err, WrongOwnerError):
-            meta["rv"] = _ring_version(self.repl)
+            meta[RING_VERSION] = _ring_version(self.repl)
             log.info("request from %r for keys this server does not master: %s", identity[:16], err)
         else:
             log.warning("rejected a request from %r: %s", identity[:16], err)
         if type(part) is int:
-            meta["p"] = part
+            meta[PART] = part
         self.out.append((identity, Message("error", ts, meta=meta)))
 
     def count(self, err: Exception) -> None:
@@ -128,14 +156,14 @@ class ServerCore:
     def _answer(self, identity: bytes, req: Message, op: str, arrays=(), meta=None) -> None:
         """Reply to ``req``, echoing its part id so the worker can match split requests."""
         meta = dict(meta or {})
-        if "p" in req.meta:
-            meta["p"] = req.meta["p"]
+        if PART in req.meta:
+            meta[PART] = req.meta[PART]
         self.out.append((identity, Message(op, req.ts, meta=meta, arrays=list(arrays))))
 
     # -- handlers (see pserver.kv.dispatch) ---------------------------------------------------------
     def on_push(self, identity: bytes, msg: Message) -> None:
         table = self.tables.table(msg.table)
-        pp = msg.meta.get("pp") == 1  # push_pull: answer with the keys' values once applied
+        pp = msg.meta.get(PUSH_PULL) == 1  # push_pull: answer with the keys' values once applied
         if table.spec.push_filters or FILTER_META in msg.meta:
             if pp:
                 raise ProtocolError("push_pull is not supported on tables with filters")
@@ -145,19 +173,19 @@ class ServerCore:
         check_limits(keys, table, self.limits)
         sender = keyfmt.sender_id(identity)
         self._check_owner(msg, keys)
-        part = msg.meta.get("p")
+        part = msg.meta.get(PART)
         token = (identity, msg.ts, part)
         repl, once = self.repl, self.exactly_once
-        orig = origins(msg.meta.get("orig"))
+        orig = origins(msg.meta.get(ORIGINS))
         if orig and any(once.seen(s, sender, msg.ts, p) for s, p in orig):
             # a resend after failover of an update this server already has (it was the replica)
             self.duplicates += 1
             if pp:
-                self._answer(identity, msg, "vals", [apply_pull(table, keys)], {"dup": 1})
+                self._answer(identity, msg, "vals", [apply_pull(table, keys)], {DUPLICATE: 1})
             else:
-                self._answer(identity, msg, "ack", meta={"dup": 1})
+                self._answer(identity, msg, "ack", meta={DUPLICATE: 1})
             return
-        self.clocks.record(table.spec.name, sender, keys, msg.ts, msg.meta.get("span"))
+        self.clocks.record(table.spec.name, sender, keys, msg.ts, msg.meta.get(SPAN))
         once.note_applied(sender, msg.ts, part)
         for s, p in orig:  # an old master's own forward of the part may still be on its way
             once.record(s, sender, msg.ts, p)
@@ -178,16 +206,16 @@ class ServerCore:
             return
         kept = keys.as_array()
         self.acks.expect(token, repl.forward(token, "replicate", table.spec.name,
-                                             {"src": sender, "wts": msg.ts, "wp": part},
+                                             {SOURCE: sender, WORKER_TS: msg.ts, WORKER_PART: part},
                                              kept, vals, memo=table.slot_cache.memo(kept)) > 0)
         self.acks.local_done(token)
 
     def on_pull(self, identity: bytes, msg: Message) -> None:
         table = self.tables.table(msg.table)
-        if "as_of" in msg.meta:
+        if AS_OF in msg.meta:
             if table.spec.pull_filters or FILTER_META in msg.meta:
                 raise ProtocolError("as_of pulls are not supported on tables with pull filters")
-            if self.clocks.behind(table.spec.name, keyfmt.unpack_keys(msg), msg.meta["as_of"],
+            if self.clocks.behind(table.spec.name, keyfmt.unpack_keys(msg), msg.meta[AS_OF],
                                   self.view.alive):
                 # held at the head of its sender's queue, retried after every applied push
                 self.held.setdefault(identity, deque()).appendleft(msg)
@@ -198,14 +226,14 @@ class ServerCore:
             check_limits(keys, table, self.limits)
             self._check_owner(msg, keys)
             arrays, meta = self.filters.encode_reply(identity, table, apply_pull(table, keys))
-            if msg.meta.get("vc") and keys.n:
+            if msg.meta.get(CLOCK) and keys.n:
                 meta = {**meta, **self.clocks.meta(table.spec.name, keys)}
             self._answer(identity, msg, "vals", arrays, meta)
             return
         keys = keyfmt.unpack_keys(msg)
         check_limits(keys, table, self.limits)
         self._check_owner(msg, keys)
-        meta = self.clocks.meta(table.spec.name, keys) if msg.meta.get("vc") and keys.n else None
+        meta = self.clocks.meta(table.spec.name, keys) if msg.meta.get(CLOCK) and keys.n else None
         self._answer(identity, msg, "vals", [apply_pull(table, keys)], meta)
 
     def on_pull_range(self, identity: bytes, msg: Message) -> None:
@@ -218,20 +246,20 @@ class ServerCore:
         if ring is not None and len(ring.servers) > 1 and len(k):
             mine = ring.owner_of(k) == self.repl.my_id  # replicas answer nothing
             k, v = k[mine], v[mine]
-        meta = {"rv": _ring_version(self.repl)}
-        limit = msg.meta.get("limit")
+        meta = {RING_VERSION: _ring_version(self.repl)}
+        limit = msg.meta.get(LIMIT)
         if limit is not None:  # a page: at most limit entries, and where the next page starts
             if type(limit) is not int or limit < 1:
                 raise ProtocolError("meta 'limit' of a range pull must be an integer >= 1")
             if len(k) > limit:
                 k, v = k[:limit], v[:limit]
-                meta["next"] = int(k[-1]) + 1
+                meta[NEXT] = int(k[-1]) + 1
         self._answer(identity, msg, "range", [k, v], meta)
 
     def on_declare_table(self, identity: bytes, msg: Message) -> None:
         """Declare a table (meta "spec"). For a sync table, a worker is a pusher unless meta
         "pushes" is false; the reply's "round" is the first round that waits for it."""
-        spec = TableSpec.from_json(msg.meta.get("spec"))
+        spec = TableSpec.from_json(msg.meta.get(SPEC))
         if spec.dim > self.limits.max_dim:
             raise LimitError(f"table dim {spec.dim} exceeds this server's limit of "
                              f"{self.limits.max_dim} (--max-dim / PSERVER_MAX_DIM)")
@@ -240,10 +268,10 @@ class ServerCore:
                              f"start servers with --plugin MODULE (a module that calls "
                              f"pserver.register_updater)")
         self.tables.declare(spec)
-        meta = {"push_factor": spec.push_factor}
+        meta = {PUSH_FACTOR: spec.push_factor}
         if spec.sync:
-            meta["round"] = self.rounds.declare(spec.name, keyfmt.sender_id(identity),
-                                                msg.meta.get("pushes", True) is not False)
+            meta[ROUND] = self.rounds.declare(spec.name, keyfmt.sender_id(identity),
+                                              msg.meta.get(PUSHES, True) is not False)
         self._answer(identity, msg, "ok", meta=meta)
 
     def on_migrate(self, identity: bytes, msg: Message) -> None:
@@ -251,13 +279,13 @@ class ServerCore:
         if msg.op == "migrate_abort":
             self.repl.next_ring = None
             return
-        ring = KeyRing.from_json(msg.meta["ring"])
+        ring = KeyRing.from_json(msg.meta[RING])
         if msg.op == "migrate_prepare":
-            for sid, (host, port) in msg.meta.get("servers", {}).items():
+            for sid, (host, port) in msg.meta.get(SERVERS, {}).items():
                 self.repl.known_peers[int(sid)] = (str(host), int(port))
             self.repl.next_ring = ring
             if not self.repl.precopy(ring, self.tables, PrecopyAck(identity, msg.ts)):
-                self.out.append((identity, Message("migrate_ready", msg.ts, meta={"keys": 0})))
+                self.out.append((identity, Message("migrate_ready", msg.ts, meta={KEY_COUNT: 0})))
             return
         self.repl.next_ring = None  # commit: switch now, before the view's broadcast
         self.repl.adopt_ring(ring, True, self.tables)
@@ -270,7 +298,7 @@ class ServerCore:
         self.out.append((identity, Message("ok", msg.ts, meta=report)))
 
     def on_ping(self, identity: bytes, msg: Message) -> None:
-        self._answer(identity, msg, "pong", meta={"id": self.repl.my_id})
+        self._answer(identity, msg, "pong", meta={ID: self.repl.my_id})
 
     def on_stats(self, identity: bytes, msg: Message) -> None:
         self._answer(identity, msg, "stats", meta=self.stats())
@@ -280,7 +308,7 @@ class ServerCore:
         """Serve only keys this server masters. A request split with the same ring version is
         trusted (the hot path); otherwise the keys' owners are computed."""
         ring = self.repl.ring
-        if ring is None or msg.meta.get("rv") == ring.version or keys.n == 0:
+        if ring is None or msg.meta.get(RING_VERSION) == ring.version or keys.n == 0:
             return
         me = self.repl.my_id
         if len(ring.servers) == 1 and ring.servers[0] == me:
@@ -295,7 +323,7 @@ class ServerCore:
                    origin: int | None = None) -> None:
         """Add a push to its round; apply the rounds that are complete. ``token`` None: a part
         forwarded by master ``origin`` (this server is its replica)."""
-        rnd = msg.meta.get("rnd")
+        rnd = msg.meta.get(SYNC_ROUND)
         if type(rnd) is not int or rnd < 0:
             raise ProtocolError("a push to a synchronous table must carry its round number")
         # A part resent after a failover joins this server's own round r: the other workers send
@@ -303,13 +331,13 @@ class ServerCore:
         # here, the part is applied on its own (a resend holds keys no earlier part of r had; a
         # worker that declared after r began, and did not adopt the round its reply named, must
         # not open a round r again that nobody else would push).
-        resend = origin is None and bool(msg.meta.get("orig"))
+        resend = origin is None and bool(msg.meta.get(ORIGINS))
         name = table.spec.name
         if origin is None and self.rounds.is_done(name, None, rnd):
             self._apply_late_part(token, msg, table, keys, vals, sender)
             return
         r = self.rounds.add(name, (rnd, origin), sender,
-                            (msg.ts, msg.meta.get("wp" if token is None else "p")),
+                            (msg.ts, msg.meta.get(WORKER_PART if token is None else PART)),
                             keys.as_array() if keys.n else None, vals, resend)
         if token is not None:
             r.waiting.append(token)
@@ -317,8 +345,8 @@ class ServerCore:
             self.held.setdefault(token[0], deque())
             if self.repl.active() and not self.repl.after_aggregation:
                 self.acks.expect(token, self.repl.forward(
-                    token, "replicate", name, {"src": sender, "wts": msg.ts,
-                                               "wp": msg.meta.get("p"), "rnd": rnd},
+                    token, "replicate", name, {SOURCE: sender, WORKER_TS: msg.ts,
+                                               WORKER_PART: msg.meta.get(PART), SYNC_ROUND: rnd},
                     keys.as_array(), vals, always=True) > 0)
         self._apply_rounds(name)
 
@@ -330,7 +358,7 @@ class ServerCore:
         if token is None:
             return
         self.acks.expect(token, self.repl.active() and self.repl.forward(
-            token, "replicate_agg", table.spec.name, {"clk": [[sender, msg.ts, msg.meta.get("p")]]},
+            token, "replicate_agg", table.spec.name, {CLOCK_ENTRIES: [[sender, msg.ts, msg.meta.get(PART)]]},
             keys.as_array(), vals) > 0)
         self.acks.local_done(token)
 
@@ -347,7 +375,7 @@ class ServerCore:
                 vals = np.empty((0, table.spec.push_cols), table.dtype)
             if r.waiting and self.repl.active() and self.repl.after_aggregation:
                 clk = [[w, t, p] for w, (t, p) in r.senders.items()]
-                if self.repl.forward(RoundAck(r.waiting), "replicate_agg", name, {"clk": clk}, keys,
+                if self.repl.forward(RoundAck(r.waiting), "replicate_agg", name, {CLOCK_ENTRIES: clk}, keys,
                                      vals, always=True, memo=table.slot_cache.memo(keys)):
                     for token in r.waiting:  # released together by the aggregated ack
                         self.acks.wait_replicas(token)
@@ -367,10 +395,10 @@ class ServerCore:
             try:
                 self._process(identity, msg)
             except PServerError as e:
-                self.reject(identity, msg.ts, e, msg.meta.get("p"))
+                self.reject(identity, msg.ts, e, msg.meta.get(PART))
             except Exception as e:
                 log.exception("unexpected error on a held request")
-                self.reject(identity, msg.ts, e, msg.meta.get("p"))
+                self.reject(identity, msg.ts, e, msg.meta.get(PART))
             if identity in self.held:  # blocked again: keep the rest behind it
                 self.held[identity].extend(queue)
                 return
@@ -381,7 +409,7 @@ class ServerCore:
         for identity in list(self._as_of_waiting):
             self._as_of_waiting.discard(identity)
             queue = self.held.get(identity)
-            if queue and queue[0].op == "pull" and "as_of" in queue[0].meta:
+            if queue and queue[0].op == "pull" and AS_OF in queue[0].meta:
                 self._release(identity)
 
     # -- replication and the cluster view -----------------------------------------------------------
@@ -396,7 +424,7 @@ class ServerCore:
                     self.acks.replicated(t)
             elif kind is PrecopyAck:  # every pre-copy of a migration is in place
                 self.out.append((token.to, Message("migrate_ready", token.ts,
-                                                   meta={"keys": self.repl.last_copied})))
+                                                   meta={KEY_COUNT: self.repl.last_copied})))
 
     def on_replica_reply(self, sid: int, msg: Message) -> None:
         """A message from replica ``sid`` (acks, a key list miss, a re-copy request)."""

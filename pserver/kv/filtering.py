@@ -23,6 +23,7 @@ import numpy as np
 from ..errors import ConfigError, KeyCacheMiss, ProtocolError, PServerError, ServerDeadError
 from ..filters import KEYS, Counters, FilterChain, FilterContext, KeyCaching, Payload, parse_filters
 from ..filters.key_cache import parse_size
+from ..protocol import ERROR, FILTER_META, KIND, LAYOUT
 from ..wire import Message
 from .keys import KeySet
 from .traffic import WIRE_STAGE
@@ -43,8 +44,6 @@ __all__ = [
     "lossless_part",
 ]
 
-FILTER_META = "fc"
-LAYOUT = "fl"
 _LAYOUTS = ("", "k", "v", "kv")
 KEY_CACHE_LIMIT_VAR = "PSERVER_KEY_CACHE_LIMIT"
 
@@ -249,7 +248,7 @@ class WorkerFilters:
                               msg.meta)
             return msg
         if msg.op == "error":
-            if msg.meta.get("kind") == "KeyCacheMiss" and not sent.resent:
+            if msg.meta.get(KIND) == "KeyCacheMiss" and not sent.resent:
                 self._resend(part, sid, msg.ts, sent)
                 return None
             return msg
@@ -310,7 +309,7 @@ def _needs_weights(chain: FilterChain) -> bool:
 
 def _error(ts: int, err: Exception, reply_meta: dict[str, Any]) -> Message:
     meta = {k: v for k, v in reply_meta.items() if k not in (FILTER_META, LAYOUT)}
-    return Message("error", ts, meta={**meta, "error": str(err)[:1000], "kind": type(err).__name__})
+    return Message("error", ts, meta={**meta, ERROR: str(err)[:1000], KIND: type(err).__name__})
 
 
 # -- server side -------------------------------------------------------------------------------

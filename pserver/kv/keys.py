@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 from ..errors import ProtocolError
+from ..protocol import HI, KEY_FORM, LO
 from ..wire import Message
 
 U64 = np.dtype(np.uint64)
@@ -74,26 +75,26 @@ def pack_keys(keys: np.ndarray) -> tuple[dict, list[np.ndarray]]:
     """The wire form of sorted unique keys: (meta, arrays)."""
     n = len(keys)
     if n == 0:
-        return {"kf": "k"}, [keys]
+        return {KEY_FORM: "k"}, [keys]
     if int(keys[-1]) - int(keys[0]) == n - 1:  # one contiguous run (keys are sorted and unique)
-        return {"kf": "r"}, [keys[:1].copy(), np.array([n], dtype=np.uint64)]
+        return {KEY_FORM: "r"}, [keys[:1].copy(), np.array([n], dtype=np.uint64)]
     # runs pay only for mostly-consecutive ids: test a prefix before scanning everything
     if n >= _RUNS_MIN_KEYS and int(keys[_RUNS_MIN_KEYS - 1]) - int(keys[0]) < 2 * _RUNS_MIN_KEYS:
         breaks = np.flatnonzero(np.diff(keys) != 1) + 1
         if 2 * (len(breaks) + 1) < n:
             starts = keys[np.concatenate(([0], breaks))]
             lengths = np.diff(np.concatenate(([0], breaks, [n]))).astype(np.uint64)
-            return {"kf": "r"}, [starts, lengths]
-    return {"kf": "k"}, [keys]
+            return {KEY_FORM: "r"}, [starts, lengths]
+    return {KEY_FORM: "k"}, [keys]
 
 
 def pack_range(lo: int, hi: int) -> tuple[dict, list[np.ndarray]]:
-    return {"kf": "r"}, [np.array([lo], dtype=np.uint64), np.array([hi - lo], dtype=np.uint64)]
+    return {KEY_FORM: "r"}, [np.array([lo], dtype=np.uint64), np.array([hi - lo], dtype=np.uint64)]
 
 
 def unpack_keys(msg: Message, first: int = 0) -> KeySet:
     """Validate and return the keys of a request starting at array index ``first``."""
-    kf = msg.meta.get("kf", "k")
+    kf = msg.meta.get(KEY_FORM, "k")
     arrays = msg.arrays
     if kf == "k":
         if len(arrays) < first + 1:
@@ -124,7 +125,7 @@ def unpack_keys(msg: Message, first: int = 0) -> KeySet:
 
 def unpack_push(msg: Message, cols: int, dtype: np.dtype) -> tuple[KeySet, np.ndarray]:
     keys = unpack_keys(msg)
-    nkey_arrays = 1 if msg.meta.get("kf", "k") == "k" else 2
+    nkey_arrays = 1 if msg.meta.get(KEY_FORM, "k") == "k" else 2
     if len(msg.arrays) != nkey_arrays + 1:
         raise ProtocolError("a push carries its keys and exactly one values array")
     return keys, push_values(msg.arrays[nkey_arrays], keys.n, cols, dtype)
@@ -143,7 +144,7 @@ def push_values(vals: np.ndarray, n: int, cols: int, dtype: np.dtype) -> np.ndar
 
 
 def range_bounds(meta: dict) -> tuple[int, int]:
-    lo, hi = meta.get("lo"), meta.get("hi")
+    lo, hi = meta.get(LO), meta.get(HI)
     if type(lo) is not int or type(hi) is not int or not 0 <= lo <= hi <= (1 << 64):
         raise ProtocolError("a range request needs integer bounds 0 <= lo <= hi <= 2**64")
     return lo, hi

@@ -20,8 +20,9 @@ from ..config import Config
 from ..errors import PServerError
 from ..ft import checkpoint as ft_checkpoint
 from ..ft.replication import Replicator
-from ..link import LinkError, Poller
+from ..link import Link, LinkError, Poller
 from ..membership.node import Membership
+from ..protocol import ERROR, REBUILT, REPLICA_APPLY_ERRORS, RIDS
 from ..store import index as store_index
 from ..store.apply import sum_parts
 from ..store.updaters import FunctionUpdater, register_updater
@@ -58,8 +59,7 @@ class KVServer:
             default_updater = "handle"
         self.transport = Transport(self.cfg, "server", credentials)
         host = self.cfg.bind_host()
-        self.sock, self.port = self.transport.bind_router(host, self.cfg.port)
-        self.router = self.transport.link(self.sock)
+        self.router, self.port = self.transport.router_link(host, self.cfg.port)
         self.membership = Membership(self.cfg, self.transport, "server", host, self.port)
         self.repl = Replicator(self.transport, -1, self._peer_address)
         self.core = ServerCore(self.repl, self.transport.limits, self.cfg.slot_cache_bytes,
@@ -69,7 +69,7 @@ class KVServer:
                                                      self.core.filters.counters)
         self.poller = Poller()
         self.poller.register(self.router)
-        self._replicas: dict = {}  # socket -> (link, server id) of this server's links to replicas
+        self._replicas: dict[Link, int] = {}  # link -> server id: the replica links polled
         self._stop = self._leaving = False
         self._drain_ts: int | None = None
         self._drain_deadline = 0.0
@@ -109,7 +109,7 @@ class KVServer:
         core, repl, replica, membership = self.core, self.repl, self.core.replica, self.membership
         spin, busy_until, clock = self.cfg.busy_poll, 0.0, time.perf_counter
         while not self._stop:
-            if len(self._replicas) != len(repl.socks):
+            if len(self._replicas) != len(repl.links):
                 self._watch_replicas()
             # Busy polling (PSERVER_BUSY_POLL): for a while after a request, poll without sleeping -
             # a wake-up from the kernel costs tens of microseconds here, more than the next
@@ -127,9 +127,9 @@ class KVServer:
                 repl.rebuild_step(core.tables)
             if core.out or core.acks.due:
                 self._flush()
-            membership.report["rebuilt"] = repl.rebuilt_version
+            membership.report[REBUILT] = repl.rebuilt_version
             if replica.apply_errors:
-                membership.report["replica_apply_errors"] = replica.apply_errors
+                membership.report[REPLICA_APPLY_ERRORS] = replica.apply_errors
             if membership.view.version != self._view_version:
                 self._on_view()
             if self._leaving and self._leave_step():
@@ -157,7 +157,7 @@ class KVServer:
             log.warning("key ranges handed over: exiting")
             return True
         if msg is not None and msg.op == "error":
-            log.error("the scheduler refused the graceful leave: %s", msg.meta.get("error"))
+            log.error("the scheduler refused the graceful leave: %s", msg.meta.get(ERROR))
             return True
         return time.monotonic() > self._drain_deadline
 
@@ -170,14 +170,14 @@ class KVServer:
 
     def _watch_replicas(self) -> None:
         """Poll the links to replicas the Replicator opened; stop polling those it closed."""
-        socks = self.repl.socks
-        for sid, sock in socks.items():
-            if sock not in self._replicas:
-                link = self.transport.link(sock)
-                self._replicas[sock] = (link, sid)
+        links = self.repl.links
+        for sid, link in links.items():
+            if link not in self._replicas:
+                self._replicas[link] = sid
                 self.poller.register(link)
-        for sock in [s for s, (_, sid) in self._replicas.items() if socks.get(sid) is not s]:
-            self.poller.unregister(self._replicas.pop(sock)[0])
+        for link in [lk for lk, sid in self._replicas.items() if links.get(sid) is not lk]:
+            del self._replicas[link]
+            self.poller.unregister(link)
 
     # -- bursts ---------------------------------------------------------------------------------
     def _burst(self, ready: list) -> None:
@@ -199,7 +199,8 @@ class KVServer:
         # A long burst still sends the acks it has every ACK_DELAY: a worker with several requests
         # in flight then issues new ones while this server works on the rest, instead of both
         # taking turns (docs/design.md, "Acknowledgements", has the numbers).
-        core, recv, decode, clock = self.core, self.router.recv, self.transport.decode, time.perf_counter
+        core, recv, clock = self.core, self.router.recv, time.perf_counter
+        decode = self.transport.decode_body
         handle, out, acks = core.handle, core.out, core.acks
         send, encode = self.router.send_frames, wire.encode
         due = clock() + ACK_DELAY
@@ -209,7 +210,7 @@ class KVServer:
                 return
             identity, frames = got
             try:
-                _, msg, role = decode(frames, routed=False)
+                msg, role = decode(frames)
             except PServerError as e:  # malformed: answered, never applied
                 core.reject(identity, 0, e)
             except Exception as e:
@@ -230,13 +231,8 @@ class KVServer:
 
     def _drain_replica(self, link) -> None:
         """Read what a replica sent this server (acks of forwards, misses, re-copy requests)."""
-        sid = self._replicas[link.sock][1]
-        while (got := link.recv()) is not None:
-            try:
-                _, msg, _ = self.transport.decode(got[1], routed=False)
-            except PServerError as e:
-                log.warning("malformed message from replica %d dropped: %s", sid, e)
-                continue
+        sid = self._replicas[link]
+        for msg in self.transport.messages(link, f"replica {sid}"):
             self.core.on_replica_reply(sid, msg)
 
     def _end_burst(self) -> None:
@@ -247,10 +243,10 @@ class KVServer:
         for identity, rids in acks_due.items():
             if not repl.attach_acks(int(identity[1:]), rids):
                 core.out.append((identity, Message(
-                    "repl_ack", rids[0], meta={"rids": rids} if len(rids) > 1 else None)))
+                    "repl_ack", rids[0], meta={RIDS: rids} if len(rids) > 1 else None)))
         core.on_replicated(repl.flush())  # a replica that cannot be reached: stop waiting
         for identity, rids in repl.unsent_acks():  # their carrier could not be sent
-            core.out.append((identity, Message("repl_ack", rids[0], meta={"rids": rids})))
+            core.out.append((identity, Message("repl_ack", rids[0], meta={RIDS: rids})))
         self._flush()
 
     def _flush(self) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import DataLostError, LimitError, RemoteError, TableError
+from ..protocol import CLOCK, ERROR, KIND, NEXT, PUSH_FACTOR, RING_VERSION, ROUND
 from ..wire import Message
 
 log = logging.getLogger(__name__)
@@ -129,27 +130,27 @@ class RequestTracker:
         follow: list[int] = []
         try:
             if msg.op == "error":
-                kind = msg.meta.get("kind")
+                kind = msg.meta.get(KIND)
                 if kind == "WrongOwnerError":
                     part.refused_at = -1.0  # reroute_plan stamps the time (no clock in here)
-                    part.refused_rv = int(msg.meta.get("rv", -1))
+                    part.refused_rv = int(msg.meta.get(RING_VERSION, -1))
                     self.refused = True
                     return follow
                 err = _ERRORS.get(kind, RemoteError)
-                req.error = err(f"server {sid}: {msg.meta.get('error')}")
+                req.error = err(f"server {sid}: {msg.meta.get(ERROR)}")
             elif req.kind == "pull" or (req.kind == "pushpull" and msg.op == "vals"):
                 req.out[part.sel] = msg.arrays[0]
-                if "vc" in msg.meta:
-                    req.clock = merge_clock(req.clock, msg.meta["vc"])
+                if CLOCK in msg.meta:
+                    req.clock = merge_clock(req.clock, msg.meta[CLOCK])
             elif req.kind == "range":
                 req.ranges.append((msg.arrays[0], msg.arrays[1]))
-                nxt = msg.meta.get("next")
+                nxt = msg.meta.get(NEXT)
                 if type(nxt) is int and part.sel[0] < nxt < part.sel[1]:  # a paging server
                     follow.append(req.add_part(sid, (nxt, part.sel[1]), part.rv))
             elif req.kind == "declare":  # result: {"push_factor": f, "round": max over servers}
-                if "push_factor" in msg.meta:
-                    req.result["push_factor"] = int(msg.meta["push_factor"])
-                rnd = msg.meta.get("round")
+                if PUSH_FACTOR in msg.meta:
+                    req.result["push_factor"] = int(msg.meta[PUSH_FACTOR])
+                rnd = msg.meta.get(ROUND)
                 if type(rnd) is int:
                     req.result["round"] = max(rnd, req.result.get("round", 0))
         except (IndexError, ValueError, TypeError) as e:
@@ -199,7 +200,7 @@ class RequestTracker:
         if req.error is None:
             if req.kind == "range":
                 req.result = merge_ranges(req.ranges)
-            elif req.kind == "pull" and "vc" in req.meta:
+            elif req.kind == "pull" and CLOCK in req.meta:
                 req.result = (req.result, req.clock or {})
             if req.callback is not None:
                 try:

@@ -29,12 +29,29 @@ from ..errors import (
 )
 from ..link import LinkError, Poller, ZmqLink
 from ..membership.node import Membership
+from ..protocol import (
+    ACK_LIST,
+    AS_OF,
+    CLOCK,
+    FILTER_META,
+    HI,
+    LIMIT,
+    LO,
+    ORIGINS,
+    PART,
+    PUSH_PULL,
+    PUSHES,
+    RING_VERSION,
+    SPAN,
+    SPEC,
+    SYNC_ROUND,
+)
 from ..store.spec import TableSpec
 from ..transport import Transport
 from ..wire import Message
 from . import keys as keyfmt
 from .arguments import check_keys, check_out, check_range, check_span, check_vals
-from .filtering import FILTER_META, WorkerFilters
+from .filtering import WorkerFilters
 from .tracker import Request, RequestTracker
 from .traffic import heartbeat_reporter
 
@@ -138,9 +155,9 @@ class KVWorker:
                                              updater=updater, updater_args=updater_args or {},
                                              sync=sync, push_filters=push_filters,
                                              pull_filters=pull_filters).to_json())
-        meta = {"spec": spec.to_json()}
+        meta = {SPEC: spec.to_json()}
         if not pushes:
-            meta["pushes"] = False
+            meta[PUSHES] = False
         with self._lock:
             self._check_usable()
             ts = self._tracker.next_ts()
@@ -215,7 +232,7 @@ class KVWorker:
                 req.rnd = self._rounds.get(spec.name, 0)
             parts = self._split(req.keys)
             if span is not None:
-                req.meta["span"] = span
+                req.meta[SPAN] = span
             if spec.sync or span is not None:  # every server takes part (an empty push if need be)
                 for sid in self._all_servers():
                     parts.setdefault(sid, slice(0, 0))
@@ -263,9 +280,9 @@ class KVWorker:
                           callback=None if wait else callback, result=out,
                           started=time.monotonic())
             if as_of:
-                req.meta["as_of"] = {str(int(k)): int(v) for k, v in as_of.items()}
+                req.meta[AS_OF] = {str(int(k)): int(v) for k, v in as_of.items()}
             if clock:
-                req.meta["vc"] = 1
+                req.meta[CLOCK] = 1
             parts = self._split(keys)
             rv = self._ring.version
             msgs = [(sid, self._message(ts, req, req.add_part(sid, sel, rv)))
@@ -342,7 +359,7 @@ class KVWorker:
         with self._lock:
             self._check_usable()
             ts = self._tracker.next_ts()
-            req = Request("range", spec.name, meta={"lo": int(lo), "hi": int(hi), "limit": limit},
+            req = Request("range", spec.name, meta={LO: int(lo), HI: int(hi), LIMIT: limit},
                           started=time.monotonic())
             msgs = [self._encode_part(ts, req, sid, (int(lo), int(hi)))
                     for sid in self._all_servers()]
@@ -441,12 +458,12 @@ class KVWorker:
 
     def _on_reply(self, sid: int, frames: list) -> None:
         try:
-            _, msg, _ = self.transport.decode(frames, routed=False)
+            msg, _ = self.transport.decode_body(frames)
         except PServerError as e:
             self._on_undecodable(sid, frames, e)
             return
         if msg.op == "acks":  # several acknowledgements in one message
-            acks = msg.meta.get("a")
+            acks = msg.meta.get(ACK_LIST)
             if not isinstance(acks, list):
                 log.error("malformed acks from server %d dropped", sid)
                 return
@@ -454,7 +471,7 @@ class KVWorker:
             for entry in acks:
                 if type(entry) is list and len(entry) == 2 and type(entry[0]) is int:
                     if filtered:  # a filtered push: its reply may ask for a resend
-                        self._on_message(sid, Message("ack", entry[0], meta={"p": entry[1]}))
+                        self._on_message(sid, Message("ack", entry[0], meta={PART: entry[1]}))
                     else:
                         ack(sid, entry[0], entry[1])
             return
@@ -470,11 +487,11 @@ class KVWorker:
             return
         log.warning("reply of server %d to request %d refused: %s", sid, msg.ts, err)
         req = self._tracker.pending.get(msg.ts)
-        for pid in self._tracker.on_oversized(sid, msg.ts, msg.meta.get("p"), err):
+        for pid in self._tracker.on_oversized(sid, msg.ts, msg.meta.get(PART), err):
             self._send(sid, self._message(msg.ts, req, pid))
 
     def _on_message(self, sid: int, msg: Message) -> None:
-        pid = msg.meta.get("p")
+        pid = msg.meta.get(PART)
         req = self._tracker.waiting_part(sid, msg.ts, pid)
         if req is None:
             return
@@ -513,8 +530,8 @@ class KVWorker:
                     req.ranges.clear()
                     req.waiting.clear()
                     for sid in self._all_servers():
-                        self._send(*self._encode_part(ts, req, sid, (req.meta["lo"],
-                                                                     req.meta["hi"])))
+                        self._send(*self._encode_part(ts, req, sid, (req.meta[LO],
+                                                                     req.meta[HI])))
             else:
                 self._resend(ts, req, pid, orig, ring)
         for ts in {p[0] for p in plan}:
@@ -604,20 +621,20 @@ class KVWorker:
             if kind != "pull":
                 arrays.append(req.vals[sel])
                 if kind == "pushpull":
-                    meta["pp"] = 1  # reply with the values, not an acknowledgement
+                    meta[PUSH_PULL] = 1  # reply with the values, not an acknowledgement
         else:
             meta, arrays = dict(req.meta), []
             if kind == "range":
-                meta["lo"], meta["hi"] = sel
+                meta[LO], meta[HI] = sel
         # request-wide fields: round, span / as_of / vc, part id, ring version, resent from
         if req.rnd is not None:
-            meta["rnd"] = req.rnd
+            meta[SYNC_ROUND] = req.rnd
         if req.meta and kind in ("push", "pull", "pushpull"):
             meta.update(req.meta)
-        meta["p"] = pid
-        meta["rv"] = part.rv
+        meta[PART] = pid
+        meta[RING_VERSION] = part.rv
         if part.orig:
-            meta["orig"] = [list(o) for o in part.orig]
+            meta[ORIGINS] = [list(o) for o in part.orig]
         return Message(_OPS.get(kind, kind), ts, req.table if kind != "declare" else "", meta,
                        arrays)
 
@@ -630,8 +647,7 @@ class KVWorker:
                 node = self.membership.view.nodes.get(sid)
                 if node is None or not node.alive:
                     raise ServerDeadError(f"server {sid} is not alive")
-                link = self.transport.link(self.transport.connect_dealer(
-                    node.host, node.port, "server", self._identity))
+                link = self.transport.dealer_link(node.host, node.port, "server", self._identity)
                 self._links[sid] = link
                 self._link_server[link] = sid
                 self._poller.register(link)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import Config
 from ..errors import RemoteError, SchedulerUnreachableError
 from ..link import LinkError
+from ..protocol import ERROR
 from ..transport import Transport
 from ..wire import Message
 
@@ -35,7 +36,7 @@ def scheduler_request(cfg: Config, op: str, meta: dict | None = None, role: str 
             raise SchedulerUnreachableError(unreachable)
         msg, _ = transport.decode_body(item[1])
         if msg.op == "error":
-            raise RemoteError(f"the scheduler refused {op!r}: {msg.meta.get('error')}")
+            raise RemoteError(f"the scheduler refused {op!r}: {msg.meta.get(ERROR)}")
         return msg
     finally:
         if own:

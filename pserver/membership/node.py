@@ -19,6 +19,7 @@ from .. import logs
 from ..config import Config
 from ..errors import BarrierTimeoutError, PServerError, RemoteError, SchedulerUnreachableError
 from ..link import Link, LinkError, LinkTimeout
+from ..protocol import DEAD, ERROR, HOST, ID, PID, PORT, RANK, ROLE, SHUTDOWN, TRAFFIC, VIEW, VIEW_VERSION
 from ..transport import Transport
 from ..wire import Message
 from .view import ClusterView
@@ -90,7 +91,7 @@ class Membership:
             if msg is None:
                 raise TimeoutError(op)
             if msg.op == "error":
-                raise RemoteError(f"scheduler refused {op}: {msg.meta.get('error')}")
+                raise RemoteError(f"scheduler refused {op}: {msg.meta.get(ERROR)}")
             if msg.ts == ts and msg.op == expect:
                 return msg
 
@@ -124,8 +125,8 @@ class Membership:
         Raises: SchedulerUnreachableError if the scheduler did not answer, or the cluster did not
         start, within the connect timeout; RemoteError if the scheduler refused. The node is not
         a member then (node_id stays -1)."""
-        meta = {"role": self.role, "host": self.host, "port": self.port, "pid": os.getpid(),
-                "rank": requested_rank}
+        meta = {ROLE: self.role, HOST: self.host, PORT: self.port, PID: os.getpid(),
+                RANK: requested_rank}
         timeout = self.cfg.connect_timeout
         where = f"{self.sched_host}:{self.sched_port}"
         unreachable = (f"no answer from the scheduler at {where} within {timeout:g} s: is it running "
@@ -133,7 +134,7 @@ class Membership:
                        f"(PSERVER_SCHEDULER, PSERVER_KEYS, PSERVER_CONNECT_TIMEOUT)")
         try:
             self.send_request("register", meta)
-        except LinkError:  # no connection could be made (see Transport.connect_dealer)
+        except LinkError:  # no connection could be made (see Transport.dealer_link)
             raise SchedulerUnreachableError(unreachable) from None
         deadline = time.monotonic() + timeout
         acknowledged = False
@@ -147,15 +148,15 @@ class Membership:
                     f"start within {timeout:g} s: fewer servers/workers came than it waits for "
                     f"(PSERVER_NUM_SERVERS, PSERVER_NUM_WORKERS)")
             if msg.op == "error":
-                raise RemoteError(f"the scheduler refused registration: {msg.meta.get('error')}")
+                raise RemoteError(f"the scheduler refused registration: {msg.meta.get(ERROR)}")
             if msg.op == "registered":
                 acknowledged = True
                 deadline = time.monotonic() + timeout  # now wait for the rest of the cluster
             elif msg.op == "welcome":
-                self.node_id = int(msg.meta["id"])
-                self.rank = int(msg.meta["rank"])
+                self.node_id = int(msg.meta[ID])
+                self.rank = int(msg.meta[RANK])
                 logs.set_node(self.role, self.rank)
-                self._set_view(msg.meta["view"])
+                self._set_view(msg.meta[VIEW])
                 break
         self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="pserver-heartbeat",
                                            daemon=True)
@@ -207,9 +208,9 @@ class Membership:
             while not self._stop.is_set():
                 now = time.monotonic()
                 if now >= next_beat:
-                    meta = {"id": self.node_id, "v": self.view.version, **self.report}
+                    meta = {ID: self.node_id, VIEW_VERSION: self.view.version, **self.report}
                     if self.traffic is not None and now >= next_report:
-                        meta["traffic"] = self.traffic()
+                        meta[TRAFFIC] = self.traffic()
                         next_report = now + 1.0
                     try:
                         link.send(Message("heartbeat", meta=meta))
@@ -229,11 +230,11 @@ class Membership:
     def _on_heartbeat_reply(self, msg: Message) -> None:
         if msg.op != "hb":
             return
-        if "view" in msg.meta:
-            self._set_view(msg.meta["view"])
-        if msg.meta.get("shutdown"):
+        if VIEW in msg.meta:
+            self._set_view(msg.meta[VIEW])
+        if msg.meta.get(SHUTDOWN):
             self.shutdown_requested.set()
-        if msg.meta.get("dead"):
+        if msg.meta.get(DEAD):
             self.declared_dead.set()
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 
 from ..errors import AuthError
+from ..protocol import HOST, PID, PORT, RANK, ROLE
 
 ROLES = ("server", "worker")
 
@@ -26,13 +27,13 @@ class Request:
     def parse(cls, meta: dict, authenticated_role: str | None) -> Request:
         """The request in a "register" message. Raises ValueError, KeyError or TypeError for a
         malformed one and AuthError if the sender's credentials are of another role."""
-        role = meta["role"]
+        role = meta[ROLE]
         if role not in ROLES:
             raise ValueError(f"cannot register role {role!r}")
         if authenticated_role is not None and authenticated_role != role:
             raise AuthError(f"credentials of a {authenticated_role} cannot register as a {role}")
-        return cls(role, str(meta["host"]), int(meta["port"]), int(meta["pid"]),
-                   int(meta.get("rank", -1)))
+        return cls(role, str(meta[HOST]), int(meta[PORT]), int(meta[PID]),
+                   int(meta.get(RANK, -1)))
 
 
 def pick_rank(requested: int, taken: Iterable[int]) -> int:

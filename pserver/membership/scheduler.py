@@ -16,6 +16,7 @@ from ..errors import AuthError, PServerError
 from ..ft.checkpoint_round import CheckpointCoordinator
 from ..ft.migration import MigrationCoordinator
 from ..link import LinkError, Poller
+from ..protocol import ERROR, GROUP, ID, KIND, NAME, RANK, REBUILT, SHUTDOWN, TRAFFIC, VIEW, VIEW_VERSION
 from ..ring import KeyRing
 from ..transport import Transport, node_token
 from ..wire import Message
@@ -139,7 +140,7 @@ class Scheduler:
         self.rejected += 1
         self.rejections[kind] += 1
         log.warning("rejected a message: %s: %s", kind, err)
-        self._send(identity, Message("error", meta={"error": str(err)[:500], "kind": kind}))
+        self._send(identity, Message("error", meta={ERROR: str(err)[:500], KIND: kind}))
 
     def _check_owner(self, nid: int, identity: bytes, op: str) -> None:
         """Refuse ``op`` for node ``nid`` unless it comes from the node that registered as ``nid``:
@@ -165,20 +166,20 @@ class Scheduler:
 
     def _heartbeat(self, identity: bytes, msg: Message, role: str | None) -> None:
         m = msg.meta
-        nid = int(m["id"])
+        nid = int(m[ID])
         node = self.view.nodes.get(nid)
         if node is None:
             raise ValueError(f"heartbeat from unknown node {nid}")
         self._check_owner(nid, identity, msg.op)
         self.liveness.seen(nid)
         self.identity_of[nid] = identity
-        self.node_view[nid] = int(m.get("v", -1))
-        if "rebuilt" in m:
-            self.rings.rebuilt[nid] = int(m["rebuilt"])
-        if isinstance(m.get("traffic"), dict):
-            self.traffic[nid] = m["traffic"]
+        self.node_view[nid] = int(m.get(VIEW_VERSION, -1))
+        if REBUILT in m:
+            self.rings.rebuilt[nid] = int(m[REBUILT])
+        if isinstance(m.get(TRAFFIC), dict):
+            self.traffic[nid] = m[TRAFFIC]
         reply = {"v": self.view.version, "shutdown": self.shutting_down}
-        if int(m.get("v", -1)) != self.view.version:
+        if int(m.get(VIEW_VERSION, -1)) != self.view.version:
             reply["view"] = self.view.to_json()
         if not node.alive and node.state == "dead":
             reply["dead"] = True  # it was declared dead: it must not come back silently
@@ -189,13 +190,13 @@ class Scheduler:
 
     def _drain_server(self, identity: bytes, msg: Message, role: str | None) -> None:
         """A server leaving gracefully: answered ("drained") once its ranges have moved."""
-        nid = int(msg.meta["id"])
+        nid = int(msg.meta[ID])
         self._check_owner(nid, identity, msg.op)
         self.migration.request(lambda: self.rings.with_server(remove=nid), f"server {nid} leaves",
                                lambda: self._send(identity, Message("drained", msg.ts)))
 
     def _leave_op(self, identity: bytes, msg: Message, role: str | None) -> None:
-        nid = int(msg.meta["id"])
+        nid = int(msg.meta[ID])
         self._check_owner(nid, identity, msg.op)
         self._leave(nid)
         self._send(identity, Message("ok", msg.ts))
@@ -205,8 +206,8 @@ class Scheduler:
 
     def _task(self, identity: bytes, msg: Message, role: str | None) -> None:
         """The task scheduler's ops: plans, work, progress, consistency."""
-        if "id" in msg.meta:
-            self._check_owner(int(msg.meta["id"]), identity, msg.op)
+        if ID in msg.meta:
+            self._check_owner(int(msg.meta[ID]), identity, msg.op)
         self.tasks.handle(identity, msg)
 
     def _shutdown(self, identity: bytes, msg: Message, role: str | None) -> None:
@@ -268,8 +269,8 @@ class Scheduler:
 
     def _welcome(self, identity: bytes, ts: int, node: NodeInfo) -> None:
         self.owner[node.id] = node_token(identity)  # admitted: bind the id to this node's connections
-        self._send(identity, Message("welcome", ts, meta={"id": node.id, "rank": node.rank,
-                                                          "view": self.view.to_json()}))
+        self._send(identity, Message("welcome", ts, meta={ID: node.id, RANK: node.rank,
+                                                          VIEW: self.view.to_json()}))
 
     def _bump(self) -> None:
         self.view.version += 1
@@ -279,7 +280,7 @@ class Scheduler:
         """Send a changed view to every live node's heartbeat socket at once (a failover must
         not wait for each node's next heartbeat to ask for it)."""
         self._announce = False
-        meta = {"v": self.view.version, "shutdown": self.shutting_down, "view": self.view.to_json()}
+        meta = {VIEW_VERSION: self.view.version, SHUTDOWN: self.shutting_down, VIEW: self.view.to_json()}
         for nid, identity in list(self.identity_of.items()):
             if self.view.alive(nid):
                 self._send(identity, Message("hb", 0, meta=meta))
@@ -341,9 +342,9 @@ class Scheduler:
 
     # -- barriers ---------------------------------------------------------------------------
     def _barrier(self, identity: bytes, msg: Message, role: str | None) -> None:
-        name = str(msg.meta.get("name", ""))
-        group = str(msg.meta.get("group", "worker"))
-        nid = int(msg.meta["id"])
+        name = str(msg.meta.get(NAME, ""))
+        group = str(msg.meta.get(GROUP, "worker"))
+        nid = int(msg.meta[ID])
         self._check_owner(nid, identity, "barrier")
         self._release(self.barriers.arrive(name, group, nid, (identity, msg.ts), self.view))
 

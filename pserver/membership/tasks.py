@@ -21,6 +21,25 @@ from typing import Any
 from .. import security
 from ..consistency.dag import parse_model
 from ..errors import ConfigError, ProtocolError, TaskError
+from ..protocol import (
+    APP,
+    APP_METRICS,
+    CONSISTENCY,
+    COUNT,
+    CREATED,
+    ERROR,
+    FINISHED,
+    ID,
+    KIND,
+    MAX,
+    METRICS,
+    MODEL,
+    ON_FAILURE,
+    PAYLOADS,
+    STOP,
+    TASK_IDS,
+    TASKS,
+)
 from ..wire import Message
 
 log = logging.getLogger(__name__)
@@ -333,34 +352,34 @@ class TaskService:
         scheduler answers them with an error reply)."""
         m, op = msg.meta, msg.op
         if op == "set_consistency":
-            self.set_consistency(str(m.get("app", "")), m.get("model"))
-            self._send(identity, Message("ok", msg.ts, meta={"consistency": self.models()}))
+            self.set_consistency(str(m.get(APP, "")), m.get(MODEL))
+            self._send(identity, Message("ok", msg.ts, meta={CONSISTENCY: self.models()}))
             return
-        app = m.get("app")
+        app = m.get(APP)
         if not isinstance(app, str):
             raise ProtocolError(f"{op} needs the application name in meta 'app'")
         if op == "task_plan":
-            created = self.tasks.plan(app, m.get("count"), m.get("kind", "each"), m.get("payloads"),
-                                      m.get("on_failure", "requeue"))
-            model = m.get("model")
+            created = self.tasks.plan(app, m.get(COUNT), m.get(KIND, "each"), m.get(PAYLOADS),
+                                      m.get(ON_FAILURE, "requeue"))
+            model = m.get(MODEL)
             if model is not None and (created or app not in self.models()):
                 self.set_consistency(app, model, announce=False)  # a new plan brings its model
             self._send(identity, Message("ok", msg.ts, meta={
-                "created": created, "model": self.models().get(app)}))
+                CREATED: created, MODEL: self.models().get(app)}))
             if created:
                 self._retry_held()
             return
-        node = int(m["id"])
+        node = int(m[ID])
         if op == "task_done":
-            ids = m.get("ids", [])
+            ids = m.get(TASK_IDS, [])
             if not isinstance(ids, list) or len(ids) > MAX_BATCH:
                 raise ProtocolError(f"task_done carries a list of at most {MAX_BATCH} task ids")
-            self.tasks.done(app, node, ids, self._live(), m.get("metrics"), m.get("app_metrics"))
-            if m.get("stop"):
+            self.tasks.done(app, node, ids, self._live(), m.get(METRICS), m.get(APP_METRICS))
+            if m.get(STOP):
                 self.tasks.stop(app)
             if self._held and self.tasks.finished(app):  # waiting workers learn there is no more
                 self._retry_held()
-            if "max" in m:  # a done report that also asks for more work
+            if MAX in m:  # a done report that also asks for more work
                 self._next(identity, msg, app, node)
             return
         if op == "task_next":
@@ -369,21 +388,21 @@ class TaskService:
         raise ProtocolError(f"unknown task op {op!r}")
 
     def _next(self, identity: bytes, msg: Message, app: str, node: int) -> bool:
-        tasks, finished = self.tasks.next(app, node, int(msg.meta.get("max", 1)))
+        tasks, finished = self.tasks.next(app, node, int(msg.meta.get(MAX, 1)))
         if not tasks and not finished:
             self._held.append((identity, msg))
             return False
-        self._send(identity, Message("tasks", msg.ts, meta={"app": app, "tasks": tasks,
-                                                             "finished": finished}))
+        self._send(identity, Message("tasks", msg.ts, meta={APP: app, TASKS: tasks,
+                                                             FINISHED: finished}))
         return True
 
     def _retry_held(self) -> None:
         held, self._held = self._held, []
         for identity, msg in held:
             try:
-                self._next(identity, msg, msg.meta["app"], int(msg.meta["id"]))
+                self._next(identity, msg, msg.meta[APP], int(msg.meta[ID]))
             except (TaskError, ConfigError) as e:
-                self._send(identity, Message("error", msg.ts, meta={"error": str(e)[:500]}))
+                self._send(identity, Message("error", msg.ts, meta={ERROR: str(e)[:500]}))
 
     def set_consistency(self, app: str, model: Any, announce: bool = True) -> None:
         """Publish `app`'s consistency model (e.g. "bounded_delay:4") in the cluster view; workers
@@ -403,7 +422,7 @@ class TaskService:
 
     def node_gone(self, node: int) -> None:
         """A worker died or left: requeue its `any` tasks and serve waiting requests."""
-        self._held = [(i, m) for i, m in self._held if int(m.meta.get("id", -1)) != node]
+        self._held = [(i, m) for i, m in self._held if int(m.meta.get(ID, -1)) != node]
         self.tasks.requeue_node(node, self._live())
         if self._held:  # requeued tasks to hand out, or (dropped) an application now finished
             self._retry_held()

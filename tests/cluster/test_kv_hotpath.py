@@ -71,34 +71,32 @@ def test_sorted_unique_finds_one_bad_pair_anywhere_in_a_long_array():
 
 
 # ------------------------------------------------------------------------------ transport
-def test_transport_send_and_recv_whole_messages_in_order():
+def test_transport_links_send_and_recv_whole_messages_in_order():
     cfg = Config.from_env(scheduler="127.0.0.1:9", insecure=True)
     tr = transport_mod.Transport(cfg, "server")
     try:
-        router, port = tr.bind_router("127.0.0.1")
-        dealer = tr.connect_dealer("127.0.0.1", port, "server", identity=b"n7")
+        router, port = tr.router_link("127.0.0.1")
+        dealer = tr.dealer_link("127.0.0.1", port, "server", identity=b"n7")
         big = np.arange(wire.INLINE_BYTES // 8 + 10, dtype=np.uint64)  # several frames
         sent = [Message("push", 1, "", {"kf": "k"}, [big, np.ones(len(big), np.float32)]),
                 Message("ping", 2), Message("pull", 3, "", {"kf": "k"}, [big[:4]])]
         for m in sent:
-            tr.send(dealer, m)
+            dealer.send(m)
         got, deadline = [], time.monotonic() + 5
         while len(got) < 3 and time.monotonic() < deadline:
-            frames = transport_mod.recv(router)
-            if frames is None:
-                time.sleep(0.01)
+            item = router.recv()
+            if item is None:
+                router.poll(0.01)
                 continue
-            got.append(tr.decode(frames, routed=True))
-        assert [(ident, m.op, m.ts) for ident, m, _ in got] == [
+            got.append((item[0], tr.decode_body(item[1])[0]))
+        assert [(ident, m.op, m.ts) for ident, m in got] == [
             (b"n7", "push", 1), (b"n7", "ping", 2), (b"n7", "pull", 3)]
         assert np.array_equal(got[0][1].arrays[0], big) and np.array_equal(got[2][1].arrays[0], big[:4])
-        assert transport_mod.recv(router) is None  # nothing left: None, not an exception
+        assert router.recv() is None  # nothing left: None, not an exception
         # the reply path (identity frame first) and the byte counters of both directions
-        tr.send(router, Message("ack", 1, meta={"p": 0}), b"n7")
-        deadline = time.monotonic() + 5
-        while (frames := transport_mod.recv(dealer)) is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        _, reply, _ = tr.decode(frames, routed=False)
+        router.send(Message("ack", 1, meta={"p": 0}), b"n7")
+        assert dealer.poll(5)
+        reply = next(tr.messages(dealer, "server"))
         assert (reply.op, reply.ts, reply.meta) == ("ack", 1, {"p": 0})
         stats = tr.counters.to_json()
         push_bytes = sum(len(f) if isinstance(f, bytes) else f.nbytes for f in wire.encode(sent[0]))

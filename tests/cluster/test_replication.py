@@ -12,34 +12,12 @@ from pserver import wire
 from pserver.ft import replication
 from pserver.ft.replication import Replicator
 from pserver.ring import KeyRing
+from pserver.testing import RecordingTransport
 from pserver.wire import Limits, Message
 
 
-class _Sock:
-    def close(self, linger=None) -> None:
-        pass
-
-
-class _Capture:
-    """Stands in for a Transport: keeps what would be sent, per replica."""
-
-    def __init__(self, max_bytes: int = 1 << 31):
-        self.limits = Limits(max_message_bytes=max_bytes)
-        self.sent: list[tuple[int, Message]] = []
-        self._peer: dict[object, int] = {}
-
-    def connect_dealer(self, host, port, role, identity):
-        sock = _Sock()
-        self._peer[sock] = port
-        return sock
-
-    def send(self, sock, msg: Message, identity=None) -> None:
-        # round-trip through the codec: what a replica would decode
-        self.sent.append((self._peer[sock], wire.decode(wire.encode(msg))))
-
-
-def _replicator(max_bytes: int = 1 << 31) -> tuple[Replicator, _Capture]:
-    cap = _Capture(max_bytes)
+def _replicator(max_bytes: int = 1 << 31) -> tuple[Replicator, RecordingTransport]:
+    cap = RecordingTransport(Limits(max_message_bytes=max_bytes))
     repl = Replicator(cap, 1, lambda sid: ("127.0.0.1", sid))
     repl.k = 1
     repl.ring = KeyRing([1, 2, 3], version=1)
@@ -198,10 +176,7 @@ def test_replica_acks_ride_on_the_forward_to_their_master():
 def test_acks_whose_carrier_cannot_be_sent_are_handed_back():
     repl, cap = _replicator()
     keys = _my_keys(repl, 200)
-
-    def refuse(sock, msg, identity=None):
-        raise zmq.ZMQError(zmq.EAGAIN)
-    cap.send = refuse
+    cap.refuse = {2, 3}
     repl.begin_batch()
     repl.forward(("w", 0), "replicate_agg", "default", {"clk": []}, keys, np.ones((len(keys), 1),
                                                                                   np.float32))

@@ -7,35 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pserver import wire
 from pserver.errors import ProtocolError
 from pserver.ft.replication import PrecopyAck, Replicator, RoundAck
 from pserver.kv.core import ServerCore
 from pserver.membership.view import ClusterView, NodeInfo
 from pserver.ring import KeyRing
-from pserver.wire import Limits, Message
-
-
-class _Capture:
-    """Stands in for a Transport: keeps what would be sent, as (replica id, decoded message)."""
-
-    def __init__(self) -> None:
-        self.limits = Limits()
-        self.sent: list[tuple[int, Message]] = []
-
-    def connect_dealer(self, host, port, role, identity):
-        return _Sock(port)
-
-    def send(self, sock, msg: Message, identity=None) -> None:
-        self.sent.append((sock.sid, wire.decode(wire.encode(msg))))
-
-
-class _Sock:
-    def __init__(self, sid: int) -> None:
-        self.sid = sid
-
-    def close(self, linger=None) -> None:
-        pass
+from pserver.testing import RecordingTransport
+from pserver.wire import Message
 
 
 def _view(servers=(1, 2, 3), dead=(), k: int = 1, workers=(4,)) -> ClusterView:
@@ -45,8 +23,8 @@ def _view(servers=(1, 2, 3), dead=(), k: int = 1, workers=(4,)) -> ClusterView:
                        settings={"replication": k})
 
 
-def _master() -> tuple[Replicator, _Capture]:
-    cap = _Capture()
+def _master() -> tuple[Replicator, RecordingTransport]:
+    cap = RecordingTransport()
     repl = Replicator(cap, 1, lambda sid: ("h", sid))
     repl.configure(_view())
     repl.adopt_ring(KeyRing([1, 2, 3], version=1), False, {})
@@ -95,7 +73,7 @@ def test_a_recopy_request_is_counted_and_checked():
 
 
 def test_a_master_acknowledges_a_push_only_after_its_replicas_did():
-    cap = _Capture()
+    cap = RecordingTransport()
     repl = Replicator(cap, 1, lambda sid: ("h", sid))
     core = ServerCore(repl)
     core.on_view(_view())

@@ -15,6 +15,7 @@ from pserver.kv.dispatch import SERVER_OPS
 from pserver.membership.view import ClusterView, NodeInfo
 from pserver.ring import KeyRing
 from pserver.store.updaters import FunctionUpdater, register_updater
+from pserver.testing import RecordingTransport
 from pserver.wire import Message
 
 KEYS = np.arange(10, 310, 3, dtype=np.uint64)
@@ -228,18 +229,8 @@ def test_a_deferred_forward_that_fails_is_counted_reported_and_recopied_from_its
 
 
 def test_the_master_answers_a_recopy_request_with_a_copy_of_its_keys_in_the_range():
-    sent = []
-
-    class Capture:
-        limits = pserver.Config.from_env(insecure=True).limits
-
-        def connect_dealer(self, *a, **k):
-            return object()
-
-        def send(self, sock, msg, identity=None):
-            sent.append(msg)
-
-    repl = Replicator(Capture(), 1, lambda sid: ("h", sid))
+    cap = RecordingTransport()
+    repl = Replicator(cap, 1, lambda sid: ("h", sid))
     master = ServerCore(repl)
     master.on_view(ClusterView(version=1, nodes=_view((4,)).nodes, ring=KeyRing([1, 2], virtual=8)))
     keys = np.unique(np.random.default_rng(1).integers(0, 2**64 - 1, 200, dtype=np.uint64))
@@ -250,6 +241,7 @@ def test_the_master_answers_a_recopy_request_with_a_copy_of_its_keys_in_the_rang
     repl.on_reply(2, Message("repl_resync", 0, "default", {"lo": lo, "hi": 2**64}))
     assert repl.has_work()
     repl.rebuild_step(master.tables)
+    sent = [m for _, m in cap.sent]
     assert [m.op for m in sent] == ["repl_load"] and np.array_equal(sent[0].arrays[0], mine)
     assert (sent[0].arrays[1] == 3).all() and "clock" in sent[0].meta
     assert repl.resyncs_requested == 1
