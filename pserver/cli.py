@@ -357,6 +357,9 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
         from .apps.lr.cli import register as register_lr
 
         register_lr(sub)
+        from .apps.lda.cli import register as register_lda
+
+        register_lda(sub)
     return p
 
 
