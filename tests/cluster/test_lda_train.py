@@ -5,6 +5,7 @@ held-out perplexity falls, planted topics are recovered, and the exported model 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -68,3 +69,17 @@ def test_lda_infer_gives_each_document_its_planted_topic(trained, tmp_path):
     theta = np.load(tmp_path / "theta.npy")
     assert theta.shape == (2, TOPICS) and theta.argmax(axis=1).tolist() == [0, 1]
     assert out.stdout.startswith("doc 0: topic 0 (")
+
+
+@pytest.mark.skipif(shutil.which("apt-cache") is None, reason="needs Debian's apt metadata")
+def test_train_lda_on_this_machines_apt_descriptions(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "pserver", "train", "lda", "--max-docs", "2000", "--topics", "8",
+         "--passes", "2", "--min-df", "2", "--workers", "1", "--servers", "1", "--insecure",
+         "--summary-json", str(tmp_path / "s.json")],
+        capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["documents"] > 1000 and summary["vocabulary"] > 100
+    assert np.isfinite(summary["perplexity"]) and summary["totals_match_rows"]
+    assert "topic   7:" in out.stdout
