@@ -27,7 +27,7 @@ class LDAConfig:
     topics: int = 50
     alpha: float = 0.1
     beta: float = 0.01
-    passes: int = 20
+    passes: int = 50
     blocks: int = 4
     tau: int = 1
     mh_steps: int = 2
