@@ -156,8 +156,11 @@ class LDATrainer:
                                 self.num_words * cfg.beta, self.prob, self.alias, self.wq,
                                 cfg.mh_steps)
             delta = cache.nwk[rows] - before
-            pushes.append(kv.push(rows.astype(np.uint64), delta, table=cfg.table))
-            cache.pushed(rows, delta)
+            changed = delta.any(axis=1)     # late in training most rows keep their counts
+            if changed.any():
+                rows, delta = rows[changed], delta[changed]
+                pushes.append(kv.push(rows.astype(np.uint64), delta, table=cfg.table))
+                cache.pushed(rows, delta)
         w0 = time.perf_counter()
         kv.wait_all()
         cache.forget(cache.seq)
