@@ -95,6 +95,9 @@ class LDATrainer:
 
     def __init__(self, kv, doc_ptr: np.ndarray, words: np.ndarray, num_words: int,
                  cfg: LDAConfig) -> None:
+        """Declare the counts table and draw random initial topics (nothing is pushed yet).
+        Raises ConfigError for options out of range, TableError if the table exists with
+        another spec (another K, or not int64)."""
         cfg.check()
         self.kv, self.cfg, self.num_words = kv, cfg, num_words
         self.doc_ptr = np.ascontiguousarray(doc_ptr, np.int64)
@@ -118,7 +121,11 @@ class LDATrainer:
         return np.append(np.unique(words).astype(np.int64), self.num_words)
 
     def initialize(self) -> None:
-        """Push this worker's initial counts and wait until every worker has (barrier)."""
+        """Push this worker's initial counts and wait until every worker has (barrier).
+
+        Raises: the worker API's errors (pserver.errors: RemoteError, RequestTimeoutError,
+        BarrierTimeoutError, ...); the servers may then hold this worker's counts or not, and the
+        job cannot go on."""
         rows = self._rows(self.words)
         kernels.add_word_topic_counts(self.words, self.z, self.cache.nwk, 1)
         self.cache.nwk[self.num_words] = self.cache.nwk[:self.num_words].sum(axis=0)
@@ -128,7 +135,10 @@ class LDATrainer:
 
     def run_pass(self, epoch: int) -> PassStats:
         """Resample every token once (blocks pipelined with bounded delay tau), wait for the
-        pushes, then barrier with the other workers."""
+        pushes, then barrier with the other workers.
+
+        Raises: the worker API's errors, as initialize(); some of this pass's pushes may then
+        have been applied, so the servers' counts no longer match this worker's assignments."""
         cfg, cache, kv = self.cfg, self.cache, self.kv
         t0, waited = time.perf_counter(), 0.0
         nblocks = len(self.block_rows)
@@ -169,6 +179,8 @@ class LDATrainer:
         return PassStats(epoch, time.perf_counter() - t0, int(self.words.size), waited)
 
     def pull_model(self) -> np.ndarray:
-        """(V + 1, K) counts as the servers hold them now (row V: topic totals)."""
+        """(V + 1, K) counts as the servers hold them now (row V: topic totals).
+
+        Raises: the worker API's errors for a pull (nothing changes)."""
         keys = np.arange(self.num_words + 1, dtype=np.uint64)
         return self.kv.pull(keys, table=self.cfg.table).reshape(self.num_words + 1, -1)
