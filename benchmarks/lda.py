@@ -131,7 +131,7 @@ def plot(results: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         t, p = zip(*r["curve"])
-        ax.plot(t, p, marker=".", label=r["name"])
+        ax.plot(t, p, marker="o" if len(t) == 1 else ".", label=r["name"])
     ax.set_xscale("log")
     ax.set_xlabel("training time (s, scoring excluded)")
     ax.set_ylabel("held-out perplexity (document completion)")
@@ -155,7 +155,11 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=1, help="runs of ours (medians reported)")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--out", default="benchmarks/results/lda.json")
+    p.add_argument("--replot", action="store_true", help="only redraw the plot from --out")
     args = p.parse_args()
+    if args.replot:
+        plot(json.loads(Path(args.out).read_text())["results"], str(Path(args.out).with_suffix(".png")))
+        return 0
     corpus = build_corpus(apt_descriptions(), held_out=0.05)
     tmp = tempfile.mkdtemp(prefix="lda-bench-")
     corpus_path = os.path.join(tmp, "corpus.npz")
