@@ -362,6 +362,9 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
         from .apps.sketch.cli import register as register_sketch
 
         register_sketch(sub)
+        from .apps.lda.cli import register as register_lda
+
+        register_lda(sub)
     return p
 
 

@@ -18,7 +18,9 @@ from .updaters import make_updater, updater_names
 MAX_DIM = 1 << 24  # a 16 M-float row: one key may hold a whole tensor
 MAX_NAME_LEN = 128
 MAX_UPDATER_ARGS = 32
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "int64")
+# Integer tables hold exact counts: only rules that never round, and integer initial values.
+INT_DTYPES = ("int64",)
 
 
 @dataclass(frozen=True)
@@ -26,7 +28,8 @@ class TableSpec:
     """Declaration of one table. Construction validates every field (TableError if invalid).
 
     name: table name (1..128 printable characters). dim: value columns per key.
-    dtype: "float32" | "float64". init: "zeros" | "constant:<c>" | "uniform:<a>" | "normal:<std>".
+    dtype: "float32" | "float64" | "int64" (exact counts: rule "sum" or "assign", init "zeros" or
+    "constant:<integer>"). init: "zeros" | "constant:<c>" | "uniform:<a>" | "normal:<std>".
     seed: initializer seed, 0 <= seed < 2^64. updater: registered updater name.
     updater_args: keyword arguments of the updater (JSON numbers; do not mutate).
     sync: synchronous aggregation (handled by the server loop, not the store).
@@ -80,6 +83,8 @@ class TableSpec:
                 raise  # a known rule with bad arguments
             factor = None
         object.__setattr__(self, "_push_factor", factor)
+        if self.dtype in INT_DTYPES:
+            _check_integer_table(self)
         for name in ("push_filters", "pull_filters"):
             object.__setattr__(self, name, _canonical_filters(name, getattr(self, name)))
 
@@ -150,6 +155,19 @@ def _canonical_filters(name: str, text: object) -> str:
         raise TableError(f"pull_filters {text!r}: kkt, significant and random_skip select pairs of "
                          "pushes and cannot filter pulls; put them in push_filters")
     return ",".join(chain.names)
+
+
+def _check_integer_table(spec: TableSpec) -> None:
+    """TableError unless an integer table's rule and initial value keep every entry an exact
+    integer (a rule known only to the servers is checked there, where it resolves)."""
+    kind, value = parse_init(spec.init)
+    if kind not in ("zeros", "constant") or value != int(value):
+        raise TableError(f"an {spec.dtype} table needs init 'zeros' or 'constant:<integer>', got "
+                         f"{spec.init!r}")
+    if spec.updater in updater_names() and not make_updater(spec.updater,
+                                                            spec.updater_args).integer_exact:
+        raise TableError(f"update rule {spec.updater!r} rounds, so an {spec.dtype} table cannot use "
+                         f"it; use 'sum' (counts) or 'assign', or a float dtype")
 
 
 def _is_finite_number(v: object) -> bool:

@@ -25,10 +25,12 @@ class Updater:
 
     push_factor: pushed columns per value column (a worker pushes dim * push_factor columns).
     state_factor: optimizer-state columns per value column, zero-initialised on insert.
+    integer_exact: the rule maps integer rows to integer rows exactly (allowed on int64 tables).
     """
 
     push_factor: int = 1
     state_factor: int = 0
+    integer_exact: bool = False
 
     def apply(self, w: np.ndarray, state: np.ndarray | None, pushed: np.ndarray) -> None:
         """Update rows in place. w: (n, dim); state: (n, state_factor*dim) or None;
@@ -65,6 +67,8 @@ def _number(name: str, value: object, *, positive: bool = False) -> float:
 class SumUpdater(Updater):
     """w += g (aggregation; the default)."""
 
+    integer_exact = True
+
     def apply(self, w, state, pushed):
         w += pushed
 
@@ -74,6 +78,8 @@ class SumUpdater(Updater):
 
 class AssignUpdater(Updater):
     """w = g (last writer wins)."""
+
+    integer_exact = True
 
     def apply(self, w, state, pushed):
         w[...] = pushed
