@@ -325,7 +325,7 @@ class HashIndex:
         return keys[:n], slots[:n]
 
 
-def warm_up(dtypes: tuple[str, ...] = ("float32", "float64")) -> None:
+def warm_up(dtypes: tuple[str, ...] = ("float32", "float64", "int64")) -> None:
     """Load every kernel's cached machine code for tables of ``dtypes`` (compiling it on the
     first run after an install or an edit of this file).
 
