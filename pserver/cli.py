@@ -239,6 +239,10 @@ def format_status(view: dict) -> str:
     lines.insert(0, f"cluster view v{view['version']}: scheduler pid {s.get('pid')} port "
                     f"{s.get('port')}, ring v{ring.get('version', '-')} with "
                     f"{ring.get('virtual', '-')} virtual servers per server")
+    for n in view["nodes"]:  # never silent: a replica that diverged (it asked for a re-copy)
+        if n.get("replica_apply_errors"):
+            lines.append(f"server {n['id']}: {n['replica_apply_errors']} forwarded updates failed to "
+                         f"apply as a replica (re-copied from their masters; see its log)")
     from .kv.traffic import format_traffic
 
     traffic = format_traffic(view)  # per node, as last reported on its heartbeats

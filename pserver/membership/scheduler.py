@@ -16,7 +16,20 @@ from ..errors import AuthError, PServerError
 from ..ft.checkpoint_round import CheckpointCoordinator
 from ..ft.migration import MigrationCoordinator
 from ..link import LinkError, Poller
-from ..protocol import ERROR, GROUP, ID, KIND, NAME, RANK, REBUILT, SHUTDOWN, TRAFFIC, VIEW, VIEW_VERSION
+from ..protocol import (
+    ERROR,
+    GROUP,
+    ID,
+    KIND,
+    NAME,
+    RANK,
+    REBUILT,
+    REPLICA_APPLY_ERRORS,
+    SHUTDOWN,
+    TRAFFIC,
+    VIEW,
+    VIEW_VERSION,
+)
 from ..ring import KeyRing
 from ..transport import Transport, node_token
 from ..wire import Message
@@ -69,6 +82,7 @@ class Scheduler:
         self._announce = False                              # the view changed: push it to the nodes
         self.liveness = Liveness(cfg.heartbeat_interval, cfg.heartbeat_timeout)
         self.traffic: dict[int, dict] = {}                  # node id -> traffic its heartbeats report
+        self.replica_apply_errors: dict[int, int] = {}      # server id -> forwards it failed to apply
         self.started = False
         self.barriers = Barriers()
         self.shutting_down = False
@@ -178,6 +192,8 @@ class Scheduler:
             self.rings.rebuilt[nid] = int(m[REBUILT])
         if isinstance(m.get(TRAFFIC), dict):
             self.traffic[nid] = m[TRAFFIC]
+        if type(m.get(REPLICA_APPLY_ERRORS)) is int:
+            self.replica_apply_errors[nid] = m[REPLICA_APPLY_ERRORS]
         reply = {"v": self.view.version, "shutdown": self.shutting_down}
         if int(m.get(VIEW_VERSION, -1)) != self.view.version:
             reply["view"] = self.view.to_json()
@@ -364,6 +380,8 @@ class Scheduler:
             n["last_heartbeat"] = round(self.liveness.silence(n["id"]), 3)
             if n["id"] in self.traffic:
                 n["traffic"] = self.traffic[n["id"]]
+            if self.replica_apply_errors.get(n["id"]):
+                n["replica_apply_errors"] = self.replica_apply_errors[n["id"]]
         shares = self.view.ring.share() if self.view.ring else {}
         for n in view["nodes"]:
             if n["role"] == "server":

@@ -176,3 +176,19 @@ def test_heartbeats_carry_a_late_join_and_the_shutdown_to_every_node():
         tr = MemoryTransport(c.hub, c.cfg, "scheduler")
         assert scheduler_request(c.cfg, "shutdown", transport=tr).op == "ok"
         assert _until(lambda: all(n.shutdown_requested.is_set() for n in (server, w1, w2)))
+
+
+def test_a_replicas_failed_applies_reach_the_status_never_silent():
+    from pserver.cli import format_status
+
+    sched, link = _scheduler()
+    reg = {"host": "h", "port": 7, "pid": 1}
+    link.push(Message("register", 1, meta={"role": "server", **reg}), b"s")
+    link.push(Message("register", 1, meta={"role": "worker", **reg}), b"w")
+    sched.step()
+    link.push(Message("heartbeat", 2, meta={"id": 1, "replica_apply_errors": 3}), b"s")
+    sched.step()
+    status = sched.status()
+    server = next(n for n in status["nodes"] if n["id"] == 1)
+    assert server["replica_apply_errors"] == 3
+    assert "server 1: 3 forwarded updates failed to apply as a replica" in format_status(status)
