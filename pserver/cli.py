@@ -6,8 +6,7 @@
   pserver consistency --app A [MODEL | --tau N]   show or change an application's consistency
   pserver checkpoint [--dir DIR]      snapshot every table now (restore: scheduler --restore DIR)
   pserver keygen DIR                  the cluster's CURVE keys
-  pserver demo | train | gen-data | predict   the sparse logistic regression job
-  pserver sketch count | query        a CountMin sketch of text files
+  pserver demo | train | gen-data | predict | sketch | lda-infer   the applications (LR, LDA, CountMin)
 """
 
 from __future__ import annotations

@@ -5,11 +5,8 @@ last message from i that covered the key. Messages update whole key ranges at on
 stored per range: vc_i(R) = t. A `RangeMap` is one node's clock over the key space [0, 2**64), a
 piecewise-constant function kept as sorted range starts; a `RangeClock` is the vector of them.
 
-Setting a sub-range splits at most one stored range into three, and neighbours with equal times are
-merged, so the size is O(number of distinct ranges), not O(keys). Lookups and updates cost
-O(log n + ranges touched) Python operations (plus one C-level list splice).
-
-These classes do no I/O and take no locks: a server owns its clock from its single event loop.
+Setting a sub-range splits at most one stored range and equal neighbours merge: the size is
+O(distinct ranges), not O(keys). No I/O, no locks: a server owns its clock from its event loop.
 """
 
 from __future__ import annotations

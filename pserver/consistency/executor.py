@@ -6,8 +6,8 @@ where the worker's time goes (paper: "Tasks and consistency", the idle-time figu
     for t, payload in ex.assigned():                     # tasks the scheduler hands this worker
         ex.run(t, step)                                  # step(t) computes, then ex.push / ex.pull
 
-Pushes and pulls of a task are its subtasks; replies are collected in issue order. Not thread-safe:
-one thread drives it. Semantics, time accounting and the scheduler channel: docs/consistency.md.
+Pushes and pulls of a task are its subtasks, collected in issue order. One thread drives it.
+Semantics, time accounting and the scheduler channel: docs/consistency.md.
 """
 
 from __future__ import annotations

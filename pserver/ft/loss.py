@@ -1,7 +1,8 @@
 """Detection of lost key ranges: which parts of the key ring lost every copy when servers died (a
 key's master and its k replicas all dead before failover re-replicated it). A pure function of
-(ring, dead servers, k): the scheduler records the loss in the view's settings, workers raise
-DataLostError for requests touching it, and the way back is a checkpoint
+(ring, dead servers, k): the scheduler (``RingKeeper.server_gone``) records the loss in the view's
+settings, workers fail requests to the lost servers with DataLostError
+(``RequestTracker.reroute_plan``), and the way back is a checkpoint
 (``pserver scheduler --restore DIR``).
 """
 

@@ -3,11 +3,9 @@
 A request names its keys in one of two forms (meta "kf"):
 
 - ``"k"``: an explicit sorted, unique uint64 array;
-- ``"r"``: runs of consecutive keys, two arrays ``starts`` (uint64) and ``lengths`` (uint64). A dense range
-  of a million ids is then 16 bytes instead of 8 MB, and the server serves it as an array slice.
-
-The worker picks the smaller form. The server re-validates everything it receives: sortedness, overlaps,
-wrap-around, and that the values frame matches the number of keys and the table's width and dtype.
+- ``"r"``: runs of consecutive keys, arrays ``starts`` and ``lengths`` (uint64): a dense range of a
+  million ids is 16 bytes, not 8 MB. The worker picks the smaller form; the server re-validates
+  all it receives (sortedness, overlaps, wrap-around, values frame against keys and table).
 """
 
 from __future__ import annotations
