@@ -24,7 +24,7 @@ def trained(tmp_path_factory):
     (d / "docs.txt").write_text("\n".join(planted_corpus(TOPICS, docs=400, seed=2)) + "\n")
     out = subprocess.run(
         [sys.executable, "-m", "pserver", "train", "lda", "--data", str(d / "docs.txt"),
-         "--topics", str(TOPICS), "--passes", "15", "--blocks", "3", "--tau", "1",
+         "--topics", str(TOPICS), "--passes", "40", "--blocks", "3", "--tau", "1",
          "--min-df", "1", "--max-df", "1", "--held-out", "0.1", "--workers", "2",
          "--servers", "2", "--insecure", "--model-out", str(d / "model"),
          "--summary-json", str(d / "summary.json"), "--assignments-out", str(d / "z")],
@@ -51,7 +51,7 @@ def test_perplexity_falls_and_planted_topics_are_recovered(trained):
     d, stdout = trained
     history = json.loads((d / "summary.json").read_text())["history"]
     ppl = [h["perplexity"] for h in history]
-    assert len(ppl) == 15 and ppl[-1] < 0.8 * ppl[0]
+    assert len(ppl) == 40 and ppl[-1] < 0.8 * ppl[0]
     assert recovery(load_model(str(d / "model")).top_words(10), TOPICS) == 1.0
     assert "held-out perplexity" in stdout and "topic   4:" in stdout
 
