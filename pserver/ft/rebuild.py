@@ -143,7 +143,10 @@ class Rebuilder:
         new replicas; :meth:`rebuild_step` sends them a chunk at a time between requests, so the
         failed ranges are served at once while replicas are rebuilt in the background. Each chunk
         is read from the table when sent and links are FIFO, so a replica ends with the master's
-        state: updates forwarded before a chunk are overwritten by it, later ones follow it."""
+        state: updates forwarded before a chunk are overwritten by it, later ones follow it.
+        Returns the keys queued; replaces any copies still queued.
+
+        Raises: nothing; a ring without ``k``/``my_id`` set yields no copies."""
         self.jobs = deque((name, sid, keys, None)
                           for name, sid, keys in self._copies(old, new, tables, masters=new))
         self._rebuilding_version = new.version
@@ -152,8 +155,12 @@ class Rebuilder:
         return sum(len(job[2]) for job in self.jobs)
 
     def rebuild_step(self, tables: dict, budget: int = 1 << 16) -> bool:
-        """Send up to ``budget`` keys of queued copies (re-replication, migration pre-copies);
-        True while more remain."""
+        """Send up to ``budget`` keys of queued copies (re-replication, re-copies, migration
+        pre-copies); True while more remain.
+
+        Raises: nothing - a copy that cannot be sent is logged and dropped (a replica's keys then
+        have fewer copies; a pre-copy's migration times out and is aborted); a pre-copy of an
+        aborted migration is dropped with its acks cancelled."""
         ch = self.channel
         if self.resyncs:
             self._plan_resyncs(tables)
@@ -209,7 +216,9 @@ class Rebuilder:
         Meanwhile every update of those keys is forwarded to the new holders too (see
         replica_groups) - before or after their chunk, which is read from the table when sent, so
         the holder ends with the master's state either way. Returns the number of chunks to be
-        acknowledged (0: nothing to wait for)."""
+        acknowledged (0: nothing to wait for), which are also expected on the channel.
+
+        Raises: nothing; nothing is sent until :meth:`rebuild_step`."""
         count = nkeys = 0
         ring = self.channel.ring
         for name, sid, keys in self._copies(ring, new, tables, masters=ring):

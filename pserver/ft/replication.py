@@ -331,7 +331,7 @@ class Replicator:
                     sid)
         if self._send_items(sid, resend):  # the same requests now wait for the new forward
             return []
-        return [tok for tok in (it[0] for it in items) if self._lose(tok)]
+        return [tok for tok in (it[0] for it in items) if self.lose(tok)]
 
     def ref_store(self, master: int) -> RefStore:
         """The lists ``master`` stored at this server (created on first use)."""
@@ -375,14 +375,14 @@ class Replicator:
                     size += items[end][4].nbytes + items[end][5].nbytes
                     end += 1
                 if not self._send_items(sid, items[start:end], carried):
-                    lost += [tok for tok in (it[0] for it in items[start:end]) if self._lose(tok)]
+                    lost += [tok for tok in (it[0] for it in items[start:end]) if self.lose(tok)]
                     if carried:
                         self._unsent_acks.append((b"s%d" % sid, carried))
                 carried = None
                 start = end
         return lost
 
-    def _lose(self, token: object) -> bool:
+    def lose(self, token: object) -> bool:
         """One expected ack of ``token`` will not come; True when it has none left."""
         left = self.outstanding.get(token, 1) - 1
         if left > 0:
@@ -391,9 +391,7 @@ class Replicator:
         self.outstanding.pop(token, None)
         return True
 
-    # -- the Rebuilder's CopyChannel (the ack counter and rid space it shares with forwards) ------
-    lose = _lose
-
+    # -- the rest of the Rebuilder's CopyChannel (link and lose above) -------------------------
     def track(self, sid: int, tokens: list) -> int:
         """A new replication id for a message to ``sid``: its ack (or ``sid``'s death) settles
         one ack of each of ``tokens``."""
@@ -444,7 +442,7 @@ class Replicator:
         tokens = self.waiting.pop(rid, None)
         self._rid_peer.pop(rid, None)
         self._in_flight.pop(rid, None)
-        return [t for t in tokens or () if self._lose(t)]
+        return [t for t in tokens or () if self.lose(t)]
 
     def drop_replica(self, sid: int) -> list[object]:
         """A replica died: stop waiting for its acks (its keys have fewer copies until the
@@ -453,9 +451,9 @@ class Replicator:
         for rid in [r for r, peer in self._rid_peer.items() if peer == sid]:
             del self._rid_peer[rid]
             self._in_flight.pop(rid, None)
-            done += [t for t in self.waiting.pop(rid, ()) if self._lose(t)]
+            done += [t for t in self.waiting.pop(rid, ()) if self.lose(t)]
         if self._batch is not None:  # queued for it, not sent yet
-            done += [it[0] for it in self._batch.pop(sid, ()) if self._lose(it[0])]
+            done += [it[0] for it in self._batch.pop(sid, ()) if self.lose(it[0])]
         done += self.rebuilder.drop_peer(sid)  # pre-copies queued for it
         self.forget_peer(sid)
         return done
