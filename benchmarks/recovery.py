@@ -364,7 +364,7 @@ def run_recovery(args, log: TextIO) -> list[dict]:
 
 def rebuild_cost(sizes: list[int], repeats: int = 3) -> list[dict]:
     """What re-replication after a failover costs a surviving server's request loop, for a cluster
-    storing n keys on 3 servers (k=1) of which one died: Replicator.plan_rebuild (runs once when the
+    storing n keys on 3 servers (k=1) of which one died: Rebuilder.plan_rebuild (runs once when the
     server adopts the new ring, before it answers anything) and the rebuild_step calls that send the
     copies a chunk at a time between request bursts (each one delays requests that arrive
     meanwhile). In process, with a transport that encodes but sends nothing."""
@@ -396,13 +396,13 @@ def rebuild_cost(sizes: list[int], repeats: int = 3) -> list[dict]:
             repl = Replicator(Encoders(), 2, lambda _sid: ("127.0.0.1", 0))
             repl.ring, repl.k = new, 1
             t = time.perf_counter()
-            copied = repl.plan_rebuild(old, new, {"default": table})
+            copied = repl.rebuilder.plan_rebuild(old, new, {"default": table})
             times["plan"].append(time.perf_counter() - t)
             steps, longest, total = 0, 0.0, 0.0
-            more = bool(repl.jobs)
+            more = bool(repl.rebuilder.jobs)
             while more:
                 t = time.perf_counter()
-                more = repl.rebuild_step({"default": table})
+                more = repl.rebuilder.rebuild_step({"default": table})
                 dt = time.perf_counter() - t
                 steps, longest, total = steps + 1, max(longest, dt), total + dt
             times["longest_step"].append(longest)

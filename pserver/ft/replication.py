@@ -1,15 +1,14 @@
 """The master's half of replication: forwarding updates to the replicas of their key ranges,
-counting the replicas' acknowledgements (one counter, typed tokens), key caching on the link, copies
-of ranges and the replication clock (exactly-once after failover). A key's replicas are the next k
-distinct servers clockwise on the ring after its master, so failover moves no data. Forwards of a
-burst travel as one ``repl_batch`` per replica. The protocol is described in docs/fault-tolerance.md,
-"Replication".
+counting the replicas' acknowledgements (one counter, typed tokens) and key caching on the link;
+copies of ranges are made by the :class:`~pserver.ft.rebuild.Rebuilder` it holds. A key's replicas
+are the next k distinct servers clockwise on the ring after its master, so failover moves no data.
+Forwards of a burst travel as one ``repl_batch`` per replica. The protocol is described in
+docs/fault-tolerance.md, "Replication".
 """
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from collections.abc import Callable
 
 import numba
@@ -23,7 +22,7 @@ from ..transport import Transport
 from ..wire import Message
 from . import list_refs
 from .list_refs import RefSender, RefStore
-from .rebuild import Rebuilder, chunks
+from .rebuild import Rebuilder
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +49,13 @@ class PrecopyAck:
         self.to, self.ts = to, ts
 
 
-class Replicator(Rebuilder):
-    """The master's half: forwarding to replicas, the outstanding replica acknowledgements (the
+class Replicator:
+    """The master's half: forwarding to replicas and the outstanding replica acknowledgements (the
     one place they are counted, per token: a worker's (identity, ts, part), a RoundAck or a
-    PrecopyAck), copies of ranges and the replication clock. Methods that settle acks return the
-    tokens that have none left; the server releases those."""
+    PrecopyAck). Methods that settle acks return the tokens that have none left; the server
+    releases those. ``rebuilder`` makes the copies of ranges; it uses this object only as its
+    :class:`~pserver.ft.rebuild.CopyChannel` (``link``, ``track``, ``expect``, ``lose``,
+    ``cancel``)."""
 
     def __init__(self, transport: Transport, my_id: int, peer_address: Callable[[int], tuple[str, int]]):
         self.transport = transport
@@ -70,10 +71,6 @@ class Replicator(Rebuilder):
         self._rid_peer: dict[int, int] = {}       # replication id -> replica it went to
         self.outstanding: dict[object, int] = {}  # token -> replica acks still missing
         self.bytes_forwarded = 0
-        self.last_copied = 0
-        self.jobs: deque[tuple[str, int, np.ndarray]] = deque()  # background copies: table, to, keys
-        self.rebuilt_version = 0   # ring version whose background copies are all sent
-        self._rebuilding_version = 0
         self.messages_forwarded = 0
         self._batch: dict[int, list[tuple]] | None = None  # while draining: replica -> queued updates
         self._acks: dict[int, list[int]] = {}   # while draining: replica acks to carry, per master
@@ -90,10 +87,7 @@ class Replicator(Rebuilder):
         self.ref_misses = 0
         self.ref_limit = list_refs.REF_BYTES      # the cluster's replica_key_cache (0 = off)
         self.known_peers: dict[int, tuple[str, int]] = {}  # joiners announced by a migration
-        self.clock_of: Callable[[str, int, int], dict | None] = lambda _t, _lo, _hi: None
-        self.applied_of: Callable[[], list] = list  # exactly-once windows that travel with copies
-        self.resyncs: list[tuple[int, str, int, int]] = []  # re-copies replicas asked for
-        self.resyncs_requested = 0
+        self.rebuilder = Rebuilder(self)
 
     # -- the server's interface -----------------------------------------------------------------
     def configure(self, view) -> list[object]:
@@ -129,11 +123,11 @@ class Replicator(Rebuilder):
             return
         log.info("key ring v%d -> v%d (servers %s)", old.version, new.version, new.servers)
         if not copied and self.k:
-            n = self.plan_rebuild(old, new, tables)
+            n = self.rebuilder.plan_rebuild(old, new, tables)
             if n:
                 log.info("re-replicating %d keys in the background (ring v%d)", n, new.version)
         else:
-            self.rebuilt_version = new.version
+            self.rebuilder.mark_rebuilt(new.version)
 
     def on_reply(self, sid: int, msg: Message) -> list[object]:
         """A message from replica ``sid`` to this master: acks (``repl_ack``, ``error``), a miss
@@ -150,8 +144,7 @@ class Replicator(Rebuilder):
             lo, hi = msg.meta.get(LO), msg.meta.get(HI)
             if type(lo) is not int or type(hi) is not int or not 0 <= lo < hi <= 1 << 64:
                 raise ProtocolError("a repl_resync needs integer bounds 0 <= lo < hi <= 2**64")
-            self.resyncs.append((sid, msg.table, lo, hi))
-            self.resyncs_requested += 1
+            self.rebuilder.resync(sid, msg.table, lo, hi)
             log.error("replica %d could not apply an update of table %r: copying keys [%d, %d) "
                       "to it again", sid, msg.table, lo, hi)
         return []
@@ -172,18 +165,15 @@ class Replicator(Rebuilder):
         return {"forwards": self.messages_forwarded, "bytes_forwarded": self.bytes_forwarded,
                 "key_list_misses": self.ref_misses,
                 "key_lists_held": {m: len(st.lists) for m, st in self.ref_stores.items()},
-                "resyncs_requested": self.resyncs_requested}
-
-    def has_work(self) -> bool:
-        """True while copies of ranges wait to be sent (see rebuild_step)."""
-        return bool(self.jobs or self.resyncs)
+                "resyncs_requested": self.rebuilder.resyncs_requested}
 
     # -- configuration --------------------------------------------------------------------------
     def active(self) -> bool:
         return self.ring is not None and (self.next_ring is not None
                                           or (self.k > 0 and len(self.ring.servers) > 1))
 
-    def _link(self, sid: int) -> Link:
+    def link(self, sid: int) -> Link:
+        """The link to server ``sid``, opened on first use (its address from ``peer_address``)."""
         link = self.links.get(sid)
         if link is None:
             host, port = self.peer_address(sid)
@@ -341,7 +331,7 @@ class Replicator(Rebuilder):
                     sid)
         if self._send_items(sid, resend):  # the same requests now wait for the new forward
             return []
-        return [tok for tok in (it[0] for it in items) if self._lose(tok)]
+        return [tok for tok in (it[0] for it in items) if self.lose(tok)]
 
     def ref_store(self, master: int) -> RefStore:
         """The lists ``master`` stored at this server (created on first use)."""
@@ -385,14 +375,14 @@ class Replicator(Rebuilder):
                     size += items[end][4].nbytes + items[end][5].nbytes
                     end += 1
                 if not self._send_items(sid, items[start:end], carried):
-                    lost += [tok for tok in (it[0] for it in items[start:end]) if self._lose(tok)]
+                    lost += [tok for tok in (it[0] for it in items[start:end]) if self.lose(tok)]
                     if carried:
                         self._unsent_acks.append((b"s%d" % sid, carried))
                 carried = None
                 start = end
         return lost
 
-    def _lose(self, token: object) -> bool:
+    def lose(self, token: object) -> bool:
         """One expected ack of ``token`` will not come; True when it has none left."""
         left = self.outstanding.get(token, 1) - 1
         if left > 0:
@@ -400,6 +390,23 @@ class Replicator(Rebuilder):
             return False
         self.outstanding.pop(token, None)
         return True
+
+    # -- the rest of the Rebuilder's CopyChannel (link and lose above) -------------------------
+    def track(self, sid: int, tokens: list) -> int:
+        """A new replication id for a message to ``sid``: its ack (or ``sid``'s death) settles
+        one ack of each of ``tokens``."""
+        self._next_rid += 1
+        self.waiting[self._next_rid] = tokens
+        self._rid_peer[self._next_rid] = sid
+        return self._next_rid
+
+    def expect(self, token: object, n: int) -> None:
+        """``n`` more replica acks are due for ``token``."""
+        self.outstanding[token] = self.outstanding.get(token, 0) + n
+
+    def cancel(self, token: object) -> None:
+        """Forget every ack still due for ``token`` (an aborted migration's pre-copies)."""
+        self.outstanding.pop(token, None)
 
     def _send_items(self, sid: int, items: list[tuple], acks: list[int] | None = None) -> bool:
         """One message to replica ``sid`` with ``items`` (token, op, table, meta, keys, values),
@@ -416,7 +423,7 @@ class Replicator(Rebuilder):
                 meta[CARRIED_ACKS] = acks
             msg = Message("repl_batch", rid, "", meta, [a for it in items for a in it[4:6]])
         try:
-            self._link(sid).send(msg)
+            self.link(sid).send(msg)
         except LinkError as e:
             log.warning("cannot forward to replica %d: %s", sid, e)
             return False
@@ -435,7 +442,7 @@ class Replicator(Rebuilder):
         tokens = self.waiting.pop(rid, None)
         self._rid_peer.pop(rid, None)
         self._in_flight.pop(rid, None)
-        return [t for t in tokens or () if self._lose(t)]
+        return [t for t in tokens or () if self.lose(t)]
 
     def drop_replica(self, sid: int) -> list[object]:
         """A replica died: stop waiting for its acks (its keys have fewer copies until the
@@ -444,16 +451,10 @@ class Replicator(Rebuilder):
         for rid in [r for r, peer in self._rid_peer.items() if peer == sid]:
             del self._rid_peer[rid]
             self._in_flight.pop(rid, None)
-            done += [t for t in self.waiting.pop(rid, ()) if self._lose(t)]
+            done += [t for t in self.waiting.pop(rid, ()) if self.lose(t)]
         if self._batch is not None:  # queued for it, not sent yet
-            done += [it[0] for it in self._batch.pop(sid, ()) if self._lose(it[0])]
-        lost = [j for j in self.jobs if j[3] is not None and j[1] == sid]  # pre-copies to it
-        if lost:
-            self.jobs = deque(j for j in self.jobs if j[3] is None or j[1] != sid)
-            for _, _, keys, token in lost:
-                for _ in range(chunks(len(keys))):
-                    if self._lose(token):
-                        done.append(token)
+            done += [it[0] for it in self._batch.pop(sid, ()) if self.lose(it[0])]
+        done += self.rebuilder.drop_peer(sid)  # pre-copies queued for it
         self.forget_peer(sid)
         return done
 

@@ -87,7 +87,8 @@ class ServerCore:
             lambda msg, table, keys, vals, worker, master: self._aggregate(
                 None, msg, table, keys, vals, worker, origin=master),
             self.count, self.on_replicated)
-        repl.clock_of, repl.applied_of = self.clocks.copy_json, self.exactly_once.applied_json
+        repl.rebuilder.clock_of = self.clocks.copy_json
+        repl.rebuilder.applied_of = self.exactly_once.applied_json
         self.view = ClusterView()
         self.errors = self.duplicates = 0
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> refused requests
@@ -284,7 +285,7 @@ class ServerCore:
             for sid, (host, port) in msg.meta.get(SERVERS, {}).items():
                 self.repl.known_peers[int(sid)] = (str(host), int(port))
             self.repl.next_ring = ring
-            if not self.repl.precopy(ring, self.tables, PrecopyAck(identity, msg.ts)):
+            if not self.repl.rebuilder.precopy(ring, self.tables, PrecopyAck(identity, msg.ts)):
                 self.out.append((identity, Message("migrate_ready", msg.ts, meta={KEY_COUNT: 0})))
             return
         self.repl.next_ring = None  # commit: switch now, before the view's broadcast
@@ -424,7 +425,7 @@ class ServerCore:
                     self.acks.replicated(t)
             elif kind is PrecopyAck:  # every pre-copy of a migration is in place
                 self.out.append((token.to, Message("migrate_ready", token.ts,
-                                                   meta={KEY_COUNT: self.repl.last_copied})))
+                                                   meta={KEY_COUNT: self.repl.rebuilder.last_copied})))
 
     def on_replica_reply(self, sid: int, msg: Message) -> None:
         """A message from replica ``sid`` (acks, a key list miss, a re-copy request)."""

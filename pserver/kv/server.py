@@ -107,6 +107,7 @@ class KVServer:
 
     def _serve(self) -> None:
         core, repl, replica, membership = self.core, self.repl, self.core.replica, self.membership
+        rebuilder = repl.rebuilder
         spin, busy_until, clock = self.cfg.busy_poll, 0.0, time.perf_counter
         while not self._stop:
             if len(self._replicas) != len(repl.links):
@@ -115,19 +116,19 @@ class KVServer:
             # a wake-up from the kernel costs tens of microseconds here, more than the next
             # request takes to arrive when a worker keeps several in flight.
             busy = spin and clock() < busy_until
-            ready = self.poller.poll(0 if busy or replica.deferred or repl.has_work() else 0.1)
+            ready = self.poller.poll(0 if busy or replica.deferred or rebuilder.has_work() else 0.1)
             if ready and spin:
                 busy_until = clock() + spin
             if not ready and replica.deferred:  # nothing waiting: time to apply them
                 replica.apply_deferred()
             if ready:
                 self._burst(ready)
-            if repl.has_work():
+            if rebuilder.has_work():
                 replica.apply_deferred()
-                repl.rebuild_step(core.tables)
+                rebuilder.rebuild_step(core.tables)
             if core.out or core.acks.due:
                 self._flush()
-            membership.report[REBUILT] = repl.rebuilt_version
+            membership.report[REBUILT] = rebuilder.rebuilt_version
             if replica.apply_errors:
                 membership.report[REPLICA_APPLY_ERRORS] = replica.apply_errors
             if membership.view.version != self._view_version:

@@ -67,7 +67,9 @@ def test_a_dead_replica_in_a_new_view_settles_what_waited_for_it():
 def test_a_recopy_request_is_counted_and_checked():
     repl, _ = _master()
     repl.on_reply(2, Message("repl_resync", 0, "t", {"lo": 5, "hi": 10}))
-    assert repl.resyncs == [(2, "t", 5, 10)] and repl.resyncs_requested == 1 and repl.has_work()
+    rebuilder = repl.rebuilder
+    assert rebuilder.resyncs == [(2, "t", 5, 10)] and rebuilder.has_work()
+    assert repl.stats()["resyncs_requested"] == 1
     with pytest.raises(ProtocolError):
         repl.on_reply(2, Message("repl_resync", 0, "t", {"lo": 10, "hi": 5}))
 

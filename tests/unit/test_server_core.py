@@ -239,12 +239,12 @@ def test_the_master_answers_a_recopy_request_with_a_copy_of_its_keys_in_the_rang
     mine = keys[50:][repl.ring.owner_of(keys[50:]) == 1]
     assert 0 < len(mine) < len(keys) - 50
     repl.on_reply(2, Message("repl_resync", 0, "default", {"lo": lo, "hi": 2**64}))
-    assert repl.has_work()
-    repl.rebuild_step(master.tables)
+    assert repl.rebuilder.has_work()
+    repl.rebuilder.rebuild_step(master.tables)
     sent = [m for _, m in cap.sent]
     assert [m.op for m in sent] == ["repl_load"] and np.array_equal(sent[0].arrays[0], mine)
     assert (sent[0].arrays[1] == 3).all() and "clock" in sent[0].meta
-    assert repl.resyncs_requested == 1
+    assert repl.stats()["resyncs_requested"] == 1
 
 
 # ------------------------------------------------------------------------------ clocks in copies
