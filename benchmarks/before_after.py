@@ -24,9 +24,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
+def _check(proc: subprocess.CompletedProcess) -> None:
+    """Raise with the end of the run's error output if it failed (a benchmark run that fails is a
+    finding, not noise: it is never retried silently)."""
+    if proc.returncode:
+        tail = proc.stderr.decode(errors="replace")[-3000:]
+        raise RuntimeError(f"{' '.join(map(str, proc.args))[:300]} exited {proc.returncode}:\n{tail}")
+
+
 def _run(python: str, argv: list[str], out: str, timeout: float) -> dict:
-    subprocess.run([python, *argv, "--out", out], check=True, timeout=timeout,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    _check(subprocess.run([python, *argv, "--out", out], timeout=timeout, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, cwd=tempfile.gettempdir()))
     return json.loads(Path(out).read_text())
 
 
@@ -45,8 +53,8 @@ def lr(python: str, args, out: str) -> dict:
             f"lr.ensure_data({data!r}, {args.lr_examples}); "
             f"r = lr.run_ours({data!r}, 2, 2, 5.0, 2.0, {args.lr_epochs}, 16); "
             f"json.dump({{'history': r['history'], 'train_seconds': r['train_seconds']}}, open({out!r}, 'w'))")
-    subprocess.run([python, "-c", code], check=True, timeout=1800, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE, cwd=tempfile.gettempdir())
+    _check(subprocess.run([python, "-c", code], timeout=1800, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, cwd=tempfile.gettempdir()))
     res = json.loads(Path(out).read_text())
     steady = res["history"][1:] or res["history"]
     return {"lr.examples_per_s": statistics.median(h["examples_per_s"] for h in steady),
