@@ -5,7 +5,7 @@ alternates between rounds, so drift of the machine's speed hits both alike), the
 of each case per side and the ratio after/before. The benchmark scripts are this tree's; the pserver
 they import is the interpreter's (a venv with the other checkout installed: `pip install -e`).
 
-Usage: python benchmarks/before_after.py --base-python OTHER/.venv/bin/python [--rounds 3]
+Usage: python benchmarks/before_after.py --base-python OTHER/.venv/bin/python [--base-tree OTHER] [--rounds 3]
        [--parts pushpull,lr,replication] [--seconds 2] [--out benchmarks/results/before_after.json]
 """
 
@@ -62,8 +62,10 @@ def lr(python: str, args, out: str) -> dict:
 
 
 def replication(python: str, args, out: str) -> dict:
-    """Pushes/s of every replication case at capacity (2 servers x 2 workers)."""
-    res = _run(python, [str(HERE / "recovery.py"), "--only", "replication", "--replication",
+    """Pushes/s of every replication case at capacity (2 servers x 2 workers). recovery.py reaches
+    into the cluster's internals, so each side runs its own tree's copy (same JSON)."""
+    tree = HERE if python == sys.executable else Path(args.base_tree) / "benchmarks"
+    res = _run(python, [str(tree / "recovery.py"), "--only", "replication", "--replication",
                         args.replication, "--windows", args.windows, "--repeats", "1",
                         "--seconds", str(args.seconds), "--warmup", "0.5"], out, 1800)
     found = {}
@@ -82,6 +84,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base-python", required=True, help="interpreter with the 'before' pserver")
+    p.add_argument("--base-tree", help="checkout of the 'before' pserver (default: the one "
+                   "holding --base-python's venv), for benchmarks that use internals")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--parts", default="pushpull,lr,replication")
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per measured case")
@@ -92,6 +96,10 @@ def main() -> None:
     p.add_argument("--lr-data", default=os.path.join(tempfile.gettempdir(), "pserver-bench-lr"))
     p.add_argument("--out", default=str(HERE / "results" / "before_after.json"))
     args = p.parse_args()
+    if args.base_tree is None:  # OTHER/.venv/bin/python -> OTHER
+        args.base_tree = str(Path(args.base_python).absolute().parents[2])
+    if not (Path(args.base_tree) / "benchmarks" / "recovery.py").exists():
+        p.error(f"{args.base_tree} holds no benchmarks/recovery.py: pass --base-tree")
     parts = [s for s in args.parts.split(",") if s]
     unknown = set(parts) - set(PARTS)
     if unknown:
