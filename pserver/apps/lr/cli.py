@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model on a local or existing cluster")
     jobs = p.add_subparsers(dest="job", required=True)
     lr = jobs.add_parser("lr", help="L1/L2 logistic regression by Delayed Block Proximal "
-                                    "Gradient")
+                                    "Gradient or FTRL-proximal")
     from .worker import add_train_args
     add_train_args(lr)
     lr.add_argument("--servers", type=int, default=2, help="servers of the local cluster")
@@ -82,11 +82,15 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The worker's command line from the parsed train options (cluster options dropped)."""
     argv = ["--data", *args.data, "--format", args.format, "--l1", str(args.l1),
             "--l2", str(args.l2), "--epochs", str(args.epochs), "--blocks", str(args.blocks),
-            "--tau", str(args.tau), "--curvature", args.curvature, "--eta", str(args.eta),
+            "--solver", getattr(args, "solver", "dbpg"), "--alpha", str(getattr(args, "alpha", 0.5)),
+            "--beta", str(getattr(args, "beta", 1.0)), "--batch", str(getattr(args, "batch", 2048)),
+            "--curvature", args.curvature, "--eta", str(args.eta),
             "--tol", str(args.tol), "--split", args.split, "--int-bins", args.int_bins,
             "--table", args.table]
     if args.test:
         argv += ["--test", *args.test]
+    if args.tau is not None:
+        argv += ["--tau", str(args.tau)]
     for flag, value in (("--model-out", args.model_out), ("--summary-json", args.summary_json)):
         if value:
             argv += [flag, os.path.abspath(value)]

@@ -296,10 +296,12 @@ class DBPG:
             refresh_qs(self.m, self.y, self.qs)
 
     # -- the loop ---------------------------------------------------------------------------
-    def run(self, on_pass=None) -> list[PassStats]:
+    def run(self, on_pass=None, on_local_pass=None) -> list[PassStats]:
         """Run cfg.epochs passes (fewer when cfg.tol or cfg.target is met) under the consistency
         model (bounded delay cfg.tau). on_pass(PassStats) is called after every pass on every
-        worker, once the pass's global objective is known. Returns the history.
+        worker, once the pass's global objective is known, then on_local_pass(epoch) (the same
+        hook as FTRL's: here the servers' weights are then those after the pass, under tau = 0).
+        Returns the history.
 
         Under bounded delay a pass's objective is known only tau iterations later, so the stop
         rule looks at pass e when the first iteration of pass e + 2 is due (e + 1 when tau = 0):
@@ -327,7 +329,7 @@ class DBPG:
         last = -1
         for t, _ in ex.assigned():
             if t % B == 0 and t >= lead * B:
-                stats = self._collect(t // B - lead, on_pass)
+                stats = self._collect(t // B - lead, on_pass, on_local_pass)
                 # a pass that lost (or regained) a dead worker's shard is no measure of progress
                 whole = stats.examples == prev.examples
                 reached = whole and cfg.target > 0 and stats.objective <= cfg.target
@@ -344,7 +346,7 @@ class DBPG:
             last = t
         ex.drain()
         for k in range(len(self.history) - self._base, (last + 1) // B):
-            self._collect(k, on_pass)
+            self._collect(k, on_pass, on_local_pass)
         self.timing = ex.stats()
         ex.close()
         return self.history
@@ -406,7 +408,7 @@ class DBPG:
         self._stats.append((k, ts, time.perf_counter(), self._ex.timer.snapshot(), self._pass_lag))
         self._pass_lag = -1
 
-    def _collect(self, k: int, on_pass) -> PassStats:
+    def _collect(self, k: int, on_pass, on_local_pass=None) -> PassStats:
         """PassStats of pass k of this run (and of the passes before it), waiting for them."""
         B = self.cfg.blocks
         while len(self.history) - self._base <= k:
@@ -424,6 +426,8 @@ class DBPG:
             self.history.append(stats)
             if on_pass is not None:
                 on_pass(stats)
+            if on_local_pass is not None:
+                on_local_pass(stats.epoch)
         return self.history[self._base + k]
 
     def _converged(self, converged: bool) -> bool:
