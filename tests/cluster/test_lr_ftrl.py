@@ -43,6 +43,13 @@ def test_ftrl_reaches_the_held_out_auc_of_the_true_weights(tmp_path):
     losses = [h["progressive_logloss"] for h in s["history"]]
     assert losses[0] > losses[1] > losses[2]
     assert [e["epoch"] for e in s["test_every_pass"]] == [0, 1, 2]
+    # time to quality: from the launch of the command, after each pass, in order
+    ttq = s["time_to_quality"]
+    assert [q["epoch"] for q in ttq] == [0, 1, 2]
+    assert 0 < ttq[0]["seconds_from_launch"] < ttq[1]["seconds_from_launch"] \
+        < ttq[2]["seconds_from_launch"] < s["total_seconds"] + 60
+    assert ttq[-1]["logloss"] == pytest.approx(s["test_every_pass"][-1]["logloss"])
+    assert "held-out logloss after each pass (seconds from launch): 1: " in out.stdout
     model = load_model(model_dir)   # L1 makes the model sparse; the export is what was scored
     assert 0 < model.nnz == s["nnz"] < 2000
     test = read_shard(f"{d}/test.libsvm")

@@ -120,10 +120,12 @@ def cmd_train_lr(args: argparse.Namespace) -> int:
         return worker.main(_worker_argv(args))
     from ...launch import LocalCluster
 
+    # the workers measure time to quality from here (worker.launch_time)
+    env = {**node_environment(), "PSERVER_LR_LAUNCH_TIME": repr(time.time())}
     # Reading a large shard keeps a worker's CPU busy for seconds on a loaded machine: allow
     # more silence than the default before a node is declared dead.
     with LocalCluster(args.servers, args.workers, insecure=args.insecure,
-                      heartbeat_timeout=HEARTBEAT_TIMEOUT, env=node_environment()) as cluster:
+                      heartbeat_timeout=HEARTBEAT_TIMEOUT, env=env) as cluster:
         return cluster.run_workers([sys.executable, "-m", "pserver.apps.lr.worker",
                                     *_worker_argv(args)])
 

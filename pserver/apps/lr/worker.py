@@ -229,11 +229,11 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
         spent = sum(e["eval_seconds"] for e in evals)
         # unix_time_excl: the wall clock at this point minus the scoring and test reading so
         # far, comparable with a clock started outside this process (benchmarks/lr.py)
+        unix_excl = time.time() - (time.perf_counter() - t0) - t_test - spent
         evals.append({"epoch": epoch, "logloss": logloss(test.y, p), "auc": auc(test.y, p),
                       "seconds_since_start": t0 - t_start - t_test - spent,
-                      "unix_time_excl": time.time() - (time.perf_counter() - t0) - t_test
-                      - spent,
-                      "eval_seconds": time.perf_counter() - t0})
+                      "seconds_from_launch": unix_excl - launch_time(),
+                      "unix_time_excl": unix_excl, "eval_seconds": time.perf_counter() - t0})
 
     def on_pass(s: PassStats) -> None:
         if not _reports(kv):
@@ -288,7 +288,9 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
                                                     "progressive_logloss",
                                                     "waiting_deps_s", "waiting_net_s")
                             if k in h.extra}} for h in history],
-            "config": vars(cfg), "test_every_pass": evals,
+            "config": vars(cfg), "test_every_pass": evals, "launch_time": launch_time(),
+            "time_to_quality": [{k: e[k] for k in ("epoch", "seconds_from_launch", "logloss",
+                                                   "auc")} for e in evals],
             "reported_by": kv.rank, "solver": args.solver,
             "shards": algo.takeover.summary() if algo.takeover else None,
             "timeline": dict(TIMELINE),
@@ -335,6 +337,16 @@ class _Background(threading.Thread):
             raise self._error
 
 
+def launch_time() -> float:
+    """Unix time the job was launched: `pserver train lr` sets PSERVER_LR_LAUNCH_TIME before it
+    starts the cluster; a worker that joined an existing cluster counts from its own start."""
+    text = os.environ.get("PSERVER_LR_LAUNCH_TIME", "")
+    try:
+        return float(text)
+    except ValueError:
+        return TIMELINE.get("main", [time.time()])[0]
+
+
 def _reports(kv) -> bool:
     """Whether this worker prints progress and the summary: the lowest live rank."""
     live = kv.membership.view.role_nodes("worker")
@@ -378,6 +390,10 @@ def format_summary(s: dict) -> str:
              f"  {_fit(s)}   nnz(w) {s['nnz']:,}   "
              f"workers idle {100 * s['idle_fraction']:.1f}%"]
     lines += _format_shards(s.get("shards"))
+    if s.get("time_to_quality"):
+        lines.append("  held-out logloss after each pass (seconds from launch): " + ", ".join(
+            f"{q['epoch'] + 1}: {q['logloss']:.5f} ({q['seconds_from_launch']:.1f} s)"
+            for q in s["time_to_quality"]))
     if "test_logloss" in s:
         lines.append(f"  held-out ({s['test_examples']:,} examples): logloss "
                      f"{s['test_logloss']:.5f}   AUC {s['test_auc']:.5f}")
