@@ -84,6 +84,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
             "--l2", str(args.l2), "--epochs", str(args.epochs), "--blocks", str(args.blocks),
             "--solver", getattr(args, "solver", "dbpg"), "--alpha", str(getattr(args, "alpha", 0.5)),
             "--beta", str(getattr(args, "beta", 1.0)), "--batch", str(getattr(args, "batch", 2048)),
+            "--validation", str(getattr(args, "validation", 0.1)),
             "--curvature", args.curvature, "--eta", str(args.eta),
             "--tol", str(args.tol), "--split", args.split, "--int-bins", args.int_bins,
             "--table", args.table]

@@ -152,9 +152,13 @@ def warm_up_servers(kv, cfg: DBPGConfig) -> None:
 class DBPG:
     """One worker's side of DBPG. Construct on every worker with the same config, then run()."""
 
-    def __init__(self, kv, shard: Shard, cfg: DBPGConfig):
+    def __init__(self, kv, shard: Shard, cfg: DBPGConfig, init: np.ndarray | None = None):
+        """init: start from these weights (float64, per shard key; every worker passes the same
+        weight for a shared key) instead of zeros - a warm start into a new table (path.py).
+        Raises ConfigError for a bad config; what KVWorker push/pull raise during the set-up."""
         cfg.check()
         self.kv, self.shard, self.cfg = kv, shard, cfg
+        self._init = init
         self._declare_tables()
         t0 = time.perf_counter()
         self._push_counts()   # first: the servers aggregate while this worker prepares
@@ -227,8 +231,11 @@ class DBPG:
         self.key_bound = 1 << bits
         self.counted = round(float(flags.sum()))  # workers whose counts reached the servers
         t_bits = time.perf_counter()
-        # 3. Warm start from whatever the table holds (a new table holds zeros: no pull).
-        if cfg.warm_start:
+        # 3. Warm start from whatever the table holds (a new table holds zeros: no pull), or
+        #    from init, written into the new table first.
+        if self._init is not None:
+            self._seed(counts[:, 0].astype(np.float64))
+        if cfg.warm_start or self._init is not None:
             self._load(self.shard, kv.pull(keys, table=cfg.table).astype(np.float64), self.mult)
         t_blocks = time.perf_counter()
         self._blocks(counts)
@@ -236,6 +243,17 @@ class DBPG:
         self.setup_seconds = {"counts": t_counts - t0, "total": t_end - t0,
                               "push": self._t_pushed - t0, "bits": t_bits - t_counts,
                               "blocks": t_end - t_blocks}
+
+    def _seed(self, holders: np.ndarray) -> None:
+        """Make the new table hold self._init through one round of the l1_prox rule itself: each
+        holder of key k pushes its share of g = -sign(w)(|w|(1 + l2) + l1) and of u = eta, so the
+        summed step from 0 lands on w (to float32 rounding; the caller pulls the exact result)."""
+        cfg, w = self.cfg, self._init
+        share = self.mult / np.maximum(holders, self.mult)
+        nz = np.flatnonzero(w)
+        g = -np.sign(w[nz]) * (np.abs(w[nz]) * (1.0 + cfg.l2) + cfg.l1) * share[nz]
+        row = np.column_stack([g, cfg.eta * share[nz]]).astype(np.float32)
+        self.kv.push(self.shard.keys[nz], row, table=cfg.table)
 
     def _blocks(self, counts: np.ndarray) -> None:
         """Regulariser shares, the KKT verdicts and the blocks' active columns of the shard, from

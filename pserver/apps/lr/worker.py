@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from functools import partial
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from .data import prefer_small_pages, read_shard
 from .dbpg import DBPG, DBPGConfig, PassStats, warm_up_servers
 from .ftrl import FTRL, FTRLConfig, declare_ftrl_tables
 from .model import auc, logloss, predict, save_model
+from .path import L1Path, parse_l1
 from .takeover import POLICIES, ShardTakeover
 
 log = logging.getLogger(__name__)
@@ -56,7 +58,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, default=1.0, help="ftrl: learning rate beta")
     p.add_argument("--batch", type=int, default=2048,
                    help="ftrl: examples per minibatch (about; the same count on every worker)")
-    p.add_argument("--l1", type=float, default=1.0, help="L1 penalty (sklearn C = 1/l1)")
+    p.add_argument("--l1", default="1.0",
+                   help="L1 penalty (sklearn C = 1/l1); a list such as 30,10,3 or auto: a "
+                        "regularisation path (dbpg) keeping the value with the best logloss on "
+                        "--validation")
+    p.add_argument("--validation", type=float, default=0.1,
+                   help="with an --l1 path: the share of each worker's rows held out to choose")
     p.add_argument("--l2", type=float, default=0.0, help="L2 penalty (sklearn C = 1/l2)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the data")
     p.add_argument("--blocks", type=int, default=64, help="feature blocks (key ranges)")
@@ -148,27 +155,34 @@ def _read_early(args: argparse.Namespace, rank: int, num_shards: int):
 
 
 def _dbpg(kv, args: argparse.Namespace):
-    """(config, warm-up function) of the DBPG solver."""
+    """(config, warm-up function, algorithm factory) of the DBPG solver; a regularisation path
+    (path.py) when --l1 names several values or auto."""
+    values = parse_l1(args.l1)
     slowdown, share = _straggler(args.straggler, kv.rank)
-    cfg = DBPGConfig(l1=args.l1, l2=args.l2, epochs=args.epochs, blocks=args.blocks,
-                     tau=_tau(args), curvature=args.curvature, eta=args.eta, tol=args.tol,
-                     table=args.table, kkt=args.kkt, kkt_delta=args.kkt_delta,
+    cfg = DBPGConfig(l1=values[0] if values else 0.0, l2=args.l2, epochs=args.epochs,
+                     blocks=args.blocks, tau=_tau(args), curvature=args.curvature, eta=args.eta,
+                     tol=args.tol, table=args.table, kkt=args.kkt, kkt_delta=args.kkt_delta,
                      filters=args.filters, pull_filters=args.pull_filters,
                      delay_damping=args.delay_damping, delay_free=args.delay_free,
                      target=args.target_objective,
                      slowdown=slowdown, slowdown_share=share, push_pull=not args.separate_pull)
-    return cfg, warm_up_servers
+    if values is not None and len(values) == 1:
+        return cfg, warm_up_servers, DBPG
+    return cfg, warm_up_servers, partial(L1Path, values=values, fraction=args.validation)
 
 
 def _ftrl(kv, args: argparse.Namespace):
-    """(config, warm-up function) of the FTRL-proximal solver."""
-    cfg = FTRLConfig(alpha=args.alpha, beta=args.beta, l1=args.l1, l2=args.l2,
+    """(config, warm-up function, algorithm factory) of the FTRL-proximal solver."""
+    values = parse_l1(args.l1)
+    if values is None or len(values) > 1:
+        raise ConfigError(f"--l1 {args.l1}: a regularisation path needs --solver dbpg; give "
+                          "ftrl one value")
+    cfg = FTRLConfig(alpha=args.alpha, beta=args.beta, l1=values[0], l2=args.l2,
                      epochs=args.epochs, batch=args.batch, tau=_tau(args), table=args.table)
-    return cfg, declare_ftrl_tables
+    return cfg, declare_ftrl_tables, FTRL
 
 
-# solver -> (config and warm-up from the options, the algorithm's class)
-SOLVERS = {"dbpg": (_dbpg, DBPG), "ftrl": (_ftrl, FTRL)}
+SOLVERS = {"dbpg": _dbpg, "ftrl": _ftrl}
 DEFAULT_TAU = {"dbpg": 0, "ftrl": 2}   # ftrl: pulls run ahead of the gradients (see ftrl.py)
 
 
@@ -181,8 +195,7 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
     early: (rank, num_shards, shard, seconds) read before joining (used if rank and count hold)."""
     t_start = time.perf_counter()
     _mark("train_start")
-    configure, solver = SOLVERS[args.solver]
-    cfg, warm_up = configure(kv, args)
+    cfg, warm_up, solver = SOLVERS[args.solver](kv, args)
     cfg.check()
     warm = _Background(warm_up, kv, cfg)   # the servers get ready while we read
     # shard r = rank r's byte range among the workers the job started with (dead ones included),
@@ -204,10 +217,10 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
     _mark("tables_ready")
     algo = solver(kv, shard, cfg)
     _mark("setup_done")
-    if solver is DBPG:   # FTRL's asynchronous table goes on without a dead worker's shard
+    if isinstance(algo, DBPG):   # FTRL's asynchronous table goes on without a dead shard
         algo.takeover = ShardTakeover(kv, read, num_shards, args.on_worker_failure,
                                       algo.counted)
-    if args.clock_log and solver is DBPG:
+    if args.clock_log and isinstance(algo, DBPG):
         algo.clock_log = {}
     if kv.rank == 0:
         print(f"worker 0: {shard.num_examples:,} examples, {shard.keys.size:,} keys "
@@ -225,7 +238,7 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
         if test is None or not args.test_every_pass or not _reports(kv):
             return
         t0 = time.perf_counter()
-        p = 1.0 / (1.0 + np.exp(-(test.X @ kv.pull(test.keys, table=args.table))))
+        p = 1.0 / (1.0 + np.exp(-(test.X @ kv.pull(test.keys, table=algo.cfg.table))))
         spent = sum(e["eval_seconds"] for e in evals)
         # unix_time_excl: the wall clock at this point minus the scoring and test reading so
         # far, comparable with a clock started outside this process (benchmarks/lr.py)
@@ -263,7 +276,7 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
     if _reports(kv):   # rank 0, or the lowest live rank if rank 0 died (the heir of its shard)
         if args.test and test is None:
             test = read_shard(args.test, args.format, **opts)
-        keys, w = kv.pull_range(table=args.table)
+        keys, w = kv.pull_range(table=algo.cfg.table)   # a path's: the chosen value's table
         summary = {
             "workers": kv.num_workers, "servers": kv.num_servers,
             "examples": history[-1].examples if history else shard.num_examples,
@@ -291,12 +304,13 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
             "config": vars(cfg), "test_every_pass": evals, "launch_time": launch_time(),
             "time_to_quality": [{k: e[k] for k in ("epoch", "seconds_from_launch", "logloss",
                                                    "auc")} for e in evals],
-            "reported_by": kv.rank, "solver": args.solver,
+            "reported_by": kv.rank, "solver": args.solver, "l1": algo.cfg.l1,
+            "l1_path": algo.summary() if isinstance(algo, L1Path) else None,
             "shards": algo.takeover.summary() if algo.takeover else None,
             "timeline": dict(TIMELINE),
         }
         meta = {"data_format": args.format, "raw_keys": args.raw_keys, "int_bins": args.int_bins,
-                "bias": args.bias, "l1": args.l1, "l2": args.l2, "passes": len(history),
+                "bias": args.bias, "l1": algo.cfg.l1, "l2": args.l2, "passes": len(history),
                 "train_objective": summary["train_objective"]}
         model = save_model(args.model_out, keys, w, meta) if args.model_out else None
         if test is not None:
