@@ -195,7 +195,7 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     ap.add_argument("--dbpg", default="--l1 10 --epochs 10 --blocks 64",
                     help="our DBPG run's train lr options (pure L1: compared with liblinear)")
-    ap.add_argument("--ftrl", default="--solver ftrl --l1 10 --alpha 0.1 --epochs 3",
+    ap.add_argument("--ftrl", default="--solver ftrl --l1 5 --alpha 0.2 --epochs 3",
                     help="our FTRL run's train lr options")
     ap.add_argument("--vw-l1", type=float, nargs="+", default=[1e-8, 1e-7, 1e-6])
     ap.add_argument("--vw-passes", type=int, nargs="+", default=[3, 5])

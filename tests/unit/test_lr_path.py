@@ -8,7 +8,15 @@ import pytest
 import scipy.sparse as sp
 
 from pserver.apps.lr.data import Shard
-from pserver.apps.lr.path import AUTO_PATIENCE, AUTO_POINTS, auto_done, parse_l1, pick, split_validation
+from pserver.apps.lr.path import (
+    AUTO_PATIENCE,
+    AUTO_POINTS,
+    auto_done,
+    l1_values,
+    parse_l1,
+    pick,
+    split_validation,
+)
 from pserver.errors import ConfigError
 
 
@@ -22,6 +30,13 @@ def test_parse_l1(text, values):
 def test_parse_l1_rejects_what_it_cannot_use(text):
     with pytest.raises(ConfigError, match="--l1"):
         parse_l1(text)
+
+
+def test_only_dbpg_runs_a_path():
+    assert l1_values("3", "ftrl") == [3.0] and l1_values("auto", "dbpg") is None
+    for text in ("auto", "1,2"):
+        with pytest.raises(ConfigError, match="needs --solver dbpg"):
+            l1_values(text, "ftrl")
 
 
 def test_validation_split_holds_out_the_last_rows_over_their_own_keys():

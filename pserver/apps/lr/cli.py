@@ -82,7 +82,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The worker's command line from the parsed train options (cluster options dropped)."""
     argv = ["--data", *args.data, "--format", args.format, "--l1", str(args.l1),
             "--l2", str(args.l2), "--epochs", str(args.epochs), "--blocks", str(args.blocks),
-            "--solver", getattr(args, "solver", "dbpg"), "--alpha", str(getattr(args, "alpha", 0.5)),
+            "--solver", getattr(args, "solver", "dbpg"), "--alpha", str(getattr(args, "alpha", 0.2)),
             "--beta", str(getattr(args, "beta", 1.0)), "--batch", str(getattr(args, "batch", 2048)),
             "--validation", str(getattr(args, "validation", 0.1)),
             "--curvature", args.curvature, "--eta", str(args.eta),
@@ -113,6 +113,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
 def cmd_train_lr(args: argparse.Namespace) -> int:
     if args.servers < 1 or args.workers < 1:
         raise ConfigError("train lr needs --servers >= 1 and --workers >= 1")
+    from .path import l1_values
+    l1_values(args.l1, args.solver)   # a bad --l1 fails here, not in every worker
     for path in args.data + (args.test or []):
         if not os.path.isfile(path):
             raise ConfigError(f"data file {path!r} does not exist")

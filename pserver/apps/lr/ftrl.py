@@ -30,7 +30,7 @@ class FTRLConfig:
     """Hyper-parameters: alpha > 0, beta >= 0, l1, l2 >= 0 (the ftrl rule's); batch >= 1 examples
     per minibatch (about: every worker runs the same number of minibatches per pass)."""
 
-    alpha: float = 0.5
+    alpha: float = 0.2
     beta: float = 1.0
     l1: float = 1.0
     l2: float = 0.0

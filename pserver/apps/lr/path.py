@@ -40,6 +40,15 @@ def parse_l1(text: str) -> list[float] | None:
     return sorted(set(values), reverse=True)
 
 
+def l1_values(text: str, solver: str) -> list[float] | None:
+    """parse_l1 for `solver`: only DBPG runs a path. Raises ConfigError (what to give instead)."""
+    values = parse_l1(text)
+    if solver != "dbpg" and (values is None or len(values) > 1):
+        raise ConfigError(f"--l1 {text}: a regularisation path needs --solver dbpg; give "
+                          f"{solver} one value")
+    return values
+
+
 def split_validation(shard: Shard, fraction: float) -> tuple[Shard, Shard]:
     """(training rows, validation rows): the last `fraction` of the shard's rows are held out,
     over the same columns (keys). Raises ConfigError unless 0 < fraction < 1."""

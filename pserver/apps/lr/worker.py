@@ -25,7 +25,7 @@ from .data import prefer_small_pages, read_shard
 from .dbpg import DBPG, DBPGConfig, PassStats, warm_up_servers
 from .ftrl import FTRL, FTRLConfig, declare_ftrl_tables
 from .model import auc, logloss, predict, save_model
-from .path import L1Path, parse_l1
+from .path import L1Path, l1_values
 from .takeover import POLICIES, ShardTakeover
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", default="dbpg", choices=("dbpg", "ftrl"),
                    help="dbpg: Delayed Block Proximal Gradient (batch, converges to the optimum); "
                         "ftrl: FTRL-proximal over minibatches (online; 1-5 passes)")
-    p.add_argument("--alpha", type=float, default=0.5, help="ftrl: learning rate alpha")
+    p.add_argument("--alpha", type=float, default=0.2, help="ftrl: learning rate alpha")
     p.add_argument("--beta", type=float, default=1.0, help="ftrl: learning rate beta")
     p.add_argument("--batch", type=int, default=2048,
                    help="ftrl: examples per minibatch (about; the same count on every worker)")
@@ -157,7 +157,7 @@ def _read_early(args: argparse.Namespace, rank: int, num_shards: int):
 def _dbpg(kv, args: argparse.Namespace):
     """(config, warm-up function, algorithm factory) of the DBPG solver; a regularisation path
     (path.py) when --l1 names several values or auto."""
-    values = parse_l1(args.l1)
+    values = l1_values(args.l1, "dbpg")
     slowdown, share = _straggler(args.straggler, kv.rank)
     cfg = DBPGConfig(l1=values[0] if values else 0.0, l2=args.l2, epochs=args.epochs,
                      blocks=args.blocks, tau=_tau(args), curvature=args.curvature, eta=args.eta,
@@ -173,10 +173,7 @@ def _dbpg(kv, args: argparse.Namespace):
 
 def _ftrl(kv, args: argparse.Namespace):
     """(config, warm-up function, algorithm factory) of the FTRL-proximal solver."""
-    values = parse_l1(args.l1)
-    if values is None or len(values) > 1:
-        raise ConfigError(f"--l1 {args.l1}: a regularisation path needs --solver dbpg; give "
-                          "ftrl one value")
+    values = l1_values(args.l1, "ftrl")
     cfg = FTRLConfig(alpha=args.alpha, beta=args.beta, l1=values[0], l2=args.l2,
                      epochs=args.epochs, batch=args.batch, tau=_tau(args), table=args.table)
     return cfg, declare_ftrl_tables, FTRL
