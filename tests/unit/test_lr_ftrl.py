@@ -86,3 +86,76 @@ def test_more_minibatches_than_rows_leaves_some_empty():
 def test_ftrl_config_errors(bad):
     with pytest.raises(ConfigError):
         FTRLConfig(**bad).check()
+
+
+class RecordingKV:
+    """One worker's stand-in for the KV API: records pushes and pulls in order; replies come when
+    waited for (a pull reads zeros; the stats table echoes what was pushed under the key)."""
+
+    num_workers, rank = 1, 0
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.results: dict[int, object] = {}
+        self.stats: dict[int, np.ndarray] = {}
+        self.ts = 0
+
+    def declare_table(self, name, **kw):
+        self.log.append(("declare", name, kw.get("updater"), kw.get("sync")))
+
+    def _next(self, result=None) -> int:
+        self.ts += 1
+        self.results[self.ts] = result
+        return self.ts
+
+    def push(self, keys, vals, table=None, **kw):
+        if table.endswith("_stats"):
+            self.stats[int(keys[0])] = np.asarray(vals).reshape(1, -1)
+        else:
+            self.log.append(("push", keys.copy(), np.asarray(vals).copy()))
+        return self._next()
+
+    def pull(self, keys, table=None, wait=True, **kw):
+        if table.endswith("_stats"):
+            result = self.stats[int(keys[0])]
+        else:
+            self.log.append(("pull", keys.copy()))
+            result = np.zeros(keys.size, np.float32)
+        ts = self._next(result)
+        return self.wait(ts) if wait else ts
+
+    def wait(self, ts):
+        self.log.append(("wait", ts))
+        return self.results.pop(ts)
+
+
+def key_set(shard, mb, b):
+    return tuple(mb.keys_of(b).tolist())
+
+
+@pytest.mark.parametrize("tau", [0, 2])
+def test_ftrl_pulls_run_at_most_tau_minibatches_ahead_of_the_pushes(tau):
+    from pserver.apps.lr.ftrl import FTRL
+
+    shard = random_shard(60, 40, 0.2, seed=9, binary=True)
+    kv = RecordingKV()
+    algo = FTRL(kv, shard, FTRLConfig(epochs=2, batch=10, tau=tau))
+    assert algo.per_pass == 6 and ("declare", "lr_w", "ftrl", False) in kv.log
+    seen = []
+    history = algo.run(on_local_pass=seen.append)
+    events = [(e[0], tuple(e[1].tolist())) for e in kv.log if e[0] in ("push", "pull")]
+    order = [key_set(shard, algo.batches, t % 6) for t in range(12)]
+    pulls = [i for i, e in enumerate(events) if e[0] == "pull"]
+    pushes = [i for i, e in enumerate(events) if e[0] == "push"]
+    assert [events[i][1] for i in pulls] == order and [events[i][1] for i in pushes] == order
+    for t in range(12):
+        # the pull of minibatch t leaves after the push of t - 1 - tau and before push t
+        assert pulls[t] < pushes[t]
+        if t - 1 - tau >= 0:
+            assert pushes[t - 1 - tau] < pulls[t]
+        if t + tau + 1 < 12:   # ... and not earlier than it must
+            assert pulls[t + tau + 1] > pushes[t]
+    # every example's loss is counted once a pass, before its update (w = 0: log 2 each)
+    assert seen == [0, 1] and [h.epoch for h in history] == [0, 1]
+    for h in history:
+        assert h.examples == 60 and h.extra["progressive_logloss"] == pytest.approx(np.log(2))

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from ...consistency.executor import Executor
 from ...errors import ConfigError
 from .data import Shard
 from .dbpg import KEY_SPACE, PassStats
@@ -175,8 +176,9 @@ class FTRL:
         logloss summed over workers is known (a pass later, or at the end). Returns the history.
         Raises what KVWorker.push/pull raise (the table then holds the updates applied so far)."""
         kv, cfg, mb = self.kv, self.cfg, self.batches
-        ex = kv.tasks(app=cfg.app, model="sequential" if cfg.tau == 0 else
-                      f"bounded_delay:{cfg.tau}")
+        model = "sequential" if cfg.tau == 0 else f"bounded_delay:{cfg.tau}"
+        # a KVWorker's executor talks to the scheduler; stand-ins in tests get a local one
+        ex = kv.tasks(app=cfg.app, model=model) if hasattr(kv, "tasks") else Executor(kv, model)
         total = cfg.epochs * self.per_pass
         pulls: deque = deque()
         ahead = 0       # the next minibatch whose weights are to be pulled
