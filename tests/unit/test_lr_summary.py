@@ -36,3 +36,38 @@ def test_launch_time_from_the_environment_else_the_process_start(monkeypatch, va
     monkeypatch.setenv("PSERVER_LR_LAUNCH_TIME", value)
     monkeypatch.setitem(worker.TIMELINE, "main", [1234.5, 0, 0, 0])
     assert worker.launch_time() == (expected if expected is not None else 1234.5)
+
+
+def test_demo_and_train_options_reach_the_worker_intact(monkeypatch, tmp_path):
+    """The demo builds train lr's options by hand: every one that `train lr` and the worker
+    read must be there (the cluster is a stand-in that records the worker command)."""
+    import argparse
+
+    import pserver.launch
+    from pserver.apps.lr import cli
+
+    commands, envs = [], []
+
+    class Cluster:
+        def __init__(self, *a, env=None, **kw):
+            envs.append(env)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def run_workers(self, argv):
+            commands.append(argv)
+            return 0
+
+    monkeypatch.setattr(pserver.launch, "LocalCluster", Cluster)
+    monkeypatch.delenv("PSERVER_SCHEDULER", raising=False)
+    assert cli.cmd_demo(argparse.Namespace(examples=1000, dir=str(tmp_path))) == 0
+    p = argparse.ArgumentParser()
+    worker.add_train_args(p)
+    argv = commands[0][commands[0].index("pserver.apps.lr.worker") + 1:]
+    args = p.parse_args(argv)
+    assert (args.solver, args.l1, args.tau, args.epochs) == ("dbpg", "4.0", 0, 5)
+    assert float(envs[0]["PSERVER_LR_LAUNCH_TIME"]) > 0      # time to quality's clock
