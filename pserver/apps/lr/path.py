@@ -19,7 +19,7 @@ from ...errors import ConfigError
 from .data import Shard
 from .dbpg import DBPG, KEY_SPACE, DBPGConfig
 
-AUTO_POINTS = 12      # "auto": at most this many values, l1_max / 2 ** k for k = 1 ...
+AUTO_POINTS = 16      # "auto": at most this many values, l1_max / 2 ** k for k = 1 ...
 AUTO_PATIENCE = 2     # "auto": stop after this many values worse than the best so far
 VALID_KEY = KEY_SPACE - 200    # stats-table keys of the path's sums (passes use 1, 2, ...)
 
