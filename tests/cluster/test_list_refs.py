@@ -155,7 +155,11 @@ def test_a_miss_resends_the_forward_with_its_keys_and_forgets_every_stored_list(
     assert next(m for s, m in cap.sent[-2:] if s == 2).meta.get("ks")
 
 
-def _values(kv, keys) -> list[float]:
+def _values(kv, sock, keys) -> list[float]:
+    # The test plays a master whose keys this server masters too, so the worker's pull (deferrable:
+    # it reads master data) could overtake forwards acknowledged but not applied yet. A stats
+    # request is not deferrable: the server applies every acknowledged forward before it answers.
+    _ask(sock, Message("stats", 0))
     return kv.pull(keys).ravel().tolist()
 
 
@@ -173,7 +177,7 @@ def test_a_replica_applies_named_lists_and_refuses_a_message_naming_one_it_lacks
     reply = _ask(sock, Message("repl_batch", 2, "", {"items": [named, named]},
                                [np.zeros(0, np.uint64), 2 * ones] * 2))
     assert reply.op == "repl_ack" and not reply.meta.get("errors")
-    assert _values(kv, keys) == [5.0] * 300
+    assert _values(kv, sock, keys) == [5.0] * 300
     # a message naming a list the replica lacks is refused whole: its first item is not applied
     missing = ["replicate_agg", "default", {"kf": "k", "clk": [], "kr": 999}]
     reply = _ask(sock, Message("repl_batch", 3, "", {"items": [named, missing]},
@@ -187,12 +191,12 @@ def test_a_replica_applies_named_lists_and_refuses_a_message_naming_one_it_lacks
     reply = _ask(sock, Message("repl_batch", 5, "", {"items": [dropped, named]},
                                [k2, ones[:1], np.zeros(0, np.uint64), ones]))
     assert (reply.op, reply.ts) == ("repl_miss", 5)
-    assert _values(kv, keys) == [5.0] * 300
+    assert _values(kv, sock, keys) == [5.0] * 300
     # a named list with keys, or values of the wrong length: refused, nothing applied
     for arrays in ([keys, ones], [np.zeros(0, np.uint64), ones[:7]]):
         reply = _ask(sock, Message("replicate_agg", 6, "default", named[2], arrays))
         assert (reply.op, reply.meta.get("kind")) == ("error", "ProtocolError"), reply
-    assert _values(kv, keys) == [5.0] * 300
+    assert _values(kv, sock, keys) == [5.0] * 300
     # an item meant to store a list is refused (no such table): a later item naming it is refused
     # too, with its own error, and the server goes on
     bad_store = ["replicate_agg", "nope", {"kf": "k", "clk": [], "ks": 502}]
@@ -200,6 +204,6 @@ def test_a_replica_applies_named_lists_and_refuses_a_message_naming_one_it_lacks
     reply = _ask(sock, Message("repl_batch", 8, "", {"items": [bad_store, uses]},
                                [keys, ones, np.zeros(0, np.uint64), ones]))
     assert reply.op == "repl_ack" and reply.meta["errors"] == 2 and "nope" in reply.meta["error"]
-    assert _values(kv, keys) == [5.0] * 300
+    assert _values(kv, sock, keys) == [5.0] * 300
     stats = _ask(sock, Message("stats", 7)).meta["replication"]
     assert stats["key_lists_held"] == {"77": 1}
