@@ -140,7 +140,8 @@ class KVWorker:
         docs/filters.md), e.g. "key_cache,compress". pushes=False: this worker only reads the
         table, so a synchronous round does not wait for it (its pushes raise TableError).
         Synchronous tables: the servers answer with their next round number, and this worker's
-        pushes join from there. Workers of a sync job should all declare before anyone pushes
+        pushes join from there (a worker that already pushes the table keeps its own round
+        count when it declares it again). Workers of a sync job should all declare before anyone pushes
         (e.g. ``kv.barrier()`` after declaring); a worker that declares later joins from the
         next round.
 
@@ -171,12 +172,15 @@ class KVWorker:
         if spec.push_factor is None and factor:  # a rule registered only on the servers
             spec.with_push_factor(factor)
         with self._lock:
+            # a pusher declaring again keeps its own count: the servers still wait for its next
+            # round, while their reply names the next round not begun (taking that would skip one)
+            was_pusher = name in self._tables and name not in self._read_only
             self._tables[name] = spec
             if pushes:
                 self._read_only.discard(name)
             else:
                 self._read_only.add(name)
-            if sync and "round" in answer:
+            if sync and "round" in answer and not (pushes and was_pusher):
                 self._rounds[name] = max(self._rounds.get(name, 0), answer["round"])
         return spec
 

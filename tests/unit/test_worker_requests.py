@@ -77,6 +77,31 @@ def test_declare_table_sends_pushes_false_and_takes_the_highest_server_round():
     assert kv._rounds["eval"] == 7
 
 
+def test_declaring_a_pushed_table_again_keeps_the_workers_own_round():
+    """The servers' reply names their next round not begun; another worker may have begun this
+    worker's next round already. Taking the reply would skip that round, which still waits for
+    this worker's push: every worker of the job then hangs (the 4-worker LR job did)."""
+    kv, sent = _worker(TableSpec(name="default"), KeyRing([1, 2], version=1))
+    rounds = iter([0, 0, 2, 2])   # the second declaration: round 1 already began elsewhere
+    metas = []
+
+    def reply(sid: int, msg: Message) -> Message:
+        metas.append(msg.meta)
+        if msg.op == "declare_table":
+            return Message("ok", msg.ts, meta={"p": msg.meta["p"], "round": next(rounds)})
+        return Message("ack", msg.ts, meta={"p": msg.meta["p"]})
+
+    _answer_with(kv, sent, reply)
+    kv.declare_table("s", sync=True)
+    keys = np.arange(3, dtype=np.uint64)
+    kv.wait(kv.push(keys, np.ones(3, np.float32), table="s"))
+    metas.clear()
+    kv.declare_table("s", sync=True)
+    kv.wait(kv.push(keys, np.ones(3, np.float32), table="s"))
+    assert {m["rnd"] for m in metas if "rnd" in m} == {1}
+    assert kv._rounds["s"] == 2
+
+
 def test_a_resent_filtered_push_does_not_count_held_back_values_twice():
     spec = TableSpec(name="sig", push_filters="significant:abs:1.5")
     old, new = KeyRing([1, 2], version=1), KeyRing([2], version=2)
