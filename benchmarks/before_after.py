@@ -2,7 +2,8 @@
 
 Each round runs every part once with the base interpreter and once with this tree's (the order
 alternates between rounds, so drift of the machine's speed hits both alike), then reports the median
-of each case per side and the ratio after/before. The benchmark scripts are this tree's; the pserver
+of each case per side, the ratio after/before of the medians and the median of the per-round
+(paired) ratios. The benchmark scripts are this tree's; the pserver
 they import is the interpreter's (a venv with the other checkout installed: `pip install -e`).
 
 Usage: python benchmarks/before_after.py --base-python OTHER/.venv/bin/python [--base-tree OTHER] [--rounds 3]
@@ -51,14 +52,20 @@ def lr(python: str, args, out: str) -> dict:
     here, data = str(HERE), args.lr_data
     code = (f"import json, sys; sys.path.insert(0, {here!r}); import lr; "
             f"lr.ensure_data({data!r}, {args.lr_examples}); "
+            f"import resource; u = resource.getrusage(resource.RUSAGE_CHILDREN); "
             f"r = lr.run_ours({data!r}, 2, 2, 5.0, 2.0, {args.lr_epochs}, 16); "
-            f"json.dump({{'history': r['history'], 'train_seconds': r['train_seconds']}}, open({out!r}, 'w'))")
+            f"v = resource.getrusage(resource.RUSAGE_CHILDREN); "
+            f"cpu = v.ru_utime + v.ru_stime - u.ru_utime - u.ru_stime; "
+            f"json.dump({{'history': r['history'], 'train_seconds': r['train_seconds'], 'cpu': cpu}}, "
+            f"open({out!r}, 'w'))")
     _check(subprocess.run([python, "-c", code], timeout=1800, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, cwd=tempfile.gettempdir()))
     res = json.loads(Path(out).read_text())
     steady = res["history"][1:] or res["history"]
+    # cpu: every process of the job (scheduler, servers, workers), set-up included - steadier
+    # than rates when the machine's speed drifts
     return {"lr.examples_per_s": statistics.median(h["examples_per_s"] for h in steady),
-            "lr.train_seconds": res["train_seconds"]}
+            "lr.train_seconds": res["train_seconds"], "lr.cpu_seconds": res["cpu"]}
 
 
 def replication(python: str, args, out: str) -> dict:
@@ -79,7 +86,7 @@ def replication(python: str, args, out: str) -> dict:
 
 
 PARTS = {"pushpull": pushpull, "lr": lr, "replication": replication}
-LOWER_IS_BETTER = ("train_seconds", "cpu_ms_per_push")
+LOWER_IS_BETTER = ("train_seconds", "cpu_ms_per_push", "cpu_seconds")
 
 
 def main() -> None:
@@ -124,8 +131,14 @@ def main() -> None:
         after = statistics.median(samples["after"][case])
         ratio = after / before if before else float("nan")
         faster = ratio < 1 if case.endswith(LOWER_IS_BETTER) else ratio > 1
+        # the two runs of one round are adjacent in time: their ratio cancels slow drift of the
+        # machine's speed, which the ratio of the medians does not
+        paired = sorted(a / b for a, b in zip(samples["after"][case], samples["before"].get(case, []))
+                        if b)
         cases[case] = {"before_median": round(before, 3), "after_median": round(after, 3),
                        "after_vs_before": round(ratio, 3), "after_is_faster": faster,
+                       "paired_ratio_median": round(statistics.median(paired), 3) if paired else None,
+                       "paired_ratio_range": [round(paired[0], 3), round(paired[-1], 3)] if paired else None,
                        "before": samples["before"].get(case), "after": samples["after"][case]}
     result = {"command": "python benchmarks/before_after.py " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count()},
@@ -134,7 +147,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     for case, v in cases.items():
-        print(f"{case:60s} {v['before_median']:>12} {v['after_median']:>12} {v['after_vs_before']:>7}")
+        print(f"{case:60s} {v['before_median']:>12} {v['after_median']:>12} {v['after_vs_before']:>7} "
+              f"paired {v['paired_ratio_median']} {v['paired_ratio_range']}")
 
 
 if __name__ == "__main__":
