@@ -72,6 +72,7 @@ _LAUNCH_HELP = {"port": "scheduler port (default: a free one)",
 
 
 _METAVAR = {"scheduler": "HOST:PORT", "host": "HOST", "keys": "DIR", "log_level": "LEVEL",
+            "interface": "NAME", "advertise_host": "HOST",
             "slot_cache": "BYTES", "replica_key_cache": "BYTES", "max_message_bytes": "BYTES"}
 
 

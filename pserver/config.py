@@ -24,6 +24,11 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_NUM_WORKERS": ("num_workers", int, "workers the cluster waits for before starting"),
     "PSERVER_HOST": ("host", str, "address this node binds and advertises (default: the address "
                                   "of this host that routes to the scheduler)"),
+    "PSERVER_INTERFACE": ("interface", str, "network interface whose IPv4 address this node binds "
+                                            "and advertises, e.g. eth1 (instead of PSERVER_HOST)"),
+    "PSERVER_ADVERTISE_HOST": ("advertise_host", str, "address peers use to reach this node when it "
+                                                      "differs from the bound one (NAT, containers, "
+                                                      "binding 0.0.0.0)"),
     "PSERVER_PORT": ("port", int, "port to bind (0 = any free port; the scheduler's comes from "
                                   "PSERVER_SCHEDULER)"),
     "PSERVER_KEYS": ("keys", str, "directory made by `pserver keygen` (CURVE keys)"),
@@ -76,6 +81,8 @@ class Config:
     num_servers: int = 1
     num_workers: int = 1
     host: str = ""
+    interface: str = ""
+    advertise_host: str = ""
     port: int = 0
     keys: str = ""
     insecure: bool = False
@@ -118,6 +125,9 @@ class Config:
         return cfg
 
     def validate(self) -> None:
+        if self.host and self.interface:
+            raise ConfigError("set PSERVER_HOST or PSERVER_INTERFACE, not both: the interface's "
+                              "address is the host")
         if self.num_servers < 1 or self.num_workers < 0:
             raise ConfigError("PSERVER_NUM_SERVERS must be >= 1 and PSERVER_NUM_WORKERS >= 0")
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
@@ -155,12 +165,29 @@ class Config:
         return split_address(self.scheduler)
 
     def bind_host(self) -> str:
-        """The address this node binds and advertises to its peers."""
+        """The address this node binds: PSERVER_HOST, else PSERVER_INTERFACE's address, else the
+        address of the interface that routes to the scheduler.
+
+        Raises:
+            ConfigError: PSERVER_INTERFACE names no interface with an IPv4 address.
+        """
         if self.host:
             return self.host
+        if self.interface:
+            return interface_address(self.interface)
         if self.scheduler:
             return route_address(split_address(self.scheduler)[0])
         return "127.0.0.1"
+
+    def advertised(self, bound: str) -> str:
+        """The address peers use to reach this node bound at ``bound``: PSERVER_ADVERTISE_HOST,
+        else ``bound`` - or, for a wildcard bind, the address that routes to the scheduler."""
+        if self.advertise_host:
+            return self.advertise_host
+        if bound in ("0.0.0.0", "::", "*"):
+            return route_address(split_address(self.scheduler)[0]) if self.scheduler \
+                else "127.0.0.1"
+        return bound
 
     def to_env(self) -> dict[str, str]:
         """The PSERVER_* variables that reproduce this config (for child processes)."""
@@ -229,6 +256,27 @@ def route_address(peer_host: str) -> str:
             return s.getsockname()[0]
     except OSError:
         return socket.gethostbyname(socket.gethostname())
+
+
+def interface_address(name: str) -> str:
+    """The IPv4 address of network interface ``name`` (Linux).
+
+    Raises:
+        ConfigError: no such interface, or it has no IPv4 address (the message lists the
+            interfaces there are).
+    """
+    import fcntl
+    import struct
+
+    siocgifaddr = 0x8915
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
+        return socket.inet_ntoa(packed[20:24])
+    except (OSError, UnicodeError):
+        names = ", ".join(n for _, n in socket.if_nameindex())
+        raise ConfigError(f"PSERVER_INTERFACE {name!r} is not an interface with an IPv4 address "
+                          f"here (interfaces: {names})") from None
 
 
 def zmq_endpoint(host: str, port: int | str) -> str:

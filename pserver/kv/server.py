@@ -60,7 +60,8 @@ class KVServer:
         self.transport = Transport(self.cfg, "server", credentials)
         host = self.cfg.bind_host()
         self.router, self.port = self.transport.router_link(host, self.cfg.port)
-        self.membership = Membership(self.cfg, self.transport, "server", host, self.port)
+        self.membership = Membership(self.cfg, self.transport, "server", self.cfg.advertised(host),
+                                     self.port)
         self.repl = Replicator(self.transport, -1, self._peer_address)
         self.core = ServerCore(self.repl, self.transport.limits, self.cfg.slot_cache_bytes,
                                default_updater, secure=self.transport.creds.secure)
@@ -88,7 +89,7 @@ class KVServer:
             threading.Thread(target=_warm_up, name="warm-up", daemon=True).start()
         self.membership.register(self.cfg.rank)
         log.info("server %d (rank %d) serving on %s:%d", self.membership.node_id,
-                 self.membership.rank, self.cfg.bind_host(), self.port)
+                 self.membership.rank, self.membership.host, self.port)
         # SIGTERM = leave gracefully: hand the key ranges over (two-phase migration), then exit
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "_leaving", True))
         self.repl.my_id = self.core.exactly_once.me = self.membership.node_id

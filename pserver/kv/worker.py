@@ -80,7 +80,8 @@ class KVWorker:
                  credentials: security.Credentials | None = None, **overrides):
         self.cfg = cfg or Config.from_env(**overrides)
         self.transport = Transport(self.cfg, "worker", credentials)
-        self.membership = Membership(self.cfg, self.transport, "worker", self.cfg.bind_host(), 0)
+        self.membership = Membership(self.cfg, self.transport, "worker",
+                                     self.cfg.advertised(self.cfg.bind_host()), 0)
         self.membership.register(self.cfg.rank)
         self._identity = b"n%d" % self.membership.node_id
         self._lock = threading.RLock()

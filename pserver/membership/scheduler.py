@@ -11,7 +11,7 @@ import time
 from collections import Counter
 
 from .. import security
-from ..config import Config
+from ..config import Config, interface_address
 from ..errors import AuthError, PServerError
 from ..ft.checkpoint_round import CheckpointCoordinator
 from ..ft.migration import MigrationCoordinator
@@ -64,7 +64,8 @@ class Scheduler:
         self.transport = transport if transport is not None else \
             Transport(cfg, "scheduler", credentials)
         # a node's DEALER that reconnects keeps its secret identity (transport.node_token): let it in
-        self.link, self.port = self.transport.router_link(cfg.host or _bind_host(host), port,
+        bind = cfg.host or (interface_address(cfg.interface) if cfg.interface else _bind_host(host))
+        self.link, self.port = self.transport.router_link(bind, port,
                                                           handover=True)
         self._poller = Poller()
         self._poller.register(self.link)

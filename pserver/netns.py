@@ -1,0 +1,106 @@
+"""Separate network hosts on one Linux machine, for multi-host tests and benchmarks: network
+namespaces joined by veth pairs to a bridge, one /24 of documentation addresses per LAN, links
+shaped with `tc` (root only). Everything made is removed on exit. docs/networks.md."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+
+from .errors import ConfigError
+
+# RFC 5737 documentation ranges: never routed, so a test cannot send traffic to a real host
+ALLOWED_NETS = (ipaddress.ip_network("192.0.2.0/24"), ipaddress.ip_network("198.51.100.0/24"))
+
+
+def available() -> str | None:
+    """None if namespaces can be made here, else why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        return "the `ip` and `tc` commands (Debian's iproute2) are missing"
+    return None
+
+
+def _run(*argv: str) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode:
+        raise OSError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+
+
+class Hosts:
+    """Hosts (namespaces) on one or more LANs. ``add_lan(net)`` makes a bridge for a /24 of the
+    documentation ranges; ``add_host(name, {lan: last_octet})`` a namespace with one interface per
+    LAN, named after the LAN. ``argv(host, cmd)`` runs a command inside a host.
+
+    Raises ConfigError for an address outside the documentation ranges, OSError if `ip` fails
+    (whatever was made so far is removed by ``close``)."""
+
+    def __init__(self, tag: str = "pst") -> None:
+        self.prefix = f"{tag}{os.getpid() % 100000}"
+        self.switch = f"{self.prefix}-sw"
+        self.nets: dict[str, ipaddress.IPv4Network] = {}
+        self.hosts: dict[str, dict[str, str]] = {}   # host -> {lan: address}
+        self._ports: dict[tuple[str, str], str] = {}  # (host, lan) -> switch-side veth
+        self._made: list[str] = []
+
+    def __enter__(self) -> Hosts:
+        _run("ip", "netns", "add", self.switch)
+        self._made.append(self.switch)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def ns(self, host: str) -> str:
+        return f"{self.prefix}-{host}"
+
+    def add_lan(self, lan: str, net: str) -> None:
+        network = ipaddress.ip_network(net)
+        if not any(network.subnet_of(a) for a in ALLOWED_NETS):
+            raise ConfigError(f"LAN {net}: use a subnet of {', '.join(map(str, ALLOWED_NETS))}")
+        self.nets[lan] = network
+        _run("ip", "-n", self.switch, "link", "add", f"br-{lan}", "type", "bridge")
+        _run("ip", "-n", self.switch, "link", "set", f"br-{lan}", "up")
+
+    def add_host(self, host: str, addresses: dict[str, int]) -> dict[str, str]:
+        """A namespace with an interface named ``lan`` on each LAN, at host number ``n`` there."""
+        ns = self.ns(host)
+        _run("ip", "netns", "add", ns)
+        self._made.append(ns)
+        _run("ip", "-n", ns, "link", "set", "lo", "up")
+        out = {}
+        for lan, n in addresses.items():
+            addr = str(self.nets[lan].network_address + n)
+            port = f"{self.prefix[-6:]}{len(self._ports)}"   # interface names: at most 15 bytes
+            _run("ip", "link", "add", lan, "netns", ns, "type", "veth", "peer", "name", port,
+                 "netns", self.switch)
+            _run("ip", "-n", ns, "addr", "add", f"{addr}/{self.nets[lan].prefixlen}", "dev", lan)
+            _run("ip", "-n", ns, "link", "set", lan, "up")
+            _run("ip", "-n", self.switch, "link", "set", port, "master", f"br-{lan}")
+            _run("ip", "-n", self.switch, "link", "set", port, "up")
+            self._ports[(host, lan)] = port
+            out[lan] = addr
+        self.hosts[host] = out
+        return out
+
+    def argv(self, host: str, cmd: Sequence[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(host), *cmd]
+
+    def shape(self, host: str, lan: str, rate: str | None) -> None:
+        """Limit what ``host`` receives on ``lan`` to ``rate`` (tc units, e.g. "100mbit"), with a
+        token bucket on the switch side of its link; None removes the limit."""
+        port = self._ports[(host, lan)]
+        subprocess.run(["ip", "netns", "exec", self.switch, "tc", "qdisc", "del", "dev", port,
+                        "root"], capture_output=True)
+        if rate is not None:
+            _run("ip", "netns", "exec", self.switch, "tc", "qdisc", "add", "dev", port, "root",
+                 "tbf", "rate", rate, "burst", "256kb", "latency", "50ms")
+
+    def close(self) -> None:
+        """Delete every namespace made (their veths and bridges go with them)."""
+        while self._made:
+            subprocess.run(["ip", "netns", "del", self._made.pop()], capture_output=True)
