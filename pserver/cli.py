@@ -360,6 +360,9 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
                    or 0)
 
     if with_apps:
+        from .k8s import register as register_k8s
+
+        register_k8s(sub)
         from .apps.lr.cli import register as register_lr
 
         register_lr(sub)
