@@ -17,6 +17,7 @@ from numba.extending import intrinsic
 
 from .updaters import (
     KERNEL_ADAGRAD,
+    KERNEL_ADAM,
     KERNEL_ASSIGN,
     KERNEL_FTRL,
     KERNEL_L1_PROX,
@@ -249,6 +250,17 @@ def update_rows(kind, params, values, state, slots, pushed):
                     values[s, j] = 0.0
                 else:
                     values[s, j] = -(z - np.sign(z) * l1) / ((beta + np.sqrt(nn)) / alpha + l2)
+        elif kind == KERNEL_ADAM:
+            lr, b1, b2, eps = params[0], params[1], params[2], params[3]
+            state[s, 2 * dim] += 1.0
+            t = state[s, 2 * dim]
+            c1, c2 = 1.0 - b1 ** t, 1.0 - b2 ** t
+            for j in range(dim):
+                g = pushed[i, j]
+                state[s, j] = b1 * state[s, j] + (1.0 - b1) * g
+                state[s, dim + j] = b2 * state[s, dim + j] + (1.0 - b2) * g * g
+                # re-read: the rule is defined on the stored (maybe float32) state
+                values[s, j] -= lr * (state[s, j] / c1) / (np.sqrt(state[s, dim + j] / c2) + eps)
         elif kind == KERNEL_L1_PROX:
             l1, l2, eta = params[0], params[1], params[2]
             for j in range(dim):

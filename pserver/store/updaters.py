@@ -1,7 +1,7 @@
 """Server update functions: the paper's user-defined functions run where the parameters live.
 
 An Updater turns pushed rows into new parameter rows (and optimizer state), vectorised over rows.
-Built-ins (sum, assign, sgd, adagrad, ftrl, l1_prox) are found by name in a registry, so a
+Built-ins (sum, assign, sgd, adagrad, adam, ftrl, l1_prox) are found by name in a registry, so a
 TableSpec names its rule in JSON. Plain numpy (workers import it to size their pushes); the compiled
 twins used by Table live in ``pserver.store.index`` and are tested against these. Formulas:
 docs/store.md, "Update rules"."""
@@ -17,7 +17,8 @@ from ..errors import TableError
 
 # Ids of the built-in rules compiled in index._update_row. A subclass that overrides apply()
 # never uses them (see kernel_of).
-KERNEL_SUM, KERNEL_ASSIGN, KERNEL_SGD, KERNEL_ADAGRAD, KERNEL_FTRL, KERNEL_L1_PROX = range(6)
+KERNEL_SUM, KERNEL_ASSIGN, KERNEL_SGD, KERNEL_ADAGRAD, KERNEL_FTRL, KERNEL_L1_PROX, KERNEL_ADAM = \
+    range(7)
 
 
 class Updater:
@@ -118,6 +119,37 @@ class AdagradUpdater(Updater):
         return KERNEL_ADAGRAD, np.array([self.lr, self.eps])
 
 
+class AdamUpdater(Updater):
+    """Row-wise lazy Adam: a row's moments and step count change only when it is pushed, and its
+    bias correction uses its own step count t. State: m, v, then t (in the first of dim columns).
+    t += 1; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+    w -= lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)."""
+
+    state_factor = 3
+
+    def __init__(self, lr: float = 0.001, beta1: float = 0.9, beta2: float = 0.999,
+                 eps: float = 1e-8) -> None:
+        self.lr = _number("lr", lr, positive=True)
+        self.beta1 = _number("beta1", beta1)
+        self.beta2 = _number("beta2", beta2)
+        self.eps = _number("eps", eps, positive=True)
+        if self.beta1 >= 1 or self.beta2 >= 1:
+            raise TableError(f"adam needs beta1, beta2 < 1, got {beta1!r}, {beta2!r}")
+
+    def apply(self, w, state, pushed):
+        dim = w.shape[1]
+        m, v, t = state[:, :dim], state[:, dim:2 * dim], state[:, 2 * dim:2 * dim + 1]
+        t += 1
+        m[...] = self.beta1 * m + (1 - self.beta1) * pushed
+        v[...] = self.beta2 * v + (1 - self.beta2) * pushed * pushed
+        mhat = m / (1 - self.beta1 ** t)
+        vhat = v / (1 - self.beta2 ** t)
+        w -= self.lr * mhat / (np.sqrt(vhat) + self.eps)
+
+    def kernel_params(self):
+        return KERNEL_ADAM, np.array([self.lr, self.beta1, self.beta2, self.eps])
+
+
 class FTRLUpdater(Updater):
     """FTRL-proximal (McMahan et al., KDD 2013). State: z then n (2 * dim columns)."""
 
@@ -188,13 +220,14 @@ class FunctionUpdater(Updater):
 
 
 _BUILTIN_CLASSES = frozenset({SumUpdater, AssignUpdater, SGDUpdater, AdagradUpdater,
-                              FTRLUpdater, L1ProxUpdater})
+                              AdamUpdater, FTRLUpdater, L1ProxUpdater})
 
 _REGISTRY: dict[str, Callable[..., Updater]] = {
     "sum": SumUpdater,
     "assign": AssignUpdater,
     "sgd": SGDUpdater,
     "adagrad": AdagradUpdater,
+    "adam": AdamUpdater,
     "ftrl": FTRLUpdater,
     "l1_prox": L1ProxUpdater,
 }
