@@ -274,3 +274,53 @@ class ScriptedKV:
     def wait(self, ts: int) -> object:
         self.waited.append(ts)
         return self.values.pop(ts)
+
+
+class TableKV:
+    """One process's stand-in for a KVWorker over real store tables (the servers' update rules,
+    no network): declare_table / push / pull / wait / wait_all. Pushes apply at once; ``pushes``
+    logs (table, keys, values) in order."""
+
+    def __init__(self) -> None:
+        from .store.spec import TableSpec
+        from .store.table import Table
+
+        self._spec, self._table = TableSpec, Table
+        self.tables: dict[str, Any] = {}
+        self.pushes: list[tuple] = []
+        self._results: dict[int, Any] = {}
+        self._ts = itertools.count(1)
+        self.rank, self.num_workers = 0, 1
+
+    def declare_table(self, name: str, **kw: Any) -> Any:
+        spec = self._spec(name=name, **kw)
+        self.tables.setdefault(name, self._table(spec))
+        return spec
+
+    def push(self, keys: Any, vals: Any, table: str | None = None, **_: Any) -> int:
+        t = self.tables[table or "default"]
+        vals = vals.reshape(len(keys), -1)
+        self.pushes.append((table, keys.copy(), vals.copy()))
+        t.push(keys, vals)
+        ts = next(self._ts)
+        self._results[ts] = None
+        return ts
+
+    def pull(self, keys: Any, table: str | None = None, wait: bool = True, **_: Any) -> Any:
+        out = self.tables[table or "default"].pull(keys)
+        ts = next(self._ts)
+        self._results[ts] = out
+        return self.wait(ts) if wait else ts
+
+    def push_pull(self, keys: Any, vals: Any, table: str | None = None, **_: Any) -> Any:
+        self.wait(self.push(keys, vals, table))
+        return self.pull(keys, table)
+
+    def barrier(self, name: str = "") -> None:
+        return None
+
+    def wait(self, ts: int, timeout: float | None = None) -> Any:
+        return self._results.pop(ts)
+
+    def wait_all(self) -> None:
+        self._results.clear()
