@@ -172,7 +172,8 @@ class SlurmLaunch:
         self.scheduler = self._wait_address()
         print(f"pserver: scheduler at {self.scheduler} (job {self.allocation.job_id}, "
               f"{len(self.allocation.nodes)} nodes), {self.num_servers} servers, "
-              f"{self.num_workers} workers", file=sys.stderr)
+              f"{self.num_workers} workers" + (", insecure" if self.insecure else ", secure"),
+              file=sys.stderr)
         for role in ("server", "worker"):
             role_env[role]["PSERVER_SCHEDULER"] = self.scheduler
         self._step("server", self.num_servers, commands["server"], role_env["server"])
