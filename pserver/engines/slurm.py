@@ -196,7 +196,8 @@ class SlurmLaunch:
             if time.monotonic() > deadline:
                 raise PServerError(f"the scheduler step published no address within "
                                    f"{self.start_timeout:.0f} s: is {self.run_dir} on a filesystem "
-                                   f"every node shares? (choose one with --run-dir)")
+                                   f"every node shares? Start `pserver launch` from such a "
+                                   f"directory (the submission directory usually is)")
             time.sleep(0.05)
         return path.read_text().strip()
 
