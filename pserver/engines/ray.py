@@ -298,7 +298,12 @@ def run_workers(fn: Callable, *args: Any, num_servers: int = 1, num_workers: int
 def launch(command: Sequence[str], kw: Mapping[str, Any], address: str | None = None) -> int:
     """`pserver launch --backend ray`: connect to ``address`` (auto, HOST:PORT, or by default
     RAY_ADDRESS or a new local Ray), run the cluster and ``command`` per worker, tear down.
-    Returns the worst exit code. Raises ConfigError/PServerError as start_cluster does."""
+    Returns the worst exit code.
+
+    Raises:
+        ConfigError, PServerError: as start_cluster; PServerError also when Ray fails the run (a
+            worker actor or its node lost). The cluster is torn down either way.
+    """
     ray = _ray()
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or None, log_to_driver=True,
              configure_logging=False)
@@ -312,5 +317,7 @@ def launch(command: Sequence[str], kw: Mapping[str, Any], address: str | None = 
                   f"{kw['num_workers']} workers" + ("" if cluster.insecure else ", secure"),
                   file=sys.stderr)
             return cluster.run_command(command)
+    except ray.exceptions.RayError as e:  # e.g. a worker actor's node was lost
+        raise PServerError(f"Ray failed the run: {e}") from e
     finally:
         ray.shutdown()

@@ -1,7 +1,8 @@
 """pserver on a real local multi-node Ray cluster: `ray start --head` plus a second `ray start`
 node with its own CPUs and a custom resource, both on loopback. The exact-count job through
 `pserver launch --backend ray`, a server actor killed mid-run (failover, then Ray restarts it and
-it joins), and a killed driver taking every actor and role process with it. Secure by default."""
+it joins), a function run on worker actors, and a killed driver taking every actor and role process
+with it. Secure by default."""
 
 from __future__ import annotations
 
@@ -126,21 +127,45 @@ def test_server_actor_killed_fails_over_and_ray_brings_it_back(ray_address, tmp_
 _DRIVER = textwrap.dedent("""
     import json, sys, ray
     from pserver.engines.ray import start_cluster
+
+    def count(rounds):  # runs in each worker actor, with the PSERVER_* environment set
+        import os
+        import numpy as np
+        import pserver
+        kv = pserver.KVWorker()
+        keys = np.arange(1000, dtype=np.uint64)
+        for _ in range(rounds):
+            kv.wait(kv.push(keys, np.ones(len(keys), np.float32)))
+        kv.barrier()
+        vals = kv.pull(keys)
+        kv.barrier()
+        kv.close()
+        return [kv.rank, os.environ["PSERVER_RANK"], float(vals.min()), float(vals.max())]
+
     ray.init(address=sys.argv[1], log_to_driver=False)
-    c = start_cluster(1, 0, scheduler_args=["--keep-alive"])
+    c = start_cluster(1, 2, scheduler_args=["--keep-alive"])
+    results = c.run(count, 10)
     pids = [ray.get(a.info.remote())["pid"] for a in [c.scheduler_actor, *c.servers]]
-    print(json.dumps(pids), flush=True)
+    print(json.dumps({"results": results, "pids": pids}), flush=True)
     sys.stdin.read()  # until killed
 """)
 
 
-def test_a_killed_driver_takes_every_actor_and_role_process_with_it(ray_address, tmp_path):
+def test_a_function_on_worker_actors_then_a_killed_driver_takes_everything_with_it(ray_address,
+                                                                                   tmp_path):
+    """RayCluster.run: a function on 2 worker actors returns their results in rank order (exact
+    sums); then the driver is SIGKILLed: its scheduler and server processes disappear and every
+    resource is freed."""
     script = tmp_path / "driver.py"
     script.write_text(_DRIVER)
     driver = subprocess.Popen([sys.executable, str(script), ray_address], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
-        pids = json.loads(driver.stdout.readline())
+        line = driver.stdout.readline()
+        assert line, f"the driver failed (exit code {driver.wait(30)})"
+        out = json.loads(line)
+        assert out["results"] == [[0, "0", 20.0, 20.0], [1, "1", 20.0, 20.0]]
+        pids = out["pids"]
         assert len(pids) == 2 and all(_alive(p) for p in pids)
         driver.send_signal(signal.SIGKILL)
         driver.wait(10)
