@@ -94,9 +94,6 @@ class _RoleActor:
         return {"scheduler": self.env.get("PSERVER_SCHEDULER"), "node": self.node,
                 "pid": self.proc.pid, "returncode": self.proc.poll()}
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 class _WorkerActor:
     """A worker: runs a function in its own process, or a command, with the environment set."""
@@ -145,7 +142,6 @@ class RayCluster:
                  log_level: str | None, timeout: float):
         ray = _ray()
         from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.num_servers, self.num_workers, self.resources = num_servers, num_workers, resources
         self.insecure = insecure
@@ -160,6 +156,7 @@ class RayCluster:
         self.servers: list = []
         self.workers: list = []
         self.scheduler_actor = None
+        self.scheduler = ""
         try:
             ray.get(self.pg.ready(), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
@@ -167,6 +164,18 @@ class RayCluster:
             raise PServerError(f"Ray could not place the scheduler and {num_servers} servers within "
                                f"{timeout:.0f} s: the cluster lacks {bundles(num_servers, resources)} "
                                f"(lower Resources or add nodes)") from None
+        try:
+            self._start_actors(port, scheduler_args, server_args, server_restarts, timeout)
+        except BaseException:
+            self.stop()  # nothing half-started stays placed
+            raise
+
+    def _start_actors(self, port: int, scheduler_args: Sequence[str], server_args: Sequence[str],
+                      server_restarts: int, timeout: float) -> None:
+        ray = _ray()
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        resources = self.resources
         role = ray.remote(_RoleActor)
 
         def placed(i: int, cpus: float, memory: int, restarts: int):
@@ -178,17 +187,22 @@ class RayCluster:
         sched_env = {**self.env, **({"PSERVER_PORT": str(port)} if port else {})}
         self.scheduler_actor = placed(0, resources.scheduler_cpus, resources.scheduler_memory, 0).remote(
             "scheduler", 0, sched_env, self._share("scheduler"), args)
-        self.scheduler: str = ray.get(self.scheduler_actor.info.remote(), timeout=timeout)["scheduler"]
-        self.env["PSERVER_SCHEDULER"] = self.scheduler
-        self.servers = [placed(1 + i, resources.server_cpus, resources.server_memory,
-                               server_restarts).remote("server", i, self.env, self._share("server"), args)
-                        for i in range(num_servers)]
-        ray.get([s.info.remote() for s in self.servers], timeout=timeout)
+        try:
+            self.scheduler = ray.get(self.scheduler_actor.info.remote(), timeout=timeout)["scheduler"]
+            self.env["PSERVER_SCHEDULER"] = self.scheduler
+            self.servers = [placed(1 + i, resources.server_cpus, resources.server_memory,
+                                   server_restarts).remote("server", i, self.env,
+                                                           self._share("server"), args)
+                            for i in range(self.num_servers)]
+            ray.get([s.info.remote() for s in self.servers], timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise PServerError(f"the scheduler and servers' actors did not start within {timeout:.0f} "
+                               f"s (see the Ray logs of their nodes)") from None
         worker = ray.remote(_WorkerActor)
         self.workers = [worker.options(num_cpus=resources.worker_cpus, memory=resources.worker_memory,
                                        scheduling_strategy="SPREAD").remote(r, self.env,
                                                                             self._share("worker"))
-                        for r in range(num_workers)]
+                        for r in range(self.num_workers)]
 
     def _share(self, role: str) -> KeyFiles | None:
         return None if self.keys is None else KeyFiles.read(self.keys, role)

@@ -147,7 +147,8 @@ class SlurmLaunch:
         try:
             self._start(command)
             rc = self.steps["worker"].wait()
-            self._finish()
+            if rc == 0:  # else the cluster will not end by itself: stop() ends it now
+                self._finish()
             return rc
         finally:
             self.stop()

@@ -143,7 +143,7 @@ _DRIVER = textwrap.dedent("""
         return [kv.rank, os.environ["PSERVER_RANK"], float(vals.min()), float(vals.max())]
 
     ray.init(address=sys.argv[1], log_to_driver=False)
-    c = start_cluster(1, 2, scheduler_args=["--keep-alive"])
+    c = start_cluster(1, 2, settings={"heartbeat_timeout": 5.0}, scheduler_args=["--keep-alive"])
     results = c.run(count, 10)
     pids = [ray.get(a.info.remote())["pid"] for a in [c.scheduler_actor, *c.servers]]
     print(json.dumps({"results": results, "pids": pids}), flush=True)
