@@ -2,6 +2,7 @@
 
   pserver scheduler | server          run one role (configured by flags or PSERVER_* variables)
   pserver launch -s S -w W -- CMD     a local cluster; CMD runs once per worker
+                                      (--backend ray | slurm: on that engine, docs/engines.md)
   pserver status [--json]             the cluster view as a table
   pserver consistency --app A [MODEL | --tau N]   show or change an application's consistency
   pserver checkpoint [--dir DIR]      snapshot every table now (restore: scheduler --restore DIR)
@@ -175,6 +176,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+# `pserver launch --backend NAME`: the module whose launch(command, kwargs, address) runs it
+_BACKENDS = {"ray": "pserver.engines.ray", "slurm": "pserver.engines.slurm"}
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import LocalCluster
 
@@ -185,6 +190,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         return 2
     logs.setup_logging(args.log_level or "WARNING", "launcher")
     kw = launch_cluster_kwargs(args)
+    if args.backend in _BACKENDS:
+        return importlib.import_module(_BACKENDS[args.backend]).launch(cmd, kw, args.address)
     cluster = LocalCluster(kw.pop("num_servers"), kw.pop("num_workers"),
                            host=kw.pop("host") or "127.0.0.1", port=kw.pop("port") or 0,
                            insecure=bool(kw.pop("insecure")), **kw)
@@ -323,6 +330,11 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
                                    "worker running the command. Takes every option of `pserver "
                                    "scheduler` and `pserver server` (but --scheduler and --rank).")
     _launch_options(s)
+    s.add_argument("--backend", choices=("local", *_BACKENDS), default="local",
+                   help="where the roles run: this machine (default), Ray actors, or srun steps "
+                        "of the current Slurm allocation (docs/engines.md)")
+    s.add_argument("--address", help="--backend ray: the Ray cluster (auto or HOST:PORT; default: "
+                                     "RAY_ADDRESS, else a new local Ray)")
     s.add_argument("command", nargs=argparse.REMAINDER, help="-- then the worker command")
     s.set_defaults(fn=cmd_launch)
 
