@@ -19,7 +19,22 @@ from .. import logs
 from ..config import Config
 from ..errors import BarrierTimeoutError, PServerError, RemoteError, SchedulerUnreachableError
 from ..link import Link, LinkError, LinkTimeout
-from ..protocol import DEAD, ERROR, HOST, ID, PID, PORT, RANK, ROLE, SHUTDOWN, TRAFFIC, VIEW, VIEW_VERSION
+from ..protocol import (
+    DEAD,
+    ERROR,
+    GROUP,
+    HOST,
+    ID,
+    PID,
+    PORT,
+    RANK,
+    READ_ONLY,
+    ROLE,
+    SHUTDOWN,
+    TRAFFIC,
+    VIEW,
+    VIEW_VERSION,
+)
 from ..transport import Transport
 from ..wire import Message
 from .view import ClusterView
@@ -127,6 +142,10 @@ class Membership:
         a member then (node_id stays -1)."""
         meta = {ROLE: self.role, HOST: self.host, PORT: self.port, PID: os.getpid(),
                 RANK: requested_rank}
+        if self.role == "worker":
+            meta[GROUP] = self.cfg.group
+            if self.cfg.read_only:
+                meta[READ_ONLY] = True
         timeout = self.cfg.connect_timeout
         where = f"{self.sched_host}:{self.sched_port}"
         unreachable = (f"no answer from the scheduler at {where} within {timeout:g} s: is it running "
