@@ -49,6 +49,41 @@ def scoped(app: str, group: str) -> str:
     return app if group == DEFAULT else f"{group}/{app}"
 
 
+def app_group(scoped_app: str) -> tuple[str, str]:
+    """(group, app) of a scheduler-side application name (the inverse of :func:`scoped`)."""
+    group, sep, app = scoped_app.partition("/")
+    return (group, app) if sep else (DEFAULT, scoped_app)
+
+
+def summary(nodes: Iterable[Mapping], read_only: Iterable[str], sizes: Mapping[str, int],
+            progress: Mapping[str, Mapping]) -> dict[str, dict]:
+    """Per worker group, for `pserver status`: its members (id, rank, state), how many are live,
+    whether it is read-only, its expected size, and its applications' progress with the mean
+    idle share its workers report. ``nodes``: the view's nodes as JSON; ``progress``: the task
+    scheduler's, by scoped application name."""
+    ro = set(read_only)
+    out: dict[str, dict] = {}
+    for n in sorted(nodes, key=lambda n: n.get("rank", 0)):
+        if n.get("role") != "worker":
+            continue
+        g = out.setdefault(n.get("group", DEFAULT), {"members": [], "live": 0, "apps": {}})
+        g["members"].append({"id": n["id"], "rank": n["rank"], "state": n["state"]})
+        g["live"] += n["state"] == "up"
+    for name, p in progress.items():
+        group, app = app_group(name)
+        g = out.setdefault(group, {"members": [], "live": 0, "apps": {}})
+        idle = [w["idle_share"] for w in p.get("workers", {}).values() if "idle_share" in w]
+        g["apps"][app] = {"complete": p.get("complete"), "tasks": p.get("tasks"),
+                          "finished": p.get("finished"),
+                          "idle_share": round(sum(idle) / len(idle), 4) if idle else None}
+    for name in ro | set(sizes):
+        out.setdefault(name, {"members": [], "live": 0, "apps": {}})
+    for name, g in out.items():
+        g["read_only"] = name in ro
+        g["size"] = sizes.get(name)
+    return dict(sorted(out.items()))
+
+
 def join_read_only(group: str, read_only: Iterable[str], live_members: int) -> None:
     """Check a worker's request to make ``group`` read-only as it registers: allowed if the group
     already is, or has no live member yet (it may restrict only a group it starts, never members

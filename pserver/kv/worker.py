@@ -203,6 +203,16 @@ class KVWorker:
                 self._rounds[name] = max(self._rounds.get(name, 0), answer["round"])
         return spec
 
+    def next_round(self, table: str | None = None) -> int:
+        """The synchronous round this worker's next push to ``table`` belongs to (a late joiner
+        starts at the round its declaration's reply named). Raises TableError if the table is
+        not declared here or not synchronous."""
+        spec = self._spec(table)
+        if not spec.sync:
+            raise TableError(f"table {spec.name!r} is not synchronous: it has no rounds")
+        with self._lock:
+            return self._rounds.get(spec.name, 0)
+
     def _spec(self, table: str | None) -> TableSpec:
         name = table or "default"
         spec = self._tables.get(name)

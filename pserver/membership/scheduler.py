@@ -398,7 +398,8 @@ class Scheduler:
     # -- status --------------------------------------------------------------------------
     def status(self) -> dict:
         """The cluster's state for `pserver status`: the view with each node's silence, traffic
-        and ring share, the scheduler's counters, checkpoints and task progress (JSON-ready)."""
+        and ring share, the scheduler's counters, checkpoints, task progress and a per worker
+        group section (JSON-ready)."""
         view = self.view.to_json()
         for n in view["nodes"]:
             n["last_heartbeat"] = round(self.liveness.silence(n["id"]), 3)
@@ -418,6 +419,8 @@ class Scheduler:
                              "checkpoints": self.checkpoints.status(),
                              "traffic": self.transport.counters.to_json()}
         view["tasks"] = self.tasks.progress()
+        view["groups"] = groups.summary(view["nodes"], self.view.read_only_groups,
+                                        self.group_sizes, view["tasks"])
         return view
 
 
