@@ -57,6 +57,13 @@ def pick_rank(requested: int, taken: Iterable[int]) -> int:
     return next(r for r in range(len(taken) + 1) if r not in taken)
 
 
+def rank_for(req: Request, nodes: Iterable) -> int:
+    """The rank ``req`` gets among ``nodes`` (NodeInfo, alive or not): a worker's rank is its
+    group's (0..n-1 within the group), a server's the servers'."""
+    return pick_rank(req.rank, (n.rank for n in nodes if n.role == req.role
+                                and (req.role != "worker" or n.group == req.group)))
+
+
 class Pending:
     """Registrations that wait for the cluster to start. A waiter is whatever the caller needs to
     answer the node later (the scheduler: routing identity and request ts)."""

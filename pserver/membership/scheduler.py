@@ -36,7 +36,7 @@ from ..transport import Transport, node_token
 from ..wire import Message
 from .barrier import Barriers
 from .liveness import Liveness
-from .registration import Pending, Request, pick_rank
+from .registration import Pending, Request, rank_for
 from .ring_keeper import RingKeeper
 from .tasks import TaskService
 from .view import ClusterView, NodeInfo
@@ -275,9 +275,7 @@ class Scheduler:
 
     def _admit(self, req: Request) -> NodeInfo:
         role = req.role
-        peers = self.view.group_nodes(req.group, alive_only=False) if role == "worker" \
-            else self.view.role_nodes(role, alive_only=False)
-        rank = pick_rank(req.rank, (n.rank for n in peers))  # a worker's rank is its group's
+        rank = rank_for(req, self.view.nodes.values())
         node = NodeInfo(id=self._next_id, role=role, rank=rank, host=req.host,
                         port=req.port, pid=req.pid, group=req.group)
         self._next_id += 1
