@@ -276,3 +276,25 @@ def test_the_scheduler_ranks_and_barriers_per_group_in_memory():
             c.join("worker", group="count", read_only=True)
         c.join("worker", group="q", read_only=True)
         assert c.scheduler.view.read_only_groups == {"q"}
+
+
+def test_status_has_a_section_per_group():
+    from pserver.cli import format_groups
+
+    nodes = [{"id": 1, "role": "server", "rank": 0, "state": "up"},
+             {"id": 2, "role": "worker", "rank": 0, "state": "up", "group": "default"},
+             {"id": 3, "role": "worker", "rank": 1, "state": "dead", "group": "count"},
+             {"id": 4, "role": "worker", "rank": 0, "state": "up", "group": "count"}]
+    progress = {"count/lr": {"complete": 3, "tasks": 8, "finished": False,
+                             "workers": {"4": {"idle_share": 0.25}, "3": {}}}}
+    g = groups.summary(nodes, ["serve"], {"count": 2}, progress)
+    assert list(g) == ["count", "default", "serve"]
+    assert g["count"]["live"] == 1 and g["count"]["size"] == 2
+    assert [m["id"] for m in g["count"]["members"]] == [4, 3]
+    assert g["count"]["apps"]["lr"] == {"complete": 3, "tasks": 8, "finished": False,
+                                        "idle_share": 0.25}
+    assert g["serve"]["read_only"] and not g["default"]["read_only"]
+    text = "\n".join(format_groups(g))
+    assert "group count: 1 live of 2 expected; members rank:id 0:4, 1:3 dead" in text
+    assert "  app lr: 3/8 tasks complete, idle 25.0%" in text
+    assert "group serve (read-only): 0 live" in text
