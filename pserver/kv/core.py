@@ -526,7 +526,7 @@ class ServerCore:
         self._newcomers.add(identity)
 
     def _check_group(self, identity: bytes, msg: Message) -> None:
-        """ReadOnlyGroupError if the sender's group may not send ``msg`` (membership.groups)."""
+        """ReadOnlyGroupError if the sender's group may not send ``msg`` (pserver.groups)."""
         sender = keyfmt.sender_id(identity)
         if sender in self._read_only_ids:
             why = groups.refusal(msg.op, msg.meta, self._group_of[sender], self.view.read_only_groups)

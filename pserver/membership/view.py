@@ -52,7 +52,7 @@ class ClusterView:
 
     @property
     def read_only_groups(self) -> frozenset[str]:
-        """Groups whose members may not change stored values (see membership.groups)."""
+        """Groups whose members may not change stored values (see pserver.groups)."""
         return frozenset(self.settings.get("read_only_groups", ()))
 
     @property
