@@ -15,7 +15,7 @@ import pytest
 from pserver import KVWorker
 from pserver.errors import ReadOnlyGroupError, RemoteError
 
-from .conftest import PROGRAMS
+from .conftest import PROGRAMS, pserver_cli
 
 KEYS = np.arange(0, 3000, 7, dtype=np.uint64)  # the program's keys
 PROGRAM = [sys.executable, str(PROGRAMS / "group_worker.py")]
@@ -140,3 +140,14 @@ def test_a_dead_member_is_dropped_from_its_groups_barrier(cluster_factory, tmp_p
         assert _exit_codes([waiter], timeout=60) == [0]
         assert (tmp_path / "released-0").exists()
         hung.wait(timeout=10)
+
+
+def test_launch_runs_its_workers_in_the_group_it_is_given():
+    code = ("import pserver; kv = pserver.KVWorker(); kv.barrier(); "
+            "print('member', kv.group, kv.rank, kv.num_workers, flush=True); kv.close()")
+    r = pserver_cli("launch", "-s", "1", "-w", "2", "--group", "g", "--insecure",
+                    "--heartbeat-timeout", "2", "--", sys.executable, "-c", code, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    members = sorted(line.split("member ", 1)[1] for line in r.stdout.splitlines()
+                     if "member " in line)
+    assert members == ["g 0 2", "g 1 2"]  # the start did not wait for default-group workers
