@@ -1,10 +1,11 @@
 """Two jobs on one cluster, in two worker groups: interference measured as throughput ratios.
 
-The sparse LR job (`python -m pserver.apps.lr.worker`, generated data) runs in group `lr` and the
+The sparse LR job (`python -m pserver.apps.lr.worker`, generated data) runs in group `lr-*` and the
 CountMin job (`python -m pserver.apps.sketch.worker`, the LR training file as its text) in group
-`count`, each with --workers processes, on the same --servers servers of one long-lived cluster.
-Per round: LR alone, count alone, both at once (each run on fresh tables); the ratios together /
-alone are per round, then the median. Method and results: docs/groups.md.
+`count-*`, each with --workers processes, on the same --servers servers of one long-lived cluster.
+Per round: LR alone, count alone, both at once (each run on fresh tables, in a fresh group: a
+group's ranks are not reused); the ratios together / alone are per round, then the median. Method
+and results: docs/groups.md.
 
 Usage: python benchmarks/groups.py [--examples 100000] [--epochs 3] [--workers 1] [--servers 2]
        [--repeat 2] [--rounds 2] [--out benchmarks/results/groups.json]"""
@@ -23,6 +24,9 @@ from pathlib import Path
 
 from pserver.apps.lr.gen import generate
 from pserver.launch import LocalCluster
+
+
+CASES = ("lr_alone", "count_alone", "together")
 
 
 def _job(cluster: LocalCluster, group: str, argv: list[str], workers: int) -> list:
@@ -61,15 +65,15 @@ def count_rate(path: str) -> dict:
 
 def run_round(cluster: LocalCluster, args: argparse.Namespace, data: str, tmp: str, r: int) -> dict:
     out: dict = {}
-    for case in ("lr_alone", "count_alone", "together"):
-        tag = f"{r}_{case}"
+    for case in CASES:
+        tag = f"{r}_{case}"  # names its tables, outputs and groups
         procs_lr, procs_count = [], []
         t0 = time.perf_counter()
         if case != "count_alone":
-            procs_lr = _job(cluster, "lr", lr_argv(data, args.epochs, f"w_{tag}",
+            procs_lr = _job(cluster, f"lr-{tag}", lr_argv(data, args.epochs, f"w_{tag}",
                                                    f"{tmp}/lr_{tag}.json"), args.workers)
         if case != "lr_alone":
-            procs_count = _job(cluster, "count", count_argv(data, args.repeat, f"sk_{tag}",
+            procs_count = _job(cluster, f"count-{tag}", count_argv(data, args.repeat, f"sk_{tag}",
                                                             f"{tmp}/count_{tag}.json"), args.workers)
         _wait(procs_lr, "LR")
         _wait(procs_count, "count")
@@ -100,7 +104,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="pserver-groups-") as tmp:
         data = os.path.join(tmp, "data")
         generate(data, args.examples, features=args.features, nnz=40, seed=1)
-        sizes = ["--group-size", f"lr={args.workers}", "--group-size", f"count={args.workers}"]
+        sizes = [a for r in range(args.rounds) for case in CASES for job in ("lr", "count")
+                 for a in ("--group-size", f"{job}-{r}_{case}={args.workers}")]
         with LocalCluster(args.servers, 0, insecure=True, heartbeat_timeout=30.0,
                           prefix_output=False, scheduler_args=["--keep-alive", *sizes]) as cluster:
             rounds = [run_round(cluster, args, data, tmp, r) for r in range(args.rounds)]
