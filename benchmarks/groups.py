@@ -25,7 +25,6 @@ from pathlib import Path
 from pserver.apps.lr.gen import generate
 from pserver.launch import LocalCluster
 
-
 CASES = ("lr_alone", "count_alone", "together")
 
 
