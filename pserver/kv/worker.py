@@ -91,7 +91,11 @@ class KVWorker:
                                       read_only=bool(self.cfg.read_only or read_only))
         self.transport = Transport(self.cfg, "worker", credentials)
         self.membership = Membership(self.cfg, self.transport, "worker", self.cfg.bind_host(), 0)
-        self.membership.register(self.cfg.rank)
+        try:
+            self.membership.register(self.cfg.rank)
+        except BaseException:  # e.g. a refused read-only registration: leave nothing open
+            self.transport.close()
+            raise
         self._identity = b"n%d" % self.membership.node_id
         self._lock = threading.RLock()
         self._tracker = RequestTracker()
