@@ -23,12 +23,14 @@ import time
 from . import logs
 from .config import ENV_VARS, Config
 from .errors import PServerError
+from .groups import parse_sizes as parse_group_sizes
 from .protocol import BYTES, CONSISTENCY, DIR, KEY_COUNT, NAME, PATH, SECONDS, SERVERS, TABLES, TASKS
 
 # Settings one role alone reads: a flag of that role's command only. Every other PSERVER_* setting is
 # a flag of every node command. `pserver launch` takes all of them (see launch_cluster_kwargs).
 ROLE_SETTINGS = {"scheduler": ("replication", "replicate_after_aggregation", "replica_key_cache"),
-                 "server": ("busy_poll", "slot_cache")}
+                 "server": ("busy_poll", "slot_cache"),
+                 "worker": ("group", "read_only")}
 _SETTING_VAR = {name: (var, typ, text) for var, (name, typ, text) in ENV_VARS.items()}
 
 # Options of a role that are not PSERVER_* settings: (flags, argparse keywords); one definition for
@@ -47,6 +49,13 @@ ROLE_OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
                                            "(default 3)")),
         (("--restore",), dict(metavar="DIR", help="start from the latest checkpoint in DIR, or "
                                                   "from DIR/ckpt-NNNNNN (any number of servers)")),
+        (("--group-size",), dict(action="append", metavar="NAME=N",
+                                 help="worker group NAME's barriers wait until N of its workers "
+                                      "joined (other groups than 'default' are open-ended and "
+                                      "never hold the cluster's start back); repeatable")),
+        (("--read-only-group",), dict(action="append", metavar="NAME",
+                                      help="members of worker group NAME may only read: servers "
+                                           "refuse their pushes; repeatable")),
     ],
     "server": [
         (("--join",), dict(action="store_true",
@@ -73,7 +82,7 @@ _LAUNCH_HELP = {"port": "scheduler port (default: a free one)",
 
 
 _METAVAR = {"scheduler": "HOST:PORT", "host": "HOST", "keys": "DIR", "log_level": "LEVEL",
-            "interface": "NAME", "advertise_host": "HOST",
+            "interface": "NAME", "advertise_host": "HOST", "group": "NAME",
             "slot_cache": "BYTES", "replica_key_cache": "BYTES", "max_message_bytes": "BYTES"}
 
 
@@ -161,7 +170,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     logs.setup_logging(cfg.log_level, "scheduler")
     Scheduler(cfg, exit_when_workers_done=not args.keep_alive, checkpoint_dir=args.checkpoint_dir,
               checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
-              restore=args.restore).run()
+              restore=args.restore, group_sizes=parse_group_sizes(args.group_size or []),
+              read_only_groups=args.read_only_group or ()).run()
     return 0
 
 
@@ -250,10 +260,27 @@ def format_status(view: dict) -> str:
         if n.get("replica_apply_errors"):
             lines.append(f"server {n['id']}: {n['replica_apply_errors']} forwarded updates failed to "
                          f"apply as a replica (re-copied from their masters; see its log)")
+    lines += format_groups(view.get("groups", {}))
     from .kv.traffic import format_traffic
 
     traffic = format_traffic(view)  # per node, as last reported on its heartbeats
     return "\n".join(lines + ([traffic] if traffic else []))
+
+
+def format_groups(groups: dict) -> list[str]:
+    """The per worker group lines of `pserver status`."""
+    lines = []
+    for name, g in groups.items():
+        members = ", ".join(f"{m['rank']}:{m['id']}" + ("" if m["state"] == "up" else f" {m['state']}")
+                            for m in g["members"]) or "none"
+        size = f" of {g['size']} expected" if g.get("size") else ""
+        lines.append(f"group {name}{' (read-only)' if g['read_only'] else ''}: {g['live']} live"
+                     f"{size}; members rank:id {members}")
+        for app, p in sorted(g["apps"].items()):
+            idle = f", idle {100 * p['idle_share']:.1f}%" if p.get("idle_share") is not None else ""
+            lines.append(f"  app {app}: {p['complete']}/{p['tasks']} tasks complete"
+                         f"{' (finished)' if p['finished'] else ''}{idle}")
+    return lines
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:

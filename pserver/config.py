@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import ConfigError
+from .groups import check_name
 from .wire import Limits
 
 SLOT_CACHE_DEFAULT = "64M"  # a server table's slot cache bound (pserver.store.slot_cache)
@@ -34,6 +35,10 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_KEYS": ("keys", str, "directory made by `pserver keygen` (CURVE keys)"),
     "PSERVER_INSECURE": ("insecure", bool, "1 = plain-text transport, no authentication (warns)"),
     "PSERVER_RANK": ("rank", int, "requested rank within the role (-1 = assigned by the scheduler)"),
+    "PSERVER_GROUP": ("group", str, "workers: the worker group to join (default 'default'; "
+                                    "ranks, barriers and sync rounds are the group's)"),
+    "PSERVER_READ_ONLY": ("read_only", bool, "workers: 1 = join the group as read-only (it may "
+                                             "then only pull); a restriction nobody can lift"),
     "PSERVER_HEARTBEAT_INTERVAL": ("heartbeat_interval", float, "seconds between heartbeats"),
     "PSERVER_HEARTBEAT_TIMEOUT": ("heartbeat_timeout", float, "seconds of silence before a node "
                                                               "is declared dead"),
@@ -87,6 +92,8 @@ class Config:
     keys: str = ""
     insecure: bool = False
     rank: int = -1
+    group: str = "default"
+    read_only: bool = False
     heartbeat_interval: float = 0.1
     heartbeat_timeout: float = 0.6
     connect_timeout: float = 30.0
@@ -141,6 +148,7 @@ class Config:
             raise ConfigError("PSERVER_MAX_MESSAGE_BYTES, PSERVER_MAX_KEYS and PSERVER_MAX_DIM must be >= 1")
         if self.scheduler:
             split_address(self.scheduler)
+        check_name(self.group)
 
     @property
     def slot_cache_bytes(self) -> int:

@@ -111,3 +111,9 @@ class WorkerDeclaredDeadError(PServerError):
     """The scheduler declared this worker dead (it missed heartbeats for PSERVER_HEARTBEAT_TIMEOUT)
     while it was still running, and its work was handed to another worker; it stops rather than
     do that work twice. On a loaded machine raise PSERVER_HEARTBEAT_TIMEOUT."""
+
+
+class ReadOnlyGroupError(AuthError):
+    """This worker's group is read-only (the scheduler's --read-only-group, or a member that
+    registered with read_only=True): its members may pull but not push, push_pull or declare a
+    table as pushers. Nothing was changed; run writers in another group (PSERVER_GROUP)."""

@@ -24,6 +24,8 @@ from typing import Any
 from . import security
 from .config import Config, settings_env
 from .errors import ConfigError, PServerError
+from .groups import DEFAULT as DEFAULT_GROUP
+from .groups import check_name as check_group
 from .protocol import DIR
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,12 @@ class LocalCluster:
                  "--restore": restore}
         self.scheduler_args = [a for flag, v in flags.items() if v for a in (flag, str(v))]
         self.scheduler_args += list(scheduler_args)
+        # workers of another group than "default" do not hold the start back: the scheduler waits
+        # for none of them, and that group's barriers wait until all num_workers joined
+        self.group = check_group(self.settings.get("group", DEFAULT_GROUP))
+        self.expected_default = num_workers if self.group == DEFAULT_GROUP else 0
+        if self.group != DEFAULT_GROUP and num_workers:
+            self.scheduler_args += ["--group-size", f"{self.group}={num_workers}"]
         self.procs: dict[str, subprocess.Popen] = {}
         self._threads: list[threading.Thread] = []
         self._tmp: str | None = None
@@ -146,7 +154,8 @@ class LocalCluster:
             self._tmp = tempfile.mkdtemp(prefix="pserver-keys-")
             self.keys = str(security.keygen(os.path.join(self._tmp, "keys")))
         self._spawn("scheduler", [sys.executable, "-m", "pserver", "scheduler",
-                                  *self.scheduler_args], self.env())
+                                  *self.scheduler_args],
+                    {**self.env(), "PSERVER_NUM_WORKERS": str(self.expected_default)})
         for i in range(self.num_servers):
             self._spawn(f"server {i}", [sys.executable, "-m", "pserver", "server",
                                         *self.server_args], self.env(i))

@@ -89,6 +89,7 @@ REBUILT = "rebuilt"
 REPLICA_APPLY_ERRORS = "replica_apply_errors"
 NAME = "name"
 GROUP = "group"
+READ_ONLY = "ro"
 # -- the task scheduler (consistency executor <-> membership.tasks) ----------------------------
 APP = "app"
 MODEL = "model"
@@ -211,7 +212,10 @@ FIELDS: dict[str, Field] = {f.key: f for f in (
     Field(REPLICA_APPLY_ERRORS, "forwards this replica failed to apply", "int", ("heartbeat",),
           "request"),
     Field(NAME, "barrier name; checkpoint name", "str", ("barrier", "checkpoint_done"), "both"),
-    Field(GROUP, "the role group a barrier waits for", "str", ("barrier",), "request"),
+    Field(GROUP, "barrier: the role group it waits for; register, declare_table: the sender's "
+          "worker group", "str", ("barrier", "register", "declare_table"), "request"),
+    Field(READ_ONLY, "True: the registering worker makes its group read-only", "bool",
+          ("register",), "request"),
     Field(APP, "application name of a task op", "str",
           ("task_plan", "task_next", "task_done", "tasks", "set_consistency"), "both"),
     Field(MODEL, "consistency model (e.g. 'bsp', 'ssp:2')", "str", ("task_plan", "set_consistency",

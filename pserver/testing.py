@@ -178,10 +178,12 @@ class MemoryCluster:
         finally:
             self.scheduler.transport.close()
 
-    def join(self, role: str, rank: int = -1, host: str = "node") -> Membership:
-        """Register a new node of ``role``; returns its Membership once admitted."""
-        transport = MemoryTransport(self.hub, self.cfg, role)
-        node = Membership(self.cfg, transport, role, host, 7100 + len(self.nodes))
+    def join(self, role: str, rank: int = -1, host: str = "node", **settings: Any) -> Membership:
+        """Register a new node of ``role`` (``settings``: Config fields of its own, e.g.
+        group="train"); returns its Membership once admitted."""
+        cfg = self.cfg.with_(**settings) if settings else self.cfg
+        transport = MemoryTransport(self.hub, cfg, role)
+        node = Membership(cfg, transport, role, host, 7100 + len(self.nodes))
         self.nodes.append(node)
         node.register(rank)
         return node

@@ -24,6 +24,7 @@ from typing import Any
 from pserver.consistency.dag import BoundedDelay, ConsistencyModel, Eventual, TaskDAG, parse_model
 from pserver.consistency.timing import IdleTimer
 from pserver.errors import ConfigError, RemoteError, SchedulerUnreachableError, TaskError
+from pserver.groups import DEFAULT, scoped
 from pserver.wire import Message
 
 from ..protocol import (
@@ -75,6 +76,8 @@ class Executor:
                  lookahead: int = _LOOKAHEAD) -> None:
         self.kv = kv
         self.app = app
+        # the scheduler's name of the app: scoped by this worker's group
+        self._scoped_app = scoped(app, getattr(kv, "group", DEFAULT)) if app is not None else None
         self.timer = timer or IdleTimer()
         if hasattr(kv, "idle_timer"):
             kv.idle_timer = self.timer
@@ -116,7 +119,7 @@ class Executor:
     def _on_view(self, view: Any) -> None:
         """Adopt the application's model from a new cluster view (heartbeat thread: must not
         raise, or the heartbeats would stop)."""
-        text = view.settings.get("consistency", {}).get(self.app)
+        text = view.settings.get("consistency", {}).get(self._scoped_app)
         if self._active and text and text != str(self.dag.model):
             try:
                 self.dag.set_model(parse_model(text))

@@ -13,13 +13,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..errors import DataLostError, LimitError, RemoteError, TableError
+from ..errors import DataLostError, LimitError, ReadOnlyGroupError, RemoteError, TableError
 from ..protocol import CLOCK, ERROR, KIND, NEXT, PUSH_FACTOR, RING_VERSION, ROUND
 from ..wire import Message
 
 log = logging.getLogger(__name__)
 
-_ERRORS = {"TableError": TableError, "DataLostError": DataLostError}
+_ERRORS = {"TableError": TableError, "DataLostError": DataLostError,
+           "ReadOnlyGroupError": ReadOnlyGroupError}
 RETRY_AFTER = 0.01  # seconds before resending a part a server refused as not its own
 
 

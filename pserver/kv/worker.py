@@ -27,6 +27,8 @@ from ..errors import (
     ServerDeadError,
     TableError,
 )
+from ..groups import DEFAULT as DEFAULT_GROUP
+from ..groups import check_name as check_group
 from ..link import LinkError, Poller, ZmqLink
 from ..membership.node import Membership
 from ..protocol import (
@@ -34,6 +36,7 @@ from ..protocol import (
     AS_OF,
     CLOCK,
     FILTER_META,
+    GROUP,
     HI,
     LIMIT,
     LO,
@@ -68,21 +71,32 @@ class KVWorker:
     """A worker's connection to the cluster.
 
     Joins the cluster described by PSERVER_* variables (or ``cfg``/keyword overrides) and blocks until
-    the scheduler admits it.
+    the scheduler admits it. group: the worker group to join (default PSERVER_GROUP, else
+    "default"): rank, num_workers, barriers, synchronous rounds and task queues are the group's.
+    read_only: join as a read-only member (the group may then only read; docs/groups.md).
 
     Raises:
         SchedulerUnreachableError: no scheduler admitted the worker within PSERVER_CONNECT_TIMEOUT;
             nothing is left open.
-        ConfigError: an invalid setting.
+        ConfigError: an invalid setting (e.g. a group name).
+        RemoteError: the scheduler refused (e.g. read_only for a group that has writers).
     """
 
     def __init__(self, cfg: Config | None = None, *,
-                 credentials: security.Credentials | None = None, **overrides):
+                 credentials: security.Credentials | None = None, group: str | None = None,
+                 read_only: bool | None = None, **overrides):
         self.cfg = cfg or Config.from_env(**overrides)
+        if group is not None or read_only is not None:
+            self.cfg = self.cfg.with_(group=check_group(group or self.cfg.group),
+                                      read_only=bool(self.cfg.read_only or read_only))
         self.transport = Transport(self.cfg, "worker", credentials)
         self.membership = Membership(self.cfg, self.transport, "worker",
                                      self.cfg.advertised(self.cfg.bind_host()), 0)
-        self.membership.register(self.cfg.rank)
+        try:
+            self.membership.register(self.cfg.rank)
+        except BaseException:  # e.g. a refused read-only registration: leave nothing open
+            self.transport.close()
+            raise
         self._identity = b"n%d" % self.membership.node_id
         self._lock = threading.RLock()
         self._tracker = RequestTracker()
@@ -109,19 +123,26 @@ class KVWorker:
     # -- cluster facts ------------------------------------------------------------------------
     @property
     def rank(self) -> int:
-        """This worker's rank, 0 .. num_workers-1."""
+        """This worker's rank within its group, 0 .. num_workers-1."""
         return self.membership.rank
 
     @property
+    def group(self) -> str:
+        """The worker group this worker belongs to."""
+        return self.cfg.group
+
+    @property
     def num_workers(self) -> int:
-        return self.membership.view.num_workers
+        """Live workers of this worker's group."""
+        return len(self.membership.view.group_nodes(self.cfg.group))
 
     @property
     def num_servers(self) -> int:
         return self.membership.view.num_servers
 
     def barrier(self, name: str = "", timeout: float | None = None) -> None:
-        """Block until every live worker reached the barrier ``name``.
+        """Block until every live worker of this worker's group reached the barrier ``name``
+        (barriers of other groups are separate, even under the same name).
 
         Raises:
             BarrierTimeoutError: not every worker arrived within ``timeout`` s (default
@@ -160,6 +181,8 @@ class KVWorker:
         meta = {SPEC: spec.to_json()}
         if not pushes:
             meta[PUSHES] = False
+        if self.cfg.group != DEFAULT_GROUP:  # a server whose view lags learns the round's group
+            meta[GROUP] = self.cfg.group
         with self._lock:
             self._check_usable()
             ts = self._tracker.next_ts()
@@ -184,6 +207,16 @@ class KVWorker:
             if sync and "round" in answer and not (pushes and was_pusher):
                 self._rounds[name] = max(self._rounds.get(name, 0), answer["round"])
         return spec
+
+    def next_round(self, table: str | None = None) -> int:
+        """The synchronous round this worker's next push to ``table`` belongs to (a late joiner
+        starts at the round its declaration's reply named). Raises TableError if the table is
+        not declared here or not synchronous."""
+        spec = self._spec(table)
+        if not spec.sync:
+            raise TableError(f"table {spec.name!r} is not synchronous: it has no rounds")
+        with self._lock:
+            return self._rounds.get(spec.name, 0)
 
     def _spec(self, table: str | None) -> TableSpec:
         name = table or "default"

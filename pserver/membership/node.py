@@ -19,7 +19,22 @@ from .. import logs
 from ..config import Config
 from ..errors import BarrierTimeoutError, PServerError, RemoteError, SchedulerUnreachableError
 from ..link import Link, LinkError, LinkTimeout
-from ..protocol import DEAD, ERROR, HOST, ID, PID, PORT, RANK, ROLE, SHUTDOWN, TRAFFIC, VIEW, VIEW_VERSION
+from ..protocol import (
+    DEAD,
+    ERROR,
+    GROUP,
+    HOST,
+    ID,
+    PID,
+    PORT,
+    RANK,
+    READ_ONLY,
+    ROLE,
+    SHUTDOWN,
+    TRAFFIC,
+    VIEW,
+    VIEW_VERSION,
+)
 from ..transport import Transport
 from ..wire import Message
 from .view import ClusterView
@@ -127,6 +142,10 @@ class Membership:
         a member then (node_id stays -1)."""
         meta = {ROLE: self.role, HOST: self.host, PORT: self.port, PID: os.getpid(),
                 RANK: requested_rank}
+        if self.role == "worker":
+            meta[GROUP] = self.cfg.group
+            if self.cfg.read_only:
+                meta[READ_ONLY] = True
         timeout = self.cfg.connect_timeout
         where = f"{self.sched_host}:{self.sched_port}"
         unreachable = (f"no answer from the scheduler at {where} within {timeout:g} s: is it running "
@@ -174,11 +193,13 @@ class Membership:
             self.request("barrier", {"id": self.node_id, "name": name, "group": group},
                          timeout, "barrier_done")
         except TimeoutError:
-            alive = [n.rank for n in self.view.role_nodes(group)]
+            mine = group == "worker" and self.role == "worker"  # its own worker group's barrier
+            nodes = self.view.group_nodes(self.cfg.group) if mine else self.view.role_nodes(group)
+            whose = f"{group}s of group {self.cfg.group!r}" if mine else f"{group}s"
             raise BarrierTimeoutError(
-                f"barrier {name!r} of the {group}s did not complete within {timeout:g} s "
-                f"(live {group} ranks: {alive}); a {group} may be stuck or slow - raise "
-                f"PSERVER_BARRIER_TIMEOUT if that is expected") from None
+                f"barrier {name!r} of the {whose} did not complete within {timeout:g} s "
+                f"(live ranks: {[n.rank for n in nodes]}); a {group} may be stuck or slow - "
+                f"raise PSERVER_BARRIER_TIMEOUT if that is expected") from None
 
     def status(self, timeout: float = 5.0) -> dict:
         """The scheduler's status report. Raises SchedulerUnreachableError without an answer

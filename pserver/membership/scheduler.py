@@ -9,8 +9,9 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 
-from .. import security
+from .. import groups, security
 from ..config import Config, interface_address
 from ..errors import AuthError, PServerError
 from ..ft.checkpoint_round import CheckpointCoordinator
@@ -35,7 +36,7 @@ from ..transport import Transport, node_token
 from ..wire import Message
 from .barrier import Barriers
 from .liveness import Liveness
-from .registration import Pending, Request, pick_rank
+from .registration import Pending, Request, rank_for
 from .ring_keeper import RingKeeper
 from .tasks import TaskService
 from .view import ClusterView, NodeInfo
@@ -52,14 +53,20 @@ class Scheduler:
     end of a job); turn off for a long-lived cluster that workers come and go from.
     transport: the sockets to use (default: a new ZeroMQ Transport; ``pserver.testing`` has one in
     memory); the scheduler owns it and closes it when :meth:`run` ends.
-    Raises ConfigError if it cannot bind, CheckpointError if ``restore`` is unusable.
+    group_sizes: {group: N}: that group's barriers wait until N members joined (docs/groups.md).
+    read_only_groups: groups whose members may only read (servers refuse their pushes).
+    Raises ConfigError if it cannot bind or a group name is invalid, CheckpointError if
+    ``restore`` is unusable.
     """
 
     def __init__(self, cfg: Config, credentials: security.Credentials | None = None,
                  exit_when_workers_done: bool = True, checkpoint_dir: str | None = None,
                  checkpoint_every: float = 0.0, checkpoint_keep: int = 3, restore: str | None = None,
-                 transport: Transport | None = None):
+                 transport: Transport | None = None, group_sizes: dict[str, int] | None = None,
+                 read_only_groups: Iterable[str] = ()):
         self.cfg = cfg
+        read_only = sorted({groups.check_name(g) for g in read_only_groups})
+        self.group_sizes = {groups.check_name(g): int(n) for g, n in (group_sizes or {}).items()}
         host, port = cfg.require_scheduler()
         self.transport = transport if transport is not None else \
             Transport(cfg, "scheduler", credentials)
@@ -76,7 +83,7 @@ class Scheduler:
             "checkpoint": self._checkpoint, "shutdown": self._shutdown,
             **dict.fromkeys(TaskService.OPS, self._task)}
         self._tick = min(0.05, cfg.heartbeat_interval / 2)
-        self.view = ClusterView(settings={})
+        self.view = ClusterView(settings={"read_only_groups": read_only})
         self.rings = RingKeeper(self.view)
         self.pending = Pending(cfg.num_servers, cfg.num_workers)  # waiting for the cluster to start
         self.identity_of: dict[int, bytes] = {}            # node id -> ROUTER identity (heartbeat sock)
@@ -85,7 +92,7 @@ class Scheduler:
         self.traffic: dict[int, dict] = {}                  # node id -> traffic its heartbeats report
         self.replica_apply_errors: dict[int, int] = {}      # server id -> forwards it failed to apply
         self.started = False
-        self.barriers = Barriers()
+        self.barriers = Barriers(self.group_sizes)
         self.shutting_down = False
         self.shutdown_deadline = 0.0
         self.exit_when_workers_done = exit_when_workers_done
@@ -237,6 +244,8 @@ class Scheduler:
         req = Request.parse(msg.meta, role)
         if self.shutting_down:
             raise ValueError("the cluster is shutting down")
+        if req.read_only:
+            self._make_read_only(req.group)
         self._send(identity, Message("registered", msg.ts))
         if self.started:
             # a late node: joins the running cluster at once (elastic membership); a server gets
@@ -249,17 +258,27 @@ class Scheduler:
                                        f"server {node.id} joins")
             return
         complete = self.pending.add((identity, msg.ts), req)
-        log.info("registered a %s (%d/%d servers, %d/%d workers)", req.role,
+        log.info("registered a %s of group %s (%d/%d servers, %d/%d workers)", req.role, req.group,
                  self.pending.count("server"), self.cfg.num_servers,
                  self.pending.count("worker"), self.cfg.num_workers)
         if complete:
             self._start()
 
+    def _make_read_only(self, group: str) -> None:
+        """A registering worker makes its group read-only (ConfigError if it has writers)."""
+        ro = self.view.settings["read_only_groups"]
+        live = len(self.view.group_nodes(group)) + sum(
+            1 for _, r in self.pending.requests if r.role == "worker" and r.group == group)
+        groups.join_read_only(group, ro, live)
+        if group not in ro:
+            self.view.settings["read_only_groups"] = sorted({*ro, group})
+            log.info("group %s is read-only (a member asked at registration)", group)
+
     def _admit(self, req: Request) -> NodeInfo:
         role = req.role
-        rank = pick_rank(req.rank, (n.rank for n in self.view.role_nodes(role, alive_only=False)))
+        rank = rank_for(req, self.view.nodes.values())
         node = NodeInfo(id=self._next_id, role=role, rank=rank, host=req.host,
-                        port=req.port, pid=req.pid)
+                        port=req.port, pid=req.pid, group=req.group)
         self._next_id += 1
         self.view.nodes[node.id] = node
         self.liveness.seen(node.id)
@@ -363,7 +382,10 @@ class Scheduler:
         group = str(msg.meta.get(GROUP, "worker"))
         nid = int(msg.meta[ID])
         self._check_owner(nid, identity, "barrier")
-        self._release(self.barriers.arrive(name, group, nid, (identity, msg.ts), self.view))
+        node = self.view.nodes.get(nid)
+        worker_group = node.group if node is not None and node.role == "worker" else None
+        self._release(self.barriers.arrive(name, group, nid, (identity, msg.ts), self.view,
+                                           worker_group))
 
     def _release(self, waiters: list) -> None:
         for ident, ts in waiters:
@@ -375,7 +397,8 @@ class Scheduler:
     # -- status --------------------------------------------------------------------------
     def status(self) -> dict:
         """The cluster's state for `pserver status`: the view with each node's silence, traffic
-        and ring share, the scheduler's counters, checkpoints and task progress (JSON-ready)."""
+        and ring share, the scheduler's counters, checkpoints, task progress and a per worker
+        group section (JSON-ready)."""
         view = self.view.to_json()
         for n in view["nodes"]:
             n["last_heartbeat"] = round(self.liveness.silence(n["id"]), 3)
@@ -395,6 +418,8 @@ class Scheduler:
                              "checkpoints": self.checkpoints.status(),
                              "traffic": self.transport.counters.to_json()}
         view["tasks"] = self.tasks.progress()
+        view["groups"] = groups.summary(view["nodes"], self.view.read_only_groups,
+                                        self.group_sizes, view["tasks"])
         return view
 
 

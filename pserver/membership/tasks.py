@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import security
+from .. import groups, security
 from ..consistency.dag import parse_model
 from ..errors import ConfigError, ProtocolError, TaskError
 from ..protocol import (
@@ -343,6 +343,15 @@ class TaskService:
     def _live(self) -> set[int]:
         return {n.id for n in self._view().role_nodes("worker")}
 
+    def _app_of(self, meta: dict) -> str:
+        """The sender's application, scoped by its worker group (groups.scoped). ProtocolError
+        if the message names none."""
+        app = meta.get(APP)
+        if not isinstance(app, str):
+            raise ProtocolError("a task op needs the application name in meta 'app'")
+        node = self._view().nodes.get(meta.get(ID)) if type(meta.get(ID)) is int else None
+        return groups.scoped(app, node.group if node is not None else groups.DEFAULT)
+
     def models(self) -> dict[str, str]:
         """Application -> consistency model, as published in the cluster view."""
         return dict(self._view().settings.get("consistency", {}))
@@ -355,9 +364,7 @@ class TaskService:
             self.set_consistency(str(m.get(APP, "")), m.get(MODEL))
             self._send(identity, Message("ok", msg.ts, meta={CONSISTENCY: self.models()}))
             return
-        app = m.get(APP)
-        if not isinstance(app, str):
-            raise ProtocolError(f"{op} needs the application name in meta 'app'")
+        app = self._app_of(m)
         if op == "task_plan":
             created = self.tasks.plan(app, m.get(COUNT), m.get(KIND, "each"), m.get(PAYLOADS),
                                       m.get(ON_FAILURE, "requeue"))
@@ -392,7 +399,7 @@ class TaskService:
         if not tasks and not finished:
             self._held.append((identity, msg))
             return False
-        self._send(identity, Message("tasks", msg.ts, meta={APP: app, TASKS: tasks,
+        self._send(identity, Message("tasks", msg.ts, meta={APP: msg.meta[APP], TASKS: tasks,
                                                              FINISHED: finished}))
         return True
 
@@ -400,7 +407,7 @@ class TaskService:
         held, self._held = self._held, []
         for identity, msg in held:
             try:
-                self._next(identity, msg, msg.meta[APP], int(msg.meta[ID]))
+                self._next(identity, msg, self._app_of(msg.meta), int(msg.meta[ID]))
             except (TaskError, ConfigError) as e:
                 self._send(identity, Message("error", msg.ts, meta={ERROR: str(e)[:500]}))
 

@@ -20,6 +20,7 @@ class NodeInfo:
     pid: int
     alive: bool = True
     state: str = "up"          # up | dead | left
+    group: str = "default"     # a worker's group (ranks are per group); servers: "default"
     last_heartbeat: float = 0.0  # seconds since the scheduler last heard from it (filled for status)
 
     def to_json(self) -> dict:
@@ -41,8 +42,22 @@ class ClusterView:
         out = [n for n in self.nodes.values() if n.role == role and (n.alive or not alive_only)]
         return sorted(out, key=lambda n: n.rank)
 
+    def group_nodes(self, group: str, alive_only: bool = True) -> list[NodeInfo]:
+        """The workers of ``group``, by rank."""
+        return [n for n in self.role_nodes("worker", alive_only) if n.group == group]
+
+    def groups(self) -> list[str]:
+        """Names of the worker groups that ever had a member, sorted."""
+        return sorted({n.group for n in self.nodes.values() if n.role == "worker"})
+
+    @property
+    def read_only_groups(self) -> frozenset[str]:
+        """Groups whose members may not change stored values (see pserver.groups)."""
+        return frozenset(self.settings.get("read_only_groups", ()))
+
     @property
     def num_workers(self) -> int:
+        """Live workers of every group."""
         return len(self.role_nodes("worker"))
 
     @property

@@ -31,7 +31,7 @@ def _worker(spec: TableSpec, ring: KeyRing) -> tuple[KVWorker, list]:
     kv._read_only, kv._rounds = set(), {}
     kv._routed_rv = kv._routed_view = ring.version
     kv._reroute_due, kv._reroute_flag = float("inf"), False
-    kv.cfg = SimpleNamespace(request_timeout=5.0)
+    kv.cfg = SimpleNamespace(request_timeout=5.0, group="default")
     kv.membership = SimpleNamespace(view=SimpleNamespace(ring=ring, version=ring.version,
                                                          settings={}),
                                     scheduler_lost=threading.Event())

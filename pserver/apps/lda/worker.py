@@ -119,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pserver.apps.lda.worker")
     p.add_argument("--corpus", required=True, help="prepared corpus (.npz, corpus.Corpus.save)")
     add_model_args(p)
+    p.add_argument("--group", help="worker group to join (default: PSERVER_GROUP, else 'default')")
     args = p.parse_args(argv)
     kernels.warm_up()
     corpus = Corpus.load(args.corpus)
-    kv = pserver.KVWorker()
+    kv = pserver.KVWorker(group=args.group)
     try:
         train(kv, corpus, args)
     except PServerError as e:

@@ -97,7 +97,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
             argv += ["--" + flag.replace("_", "-"), getattr(args, flag)]
     argv += ["--bias"] * args.bias + ["--test-every-pass"] * args.test_every_pass
     for flag in ("delay_damping", "delay_free", "target_objective", "straggler",
-                 "clock_log", "on_worker_failure"):  # consistency, fault tolerance
+                 "clock_log", "on_worker_failure", "group"):  # consistency, fault tolerance, group
         value = getattr(args, flag, None)
         if value is not None and value != "":
             argv += ["--" + flag.replace("_", "-"),
@@ -119,7 +119,8 @@ def cmd_train_lr(args: argparse.Namespace) -> int:
     # Reading a large shard keeps a worker's CPU busy for seconds on a loaded machine: allow
     # more silence than the default before a node is declared dead.
     with LocalCluster(args.servers, args.workers, insecure=args.insecure,
-                      heartbeat_timeout=HEARTBEAT_TIMEOUT, env=node_environment()) as cluster:
+                      heartbeat_timeout=HEARTBEAT_TIMEOUT, env=node_environment(),
+                      settings={"group": args.group} if args.group else None) as cluster:
         return cluster.run_workers([sys.executable, "-m", "pserver.apps.lr.worker",
                                     *_worker_argv(args)])
 

@@ -114,7 +114,7 @@ class ShardTakeover:
 
     def _dead_and_live(self) -> tuple[set[int], list[int]]:
         view = self.kv.membership.view
-        workers = view.role_nodes("worker", alive_only=False)
+        workers = view.group_nodes(self.kv.group, alive_only=False)  # this job's group
         dead = {n.rank for n in workers if n.state == "dead" and n.rank < self.num_shards}
         return dead, sorted(n.rank for n in workers if n.alive)
 

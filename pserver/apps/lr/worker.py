@@ -86,6 +86,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias", action="store_true",
                    help="add a constant feature (an intercept, regularised like the others)")
     p.add_argument("--table", default="lr_w", help="name of the weight table")
+    p.add_argument("--group", help="worker group to join (default: PSERVER_GROUP, else "
+                                   "'default'); shards and ranks are the group's")
     p.add_argument("--kkt", action="store_true",
                    help="KKT filter: skip pushing coordinates the L1 step keeps at zero")
     p.add_argument("--kkt-delta", type=float, default=0.0, help="safety margin of --kkt")
@@ -151,7 +153,7 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
     warm = _Background(warm_up_servers, kv, cfg)   # the servers get ready while we read
     # shard r = rank r's byte range among the workers the job started with (dead ones included),
     # so a live worker can read a dead one's shard again (takeover.py)
-    num_shards = len(kv.membership.view.role_nodes("worker", alive_only=False))
+    num_shards = len(kv.membership.view.group_nodes(kv.group, alive_only=False))
     reader, opts = _reader(args), _read_opts(args)
 
     def read(rank: int):
@@ -294,7 +296,7 @@ class _Background(threading.Thread):
 
 def _reports(kv) -> bool:
     """Whether this worker prints progress and the summary: the lowest live rank."""
-    live = kv.membership.view.role_nodes("worker")
+    live = kv.membership.view.group_nodes(kv.group)
     return not live or live[0].rank == kv.rank
 
 
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     env = os.environ
     early = _Background(_read_early, args, int(env.get("PSERVER_RANK", "-1") or -1),
                         int(env.get("PSERVER_NUM_WORKERS", "0") or 0))
-    kv = pserver.KVWorker()
+    kv = pserver.KVWorker(group=args.group)
     _mark("joined")
     early.join()
     logs.setup_logging(kv.cfg.log_level or "WARNING", None)

@@ -13,6 +13,7 @@ import sys
 from ...errors import ConfigError
 
 HEARTBEAT_TIMEOUT = 10.0  # seconds
+QUERY_GROUP = "sketch-query"  # the read-only group `pserver sketch query` joins
 
 
 def register(subparsers) -> None:
@@ -40,6 +41,9 @@ def register(subparsers) -> None:
     q.add_argument("--scheduler", help="HOST:PORT (default: PSERVER_SCHEDULER)")
     q.add_argument("--keys", help="cluster keys directory (default: PSERVER_KEYS)")
     q.add_argument("--insecure", action="store_true", help="the cluster runs without keys")
+    q.add_argument("--group", default=QUERY_GROUP,
+                   help=f"read-only worker group the query joins (default {QUERY_GROUP}): it "
+                        "does not count as a writer")
     q.set_defaults(fn=cmd_query)
 
 
@@ -48,7 +52,7 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
             "--delta", str(args.delta), "--seed", str(args.seed), "--share", str(args.share),
             "--top", str(args.top), "--repeat", str(args.repeat),
             "--chunk-bytes", str(args.chunk_bytes)]
-    for flag in ("width", "depth", "summary_json"):
+    for flag in ("width", "depth", "summary_json", "group"):
         value = getattr(args, flag)
         if value is not None:
             argv += ["--" + flag.replace("_", "-"),
@@ -71,7 +75,8 @@ def cmd_count(args: argparse.Namespace) -> int:
 
     # --check counts every token exactly in Python on rank 0: allow it a loaded machine's pauses
     with LocalCluster(args.servers, args.workers, insecure=args.insecure,
-                      heartbeat_timeout=HEARTBEAT_TIMEOUT) as cluster:
+                      heartbeat_timeout=HEARTBEAT_TIMEOUT,
+                      settings={"group": args.group} if args.group else None) as cluster:
         return cluster.run_workers([sys.executable, "-m", "pserver.apps.sketch.worker",
                                     *_worker_argv(args)])
 
@@ -87,8 +92,9 @@ def cmd_query(args: argparse.Namespace) -> int:
                           "PSERVER_SCHEDULER")
     # bytes.lower() folds ASCII only, as the tokeniser does
     items = [i.encode("utf-8") if args.exact else i.encode("utf-8").lower() for i in args.items]
-    with KVWorker(**overrides) as kv:
-        sketch = CountMinSketch(kv, args.name)
+    # a read-only group: the query never counts among the writers, and cannot write by mistake
+    with KVWorker(group=args.group, read_only=True, **overrides) as kv:
+        sketch = CountMinSketch(kv, args.name, read_only=True)
         n = sketch.total()
         out = {"total": n, "bound": sketch.shape.bound(n),
                "estimates": dict(zip(args.items, sketch.estimate(items).tolist(), strict=True))}

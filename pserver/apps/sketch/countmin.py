@@ -35,7 +35,8 @@ class CountMinSketch:
     With ``shape``, creates the sketch (or joins it if it exists with the same shape); without,
     opens an existing one. conservative: this writer applies conservative update to its own
     sub-stream (see docs/sketch.md: safe under concurrent writers). share: the candidate share
-    (heavy_hitters finds every item above it).
+    (heavy_hitters finds every item above it). read_only: open the sketch only to query it (its
+    tables are declared with pushes=False, as a read-only worker group must; needs no shape).
 
     Raises:
         ConfigError: share is not strictly between 0 and 1; nothing is declared.
@@ -46,14 +47,18 @@ class CountMinSketch:
     """
 
     def __init__(self, kv: KVWorker, name: str = "sketch", shape: SketchShape | None = None,
-                 conservative: bool = False, share: float = 1e-3) -> None:
+                 conservative: bool = False, share: float = 1e-3, read_only: bool = False) -> None:
         if not 0 < share < 1:
             raise ConfigError(f"the candidate share must lie strictly between 0 and 1, got {share}")
         self.kv, self.name = kv, name
         self.hh_table, self.meta_table = f"{name}_hh", f"{name}_meta"
-        kv.declare_table(name, dtype="float64")
-        kv.declare_table(self.hh_table, dim=candidates.DIM, dtype="float64", updater="assign")
-        kv.declare_table(self.meta_table, dim=5, dtype="float64", updater="assign")
+        if read_only and shape is not None:
+            raise ConfigError("a read-only sketch handle opens an existing sketch: pass no shape")
+        writes = not read_only
+        kv.declare_table(name, dtype="float64", pushes=writes)
+        kv.declare_table(self.hh_table, dim=candidates.DIM, dtype="float64", updater="assign",
+                         pushes=writes)
+        kv.declare_table(self.meta_table, dim=5, dtype="float64", updater="assign", pushes=writes)
         meta = kv.pull(_META_KEY, table=self.meta_table)[0]
         if shape is not None:
             want = np.array([shape.depth, shape.width, shape.seed, float(conservative), share])

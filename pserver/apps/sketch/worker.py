@@ -45,6 +45,8 @@ def add_count_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeat", type=int, default=1, help="insert the shard this many times")
     p.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES, help=argparse.SUPPRESS)
     p.add_argument("--summary-json", help="rank 0 writes the summary here")
+    p.add_argument("--group", help="worker group of the writers (default: PSERVER_GROUP, else "
+                                   "'default')")
 
 
 def shape_of(args: argparse.Namespace) -> SketchShape:
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     # the kernels load while this worker joins (that mostly waits for the other nodes)
     warm = threading.Thread(target=kernels.warm_up, daemon=True)
     warm.start()
-    kv = KVWorker()
+    kv = KVWorker(group=args.group)
     warm.join()
     logs.setup_logging(kv.cfg.log_level or "WARNING", None)
     logs.set_node("worker", kv.rank)
