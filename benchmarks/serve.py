@@ -1,0 +1,275 @@
+"""`pserver serve lr` under load -> benchmarks/results/serve.json.
+
+Requests/s and p50/p99 latency of POST /predict with 1, 10 and 100 instances per request under a
+concurrent load generator (wrk when installed, else an asyncio httpx client), on a cluster holding
+a model (alone) and on a cluster where `pserver train lr` runs (while training); and the training
+job's slowdown while the service answers ~200 requests/s of one instance. Until worker groups
+exist the service joins the training cluster as one more worker after the training's table
+barrier and leaves before its final barrier (tests/cluster/test_serve.py does the same).
+
+  python benchmarks/serve.py [--examples 200000] [--seconds 10] [--connections 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import httpx
+import numpy as np
+
+from pserver import KVWorker
+from pserver.apps.lr import gen
+from pserver.apps.lr.dbpg import DBPGConfig, weight_table_args
+from pserver.apps.lr.serve.instances import feature_keys
+from pserver.launch import LocalCluster, free_port
+
+OUT = os.path.join(os.path.dirname(__file__), "results", "serve.json")
+SIZES = (1, 10, 100)
+
+
+def start_service(cluster: LocalCluster) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pserver", "serve", "lr", "--insecure",
+                             "--port", str(port), "--l1", "1"], env=cluster.env())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=30).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("the service did not start")
+        time.sleep(0.2)
+
+
+def stop_service(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def bodies(test_file: str) -> dict[int, bytes]:
+    with open(test_file) as f:
+        lines = [ln.split(None, 1)[1].strip() for ln in f if " " in ln.strip()]
+    return {n: json.dumps({"instances": [{"libsvm": t} for t in lines[:n]]}).encode()
+            for n in SIZES}
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
+    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+
+def wrk_load(url: str, body: bytes, seconds: float, connections: int) -> dict:
+    """Closed-loop load by wrk (2 threads, `connections` connections)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body.decode())}\n'
+                'wrk.headers["Content-Type"] = "application/json"\n')
+    try:
+        out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s",
+                              "--latency", "-s", f.name, url + "/predict"], capture_output=True,
+                             text=True, timeout=seconds + 60).stdout
+    finally:
+        os.unlink(f.name)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"tool": "wrk", "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)",
+                                                             out).group(1)),
+            "p50_ms": _ms(re.search(r"50%\s+(\S+)", out).group(1)),
+            "p99_ms": _ms(re.search(r"99%\s+(\S+)", out).group(1)),
+            "errors": int(errors.group(1)) if errors else 0}
+
+
+async def _httpx_load(url: str, body: bytes, seconds: float, connections: int,
+                      rate: float | None) -> dict:
+    """Closed loop (rate None) or open loop at `rate` requests/s, with an asyncio httpx client."""
+    lat, errors = [], 0
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+        t_end = time.perf_counter() + seconds
+
+        async def one() -> None:
+            nonlocal errors
+            t0 = time.perf_counter()
+            r = await client.post("/predict", content=body, headers=headers)
+            lat.append(time.perf_counter() - t0)
+            errors += r.status_code != 200
+
+        async def closed() -> None:
+            while time.perf_counter() < t_end:
+                await one()
+
+        if rate is None:
+            t0 = time.perf_counter()
+            await asyncio.gather(*(closed() for _ in range(connections)))
+        else:
+            t0, tasks, k = time.perf_counter(), [], 0
+            while time.perf_counter() < t_end:
+                tasks.append(asyncio.ensure_future(one()))
+                k += 1
+                await asyncio.sleep(max(0.0, t0 + k / rate - time.perf_counter()))
+            await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+    ms = np.array(lat) * 1e3
+    return {"tool": "httpx", "requests_per_s": len(lat) / wall, "p50_ms": float(np.median(ms)),
+            "p99_ms": float(np.percentile(ms, 99)), "errors": errors}
+
+
+def load(url: str, body: bytes, seconds: float, connections: int, rate: float | None = None):
+    if rate is None and shutil.which("wrk"):
+        return wrk_load(url, body, seconds, connections)
+    return asyncio.run(_httpx_load(url, body, seconds, connections, rate))
+
+
+def cases(url: str, bodies_: dict[int, bytes], seconds: float, connections: int) -> dict:
+    out = {}
+    for n in SIZES:
+        r = load(url, bodies_[n], seconds, connections)
+        r["predictions_per_s"] = r["requests_per_s"] * n
+        out[f"{n}_instances"] = r
+        print(f"  {n:3d} instances/request: {r['requests_per_s']:8.0f} req/s "
+              f"{r['predictions_per_s']:9.0f} predictions/s  p50 {r['p50_ms']:.1f} ms  "
+              f"p99 {r['p99_ms']:.1f} ms  errors {r['errors']}", flush=True)
+    return out
+
+
+def serve_alone(data: str, bodies_: dict, seconds: float, connections: int) -> dict:
+    """A cluster holding the true model's weights (written once), the service, the load."""
+    truth = np.load(os.path.join(data, "truth.npz"))
+    ids, w = truth["ids"], truth["weights"].astype(np.float64)
+    with LocalCluster(2, 1, insecure=True, prefix_output=False, heartbeat_timeout=10) as c:
+        kv = KVWorker(c.config(0))
+        kv.declare_table("lr_w", **weight_table_args(DBPGConfig(l1=1.0), 1))
+        keys = feature_keys(ids)
+        order = np.argsort(keys)
+        kv.push(keys[order], np.stack([-(w + np.sign(w))[order], np.ones(ids.size)], 1)
+                .astype(np.float32), table="lr_w")
+        kv.wait_all()
+        proc, url = start_service(c)
+        try:
+            return cases(url, bodies_, seconds, connections)
+        finally:
+            stop_service(proc)
+            kv.close()
+
+
+def train(data: str, tmp: str, epochs: int, during=None) -> tuple[dict, object]:
+    """Run `pserver train lr` workers (2 servers x 2 workers); with ``during(url)``, a service
+    joins after the table barrier and during(url) runs while they train. Returns the summary
+    and during's result."""
+    summary = os.path.join(tmp, "summary.json")
+    cmd = [sys.executable, "-m", "pserver.apps.lr.worker", "--data",
+           os.path.join(data, "train.libsvm"), "--epochs", str(epochs), "--blocks", "16",
+           "--l1", "1", "--summary-json", summary]
+    result = None
+    with LocalCluster(2, 2, insecure=True, prefix_output=False, heartbeat_timeout=10) as c:
+        procs = [subprocess.Popen(cmd, env=c.env(r), stdout=subprocess.PIPE, text=True)
+                 for r in range(2)]
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(iter(procs[0].stdout.readline, "")),
+                                  daemon=True)
+        reader.start()
+        threading.Thread(target=procs[1].stdout.read, daemon=True).start()
+        if during is not None:
+            while not any(ln.startswith("worker 0:") for ln in lines):
+                if procs[0].poll() is not None:
+                    raise RuntimeError("training ended before the service joined")
+                time.sleep(0.05)
+            proc, url = start_service(c)
+            try:
+                result = during(url, lambda: os.path.exists(summary))
+            finally:
+                stop_service(proc)
+        for p in procs:
+            p.wait(1800)
+    with open(summary) as f:
+        return json.load(f), result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--examples", type=int, default=200_000)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--connections", type=int, default=16)
+    p.add_argument("--rate", type=float, default=200.0, help="requests/s while training")
+    args = p.parse_args()
+    tmp = tempfile.mkdtemp(prefix="pserver-serve-bench-")
+    try:
+        data = os.path.join(tmp, "data")
+        gen.generate(data, args.examples, features=1 << 20, nnz=40, noise=0.02, seed=1)
+        b = bodies(os.path.join(data, "test.libsvm"))
+        print("serving alone:", flush=True)
+        alone = serve_alone(data, b, args.seconds, args.connections)
+
+        print("training alone:", flush=True)
+        base, _ = train(data, tmp, args.epochs)
+        print(f"  {base['train_seconds']:.1f} s", flush=True)
+
+        def at_rate(url, done):
+            runs = []
+            while not done():   # one-instance requests at the rate until training ends
+                runs.append(load(url, b[1], min(args.seconds, 5.0), args.connections, args.rate))
+            return runs
+
+        print(f"training while served at {args.rate:.0f} requests/s:", flush=True)
+        served, runs = train(data, tmp, args.epochs, at_rate)
+        slowdown = served["train_seconds"] / base["train_seconds"] - 1
+        print(f"  {served['train_seconds']:.1f} s: slowdown {100 * slowdown:.0f}%", flush=True)
+
+        print("serving at full load while training:", flush=True)
+        def full_load(url, done):
+            out = cases(url, b, args.seconds, args.connections)
+            out["training_still_running_at_the_end"] = not done()
+            return out
+
+        _, busy = train(data, tmp, 3 * args.epochs, full_load)
+        lat = [r for r in runs if r["requests_per_s"] > 0]
+        single = alone["1_instances"]
+        result = {
+            "benchmark": "serve", "date": time.strftime("%Y-%m-%d %H:%M"),
+            "machine": {"cpus": os.cpu_count(), "shared": True,
+                        "note": "2 cores shared with other engineers' builds and tests while "
+                                "this ran: the load generator, the service, the cluster (and "
+                                "the training) compete for the same 2 cores"},
+            "setup": {"examples": args.examples, "epochs": args.epochs, "servers": 2,
+                      "train_workers": 2, "service_processes": 1, "seconds_per_case":
+                      args.seconds, "connections": args.connections,
+                      "load_generator": "wrk" if shutil.which("wrk") else "httpx",
+                      "cache": "off (every batch pulls)"},
+            "alone": alone, "while_training": busy,
+            "training": {"alone_train_seconds": base["train_seconds"],
+                         "served_train_seconds": served["train_seconds"],
+                         "slowdown": slowdown, "rate_requests_per_s": args.rate,
+                         "served_at_rate": lat},
+            "targets": {
+                "single_instance_predictions_per_s>=2000": single["predictions_per_s"] >= 2000,
+                "p99_ms<20_alone": single["p99_ms"] < 20,
+                "training_slowdown<=20%_at_200_rps": slowdown <= 0.20},
+        }
+        os.makedirs(os.path.dirname(OUT), exist_ok=True)
+        with open(OUT, "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result["targets"]), f"-> {OUT}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
