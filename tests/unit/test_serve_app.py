@@ -7,11 +7,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from starlette.testclient import TestClient
+
+with warnings.catch_warnings():   # starlette >= 1.0 prefers httpx2; httpx works the same here
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from starlette.testclient import TestClient
 
 from pserver.apps.lr.serve import cli as serve_cli
 from pserver.apps.lr.serve import source as source_mod
