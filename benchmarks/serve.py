@@ -73,9 +73,11 @@ def bodies(test_file: str) -> dict[int, bytes]:
             for n in SIZES}
 
 
-def _ms(text: str) -> float:
-    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()
-    return float(value) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+def _ms(out: str, pattern: str) -> float:
+    """A latency of wrk's report in ms (nan when wrk printed none, e.g. no request finished)."""
+    m = re.search(pattern + r"\s+([\d.]+)(us|ms|s|m)\b", out)
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)] if m \
+        else float("nan")
 
 
 def wrk_load(url: str, body: bytes, seconds: float, connections: int) -> dict:
@@ -90,11 +92,13 @@ def wrk_load(url: str, body: bytes, seconds: float, connections: int) -> dict:
     finally:
         os.unlink(f.name)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return {"tool": "wrk", "requests_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)",
-                                                             out).group(1)),
-            "p50_ms": _ms(re.search(r"50%\s+(\S+)", out).group(1)),
-            "p99_ms": _ms(re.search(r"99%\s+(\S+)", out).group(1)),
-            "errors": int(errors.group(1)) if errors else 0}
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    result = {"tool": "wrk", "requests_per_s": float(rps.group(1)) if rps else 0.0,
+              "p50_ms": _ms(out, "50%"), "p99_ms": _ms(out, "99%"),
+              "errors": int(errors.group(1)) if errors else 0}
+    if not rps or "Socket errors" in out:
+        result["wrk_output"] = out
+    return result
 
 
 async def _httpx_load(url: str, body: bytes, seconds: float, connections: int,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 with warnings.catch_warnings():   # starlette >= 1.0 prefers httpx2; httpx works the same here
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
 from pserver.apps.lr.serve import cli as serve_cli
@@ -144,6 +144,14 @@ def test_bad_requests_get_4xx_with_a_message(kw, status, text):
         assert r.status_code == status and text in r.json()["error"], r.text
         assert c.post("/predict", headers=AUTH, json={"instances": []}).status_code == 200
     assert kv.pulls == []
+
+
+def test_unknown_paths_and_methods_get_json_errors():
+    with _client([FakeKV(_weights())]) as c:
+        r = c.get("/nope", headers=AUTH)
+        assert r.status_code == 404 and r.json() == {"error": "Not Found"}
+        r = c.get("/predict", headers=AUTH)
+        assert r.status_code == 405 and r.json() == {"error": "Method Not Allowed"}
 
 
 def test_cluster_down_is_503_and_the_service_recovers():

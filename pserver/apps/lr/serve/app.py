@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -133,6 +134,10 @@ async def _unavailable(_request: Request, e: Unavailable) -> Response:
     return _json({"error": e.reason}, 503, {"Retry-After": "1"})
 
 
+async def _http(_request: Request, e: HTTPException) -> Response:
+    return _json({"error": e.detail}, e.status_code, e.headers)
+
+
 async def _internal(_request: Request, e: Exception) -> Response:
     log.exception("internal error while answering a request: %s", e)
     return _json({"error": f"internal error: {type(e).__name__}"}, 500)
@@ -161,7 +166,8 @@ def create_app(settings: ServeSettings, connect) -> Starlette:
                 Route("/healthz", healthz, methods=["GET"]),
                 Route("/model", model, methods=["GET"])],
         exception_handlers={BadRequest: _bad_request, Unauthorized: _unauthorized,
-                            Unavailable: _unavailable, Exception: _internal},
+                            Unavailable: _unavailable, HTTPException: _http,
+                            Exception: _internal},
         lifespan=lifespan)
 
 
