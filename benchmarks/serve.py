@@ -185,29 +185,39 @@ def train(data: str, tmp: str, epochs: int, during=None) -> tuple[dict, object]:
     cmd = [sys.executable, "-m", "pserver.apps.lr.worker", "--data",
            os.path.join(data, "train.libsvm"), "--epochs", str(epochs), "--blocks", "16",
            "--l1", "1", "--summary-json", summary]
-    result = None
     with LocalCluster(2, 2, insecure=True, prefix_output=False, heartbeat_timeout=10) as c:
         procs = [subprocess.Popen(cmd, env=c.env(r), stdout=subprocess.PIPE, text=True)
                  for r in range(2)]
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.extend(iter(procs[0].stdout.readline, "")),
-                                  daemon=True)
-        reader.start()
-        threading.Thread(target=procs[1].stdout.read, daemon=True).start()
-        if during is not None:
-            while not any(ln.startswith("worker 0:") for ln in lines):
-                if procs[0].poll() is not None:
-                    raise RuntimeError("training ended before the service joined")
-                time.sleep(0.05)
-            proc, url = start_service(c)
-            try:
-                result = during(url, lambda: os.path.exists(summary))
-            finally:
-                stop_service(proc)
-        for p in procs:
-            p.wait(1800)
+        try:
+            result = _train_with(procs, c, summary, during)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
     with open(summary) as f:
         return json.load(f), result
+
+
+def _train_with(procs: list[subprocess.Popen], c: LocalCluster, summary: str, during):
+    """train()'s body once its workers started: watch rank 0, run the service and during()."""
+    lines: list[str] = []   # list.extend appends line by line as the iterator yields them
+    threading.Thread(target=lambda: lines.extend(iter(procs[0].stdout.readline, "")),
+                     daemon=True).start()
+    threading.Thread(target=procs[1].stdout.read, daemon=True).start()
+    result = None
+    if during is not None:
+        while not any(ln.startswith("worker 0:") for ln in lines):
+            if procs[0].poll() is not None:
+                raise RuntimeError("training ended before the service joined")
+            time.sleep(0.05)
+        proc, url = start_service(c)
+        try:
+            result = during(url, lambda: os.path.exists(summary))
+        finally:
+            stop_service(proc)
+    for p in procs:
+        p.wait(1800)
+    return result
 
 
 def pass_seconds(summary: dict, t0: float = 0.0, t1: float = float("inf")) -> list[float]:
@@ -220,7 +230,10 @@ def pass_seconds(summary: dict, t0: float = 0.0, t1: float = float("inf")) -> li
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--examples", type=int, default=200_000)
-    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--epochs", type=int, default=8, help="passes of the training alone")
+    p.add_argument("--served-epochs", type=int, default=100,
+                   help="passes of the trainings that are served (long enough to outlast the "
+                        "service's start and the load)")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--rate", type=float, default=200.0, help="requests/s while training")
@@ -248,7 +261,7 @@ def main() -> None:
             return runs, t0, time.time()
 
         print(f"training while served at {args.rate:.0f} requests/s:", flush=True)
-        served, (runs, t0, t1) = train(data, tmp, 4 * args.epochs, at_rate)
+        served, (runs, t0, t1) = train(data, tmp, args.served_epochs, at_rate)
         loaded = pass_seconds(served, t0, t1)
         served_pass = float(np.median(loaded)) if loaded else float("nan")
         slowdown = served_pass / base_pass - 1
@@ -261,7 +274,7 @@ def main() -> None:
             out["training_still_running_at_the_end"] = not done()
             return out
 
-        _, busy = train(data, tmp, 3 * args.epochs, full_load)
+        _, busy = train(data, tmp, args.served_epochs, full_load)
         single = max((a["1_instances"] for a in alone.values()),
                      key=lambda r: r["predictions_per_s"])
         result = {
@@ -270,7 +283,8 @@ def main() -> None:
                         "note": "2 cores shared with other engineers' builds and tests while "
                                 "this ran: the load generator, the service, the cluster (and "
                                 "the training) compete for the same 2 cores"},
-            "setup": {"examples": args.examples, "epochs": args.epochs, "servers": 2,
+            "setup": {"examples": args.examples, "epochs": args.epochs,
+                      "served_epochs": args.served_epochs, "servers": 2,
                       "train_workers": 2, "service_processes_while_training": 1, "seconds_per_case":
                       args.seconds, "connections": args.connections,
                       "load_generator": "wrk" if shutil.which("wrk") else "httpx",

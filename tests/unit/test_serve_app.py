@@ -169,7 +169,7 @@ def test_cluster_down_is_503_and_the_service_recovers():
 
 @pytest.mark.parametrize("error, reason, reconnects", [
     (DataLostError("server 3 died without a replica"), "weights lost", False),
-    (RequestTimeoutError("no reply"), "pull failed", False),
+    (RequestTimeoutError("no reply"), "pull timed out", False),
     (SchedulerUnreachableError("lost the scheduler"), "lost the cluster's scheduler", True),
 ])
 def test_failed_pulls_are_503_then_recover(error, reason, reconnects):

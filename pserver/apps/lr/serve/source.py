@@ -26,6 +26,12 @@ RECONNECT_INTERVAL_S = 1.0    # after a failed connect, requests fail fast for t
 ABANDONED_RETRY_S = 1.0       # how often timed-out pulls are collected (they may still finish)
 
 
+# what a failed pull says about the cluster (HTTP 503 reasons), by the KVWorker's exception
+_FAILURES = {SchedulerUnreachableError: "lost the cluster's scheduler",
+             DataLostError: "weights lost on the servers (no replica left)",
+             RequestTimeoutError: "pull timed out (--pull-timeout)"}
+
+
 class Unavailable(Exception):
     """The cluster cannot answer now (HTTP 503); ``reason`` says why."""
 
@@ -119,31 +125,26 @@ class WeightSource:
         self._collect_abandoned(kv)
         try:
             ts = kv.pull(keys, table=self.table, wait=False, clock=True)
-            try:
-                return kv.wait(ts, timeout=self.timeout)
-            except RequestTimeoutError:
-                self._abandoned.append(ts)
-                raise
-        except SchedulerUnreachableError as e:
-            self._drop(f"lost the cluster's scheduler: {e}")
-        except DataLostError as e:
-            self._fail(f"weights lost on the servers: {e}")
         except PServerError as e:
-            self._fail(f"pull failed: {e}")
-        raise AssertionError("unreachable")
-
-    def _fail(self, reason: str) -> None:
-        self.last_error = reason
-        raise Unavailable(reason)
-
-    def _drop(self, reason: str) -> None:
-        """Forget the worker (its cluster is gone); the next request joins again."""
-        kv, self.kv, self._abandoned = self.kv, None, []
+            raise self._unavailable(e) from None
         try:
-            kv.close()
-        except Exception as e:  # noqa: BLE001 - closing a dead worker: log, never raise
-            log.debug("closing the lost worker: %s", e)
-        self._fail(reason)
+            return kv.wait(ts, timeout=self.timeout)
+        except PServerError as e:
+            if isinstance(e, RequestTimeoutError):
+                self._abandoned.append(ts)
+            raise self._unavailable(e) from None
+
+    def _unavailable(self, e: PServerError) -> Unavailable:
+        """The 503 of a failed request; after the scheduler was lost the worker is dropped (the
+        next request joins again)."""
+        self.last_error = f"{_FAILURES.get(type(e), 'pull failed')}: {e}"
+        if isinstance(e, SchedulerUnreachableError):
+            kv, self.kv, self._abandoned = self.kv, None, []
+            try:
+                kv.close()
+            except Exception as err:  # noqa: BLE001 - closing a dead worker: log, never raise
+                log.debug("closing the lost worker: %s", err)
+        return Unavailable(self.last_error)
 
     def _collect_abandoned(self, kv) -> None:
         """Timed-out pulls stay tracked until collected: collect those that finished since."""
@@ -167,7 +168,7 @@ class WeightSource:
         try:
             _, w = kv.pull_range(table=self.table)
         except PServerError as e:
-            self._fail(f"range pull failed: {e}")
+            raise self._unavailable(e) from None
         return int(np.count_nonzero(w))
 
     def close(self) -> None:
