@@ -80,11 +80,16 @@ def _ms(out: str, pattern: str) -> float:
         else float("nan")
 
 
-def wrk_load(url: str, body: bytes, seconds: float, connections: int) -> dict:
-    """Closed-loop load by wrk (2 threads, `connections` connections)."""
+def wrk_load(url: str, body: bytes, seconds: float, connections: int,
+             rate: float | None = None) -> dict:
+    """Closed-loop load by wrk (2 threads, `connections` connections); with `rate`, each
+    connection pauses connections / rate seconds between requests (wrk's delay()), so the rate
+    is at most `rate` (less by the latency: the JSON has the rate reached)."""
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(f'wrk.method = "POST"\nwrk.body = {json.dumps(body.decode())}\n'
                 'wrk.headers["Content-Type"] = "application/json"\n')
+        if rate:
+            f.write(f"function delay() return {1000.0 * connections / rate:.3f} end\n")
     try:
         out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{int(seconds)}s",
                               "--latency", "-s", f.name, url + "/predict"], capture_output=True,
@@ -138,8 +143,8 @@ async def _httpx_load(url: str, body: bytes, seconds: float, connections: int,
 
 
 def load(url: str, body: bytes, seconds: float, connections: int, rate: float | None = None):
-    if rate is None and shutil.which("wrk"):
-        return wrk_load(url, body, seconds, connections)
+    if shutil.which("wrk"):   # C: leaves the cores to the service (a Python client takes a lot)
+        return wrk_load(url, body, seconds, connections, rate)
     return asyncio.run(_httpx_load(url, body, seconds, connections, rate))
 
 
@@ -182,6 +187,8 @@ def train(data: str, tmp: str, epochs: int, during=None) -> tuple[dict, object]:
     joins after the table barrier and during(url) runs while they train. Returns the summary
     and during's result."""
     summary = os.path.join(tmp, "summary.json")
+    if os.path.exists(summary):   # its existence tells during() that training has ended
+        os.unlink(summary)
     cmd = [sys.executable, "-m", "pserver.apps.lr.worker", "--data",
            os.path.join(data, "train.libsvm"), "--epochs", str(epochs), "--blocks", "16",
            "--l1", "1", "--summary-json", summary]
@@ -227,6 +234,12 @@ def pass_seconds(summary: dict, t0: float = 0.0, t1: float = float("inf")) -> li
     return [b - a for a, b in itertools.pairwise(marks) if a >= t0 and b <= t1]
 
 
+def rate_reached(runs: list[dict]) -> dict:
+    """Medians over the rate-limited runs: the rate reached, its p50 and p99 latency."""
+    return {k: float(np.median([r[k] for r in runs])) if runs else float("nan")
+            for k in ("requests_per_s", "p50_ms", "p99_ms")}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--examples", type=int, default=200_000)
@@ -257,7 +270,7 @@ def main() -> None:
         def at_rate(url, done):
             runs, t0 = [], time.time()
             while not done():   # one-instance requests at the rate until training ends
-                runs.append(load(url, b[1], 3.0, args.connections, args.rate))
+                runs.append(load(url, b[1], 3.0, 8, args.rate))
             return runs, t0, time.time()
 
         print(f"training while served at {args.rate:.0f} requests/s:", flush=True)
@@ -280,6 +293,7 @@ def main() -> None:
         result = {
             "benchmark": "serve", "date": time.strftime("%Y-%m-%d %H:%M"),
             "machine": {"cpus": os.cpu_count(), "shared": True,
+                        "load_average_at_the_end": os.getloadavg(),
                         "note": "2 cores shared with other engineers' builds and tests while "
                                 "this ran: the load generator, the service, the cluster (and "
                                 "the training) compete for the same 2 cores"},
@@ -294,6 +308,7 @@ def main() -> None:
                          "alone_median_pass_s": base_pass,
                          "served_median_pass_s": served_pass, "passes_under_load": len(loaded),
                          "slowdown": slowdown, "rate_requests_per_s": args.rate,
+                         "rate_reached_median": rate_reached(runs),
                          "served_at_rate": runs,
                          "method": "median pass time of the passes run entirely while the "
                                    "service answered the rate, against the median pass of a "
