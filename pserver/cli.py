@@ -8,6 +8,7 @@
   pserver checkpoint [--dir DIR]      snapshot every table now (restore: scheduler --restore DIR)
   pserver keygen DIR                  the cluster's CURVE keys
   pserver demo | train | gen-data | predict | sketch | lda-infer   the applications (LR, LDA, CountMin)
+  pserver serve lr --table W --port 8080   live predictions over HTTP (docs/serve.md)
 """
 
 from __future__ import annotations
@@ -411,6 +412,9 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
         from .apps.lda.cli import register as register_lda
 
         register_lda(sub)
+        from .apps.lr.serve.cli import register as register_serve
+
+        register_serve(sub, _add_setting, tuple(_SETTING_VAR))
     return p
 
 

@@ -125,13 +125,21 @@ def block_bounds(blocks: int, key_bound: int = KEY_SPACE) -> list[int]:
     return [key_bound * b // blocks for b in range(blocks + 1)]
 
 
+def weight_table_args(cfg: DBPGConfig, num_workers: int) -> dict:
+    """declare_table keywords of the weight table cfg.table for a job of num_workers workers (a
+    reader such as `pserver serve lr` declares the same spec)."""
+    # filters only when set: stand-ins for the KV API (tests) need not know them
+    filters = {k: v for k, v in (("push_filters", cfg.push_filters(num_workers)),
+                                 ("pull_filters", cfg.pull_filters)) if v}
+    return dict(dim=1, updater="l1_prox", sync=True,
+                updater_args={"l1": cfg.l1, "l2": cfg.l2, "eta": cfg.eta}, **filters)
+
+
 def declare_tables(kv, cfg: DBPGConfig) -> None:
     """Declare the job's tables: cfg.table and its "_stats" and "_count" companions."""
-    # filters only when set: stand-ins for the KV API (tests) need not know them
-    filters = {k: v for k, v in (("push_filters", cfg.push_filters(kv.num_workers)),
-                                 ("pull_filters", cfg.pull_filters)) if v}
-    kv.declare_table(cfg.table, dim=1, updater="l1_prox", sync=True,
-                     updater_args={"l1": cfg.l1, "l2": cfg.l2, "eta": cfg.eta}, **filters)
+    args = weight_table_args(cfg, kv.num_workers)
+    filters = {k: args[k] for k in ("push_filters", "pull_filters") if k in args}
+    kv.declare_table(cfg.table, **args)
     kv.declare_table(cfg.table + "_stats", dim=4, dtype="float64", updater="sum", sync=True)
     exact = {k: lossless_part(v) for k, v in filters.items() if lossless_part(v)}
     kv.declare_table(cfg.table + "_count", dim=2, updater="sum", sync=True, **exact)
