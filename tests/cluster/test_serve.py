@@ -151,8 +151,11 @@ def test_predictions_during_training_equal_predict_on_the_export(cluster_factory
         info = svc.client.get("/model").json()
         assert info["table"] == "lr_w" and info["nnz"] > 0
 
-        svc.stop()   # the training workers' final barrier counts the service (no groups yet)
+        # the service is a read-only group of its own: the training's final barrier does not
+        # count it, so training ends while it keeps serving
         assert [p.wait(300) for p in train] == [0, 0]
+        assert svc.predict(test[:5]).status_code == 200
+        svc.stop()
     finally:
         for p in train:
             if p.poll() is None:

@@ -23,7 +23,7 @@ from pserver.apps.lr.serve.app import ServeSettings, create_app
 from pserver.apps.lr.serve.batcher import Batcher, Pulled, merge_keys
 from pserver.apps.lr.serve.cache import WeightCache
 from pserver.apps.lr.serve.instances import Limits, feature_keys
-from pserver.apps.lr.serve.source import WeightSource, accepts_group, model_version
+from pserver.apps.lr.serve.source import WeightSource, model_version
 from pserver.errors import (
     ConfigError,
     DataLostError,
@@ -279,18 +279,6 @@ def test_source_with_cache_pulls_only_missing_keys():
     assert got.weights.tolist() == want
     src.fetch(keys)
     assert len(kv.pulls) == 2   # all fresh: no pull
-
-
-def test_group_is_passed_only_to_a_kvworker_that_takes_it():
-    class WithGroup:
-        def __init__(self, cfg=None, *, group="default"):
-            pass
-
-    class Without:
-        def __init__(self, cfg=None, **overrides):
-            pass
-
-    assert accepts_group(WithGroup) and not accepts_group(Without)
 
 
 def _serve_args(**kw):

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 SETTINGS_ENV = "PSERVER_SERVE_SETTINGS"
 # node settings the service decides itself: --port is the HTTP port, ranks and counts are the
 # training job's
-_NOT_SETTINGS = ("port", "rank", "num_servers", "num_workers")
+_NOT_SETTINGS = ("port", "rank", "num_servers", "num_workers", "group", "read_only")  # own --group
 
 
 def register(subparsers, add_setting, setting_names) -> None:
@@ -118,7 +118,6 @@ def app_from_env():
     from ....kv.worker import KVWorker
     from .app import ServeSettings, create_app
     from .instances import Featurizer, Limits
-    from .source import accepts_group
 
     raw = json.loads(os.environ[SETTINGS_ENV])
     s = dict(raw["serve"])
@@ -126,10 +125,9 @@ def app_from_env():
     settings = ServeSettings(**s)
     overrides, group = raw["config"], raw["group"]
     logs.set_node("serve", os.getpid())
-    extra = {"group": group} if accepts_group(KVWorker) else {}
 
-    def connect():
-        return KVWorker(Config.from_env(**overrides), **extra)
+    def connect():   # a read-only group: never counted by the training's rounds or barriers
+        return KVWorker(Config.from_env(**overrides), group=group, read_only=True)
 
     return create_app(settings, connect)
 

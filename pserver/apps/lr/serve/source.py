@@ -4,7 +4,6 @@ cluster failures to Unavailable (HTTP 503). Call it from one thread only."""
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -38,15 +37,6 @@ class Unavailable(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def accepts_group(worker_class) -> bool:
-    """Whether this KVWorker takes a ``group`` (worker groups, issue 16) - so the service runs with
-    and without them."""
-    try:
-        return "group" in inspect.signature(worker_class).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def model_version(clock: dict[int, int]) -> int:
