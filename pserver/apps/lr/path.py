@@ -17,7 +17,7 @@ import numpy as np
 
 from ...errors import ConfigError
 from .data import Shard
-from .dbpg import DBPG, KEY_SPACE, DBPGConfig
+from .dbpg import DBPG, KEY_SPACE, DBPGConfig, declare_tables
 
 AUTO_POINTS = 16      # "auto": at most this many values, l1_max / 2 ** k for k = 1 ...
 AUTO_PATIENCE = 2     # "auto": stop after this many values worse than the best so far
@@ -109,6 +109,7 @@ class L1Path:
         """max_k |sum over workers of gradient_k at w = 0|, the same on every worker."""
         kv, table = self.kv, self.base.table + "_g0"
         kv.declare_table(table, dim=1, dtype="float32", updater="sum", sync=True)
+        kv.barrier("lr_path_g0")  # a sync round counts the workers that declared before it began
         r = np.where(self.shard.y > 0, -0.5, 0.5)   # dloss/dm = p - [y = 1] at p = 1/2
         g = np.asarray(self.shard.X.T @ r).ravel().astype(np.float32)
         kv.push(self.shard.keys, g, table=table)
@@ -118,6 +119,7 @@ class L1Path:
     def _max_over_workers(self, value: float) -> float:
         kv, stats = self.kv, self.base.table + "_stats"
         kv.declare_table(stats, dim=4, dtype="float64", updater="sum", sync=True)
+        kv.barrier("lr_path_stats")
         kv.push(np.array([VALID_KEY - 64 + kv.rank], np.uint64),
                 np.array([[value, 0, 0, 0]]), table=stats)
         _, rows = kv.pull_range(VALID_KEY - 64, VALID_KEY, table=stats)
@@ -144,6 +146,8 @@ class L1Path:
         for i, l1 in enumerate(values):
             cfg = dataclasses.replace(self.base, l1=l1, table=self._table(i))
             self.cfg = cfg
+            declare_tables(self.kv, cfg)  # every worker, before any pushes to the new tables
+            self.kv.barrier(f"lr_path_{i}")
             algo = DBPG(self.kv, self.shard, cfg, init=w)
             self.algo = algo
             history = algo.run(on_pass, on_local_pass)
