@@ -103,6 +103,9 @@ class RecordingKV:
     def declare_table(self, name, **kw):
         self.log.append(("declare", name, kw.get("updater"), kw.get("sync")))
 
+    def barrier(self, name=None):
+        self.log.append(("barrier", name))
+
     def _next(self, result=None) -> int:
         self.ts += 1
         self.results[self.ts] = result

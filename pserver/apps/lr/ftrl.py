@@ -158,6 +158,7 @@ class FTRL:
         t0 = time.perf_counter()
         self.kv, self.shard, self.cfg = kv, shard, cfg
         declare_ftrl_tables(kv, cfg)
+        kv.barrier("ftrl_tables")  # a sync round waits for the workers that declared before it began
         stats, key = cfg.table + "_stats", np.array([SETUP_KEY], np.uint64)
         kv.push(key, np.array([[shard.num_examples, 1.0, 0, 0]]), table=stats)
         total, self.counted = kv.pull(key, table=stats)[0][:2]
