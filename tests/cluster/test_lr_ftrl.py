@@ -49,6 +49,8 @@ def test_ftrl_reaches_the_held_out_auc_of_the_true_weights(tmp_path):
     assert 0 < ttq[0]["seconds_from_launch"] < ttq[1]["seconds_from_launch"] \
         < ttq[2]["seconds_from_launch"] < s["total_seconds"] + 60
     assert ttq[-1]["logloss"] == pytest.approx(s["test_every_pass"][-1]["logloss"])
+    # the last pass is scored once every worker's pushes are applied: on the final model
+    assert ttq[-1]["logloss"] == pytest.approx(s["test_logloss"], abs=1e-5)
     assert "held-out logloss after each pass (seconds from launch): 1: " in out.stdout
     model = load_model(model_dir)   # L1 makes the model sparse; the export is what was scored
     assert 0 < model.nnz == s["nnz"] < 2000

@@ -3,9 +3,9 @@
 Each worker streams minibatches of its shard: it pulls the weights of a minibatch's keys, computes
 the summed per-coordinate gradient and pushes it to an asynchronous table whose servers run the
 `ftrl` rule (L1, L2) per coordinate. Minibatches are tasks of the application "lr_ftrl" under
-bounded delay tau: the pull of minibatch t leaves once the push of t - 1 - tau has, so a gradient
-misses at most tau of this worker's own updates. Progress is the progressive logloss (every example
-scored before its minibatch's update), as Vowpal Wabbit reports it. Details: docs/lr.md, "FTRL".
+bounded delay tau (default 0: a gradient misses none of this worker's updates, only the other
+workers' in flight: summed minibatch gradients overshoot when they arrive a few minibatches late).
+Progress is the progressive logloss, as Vowpal Wabbit reports it. Details and measurements: docs/lr.md, "FTRL".
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class FTRLConfig:
     l2: float = 0.0
     epochs: int = 3
     batch: int = 2048
-    tau: int = 1
+    tau: int = 0
     table: str = "lr_w"
     app: str = "lr_ftrl"
 
@@ -173,7 +173,8 @@ class FTRL:
 
     def run(self, on_pass=None, on_local_pass=None) -> list[PassStats]:
         """Run cfg.epochs passes. on_local_pass(epoch) is called the moment this worker finishes
-        a pass (to score a held-out set then); on_pass(PassStats) once the pass's progressive
+        a pass (to score a held-out set then; after the last pass, once every worker's pushes are
+        applied); on_pass(PassStats) once the pass's progressive
         logloss summed over workers is known (a pass later, or at the end). Returns the history.
         Raises what KVWorker.push/pull raise (the table then holds the updates applied so far)."""
         kv, cfg, mb = self.kv, self.cfg, self.batches
@@ -213,13 +214,15 @@ class FTRL:
                 now = time.perf_counter()
                 open_stats.append((epoch, self._push_stats(epoch), now - t_pass, now - started))
                 self._loss, t_pass = 0.0, now
-                if on_local_pass is not None:
+                if on_local_pass is not None and epoch < cfg.epochs - 1:
                     on_local_pass(epoch)
                 while len(open_stats) > 1:
                     self._collect(*open_stats.pop(0), on_pass)
         ex.drain()
         for item in open_stats:
             self._collect(*item, on_pass)
+        if on_local_pass is not None and cfg.epochs > 0:
+            on_local_pass(cfg.epochs - 1)   # the final weights: every worker's pushes are in
         self.timing = ex.stats()
         ex.close()
         return self.history
@@ -237,3 +240,13 @@ class FTRL:
         self.history.append(stats)
         if on_pass is not None:
             on_pass(stats)
+
+
+def warm_up() -> None:
+    """Call the compiled kernels once on tiny inputs (loading or compiling numba's machine code
+    before the first pull: a worker compiling mid-pass would push gradients of stale weights)."""
+    one_row = np.array([0, 1], np.int64)
+    _local_columns(one_row, np.zeros(1, np.int32), one_row, 1, np.empty(1, np.int32),
+                   np.empty(1, np.int64), np.zeros(2, np.int64))
+    batch_gradient(one_row, np.zeros(1, np.int32), np.ones(1, np.float32), np.ones(1), 0, 1,
+                   np.zeros(1, np.float32), True, np.empty(1, np.float32))

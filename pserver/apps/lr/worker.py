@@ -69,7 +69,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blocks", type=int, default=64, help="feature blocks (key ranges)")
     p.add_argument("--tau", type=int, default=None,
                    help="bounded delay: iteration t may start while iterations t-tau..t-1 are "
-                        "unfinished (0 = sequential; default 0, ftrl 2); changeable while running with "
+                        "unfinished (0 = sequential; the default); changeable while running with "
                         "`pserver consistency --app lr --tau N`")
     p.add_argument("--delay-damping", type=float, default=0.2,
                    help="curvature *= 1 + this * max(0, lag - --delay-free), lag = earlier "
@@ -180,7 +180,7 @@ def _ftrl(kv, args: argparse.Namespace):
 
 
 SOLVERS = {"dbpg": _dbpg, "ftrl": _ftrl}
-DEFAULT_TAU = {"dbpg": 0, "ftrl": 2}   # ftrl: pulls run ahead of the gradients (see ftrl.py)
+DEFAULT_TAU = {"dbpg": 0, "ftrl": FTRLConfig.tau}
 
 
 def _tau(args: argparse.Namespace) -> int:
@@ -365,9 +365,10 @@ def _reports(kv) -> bool:
 
 
 def _load_kernels() -> None:
-    from . import data, kernels
+    from . import data, ftrl, kernels
     data.warm_up()
     kernels.warm_up()
+    ftrl.warm_up()
 
 
 def _straggler(spec: str | None, rank: int) -> tuple[float, float]:
