@@ -158,6 +158,15 @@ def our_figures(run: dict, vw_logloss: float, f_star: float | None) -> dict:
     return out
 
 
+def vs_vw(m: dict, vw_s: float, vw_ll: float) -> dict:
+    """Side-by-side ratios of one solver's medians against VW's (same run, same files)."""
+    reach = m["reach_vw_seconds"]
+    return {"reach_vw_over_vw_seconds": None if reach is None else reach / vw_s,
+            "end_over_vw_seconds": m["launch_to_end_seconds"] / vw_s,
+            "final_logloss_minus_vw": m["final_logloss"] - vw_ll,
+            "best_logloss_minus_vw": m["best_logloss"] - vw_ll}
+
+
 def bench_dataset(name: str, d: str, args: argparse.Namespace) -> dict:
     from lr_convergence import optimum
 
@@ -196,6 +205,7 @@ def bench_dataset(name: str, d: str, args: argparse.Namespace) -> dict:
         m = medians[who]
         m["faster_than_vw"] = m["reach_vw_seconds"] is not None and m["reach_vw_seconds"] < vw_s
         m["final_logloss_at_least_vws"] = m["final_logloss"] <= vw_ll
+        m.update(vs_vw(m, vw_s, vw_ll))
     return {"data": {k: meta[k] for k in ("examples", "test_examples", "features", "nnz",
                                           "noise", "seed", "zipf", "density", "true_nonzeros")},
             "sklearn_optimum": opt, "vw_sweep": sweep, "vw_best": best,
