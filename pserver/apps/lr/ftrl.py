@@ -5,7 +5,7 @@ the summed per-coordinate gradient and pushes it to an asynchronous table whose 
 `ftrl` rule (L1, L2) per coordinate. Minibatches are tasks of the application "lr_ftrl" under
 bounded delay tau (default 0: a gradient misses none of this worker's updates, only the other
 workers' in flight: summed minibatch gradients overshoot when they arrive a few minibatches late).
-Progress is the progressive logloss, as Vowpal Wabbit reports it. Details and measurements: docs/lr.md, "FTRL".
+Progress is the progressive logloss, as Vowpal Wabbit reports it. Details, measurements: docs/lr.md.
 """
 
 from __future__ import annotations
@@ -174,8 +174,8 @@ class FTRL:
     def run(self, on_pass=None, on_local_pass=None) -> list[PassStats]:
         """Run cfg.epochs passes. on_local_pass(epoch) is called the moment this worker finishes
         a pass (to score a held-out set then; after the last pass, once every worker's pushes are
-        applied); on_pass(PassStats) once the pass's progressive
-        logloss summed over workers is known (a pass later, or at the end). Returns the history.
+        applied); on_pass(PassStats) once the pass's progressive logloss summed over workers is
+        known (a pass later, or at the end). Returns the history.
         Raises what KVWorker.push/pull raise (the table then holds the updates applied so far)."""
         kv, cfg, mb = self.kv, self.cfg, self.batches
         model = "sequential" if cfg.tau == 0 else f"bounded_delay:{cfg.tau}"
