@@ -1,12 +1,14 @@
-"""Sparse logistic regression: pserver's DBPG on a real local cluster against Vowpal Wabbit.
+"""Sparse logistic regression: pserver's DBPG and FTRL on a real local cluster against Vowpal Wabbit.
 
-Generated data (1 M examples + 100 k held out, ~40 non-zeros over 2**22 ids) as libsvm and VW text;
-ours on 2 servers x 2 workers, VW with several --l1 values. Reports examples/s per pass, time to
-within 1% of the optimum and time to VW's held-out logloss from process launch; the two run
-alternately --repeat times (shared machine). Method and clocks: docs/benchmarks.md.
+Two generated data sets (1 M examples + 100 k held out, ~40 non-zeros over 2**22 ids): "default"
+(5% of ids carry weight, label noise 0.02) and "hard" (`gen-data --density 0.1`, no noise: issue
+17's). Per data set: scikit-learn's optimum once (cached), VW's best of 3 --l1 values x 1-5
+passes, then VW, DBPG and FTRL alternately --repeat times (shared machine); medians of the time
+from launch to VW's held-out logloss, of the final held-out logloss and of DBPG's passes to within
+0.1% of the optimum. Method and clocks: docs/benchmarks.md, docs/lr.md.
 
-Usage: python benchmarks/lr.py [--examples 1000000] [--epochs 12] [--blocks 16] [--tau 0]
-       [--repeat 2] [--data-dir DIR] [--out benchmarks/results/lr.json]"""
+Usage: python benchmarks/lr.py [--datasets default hard] [--repeat 3] [--data-dir DIR]
+       [--out benchmarks/results/lr.json]"""
 
 from __future__ import annotations
 
@@ -26,23 +28,26 @@ from pserver.apps.lr.gen import generate
 from pserver.apps.lr.model import auc, logloss
 from pserver.launch import LocalCluster
 
+# name -> gen-data settings (examples and features from the command line)
+DATASETS = {"default": dict(density=0.05, noise=0.02, seed=7),
+            "hard": dict(density=0.1, noise=0.0, seed=0)}
 
-def ensure_data(d: str, examples: int) -> dict:
+
+def ensure_data(d: str, examples: int, settings: dict) -> dict:
     meta_path = os.path.join(d, "meta.json")
     if os.path.exists(meta_path):
         meta = json.loads(Path(meta_path).read_text())
-        if meta["examples"] == examples and "train_vw" in meta["files"]:
+        if meta["examples"] == examples and "train_vw" in meta["files"] and all(
+                meta[k] == v for k, v in settings.items()):
             return meta
-    return generate(d, examples, features=1 << 22, nnz=40, noise=0.02, seed=7, vw=True)
+    return generate(d, examples, features=1 << 22, nnz=40, vw=True, **settings)
 
 
-def run_ours(d: str, workers: int, servers: int, l1: float, l2: float, epochs: int,
-             blocks: int, tau: int = 0) -> dict:
-    out = os.path.join(d, f"ours_{workers}x{servers}_{l1}_{l2}.json")
+def run_ours(d: str, solver_args: list[str], workers: int = 2, servers: int = 2) -> dict:
+    out = os.path.join(d, "ours_summary.json")
     argv = [sys.executable, "-m", "pserver.apps.lr.worker", "--data", f"{d}/train.libsvm",
-            "--test", f"{d}/test.libsvm", "--l1", str(l1), "--l2", str(l2),
-            "--epochs", str(epochs), "--tau", str(tau),
-            "--blocks", str(blocks), "--test-every-pass", "--summary-json", out]
+            "--test", f"{d}/test.libsvm", *solver_args, "--test-every-pass",
+            "--summary-json", out]
     t_launch = time.time()   # VW's clock starts when its process is launched: so does ours
     t0 = time.perf_counter()
     # the processes' environment as `pserver train lr` sets it
@@ -58,11 +63,6 @@ def run_ours(d: str, workers: int, servers: int, l1: float, l2: float, epochs: i
     s["workers_wall_seconds"] = t_done - t_up
     for e in s["test_every_pass"]:   # scoring and reading the held-out set are not counted
         e["seconds_since_launch"] = e["unix_time_excl"] - t_launch
-    # rank 0's phases on the same clock (where the launch-to-first-pass time goes), with the CPU
-    # seconds and the peak memory rank 0 had used by then
-    s["timeline_since_launch"] = {k: {"s": t - t_launch, "cpu_user": u, "cpu_sys": sy,
-                                      "peak_rss_mb": mb}
-                                  for k, (t, u, sy, mb) in s.get("timeline", {}).items()}
     return s
 
 
@@ -120,116 +120,135 @@ def first_reach(history: list[dict], key: str, target: float, time_key: str) -> 
     return None
 
 
+def vw_sweep(d: str, l1s: list[float], passes: list[int]) -> list[dict]:
+    """VW over every (--l1, --passes), once per data set (cached in d: it only picks VW's best
+    setting; the timed VW runs are the alternating ones)."""
+    cache = Path(d) / "vw_sweep.json"
+    want = [[v, p] for v in l1s for p in passes]
+    if cache.exists():
+        got = json.loads(cache.read_text())
+        if [[r["l1"], r["passes"]] for r in got] == want:
+            return got
+    sweep = [run_vw(d, v, p) for v, p in want]
+    cache.write_text(json.dumps(sweep, indent=2))
+    return sweep
+
+
+def median(values: list) -> float | None:
+    """Median of the values that exist (None: not reached) - None when most runs did not."""
+    have = [v for v in values if v is not None]
+    return float(np.median(have)) if len(have) * 2 > len(values) else None
+
+
+def our_figures(run: dict, vw_logloss: float, f_star: float | None) -> dict:
+    """What one of our runs shows: time from launch to VW's held-out logloss, the final and the
+    best held-out logloss, and (DBPG) the relative gap to the optimum per pass."""
+    evals = run["test_every_pass"]
+    out = {"reach_vw_seconds": first_reach(evals, "logloss", vw_logloss, "seconds_since_launch"),
+           "final_logloss": run["test_logloss"], "final_auc": run["test_auc"],
+           "best_logloss": min(e["logloss"] for e in evals), "passes": run["passes"],
+           "train_seconds": run["train_seconds"], "total_seconds": run["total_seconds"],
+           "launch_to_end_seconds": run["cluster_start_seconds"] + run["workers_wall_seconds"],
+           "per_pass": [{"epoch": e["epoch"], "seconds_since_launch": e["seconds_since_launch"],
+                         "logloss": e["logloss"]} for e in evals]}
+    if f_star is not None:
+        gaps = [(h["objective"] - f_star) / f_star for h in run["history"]]
+        out["gaps"] = gaps
+        out["passes_to_0.1pct"] = next((i + 1 for i, g in enumerate(gaps) if g <= 1e-3), None)
+    return out
+
+
+def vs_vw(m: dict, vw_s: float, vw_ll: float) -> dict:
+    """Side-by-side ratios of one solver's medians against VW's (same run, same files)."""
+    reach = m["reach_vw_seconds"]
+    return {"reach_vw_over_vw_seconds": None if reach is None else reach / vw_s,
+            "end_over_vw_seconds": m["launch_to_end_seconds"] / vw_s,
+            "final_logloss_minus_vw": m["final_logloss"] - vw_ll,
+            "best_logloss_minus_vw": m["best_logloss"] - vw_ll}
+
+
+def bench_dataset(name: str, d: str, args: argparse.Namespace) -> dict:
+    from lr_convergence import optimum
+
+    meta = ensure_data(d, args.examples, DATASETS[name])
+    pure = args.dbpg_l1.split()
+    l1 = float(pure[pure.index("--l1") + 1])
+    cached = Path(d, f"sklearn_optimum_l1_{l1}_l2_0.0.json").exists()
+    # liblinear (L1 alone) - on noise-free data it can take many minutes: --cached-optimum
+    opt = optimum(d, l1, 0.0) if cached or not args.cached_optimum else None
+    sweep = vw_sweep(d, args.vw_l1, args.vw_passes)
+    best = min(sweep, key=lambda r: r["test_logloss"])
+    print(f"{name}: VW's best {best}", flush=True)
+    solvers = {"dbpg": args.dbpg.split(), "dbpg_l1": pure, "ftrl": args.ftrl.split()}
+    runs: dict[str, list] = {"vw": [], **{k: [] for k in solvers}}
+    for i in range(args.repeat):
+        order = ["vw", *solvers]
+        order = order[i % len(order):] + order[:i % len(order)]   # rotate who goes first
+        for who in order:
+            load = os.getloadavg()[0]
+            if who == "vw":
+                runs["vw"].append({**run_vw(d, best["l1"], best["passes"]), "load_before": load})
+            else:
+                r = run_ours(d, solvers[who])
+                f_star = opt["objective"] if who == "dbpg_l1" and opt else None
+                runs[who].append({**our_figures(r, best["test_logloss"], f_star),
+                                  "load_before": load})
+            print(f"{name} run {i + 1} {who}: {json.dumps(runs[who][-1])[:300]}", flush=True)
+    vw_s = median([r["train_seconds"] for r in runs["vw"]])
+    vw_ll = median([r["test_logloss"] for r in runs["vw"]])
+    medians = {"vw": {"launch_to_end_seconds": vw_s, "final_logloss": vw_ll}}
+    for who in solvers:
+        rs = runs[who]
+        medians[who] = {k: median([r.get(k) for r in rs]) for k in (
+            "reach_vw_seconds", "final_logloss", "best_logloss", "passes_to_0.1pct",
+            "train_seconds", "launch_to_end_seconds")}
+        m = medians[who]
+        m["faster_than_vw"] = m["reach_vw_seconds"] is not None and m["reach_vw_seconds"] < vw_s
+        m["final_logloss_at_least_vws"] = m["final_logloss"] <= vw_ll
+        m.update(vs_vw(m, vw_s, vw_ll))
+    return {"data": {k: meta[k] for k in ("examples", "test_examples", "features", "nnz",
+                                          "noise", "seed", "zipf", "density", "true_nonzeros")},
+            "sklearn_optimum": opt, "vw_sweep": sweep, "vw_best": best,
+            "options": {k: " ".join(v) for k, v in solvers.items()},
+            "medians": medians, "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--examples", type=int, default=1_000_000)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--blocks", type=int, default=16)
-    ap.add_argument("--l1", type=float, default=5.0)
-    ap.add_argument("--l2", type=float, default=2.0)
-    ap.add_argument("--tau", type=int, default=0, help="bounded delay of our runs")
+    ap.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    ap.add_argument("--dbpg", default="--l1 5 --l2 2 --epochs 10 --blocks 64",
+                    help="our DBPG run's train lr options (for held-out quality)")
+    ap.add_argument("--dbpg-l1", default="--l1 10 --epochs 10 --blocks 64",
+                    help="a DBPG run with L1 alone: its objective against liblinear's optimum")
+    ap.add_argument("--ftrl", default="--solver ftrl --l1 5 --alpha 0.2 --epochs 3",
+                    help="our FTRL run's train lr options")
     ap.add_argument("--vw-l1", type=float, nargs="+", default=[1e-8, 1e-7, 1e-6])
-    ap.add_argument("--repeat", type=int, default=2, help="alternating runs of VW and ours")
+    ap.add_argument("--vw-passes", type=int, nargs="+", default=[3, 5])
+    ap.add_argument("--cached-optimum", action="store_true",
+                    help="use scikit-learn's optimum only if cached (no gaps otherwise)")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating runs of VW and ours")
     ap.add_argument("--data-dir", default=os.path.join(tempfile.gettempdir(), "pserver-bench-lr"))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lr.json"))
     args = ap.parse_args()
-
-    meta = ensure_data(args.data_dir, args.examples)
-    reading = read_speed(args.data_dir)
-    # This machine is shared: other jobs' load changes run times by 2-3x. So VW's --l1 is chosen
-    # once, then VW and ours run alternately `repeat` times and the best time of each counts.
-    sweep = [run_vw(args.data_dir, l1) for l1 in args.vw_l1]
-    best_l1 = min(sweep, key=lambda r: r["test_logloss"])["l1"]
-    vw_runs, our_runs = [], []
-    for _ in range(args.repeat):
-        vw_runs.append({**run_vw(args.data_dir, best_l1), "load": os.getloadavg()[0]})
-        load = os.getloadavg()[0]
-        our_runs.append({**run_ours(args.data_dir, 2, 2, args.l1, args.l2, args.epochs,
-                                    args.blocks, args.tau), "load_before": load})
-    vw = min(vw_runs, key=lambda r: r["train_seconds"])
-    for run in our_runs:
-        # The same clock as VW's: from launching the processes (our cluster and workers) to
-        # the end of the first pass whose model reaches VW's held-out logloss.
-        run["reach_vw"] = first_reach(run["test_every_pass"], "logloss", vw["test_logloss"],
-                                      "seconds_since_launch")
-        run["reach_vw_worker_clock"] = first_reach(run["test_every_pass"], "logloss",
-                                                   vw["test_logloss"], "seconds_since_start")
-        # what the in-worker clock misses: cluster start, process start-up and shutdown (an
-        # upper bound of the launch cost, since shutdown after training is included)
-        run["launch_overhead_seconds"] = run["cluster_start_seconds"] + max(
-            run["workers_wall_seconds"] - run["total_seconds"], 0.0)
-    # best of the runs: the earliest to VW's logloss (else the fastest)
-    ours = min(our_runs, key=lambda r: (r["reach_vw"] is None, r["reach_vw"] or 0.0,
-                                        r["train_seconds"] + r["read_seconds_mean"]))
-    hist = ours["history"]
-    evals = ours["test_every_pass"]
-    # the optimum, estimated: the best objective of the run (changes per pass are ~1e-4 there)
-    f_star = min(h["objective"] for h in hist)
-    t_cum = np.cumsum([h["seconds"] for h in hist])
-    for h, t in zip(hist, t_cum):
-        h["train_seconds_cumulative"] = float(t)
-    reach_1pct = first_reach(hist, "objective", 1.01 * f_star, "train_seconds_cumulative")
-    for h, e in zip(hist, evals):
-        h["seconds_since_start"] = e["seconds_since_start"]
-        h["seconds_since_launch"] = e["seconds_since_launch"]
-    reach_1pct_all = first_reach(hist, "objective", 1.01 * f_star, "seconds_since_start")
-    reach_1pct_launch = first_reach(hist, "objective", 1.01 * f_star, "seconds_since_launch")
-    steady = hist[1:] or hist
-    total_eps = float(np.median([h["examples_per_s"] for h in steady]))
-    reach_vw = ours["reach_vw"]
-    result = {
-        "command": "python benchmarks/lr.py " + " ".join(sys.argv[1:]),
-        "data": {k: meta[k] for k in ("examples", "test_examples", "features", "nnz", "noise",
-                                      "zipf", "density", "signal", "true_nonzeros")},
-        "machine": {"cores": os.cpu_count(), "note": "shared with other jobs; best of "
-                    f"{args.repeat} alternating runs"},
-        "ours": {
-            "cluster": "2 servers x 2 workers (LocalCluster, loopback, plain text)",
-            "l1": args.l1, "l2": args.l2, "blocks": args.blocks, "passes": len(hist),
-            "examples_per_s_total_median_pass": total_eps,
-            "examples_per_s_per_worker_median_pass": total_eps / ours["workers"],
-            "examples_per_s_total_best_pass": max(h["examples_per_s"] for h in hist),
-            "read_seconds_mean": ours["read_seconds_mean"],
-            "setup_seconds_rank0": ours.get("setup_seconds_rank0"),
-            "train_seconds": ours["train_seconds"],
-            "idle_fraction": ours["idle_fraction"],
-            "kkt_filtered_fraction_rank0": ours.get("kkt_filtered_fraction_rank0"),
-            "objective_final": hist[-1]["objective"], "nnz": ours["nnz"],
-            "seconds_to_1pct_of_optimum_training": reach_1pct,
-            "seconds_to_1pct_of_optimum_incl_reading": reach_1pct_all,
-            "seconds_to_1pct_of_optimum_incl_launch": reach_1pct_launch,
-            "test_logloss_final": ours.get("test_logloss"), "test_auc_final": ours.get("test_auc"),
-            "seconds_to_vw_logloss_incl_launch": reach_vw,
-            "seconds_to_vw_logloss_worker_clock": ours["reach_vw_worker_clock"],
-            "launch_overhead_seconds": ours["launch_overhead_seconds"],
-            # rank 0's phases: seconds since launch, CPU user/system seconds and peak memory so far
-            "timeline_rank0": ours.get("timeline_since_launch"),
-            "bytes_sent": ours["bytes_sent"], "bytes_received": ours["bytes_received"],
-            "per_pass": [{**h, **e} for h, e in zip(hist, evals)],
-            "runs": [{k: r.get(k) for k in ("load_before", "read_seconds_mean", "train_seconds",
-                                            "setup_seconds_rank0", "reach_vw",
-                                            "reach_vw_worker_clock", "launch_overhead_seconds",
-                                            "test_logloss")} for r in our_runs],
-        },
-        "reading_one_process": reading,
-        "vw": {"best": vw, "runs": vw_runs, "l1_sweep": sweep},
-        "ours_vs_vw": {
-            "clock": "both from launching the processes; ours to the end of the first pass "
-                     "at VW's held-out logloss (scoring and held-out reading excluded)",
-            "faster_to_vw_logloss": reach_vw is not None and reach_vw < vw["train_seconds"],
-            "faster_by_worker_clock": ours["reach_vw_worker_clock"] is not None and
-            ours["reach_vw_worker_clock"] < vw["train_seconds"],
-            "better_final_logloss": (ours.get("test_logloss") or 1e9) < vw["test_logloss"],
-            "speedup_to_vw_logloss": (vw["train_seconds"] / reach_vw) if reach_vw else None,
-        },
-    }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps({k: v for k, v in result["ours"].items() if k != "per_pass"}, indent=2))
-    print(json.dumps(result["vw"]["best"], indent=2))
-    print(json.dumps(result["ours_vs_vw"], indent=2))
+    sys.path.insert(0, str(Path(__file__).parent))
+    result = {"command": "python benchmarks/lr.py " + " ".join(sys.argv[1:]),
+              "machine": {"cores": os.cpu_count(), "load_at_start": os.getloadavg()[0],
+                          "note": f"shared; medians of {args.repeat} alternating runs"},
+              "clock": "from launching the processes (ours: cluster and workers) to the end of "
+                       "the first pass at VW's held-out logloss; scoring and reading the "
+                       "held-out set excluded; VW: its training command's wall time",
+              "datasets": {}}
+    for name in args.datasets:
+        d = os.path.join(args.data_dir, name)
+        result["datasets"][name] = bench_dataset(name, d, args)
+        result["reading_one_process"] = result.get("reading_one_process") or read_speed(d)
+        result["machine"]["load_at_end"] = os.getloadavg()[0]
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result["datasets"][name]["medians"], indent=2), flush=True)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train a model on a local or existing cluster")
     jobs = p.add_subparsers(dest="job", required=True)
     lr = jobs.add_parser("lr", help="L1/L2 logistic regression by Delayed Block Proximal "
-                                    "Gradient")
+                                    "Gradient or FTRL-proximal")
     from .worker import add_train_args
     add_train_args(lr)
     lr.add_argument("--servers", type=int, default=2, help="servers of the local cluster")
@@ -82,11 +82,16 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
     """The worker's command line from the parsed train options (cluster options dropped)."""
     argv = ["--data", *args.data, "--format", args.format, "--l1", str(args.l1),
             "--l2", str(args.l2), "--epochs", str(args.epochs), "--blocks", str(args.blocks),
-            "--tau", str(args.tau), "--curvature", args.curvature, "--eta", str(args.eta),
+            "--solver", getattr(args, "solver", "dbpg"), "--alpha", str(getattr(args, "alpha", 0.2)),
+            "--beta", str(getattr(args, "beta", 1.0)), "--batch", str(getattr(args, "batch", 2048)),
+            "--validation", str(getattr(args, "validation", 0.1)),
+            "--curvature", args.curvature, "--eta", str(args.eta),
             "--tol", str(args.tol), "--split", args.split, "--int-bins", args.int_bins,
             "--table", args.table]
     if args.test:
         argv += ["--test", *args.test]
+    if args.tau is not None:
+        argv += ["--tau", str(args.tau)]
     for flag, value in (("--model-out", args.model_out), ("--summary-json", args.summary_json)):
         if value:
             argv += [flag, os.path.abspath(value)]
@@ -108,6 +113,8 @@ def _worker_argv(args: argparse.Namespace) -> list[str]:
 def cmd_train_lr(args: argparse.Namespace) -> int:
     if args.servers < 1 or args.workers < 1:
         raise ConfigError("train lr needs --servers >= 1 and --workers >= 1")
+    from .path import l1_values
+    l1_values(args.l1, args.solver)   # a bad --l1 fails here, not in every worker
     for path in args.data + (args.test or []):
         if not os.path.isfile(path):
             raise ConfigError(f"data file {path!r} does not exist")
@@ -116,10 +123,12 @@ def cmd_train_lr(args: argparse.Namespace) -> int:
         return worker.main(_worker_argv(args))
     from ...launch import LocalCluster
 
+    # the workers measure time to quality from here (worker.launch_time)
+    env = {**node_environment(), "PSERVER_LR_LAUNCH_TIME": repr(time.time())}
     # Reading a large shard keeps a worker's CPU busy for seconds on a loaded machine: allow
     # more silence than the default before a node is declared dead.
     with LocalCluster(args.servers, args.workers, insecure=args.insecure,
-                      heartbeat_timeout=HEARTBEAT_TIMEOUT, env=node_environment(),
+                      heartbeat_timeout=HEARTBEAT_TIMEOUT, env=env,
                       settings={"group": args.group} if args.group else None) as cluster:
         return cluster.run_workers([sys.executable, "-m", "pserver.apps.lr.worker",
                                     *_worker_argv(args)])
@@ -163,5 +172,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
             eta=1.0, tol=0.0, split="bytes", int_bins="log", table="lr_w",
             model_out=os.path.join(d, "model"), summary_json=None, skip_bad=False,
             raw_keys=False, bias=False, servers=2, workers=2, insecure=False,
-            test_every_pass=False)
+            test_every_pass=False, solver="dbpg")
         return cmd_train_lr(ns)

@@ -161,9 +161,13 @@ def warm_up_servers(kv, cfg: DBPGConfig) -> None:
 class DBPG:
     """One worker's side of DBPG. Construct on every worker with the same config, then run()."""
 
-    def __init__(self, kv, shard: Shard, cfg: DBPGConfig):
+    def __init__(self, kv, shard: Shard, cfg: DBPGConfig, init: np.ndarray | None = None):
+        """init: start from these weights (float64, per shard key; every worker passes the same
+        weight for a shared key) instead of zeros - a warm start into a new table (path.py).
+        Raises ConfigError for a bad config; what KVWorker push/pull raise during the set-up."""
         cfg.check()
         self.kv, self.shard, self.cfg = kv, shard, cfg
+        self._init = init
         self._declare_tables()
         t0 = time.perf_counter()
         self._push_counts()   # first: the servers aggregate while this worker prepares
@@ -236,8 +240,11 @@ class DBPG:
         self.key_bound = 1 << bits
         self.counted = round(float(flags.sum()))  # workers whose counts reached the servers
         t_bits = time.perf_counter()
-        # 3. Warm start from whatever the table holds (a new table holds zeros: no pull).
-        if cfg.warm_start:
+        # 3. Warm start from whatever the table holds (a new table holds zeros: no pull), or
+        #    from init, written into the new table first.
+        if self._init is not None:
+            self._seed(counts[:, 0].astype(np.float64))
+        if cfg.warm_start or self._init is not None:
             self._load(self.shard, kv.pull(keys, table=cfg.table).astype(np.float64), self.mult)
         t_blocks = time.perf_counter()
         self._blocks(counts)
@@ -245,6 +252,17 @@ class DBPG:
         self.setup_seconds = {"counts": t_counts - t0, "total": t_end - t0,
                               "push": self._t_pushed - t0, "bits": t_bits - t_counts,
                               "blocks": t_end - t_blocks}
+
+    def _seed(self, holders: np.ndarray) -> None:
+        """Make the new table hold self._init through one round of the l1_prox rule itself: each
+        holder of key k pushes its share of g = -sign(w)(|w|(1 + l2) + l1) and of u = eta, so the
+        summed step from 0 lands on w (to float32 rounding; the caller pulls the exact result)."""
+        cfg, w = self.cfg, self._init
+        share = self.mult / np.maximum(holders, self.mult)
+        nz = np.flatnonzero(w)
+        g = -np.sign(w[nz]) * (np.abs(w[nz]) * (1.0 + cfg.l2) + cfg.l1) * share[nz]
+        row = np.column_stack([g, cfg.eta * share[nz]]).astype(np.float32)
+        self.kv.push(self.shard.keys[nz], row, table=cfg.table)
 
     def _blocks(self, counts: np.ndarray) -> None:
         """Regulariser shares, the KKT verdicts and the blocks' active columns of the shard, from
@@ -305,10 +323,12 @@ class DBPG:
             refresh_qs(self.m, self.y, self.qs)
 
     # -- the loop ---------------------------------------------------------------------------
-    def run(self, on_pass=None) -> list[PassStats]:
+    def run(self, on_pass=None, on_local_pass=None) -> list[PassStats]:
         """Run cfg.epochs passes (fewer when cfg.tol or cfg.target is met) under the consistency
         model (bounded delay cfg.tau). on_pass(PassStats) is called after every pass on every
-        worker, once the pass's global objective is known. Returns the history.
+        worker, once the pass's global objective is known, then on_local_pass(epoch) (the same
+        hook as FTRL's: here the servers' weights are then those after the pass, under tau = 0).
+        Returns the history.
 
         Under bounded delay a pass's objective is known only tau iterations later, so the stop
         rule looks at pass e when the first iteration of pass e + 2 is due (e + 1 when tau = 0):
@@ -336,7 +356,7 @@ class DBPG:
         last = -1
         for t, _ in ex.assigned():
             if t % B == 0 and t >= lead * B:
-                stats = self._collect(t // B - lead, on_pass)
+                stats = self._collect(t // B - lead, on_pass, on_local_pass)
                 # a pass that lost (or regained) a dead worker's shard is no measure of progress
                 whole = stats.examples == prev.examples
                 reached = whole and cfg.target > 0 and stats.objective <= cfg.target
@@ -353,7 +373,7 @@ class DBPG:
             last = t
         ex.drain()
         for k in range(len(self.history) - self._base, (last + 1) // B):
-            self._collect(k, on_pass)
+            self._collect(k, on_pass, on_local_pass)
         self.timing = ex.stats()
         ex.close()
         return self.history
@@ -415,7 +435,7 @@ class DBPG:
         self._stats.append((k, ts, time.perf_counter(), self._ex.timer.snapshot(), self._pass_lag))
         self._pass_lag = -1
 
-    def _collect(self, k: int, on_pass) -> PassStats:
+    def _collect(self, k: int, on_pass, on_local_pass=None) -> PassStats:
         """PassStats of pass k of this run (and of the passes before it), waiting for them."""
         B = self.cfg.blocks
         while len(self.history) - self._base <= k:
@@ -433,6 +453,8 @@ class DBPG:
             self.history.append(stats)
             if on_pass is not None:
                 on_pass(stats)
+            if on_local_pass is not None:
+                on_local_pass(stats.epoch)
         return self.history[self._base + k]
 
     def _converged(self, converged: bool) -> bool:

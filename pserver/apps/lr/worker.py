@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from functools import partial
 
 import numpy as np
 
@@ -22,7 +23,9 @@ from ...errors import ConfigError, PServerError
 from ...kv.traffic import format_traffic_summary, traffic_row, traffic_summary
 from .data import prefer_small_pages, read_shard
 from .dbpg import DBPG, DBPGConfig, PassStats, warm_up_servers
+from .ftrl import FTRL, FTRLConfig, declare_ftrl_tables
 from .model import auc, logloss, predict, save_model
+from .path import L1Path, l1_values
 from .takeover import POLICIES, ShardTakeover
 
 log = logging.getLogger(__name__)
@@ -48,13 +51,25 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, nargs="+", help="training file(s)")
     p.add_argument("--format", default="libsvm", choices=("libsvm", "criteo"))
     p.add_argument("--test", nargs="+", help="held-out file(s), scored by rank 0 at the end")
-    p.add_argument("--l1", type=float, default=1.0, help="L1 penalty (sklearn C = 1/l1)")
+    p.add_argument("--solver", default="dbpg", choices=("dbpg", "ftrl"),
+                   help="dbpg: Delayed Block Proximal Gradient (batch, converges to the optimum); "
+                        "ftrl: FTRL-proximal over minibatches (online; 1-5 passes)")
+    p.add_argument("--alpha", type=float, default=0.2, help="ftrl: learning rate alpha")
+    p.add_argument("--beta", type=float, default=1.0, help="ftrl: learning rate beta")
+    p.add_argument("--batch", type=int, default=2048,
+                   help="ftrl: examples per minibatch (about; the same count on every worker)")
+    p.add_argument("--l1", default="1.0",
+                   help="L1 penalty (sklearn C = 1/l1); a list such as 30,10,3 or auto: a "
+                        "regularisation path (dbpg) keeping the value with the best logloss on "
+                        "--validation")
+    p.add_argument("--validation", type=float, default=0.1,
+                   help="with an --l1 path: the share of each worker's rows held out to choose")
     p.add_argument("--l2", type=float, default=0.0, help="L2 penalty (sklearn C = 1/l2)")
     p.add_argument("--epochs", type=int, default=10, help="passes over the data")
     p.add_argument("--blocks", type=int, default=64, help="feature blocks (key ranges)")
-    p.add_argument("--tau", type=int, default=0,
+    p.add_argument("--tau", type=int, default=None,
                    help="bounded delay: iteration t may start while iterations t-tau..t-1 are "
-                        "unfinished (0 = sequential); changeable while running with "
+                        "unfinished (0 = sequential; the default); changeable while running with "
                         "`pserver consistency --app lr --tau N`")
     p.add_argument("--delay-damping", type=float, default=0.2,
                    help="curvature *= 1 + this * max(0, lag - --delay-free), lag = earlier "
@@ -105,6 +120,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _progress(s: PassStats, rank_examples: int) -> None:
+    if "progressive_logloss" in s.extra:   # ftrl: no objective of a weight vector to report
+        print(f"pass {s.epoch + 1:3d}  progressive logloss {s.extra['progressive_logloss']:.5f}  "
+              f"{s.examples_per_s:,.0f} examples/s ({rank_examples / s.seconds:,.0f} on this "
+              "worker)", flush=True)
+        return
     print(f"pass {s.epoch + 1:3d}  objective {s.objective:.6e}  loss {s.loss:.6e}  nnz(w) "
           f"{s.nnz:9d}  {s.examples_per_s:,.0f} examples/s ({rank_examples / s.seconds:,.0f} "
           f"on this worker)  idle {100 * s.wait_seconds / max(s.seconds, 1e-9):.0f}%",
@@ -136,21 +156,47 @@ def _read_early(args: argparse.Namespace, rank: int, num_shards: int):
     return rank, num_shards, shard, time.perf_counter() - t0
 
 
+def _dbpg(kv, args: argparse.Namespace):
+    """(config, warm-up function, algorithm factory) of the DBPG solver; a regularisation path
+    (path.py) when --l1 names several values or auto."""
+    values = l1_values(args.l1, "dbpg")
+    slowdown, share = _straggler(args.straggler, kv.rank)
+    cfg = DBPGConfig(l1=values[0] if values else 0.0, l2=args.l2, epochs=args.epochs,
+                     blocks=args.blocks, tau=_tau(args), curvature=args.curvature, eta=args.eta,
+                     tol=args.tol, table=args.table, kkt=args.kkt, kkt_delta=args.kkt_delta,
+                     filters=args.filters, pull_filters=args.pull_filters,
+                     delay_damping=args.delay_damping, delay_free=args.delay_free,
+                     target=args.target_objective,
+                     slowdown=slowdown, slowdown_share=share, push_pull=not args.separate_pull)
+    if values is not None and len(values) == 1:
+        return cfg, warm_up_servers, DBPG
+    return cfg, warm_up_servers, partial(L1Path, values=values, fraction=args.validation)
+
+
+def _ftrl(kv, args: argparse.Namespace):
+    """(config, warm-up function, algorithm factory) of the FTRL-proximal solver."""
+    values = l1_values(args.l1, "ftrl")
+    cfg = FTRLConfig(alpha=args.alpha, beta=args.beta, l1=values[0], l2=args.l2,
+                     epochs=args.epochs, batch=args.batch, tau=_tau(args), table=args.table)
+    return cfg, declare_ftrl_tables, FTRL
+
+
+SOLVERS = {"dbpg": _dbpg, "ftrl": _ftrl}
+DEFAULT_TAU = {"dbpg": 0, "ftrl": FTRLConfig.tau}
+
+
+def _tau(args: argparse.Namespace) -> int:
+    return DEFAULT_TAU[args.solver] if args.tau is None else args.tau
+
+
 def train(kv, args: argparse.Namespace, early=None) -> dict | None:
     """Train as one worker of kv's cluster. Returns the summary dict on rank 0, else None.
     early: (rank, num_shards, shard, seconds) read before joining (used if rank and count hold)."""
     t_start = time.perf_counter()
     _mark("train_start")
-    slowdown, share = _straggler(args.straggler, kv.rank)
-    cfg = DBPGConfig(l1=args.l1, l2=args.l2, epochs=args.epochs, blocks=args.blocks,
-                     tau=args.tau, curvature=args.curvature, eta=args.eta, tol=args.tol,
-                     table=args.table, kkt=args.kkt, kkt_delta=args.kkt_delta,
-                     filters=args.filters, pull_filters=args.pull_filters,
-                     delay_damping=args.delay_damping, delay_free=args.delay_free,
-                     target=args.target_objective,
-                     slowdown=slowdown, slowdown_share=share, push_pull=not args.separate_pull)
+    cfg, warm_up, solver = SOLVERS[args.solver](kv, args)
     cfg.check()
-    warm = _Background(warm_up_servers, kv, cfg)   # the servers get ready while we read
+    warm = _Background(warm_up, kv, cfg)   # the servers get ready while we read
     # shard r = rank r's byte range among the workers the job started with (dead ones included),
     # so a live worker can read a dead one's shard again (takeover.py)
     num_shards = len(kv.membership.view.group_nodes(kv.group, alive_only=False))
@@ -168,10 +214,12 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
              shard.num_examples, shard.keys.size, shard.X.nnz, t_read)
     warm.join()
     _mark("tables_ready")
-    algo = DBPG(kv, shard, cfg)
+    algo = solver(kv, shard, cfg)
     _mark("setup_done")
-    algo.takeover = ShardTakeover(kv, read, num_shards, args.on_worker_failure, algo.counted)
-    if args.clock_log:
+    if isinstance(algo, DBPG):   # FTRL's asynchronous table goes on without a dead shard
+        algo.takeover = ShardTakeover(kv, read, num_shards, args.on_worker_failure,
+                                      algo.counted)
+    if args.clock_log and isinstance(algo, DBPG):
         algo.clock_log = {}
     if kv.rank == 0:
         print(f"worker 0: {shard.num_examples:,} examples, {shard.keys.size:,} keys "
@@ -185,24 +233,27 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
     evals: list[dict] = []
     t_train = time.perf_counter()
 
+    def evaluate(epoch: int) -> None:
+        if test is None or not args.test_every_pass or not _reports(kv):
+            return
+        t0 = time.perf_counter()
+        p = 1.0 / (1.0 + np.exp(-(test.X @ kv.pull(test.keys, table=algo.cfg.table))))
+        spent = sum(e["eval_seconds"] for e in evals)
+        # unix_time_excl: the wall clock at this point minus the scoring and test reading so
+        # far, comparable with a clock started outside this process (benchmarks/lr.py)
+        unix_excl = time.time() - (time.perf_counter() - t0) - t_test - spent
+        evals.append({"epoch": epoch, "logloss": logloss(test.y, p), "auc": auc(test.y, p),
+                      "seconds_since_start": t0 - t_start - t_test - spent,
+                      "seconds_from_launch": unix_excl - launch_time(),
+                      "unix_time_excl": unix_excl, "eval_seconds": time.perf_counter() - t0})
+
     def on_pass(s: PassStats) -> None:
         if not _reports(kv):
             return
         _mark(f"pass{s.epoch}")
         _progress(s, algo.shard.num_examples)   # grows when it takes a shard over
-        if test is not None and args.test_every_pass:
-            t0 = time.perf_counter()
-            p = 1.0 / (1.0 + np.exp(-(test.X @ kv.pull(test.keys, table=args.table))))
-            spent = sum(e["eval_seconds"] for e in evals)
-            # unix_time_excl: the wall clock at this point minus the scoring and test reading
-            # so far, comparable with a clock started outside this process (benchmarks/lr.py)
-            evals.append({"epoch": s.epoch, "logloss": logloss(test.y, p), "auc": auc(test.y, p),
-                          "seconds_since_start": t0 - t_start - t_test - spent,
-                          "unix_time_excl": time.time() - (time.perf_counter() - t0) - t_test
-                          - spent,
-                          "eval_seconds": time.perf_counter() - t0})
 
-    history = algo.run(on_pass)
+    history = algo.run(on_pass, evaluate)
     train_seconds = time.perf_counter() - t_train - sum(e["eval_seconds"] for e in evals)
     if args.clock_log:
         os.makedirs(args.clock_log, exist_ok=True)
@@ -224,7 +275,7 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
     if _reports(kv):   # rank 0, or the lowest live rank if rank 0 died (the heir of its shard)
         if args.test and test is None:
             test = read_shard(args.test, args.format, **opts)
-        keys, w = kv.pull_range(table=args.table)
+        keys, w = kv.pull_range(table=algo.cfg.table)   # a path's: the chosen value's table
         summary = {
             "workers": kv.num_workers, "servers": kv.num_servers,
             "examples": history[-1].examples if history else shard.num_examples,
@@ -246,14 +297,19 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
                          "nnz": h.nnz, "examples": h.examples, "seconds": h.seconds,
                          "wait_seconds": h.wait_seconds, "examples_per_s": h.examples_per_s,
                          **{k: h.extra[k] for k in ("elapsed_s", "max_lag", "computing_s",
+                                                    "progressive_logloss",
                                                     "waiting_deps_s", "waiting_net_s")
                             if k in h.extra}} for h in history],
-            "config": vars(cfg), "test_every_pass": evals,
-            "reported_by": kv.rank, "shards": algo.takeover.summary(),
+            "config": vars(cfg), "test_every_pass": evals, "launch_time": launch_time(),
+            "time_to_quality": [{k: e[k] for k in ("epoch", "seconds_from_launch", "logloss",
+                                                   "auc")} for e in evals],
+            "reported_by": kv.rank, "solver": args.solver, "l1": algo.cfg.l1,
+            "l1_path": algo.summary() if isinstance(algo, L1Path) else None,
+            "shards": algo.takeover.summary() if algo.takeover else None,
             "timeline": dict(TIMELINE),
         }
         meta = {"data_format": args.format, "raw_keys": args.raw_keys, "int_bins": args.int_bins,
-                "bias": args.bias, "l1": args.l1, "l2": args.l2, "passes": len(history),
+                "bias": args.bias, "l1": algo.cfg.l1, "l2": args.l2, "passes": len(history),
                 "train_objective": summary["train_objective"]}
         model = save_model(args.model_out, keys, w, meta) if args.model_out else None
         if test is not None:
@@ -294,6 +350,16 @@ class _Background(threading.Thread):
             raise self._error
 
 
+def launch_time() -> float:
+    """Unix time the job was launched: `pserver train lr` sets PSERVER_LR_LAUNCH_TIME before it
+    starts the cluster; a worker that joined an existing cluster counts from its own start."""
+    text = os.environ.get("PSERVER_LR_LAUNCH_TIME", "")
+    try:
+        return float(text)
+    except ValueError:
+        return TIMELINE.get("main", [time.time()])[0]
+
+
 def _reports(kv) -> bool:
     """Whether this worker prints progress and the summary: the lowest live rank."""
     live = kv.membership.view.group_nodes(kv.group)
@@ -301,9 +367,10 @@ def _reports(kv) -> bool:
 
 
 def _load_kernels() -> None:
-    from . import data, kernels
+    from . import data, ftrl, kernels
     data.warm_up()
     kernels.warm_up()
+    ftrl.warm_up()
 
 
 def _straggler(spec: str | None, rank: int) -> tuple[float, float]:
@@ -321,13 +388,26 @@ def _straggler(spec: str | None, rank: int) -> tuple[float, float]:
     return (factor, share) if who == rank else (1.0, 0.0)
 
 
+def _fit(s: dict) -> str:
+    """How well the model fits its training data: FTRL's progressive logloss (it has no single
+    weight vector per pass), else the objective."""
+    last = s["history"][-1] if s["history"] else {}
+    if "progressive_logloss" in last:
+        return f"progressive logloss {last['progressive_logloss']:.5f}"
+    return f"train objective {s['train_objective']:.6e}"
+
+
 def format_summary(s: dict) -> str:
     """The final report as text lines."""
     lines = [f"trained on {s['examples']:,} examples with {s['workers']} workers x "
              f"{s['servers']} servers: {s['passes']} passes in {s['train_seconds']:.2f} s",
-             f"  train objective {s['train_objective']:.6e}   nnz(w) {s['nnz']:,}   "
+             f"  {_fit(s)}   nnz(w) {s['nnz']:,}   "
              f"workers idle {100 * s['idle_fraction']:.1f}%"]
     lines += _format_shards(s.get("shards"))
+    if s.get("time_to_quality"):
+        lines.append("  held-out logloss after each pass (seconds from launch): " + ", ".join(
+            f"{q['epoch'] + 1}: {q['logloss']:.5f} ({q['seconds_from_launch']:.1f} s)"
+            for q in s["time_to_quality"]))
     if "test_logloss" in s:
         lines.append(f"  held-out ({s['test_examples']:,} examples): logloss "
                      f"{s['test_logloss']:.5f}   AUC {s['test_auc']:.5f}")
