@@ -172,5 +172,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
             eta=1.0, tol=0.0, split="bytes", int_bins="log", table="lr_w",
             model_out=os.path.join(d, "model"), summary_json=None, skip_bad=False,
             raw_keys=False, bias=False, servers=2, workers=2, insecure=False,
-            test_every_pass=False, solver="dbpg")
+            test_every_pass=False, solver="dbpg", group=None)
         return cmd_train_lr(ns)
