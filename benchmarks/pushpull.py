@@ -218,6 +218,7 @@ def run_raw(seconds: float, curve: bool) -> dict:
         res = {"c_1000keys_push_1_in_flight": _summary(_timed(one, seconds))}
         count, end = 0, time.perf_counter() + seconds
         t0 = time.perf_counter()
+        cpu0, scpu0 = time.process_time(), _cpu_seconds(proc.pid)
         for _ in range(16):
             send()
         while time.perf_counter() < end:
@@ -228,7 +229,9 @@ def run_raw(seconds: float, curve: bool) -> dict:
             sock.recv()
         count += 16
         res["c_1000keys_push_16_in_flight"] = {
-            "pushes": count, "ops_per_s": round(count / (time.perf_counter() - t0), 1)}
+            "pushes": count, "ops_per_s": round(count / (time.perf_counter() - t0), 1),
+            "worker_cpu_us_per_push": round(1e6 * (time.process_time() - cpu0) / count, 1),
+            "server_cpu_us_per_push": round(1e6 * (_cpu_seconds(proc.pid) - scpu0) / count, 1)}
         sock.close()
         return res
     finally:
@@ -250,6 +253,17 @@ def _ratios(rounds: list[dict], side: str, raw: str) -> dict:
         if per_round:
             out[case] = {"median": round(statistics.median(per_round), 3), "rounds": per_round}
     return out
+
+
+def _cpu_ratios(rounds: list[dict], side: str, raw: str) -> dict:
+    """16 in flight: CPU time per push (worker + server) of raw pyzmq / pserver, per round - steadier
+    than rates when other jobs share the machine (1.0 = as cheap as raw pyzmq)."""
+    case, per_round = "c_1000keys_push_16_in_flight", []
+    for r in rounds:
+        mine, base = r[side][case], r[raw][case]
+        per_round.append(round((base["worker_cpu_us_per_push"] + base["server_cpu_us_per_push"])
+                               / (mine["worker_cpu_us_per_push"] + mine["server_cpu_us_per_push"]), 3))
+    return {case: {"median": round(statistics.median(per_round), 3), "rounds": per_round}}
 
 
 def _median_case(values: list[dict]) -> dict:
@@ -304,7 +318,8 @@ def main() -> None:
                           "(see load_average_before); compare ratios within a run, not absolutes"},
               "seconds_per_case": args.seconds, "rounds": args.rounds,
               "raw_pyzmq": _merge(rounds, "raw_pyzmq"), "insecure": _merge(rounds, "insecure"),
-              "ratio_to_raw_pyzmq": _ratios(rounds, "insecure", "raw_pyzmq")}
+              "ratio_to_raw_pyzmq": _ratios(rounds, "insecure", "raw_pyzmq"),
+              "cpu_ratio_to_raw_pyzmq": _cpu_ratios(rounds, "insecure", "raw_pyzmq")}
     if args.busy_poll:
         result["insecure_busy_poll"] = {"busy_poll_s": args.busy_poll,
                                         **run_cluster(args.seconds, True, args.busy_poll)}
@@ -314,6 +329,7 @@ def main() -> None:
         result["raw_pyzmq_curve"] = _merge(rounds, "raw_pyzmq_curve")
         result["curve"] = _merge(rounds, "curve")
         result["curve_ratio_to_raw_pyzmq_curve"] = _ratios(rounds, "curve", "raw_pyzmq_curve")
+        result["curve_cpu_ratio_to_raw_pyzmq_curve"] = _cpu_ratios(rounds, "curve", "raw_pyzmq_curve")
         result["curve_slowdown"] = {
             case: round(1 - result["curve"][case]["ops_per_s"] / v["ops_per_s"], 3)
             for case, v in result["insecure"].items() if isinstance(v, dict) and "ops_per_s" in v}

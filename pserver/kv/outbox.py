@@ -8,7 +8,7 @@ waits, everything after it waits too. Why and how much it saves: docs/performanc
 
 from __future__ import annotations
 
-HOLD_AT = 2            # unanswered messages to a server before new ones wait to be coalesced
+HOLD_AT = 1            # unanswered messages to a server before new ones wait to be coalesced
 MAX_BATCH = 64         # messages per batch at most
 MAX_BATCH_BYTES = 1 << 20
 BATCHABLE_BYTES = 64 * 1024  # only single-frame messages up to this size are coalesced
