@@ -10,6 +10,7 @@ from __future__ import annotations
 
 HOLD_AT = 1            # unanswered messages to a server before new ones wait to be coalesced
 MAX_BATCH = 64         # messages per batch at most
+FLUSH_AFTER = 0.002    # s: what waits longer than one to two of these leaves without a reply
 MAX_BATCH_BYTES = 1 << 20
 BATCHABLE_BYTES = 64 * 1024  # only single-frame messages up to this size are coalesced
 
@@ -22,7 +23,7 @@ class Outbox:
     as many single-frame messages.
     """
 
-    __slots__ = ("held", "hold_at", "in_flight", "max_batch", "max_bytes", "oldest_ts")
+    __slots__ = ("held", "hold_at", "in_flight", "max_batch", "max_bytes", "oldest_ts", "takes")
 
     def __init__(self, hold_at: int = HOLD_AT, max_batch: int = MAX_BATCH,
                  max_bytes: int = MAX_BATCH_BYTES):
@@ -31,6 +32,7 @@ class Outbox:
         # server -> [frames, ops, bytes]: the messages waiting for it
         self.held: dict[int, list] = {}
         self.oldest_ts: int | None = None  # smallest request timestamp held anywhere
+        self.takes = 0  # outboxes emptied so far: unchanged over a while = something waits too long
 
     def add(self, sid: int, ts: int, frames: list, op: str) -> list[tuple[int, list, list[str]]]:
         """Offer the message ``frames`` (of request ``ts``, op ``op``) for server ``sid``; returns
@@ -74,7 +76,12 @@ class Outbox:
         """No request is pending: whatever was not answered never will be (a server died)."""
         self.in_flight.clear()
 
+    def stale(self, takes: int) -> bool:
+        """Whether messages wait and no outbox was emptied since :attr:`takes` was ``takes``."""
+        return bool(self.held) and self.takes == takes
+
     def _take(self, sid: int) -> tuple[int, list, list[str]]:
+        self.takes += 1
         frames, ops, _ = self.held.pop(sid)
         if not self.held:
             self.oldest_ts = None

@@ -52,7 +52,7 @@ from ..wire import Message
 from . import keys as keyfmt
 from .arguments import check_keys, check_out, check_range, check_span, check_vals
 from .filtering import WorkerFilters
-from .outbox import Outbox
+from .outbox import FLUSH_AFTER, Outbox
 from .tracker import Request, RequestTracker
 from .traffic import heartbeat_reporter
 
@@ -87,6 +87,7 @@ class KVWorker:
         self._lock = threading.RLock()
         self._tracker = RequestTracker()
         self._outbox = Outbox()  # request coalescing: what waits to leave with the next batch
+        self._flusher: threading.Event | None = None  # wakes the thread that bounds the wait
         self._links: dict[int, ZmqLink] = {}
         self._link_server: dict[ZmqLink, int] = {}
         self._poller = Poller()
@@ -674,8 +675,38 @@ class KVWorker:
         except (ServerDeadError, LinkError):
             self._reroute_flag = True
             return
-        for out in self._outbox.add(sid, msg.ts, wire.encode(msg), msg.op):
+        sends = self._outbox.add(sid, msg.ts, wire.encode(msg), msg.op)
+        if not sends:  # it waits: for a reply, a wait, or at most ~2 FLUSH_AFTER
+            if self._flusher is None:
+                self._start_flusher()
+            elif not self._flusher.is_set():
+                self._flusher.set()
+        for out in sends:
             self._send_now(*out)
+
+    def _start_flusher(self) -> None:
+        """A daemon thread bounding how long a coalesced message waits when the caller stops
+        calling in (e.g. computes after a push): it sleeps while nothing waits, and otherwise
+        sends what waited through a whole FLUSH_AFTER without an outbox being emptied."""
+        wake = self._flusher = threading.Event()
+        wake.set()
+
+        def run() -> None:
+            while not self._closed:
+                if not wake.wait(1.0):
+                    continue
+                with self._lock:
+                    takes = self._outbox.takes
+                time.sleep(FLUSH_AFTER)
+                with self._lock:
+                    if self._closed:
+                        return
+                    if self._outbox.stale(takes):
+                        self._flush_held()
+                    if not self._outbox.held:
+                        wake.clear()
+
+        threading.Thread(target=run, name="pserver-flush", daemon=True).start()
 
     def _flush_held(self) -> None:
         """Send every message waiting in an outbox (one batch per server)."""

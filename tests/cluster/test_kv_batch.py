@@ -4,6 +4,8 @@ applied), and a worker keeping many requests in flight (which coalesces them) ke
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import zmq
@@ -26,7 +28,7 @@ def _pull(ts: int) -> bytes:
 
 @pytest.fixture
 def raw(cluster_factory):
-    """A DEALER of this test's own, as worker n9001, to the cluster's only server."""
+    """A worker, and a DEALER of this test's own (as worker n9001) to the cluster's only server."""
     cluster = cluster_factory(1, 1, settings={"max_keys": 100})
     kv = pserver.KVWorker(cluster.config(0))
     node = next(n for n in kv.membership.view.nodes.values() if n.role == "server")
@@ -34,7 +36,7 @@ def raw(cluster_factory):
     sock = ctx.socket(zmq.DEALER)
     sock.linger, sock.identity, sock.rcvtimeo = 0, b"n9001", 20_000
     sock.connect(f"tcp://{node.host}:{node.port}")
-    yield sock
+    yield kv, sock
     sock.close()
     ctx.term()
     kv.close()
@@ -54,6 +56,7 @@ def _replies(sock, count: int) -> dict[int, Message]:
 
 
 def test_a_batch_is_served_in_order_and_a_bad_one_refused_whole(raw):
+    _, raw = raw
     raw.send(wire.encode_batch([_push(1, 1.0), _push(2, 2.0), _pull(3)]))
     got = _replies(raw, 3)
     assert got[1].op == got[2].op == "ack"
@@ -81,3 +84,12 @@ def test_many_requests_in_flight_keep_per_sender_order(cluster_factory):
         seen = [kv.wait(ts).copy() for ts in pulls]
         for i, vals in enumerate(seen):
             np.testing.assert_array_equal(vals, i + 1)  # each pull saw exactly the pushes before it
+
+
+def test_a_coalesced_push_leaves_soon_though_the_caller_stops_calling_in(raw):
+    kv, sock = raw
+    kv.push(KEYS, np.ones(len(KEYS), np.float32))
+    kv.push(KEYS, np.ones(len(KEYS), np.float32))  # the first is unanswered yet: this one waits
+    time.sleep(1.0)  # the caller computes: no call into the worker
+    sock.send(_pull(1))
+    np.testing.assert_array_equal(_replies(sock, 1)[1].arrays[0].ravel(), 2.0)

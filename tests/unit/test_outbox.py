@@ -56,3 +56,15 @@ def test_answers_never_count_below_zero_and_are_forgotten_when_nothing_is_pendin
     box.add(1, 2, [b"a"], "push")
     box.forget_in_flight()  # e.g. the server died with it: new requests must not wait for it
     assert _flat(box.add(1, 3, [b"b"], "push")) == [(1, ["push"])]
+
+
+def test_what_waits_through_a_whole_tick_without_an_outbox_emptied_is_stale():
+    box = Outbox(hold_at=0)
+    takes = box.takes
+    assert not box.stale(takes)  # nothing waits
+    box.add(1, 1, [b"a"], "push")
+    assert box.stale(takes)
+    box.take_all()
+    box.add(1, 2, [b"b"], "push")
+    assert not box.stale(takes)  # an outbox was emptied meanwhile: b is younger than the tick
+    assert box.stale(box.takes)
