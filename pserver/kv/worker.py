@@ -764,7 +764,8 @@ class KVWorker:
             self.wait_all(timeout=10)
         except PServerError as e:
             log.warning("closing with a failed request: %s", e)
-        self._closed = True
+        with self._lock:  # the flush thread sends under the lock: none after this
+            self._closed = True
         self.membership.leave()
         self.membership.close()
         self.transport.close()
