@@ -2,8 +2,9 @@
 
 A request is split by the key ring into one message per server; the caller continues at once with a
 timestamp, and ``wait(ts)`` returns when every server involved answered. Messages are sent from the
-caller's thread (one DEALER link per server, under a lock) and replies are read by whichever thread
-waits: no background I/O thread on the data path. Callbacks run in the thread that makes progress.
+caller's thread (one DEALER link per server, under a lock) - or, while that server has one unanswered,
+coalesced into one batch (kv/outbox.py) by the next thread that waits, or a flush thread within a
+few ms - and replies are read by whichever thread waits. Callbacks run in the thread that makes progress.
 The bookkeeping of requests (parts, completion, re-routing) is the RequestTracker's (kv/tracker.py);
 this module slices, encodes and sends. Walkthrough: docs/design.md ("one push, function by function").
 """
