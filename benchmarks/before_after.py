@@ -43,8 +43,13 @@ def pushpull(python: str, args, out: str) -> dict:
     """Ops/s of the message cases (plain text, no busy polling, no store case)."""
     res = _run(python, [str(HERE / "pushpull.py"), "--seconds", str(args.seconds), "--busy-poll", "0",
                         "--no-store"], out, 900)
-    return {f"pushpull.{case}": v["ops_per_s"] for case, v in res["insecure"].items()
-            if isinstance(v, dict)}
+    found = {f"pushpull.{case}": v["ops_per_s"] for case, v in res["insecure"].items()
+             if isinstance(v, dict)}
+    # the same run's raw pyzmq baseline (this tree's script measures it for both sides): a ratio
+    # to it cancels most of a shared machine's drift between the two sides
+    for case, v in res.get("ratio_to_raw_pyzmq", {}).items():
+        found[f"pushpull.ratio_to_raw_pyzmq.{case}"] = v["median"]
+    return found
 
 
 def lr(python: str, args, out: str) -> dict:

@@ -1,10 +1,12 @@
 """Push/pull throughput and latency on a real local cluster (1 scheduler + 1 server + this process as
 the worker), over ZeroMQ on loopback: (a) 1 M dense keys push+pull, (b) a 4 MB tensor push,
 (c) 1,000 random keys with 1 and 16 in flight, (d) the store's lookup+update rate (no network).
---curve also runs a-c encrypted; --busy-poll S also with a busy-polling server (0 skips it).
-Records the CPU time per request of worker and server. Method: docs/benchmarks.md.
+In the same run, interleaved with it: raw pyzmq with the same frames (a DEALER sending a header,
+1,000 uint64 keys and 1,000 float32 to a ROUTER in another process that answers a short ack), and
+the 1,000-key cases as ratios to it. --curve also runs a-c (and the baseline) encrypted;
+--busy-poll S also with a busy-polling server (0 skips it). Method: docs/performance.md.
 
-Usage: python benchmarks/pushpull.py [--seconds 3] [--curve] [--busy-poll S] [--no-store]
+Usage: python benchmarks/pushpull.py [--seconds 3] [--rounds 1] [--curve] [--busy-poll S] [--no-store]
                                      [--out benchmarks/results/pushpull.json]"""
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import zmq
 
 import pserver
 from pserver.launch import LocalCluster
+
+RAW_HEADER = b'{"op":"push","ts":0,"t":"default","m":{"p":0,"rv":1}}'
 
 
 def _timed(fn, seconds: float, min_iters: int = 5) -> list[float]:
@@ -137,7 +144,9 @@ def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
 def run_cluster(seconds: float, insecure: bool, busy_poll: float = 0.0) -> dict:
     load = os.getloadavg()  # the machine may be shared: what else was running, as uptime says
     env = {"PSERVER_BUSY_POLL": str(busy_poll)} if busy_poll else None
-    with LocalCluster(1, 1, insecure=insecure, prefix_output=False, env=env) as cluster:
+    # a patient heartbeat timeout: on a loaded shared machine a starved heartbeat is no failure here
+    with LocalCluster(1, 1, insecure=insecure, prefix_output=False, env=env,
+                      heartbeat_timeout=5.0) as cluster:
         t = time.perf_counter()
         kv = pserver.KVWorker(cluster.config(0))
         start = time.perf_counter() - t
@@ -150,6 +159,133 @@ def run_cluster(seconds: float, insecure: bool, busy_poll: float = 0.0) -> dict:
     return res
 
 
+# -- raw pyzmq: the most any protocol on this transport can do -------------------------------------
+def raw_router(curve_secret: str) -> None:
+    """The baseline's server (run in its own process): a ROUTER that answers every message with a
+    short ack; prints its port, then serves until stdin closes."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.linger = 0
+    if curve_secret:
+        sock.curve_secretkey = curve_secret.encode()
+        sock.curve_publickey = zmq.curve_public(curve_secret.encode())
+        sock.curve_server = True
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    print(port, flush=True)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    poller.register(sys.stdin.fileno(), zmq.POLLIN)
+    while True:
+        ready = dict(poller.poll())
+        if sys.stdin.fileno() in ready:
+            return
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            sock.send_multipart([frames[0], b"ack"])
+
+
+def run_raw(seconds: float, curve: bool) -> dict:
+    """Round trips/s with 1 in flight and messages/s with 16 in flight, DEALER -> ROUTER (other
+    process) on loopback, each message three frames: header, 1,000 uint64 keys, 1,000 float32."""
+    public, secret = zmq.curve_keypair() if curve else (b"", b"")
+    proc = subprocess.Popen([sys.executable, __file__, "--raw-router", secret.decode()],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    ctx = zmq.Context()
+    try:
+        port = int(proc.stdout.readline())
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        if curve:
+            sock.curve_serverkey = public
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        rng = np.random.default_rng(0)
+        keys = np.unique(rng.integers(0, 2**64 - 1, 1000, dtype=np.uint64))
+        vals = np.ones(len(keys), np.float32)
+
+        def send() -> None:
+            sock.send(RAW_HEADER, zmq.SNDMORE)
+            sock.send(keys, zmq.SNDMORE, copy=False)
+            sock.send(vals, 0, copy=False)
+
+        def one() -> None:
+            send()
+            sock.recv()
+
+        for _ in range(200):  # connection, handshake and warm-up
+            one()
+        res = {"c_1000keys_push_1_in_flight": _summary(_timed(one, seconds))}
+        count, end = 0, time.perf_counter() + seconds
+        t0 = time.perf_counter()
+        cpu0, scpu0 = time.process_time(), _cpu_seconds(proc.pid)
+        for _ in range(16):
+            send()
+        while time.perf_counter() < end:
+            sock.recv()
+            send()
+            count += 1
+        for _ in range(16):
+            sock.recv()
+        count += 16
+        res["c_1000keys_push_16_in_flight"] = {
+            "pushes": count, "ops_per_s": round(count / (time.perf_counter() - t0), 1),
+            "worker_cpu_us_per_push": round(1e6 * (time.process_time() - cpu0) / count, 1),
+            "server_cpu_us_per_push": round(1e6 * (_cpu_seconds(proc.pid) - scpu0) / count, 1)}
+        sock.close()
+        return res
+    finally:
+        ctx.term()
+        proc.stdin.close()
+        proc.wait(10)
+
+
+RATIO_CASES = ("c_1000keys_push_1_in_flight", "c_1000keys_push_16_in_flight")
+
+
+def _ratios(rounds: list[dict], side: str, raw: str) -> dict:
+    """Per 1,000-key case: the ratio pserver / raw pyzmq of each round (same round: measured side by
+    side) and their median."""
+    out = {}
+    for case in RATIO_CASES:
+        per_round = [round(r[side][case]["ops_per_s"] / r[raw][case]["ops_per_s"], 3)
+                     for r in rounds if side in r and raw in r]
+        if per_round:
+            out[case] = {"median": round(statistics.median(per_round), 3), "rounds": per_round}
+    return out
+
+
+def _cpu_ratios(rounds: list[dict], side: str, raw: str) -> dict:
+    """16 in flight: CPU time per push (worker + server) of raw pyzmq / pserver, per round - steadier
+    than rates when other jobs share the machine (1.0 = as cheap as raw pyzmq)."""
+    case, per_round = "c_1000keys_push_16_in_flight", []
+    for r in rounds:
+        mine, base = r[side][case], r[raw][case]
+        per_round.append(round((base["worker_cpu_us_per_push"] + base["server_cpu_us_per_push"])
+                               / (mine["worker_cpu_us_per_push"] + mine["server_cpu_us_per_push"]), 3))
+    return {case: {"median": round(statistics.median(per_round), 3), "rounds": per_round}}
+
+
+def _median_case(values: list[dict]) -> dict:
+    """The round whose ops/s is the median (lower middle): a whole record, not a mix of rounds."""
+    ordered = sorted(values, key=lambda v: v["ops_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "ops_per_s_rounds": [v["ops_per_s"] for v in values]}
+
+
+def _merge(rounds: list[dict], side: str) -> dict:
+    """One side's results over the rounds: per case, the median round's record."""
+    first = rounds[0][side]
+    out = {}
+    for case, v in first.items():
+        if isinstance(v, dict) and "ops_per_s" in v:
+            out[case] = _median_case([r[side][case] for r in rounds])
+        else:
+            out[case] = v
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,24 +294,47 @@ def main() -> None:
     p.add_argument("--busy-poll", type=float, default=0.002,
                    help="also run with the server busy-polling this long (s; 0 = skip)")
     p.add_argument("--no-store", action="store_true", help="skip case d (the store without network)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds (medians reported)")
     p.add_argument("--out", default="benchmarks/results/pushpull.json")
+    p.add_argument("--raw-router", help=argparse.SUPPRESS)  # internal: the baseline's server
     args = p.parse_args()
+    if args.raw_router is not None:
+        raw_router(args.raw_router)
+        return
     sys.path.insert(0, str(Path(__file__).parent))
     import store_index
 
+    # interleaved: every round measures raw pyzmq and pserver one after the other, so a drift of the
+    # shared machine's speed hits both; ratios are taken within a round
+    rounds = []
+    for _ in range(args.rounds):
+        r = {"raw_pyzmq": run_raw(args.seconds, curve=False),
+             "insecure": run_cluster(args.seconds, insecure=True)}
+        if args.curve:
+            r["raw_pyzmq_curve"] = run_raw(args.seconds, curve=True)
+            r["curve"] = run_cluster(args.seconds, insecure=False)
+        rounds.append(r)
     result = {"command": "python benchmarks/pushpull.py " + " ".join(sys.argv[1:]),
-              "machine": {"cpus": os.cpu_count()}, "seconds_per_case": args.seconds,
-              "insecure": run_cluster(args.seconds, insecure=True)}
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "machine": {"cpus": os.cpu_count(), "shared": "yes: other jobs ran at the same time "
+                          "(see load_average_before); compare ratios within a run, not absolutes"},
+              "seconds_per_case": args.seconds, "rounds": args.rounds,
+              "raw_pyzmq": _merge(rounds, "raw_pyzmq"), "insecure": _merge(rounds, "insecure"),
+              "ratio_to_raw_pyzmq": _ratios(rounds, "insecure", "raw_pyzmq"),
+              "cpu_ratio_to_raw_pyzmq": _cpu_ratios(rounds, "insecure", "raw_pyzmq")}
     if args.busy_poll:
         result["insecure_busy_poll"] = {"busy_poll_s": args.busy_poll,
                                         **run_cluster(args.seconds, True, args.busy_poll)}
     if not args.no_store:
         result["d_store_lookup_update"] = store_index.run(n_table=10_000_000, n_query=1_000_000)
     if args.curve:
-        result["curve"] = run_cluster(args.seconds, insecure=False)
+        result["raw_pyzmq_curve"] = _merge(rounds, "raw_pyzmq_curve")
+        result["curve"] = _merge(rounds, "curve")
+        result["curve_ratio_to_raw_pyzmq_curve"] = _ratios(rounds, "curve", "raw_pyzmq_curve")
+        result["curve_cpu_ratio_to_raw_pyzmq_curve"] = _cpu_ratios(rounds, "curve", "raw_pyzmq_curve")
         result["curve_slowdown"] = {
             case: round(1 - result["curve"][case]["ops_per_s"] / v["ops_per_s"], 3)
-            for case, v in result["insecure"].items() if isinstance(v, dict)}
+            for case, v in result["insecure"].items() if isinstance(v, dict) and "ops_per_s" in v}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

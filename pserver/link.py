@@ -46,6 +46,11 @@ class Link:
         Raises LinkError; nothing was sent then."""
         raise NotImplementedError
 
+    def send_batch(self, frames: list, ops: list[str], to: bytes | None = None) -> None:
+        """Send several messages, each the single frame ``wire.encode`` made, as ONE batch message
+        (``ops`` name them in the traffic counters). Raises LinkError; nothing was sent then."""
+        self.send_frames([wire.encode_batch(frames)], wire.BATCH_OP, to)
+
     def recv(self) -> tuple[bytes | None, list] | None:
         """The next waiting message as (sender identity or None, frames), or None if none waits.
         Never blocks."""
@@ -94,6 +99,19 @@ class ZmqLink(Link):
             raise LinkError(f"cannot send {op!r}: {e}") from e
         if self.counters is not None:
             self.counters.count(self.counters.sent, op, nbytes + _nbytes(last))
+
+    def send_batch(self, frames: list, ops: list[str], to: bytes | None = None) -> None:
+        sock = self.sock
+        try:
+            if to is not None:
+                sock.send(to, zmq.SNDMORE)
+            sock.send(wire.encode_batch(frames), 0, copy=False)
+        except zmq.Again as e:
+            raise LinkTimeout(f"cannot send a batch of {len(ops)}: no peer took it in time") from e
+        except zmq.ZMQError as e:
+            raise LinkError(f"cannot send a batch of {len(ops)}: {e}") from e
+        if self.counters is not None:  # counted per message, under each one's op
+            self.counters.count_each(self.counters.sent, ops, [len(f) for f in frames])
 
     def recv(self) -> tuple[bytes | None, list] | None:
         frames = recv_frames(self.sock)

@@ -53,6 +53,14 @@ class TrafficCounters:
             entry[0] += 1
             entry[1] += nbytes
 
+    def count_each(self, table: dict, ops: list[str], sizes: list[int]) -> None:
+        """Count several messages (a batch's) at once: one per op of ``ops``, of ``sizes`` bytes."""
+        with self._lock:
+            for op, nbytes in zip(ops, sizes):
+                entry = table[op]
+                entry[0] += 1
+                entry[1] += nbytes
+
     def to_json(self) -> dict:
         with self._lock:
             return {
@@ -164,10 +172,15 @@ class Transport:
 
     def decode_body(self, body: list) -> tuple[wire.Message, str | None]:
         """Decode the frames a :meth:`Link.recv` returned -> (message, authenticated peer role or
-        None). Raises ProtocolError (or LimitError) for malformed input; nothing is counted then."""
+        None). A batch is a :class:`wire.Batch`, its messages counted one by one. Raises
+        ProtocolError (or LimitError, BatchError) for malformed input; nothing is counted then."""
         role = self.creds.peer_role(body[0]) if self.creds.secure and body else None
         msg = wire.decode(body, self.limits)
-        self.counters.count(self.counters.received, msg.op, sum(map(len, body)))
+        if type(msg) is wire.Batch:
+            self.counters.count_each(self.counters.received, [m.op for m in msg.messages],
+                                     msg.sizes)
+        else:
+            self.counters.count(self.counters.received, msg.op, sum(map(len, body)))
         return msg, role
 
     def messages(self, link: Link, peer: str) -> Iterator[wire.Message]:

@@ -4,7 +4,8 @@ A message is a JSON header (op, timestamp, table, op fields, array descriptors) 
 zero-copy frames for large messages, inline after the header for small ones. Nothing received is
 unpickled or evaluated: dtypes come from a whitelist and every declared length is checked against
 its frame before any array is built, so a lying header cannot make the receiver allocate.
-The frame layout and its trade-offs: docs/design.md, "Wire format"."""
+A batch carries several single-frame messages of one sender in one frame (request coalescing).
+The frame layout and its trade-offs: docs/design.md, "Wire format"; batches: docs/performance.md."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import orjson
 
 from .errors import LimitError, ProtocolError
+from .protocol import PART
 
 MAGIC = b"PS1"
 _HLEN = struct.Struct("<I")
@@ -55,6 +57,7 @@ class Limits:
     max_keys: entries in any one array (keys per request).
     max_dim: columns of a 2-D array (value dimension).
     max_header_bytes: size of the JSON header frame.
+    max_arrays: arrays of one message. max_batch: messages of one batch.
     """
 
     max_message_bytes: int = 1 << 31
@@ -62,6 +65,7 @@ class Limits:
     max_dim: int = 1 << 24
     max_header_bytes: int = 1 << 16
     max_arrays: int = 64
+    max_batch: int = 1024
 
 
 DEFAULT_LIMITS = Limits()
@@ -140,6 +144,8 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
     first = _buffer(frames[0])
     size = len(first)
     if size < _PREFIX or first[:3] != MAGIC:
+        if first[:4] == BATCH_MAGIC and len(frames) == 1:
+            return decode_batch(first, limits)
         raise ProtocolError("not a pserver message (bad magic or protocol version)")
     (hlen,) = _HLEN.unpack_from(first, 3)
     wide, hlen = hlen & _WIDE_INTS, hlen & (_WIDE_INTS - 1)
@@ -238,3 +244,101 @@ def _check_spec(spec, limits: Limits) -> tuple[np.dtype, tuple[int, ...], int]:
     if n > limits.max_keys:
         raise LimitError(f"array of {n} entries exceeds the limit of {limits.max_keys} keys")
     return dtype, shape, count * dtype.itemsize
+
+
+# -- batches: several single-frame messages of one sender in one frame ------------------------------
+# Layout: BATCH_MAGIC, u32 count, then per message a u32 length, 4 zero bytes and the message's frame,
+# zero-padded to 8 bytes (every message starts 8-byte aligned, so its inline arrays stay aligned).
+BATCH_MAGIC = b"PSB\0"
+BATCH_OP = "batch"
+_U32 = struct.Struct("<I")
+_ENTRY = struct.Struct("<II")
+
+
+@dataclass
+class Batch(Message):
+    """A decoded batch: ``messages`` in the order sent and the byte ``sizes`` of their frames (op
+    is BATCH_OP, no arrays of its own)."""
+
+    messages: list[Message] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+
+class BatchError(ProtocolError):
+    """A batch with a malformed or over-limit message: none of it may be applied. ``requests``
+    names the (ts, part) of every message that could still be read, to answer each with the error."""
+
+    def __init__(self, msg: str, requests: list[tuple[int, Any]]):
+        super().__init__(msg)
+        self.requests = requests
+
+
+def encode_batch(frames: list) -> bytes:
+    """One frame carrying ``frames`` (each the single frame ``encode`` made of a message)."""
+    parts: list = [BATCH_MAGIC, _U32.pack(len(frames))]
+    for f in frames:
+        n = len(f)
+        parts.append(_ENTRY.pack(n, 0))
+        parts.append(f)
+        parts.append(_ZEROS[: -n & 7])
+    return b"".join(parts)
+
+
+def _batch_entries(buf: memoryview, limits: Limits) -> list[memoryview]:
+    """The frames of a batch's messages (views, no copy); ProtocolError / LimitError if the
+    envelope is malformed."""
+    size = len(buf)
+    if size < 8:
+        raise ProtocolError("batch shorter than its envelope")
+    (count,) = _U32.unpack_from(buf, 4)
+    if count > limits.max_batch:
+        raise LimitError(f"batch of {count} messages exceeds the limit of {limits.max_batch}")
+    if not count:
+        raise ProtocolError("empty batch")
+    entries, offset, unpack = [], 8, _ENTRY.unpack_from
+    for _ in range(count):
+        if offset + 8 > size:
+            raise ProtocolError("batch entries run past the end of the frame")
+        n, zero = unpack(buf, offset)
+        start = offset + 8
+        offset = start + n + (-n & 7)
+        if zero or offset > size:
+            raise ProtocolError("batch entry length runs past the end of the frame")
+        entries.append(buf[start:start + n])
+    if offset != size:
+        raise ProtocolError(f"batch has {size} bytes but its entries account for {offset}")
+    return entries
+
+
+def decode_batch(buf: memoryview, limits: Limits = DEFAULT_LIMITS) -> Batch:
+    """Decode a batch frame (starting with BATCH_MAGIC) and every message in it, all before any is
+    used. Raises ProtocolError / LimitError for a malformed envelope, :class:`BatchError` (with the
+    requests it could read) when a message in it is malformed or over the limits."""
+    if len(buf) > limits.max_message_bytes + limits.max_batch * (limits.max_header_bytes + 512):
+        raise LimitError(f"batch exceeds the size limit of {limits.max_message_bytes} bytes")
+    entries = _batch_entries(buf, limits)
+    messages, failed = [], None
+    for entry in entries:
+        try:
+            if entry[:4] == BATCH_MAGIC:
+                raise ProtocolError("a batch inside a batch")
+            messages.append(decode([entry], limits))
+        except ProtocolError as e:  # LimitError is one
+            failed = e
+            break
+    if failed is None:
+        return Batch(BATCH_OP, messages=messages, sizes=[len(e) for e in entries])
+    requests = []
+    for entry in entries:  # attribution only: each is answered with the error, none applied
+        if entry[:4] == BATCH_MAGIC:
+            continue
+        try:
+            m = decode([entry], _ATTRIBUTION)
+        except ProtocolError:
+            continue
+        requests.append((m.ts, m.meta.get(PART)))
+    raise BatchError(f"a message of the batch was refused: {failed}", requests)
+
+
+_ATTRIBUTION = Limits(max_message_bytes=1 << 62, max_keys=1 << 62, max_dim=1 << 62,
+                      max_header_bytes=1 << 24, max_arrays=1 << 10, max_batch=1 << 20)

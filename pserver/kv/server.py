@@ -27,7 +27,7 @@ from ..store import index as store_index
 from ..store.apply import sum_parts
 from ..store.updaters import FunctionUpdater, register_updater
 from ..transport import Transport
-from ..wire import Message
+from ..wire import Batch, BatchError, Message
 from . import keys as keyfmt
 from .core import ServerCore
 from .traffic import heartbeat_reporter
@@ -213,13 +213,22 @@ class KVServer:
             identity, frames = got
             try:
                 msg, role = decode(frames)
+            except BatchError as e:  # each request of the batch answered, none applied
+                for ts, part in e.requests:
+                    core.reject(identity, ts, e, part)
+                if not e.requests:
+                    core.reject(identity, 0, e)
             except PServerError as e:  # malformed: answered, never applied
                 core.reject(identity, 0, e)
             except Exception as e:
                 log.exception("unexpected error decoding a request")
                 core.reject(identity, 0, e)
             else:
-                handle(identity, msg, role)
+                if type(msg) is Batch:  # coalesced requests: served in order, as if sent apart
+                    for m in msg.messages:
+                        handle(identity, m, role)
+                else:
+                    handle(identity, msg, role)
             if out:  # the replies of this request: at once (inlined _send_out: the hot path)
                 for to, reply in out:
                     try:

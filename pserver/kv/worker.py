@@ -2,8 +2,9 @@
 
 A request is split by the key ring into one message per server; the caller continues at once with a
 timestamp, and ``wait(ts)`` returns when every server involved answered. Messages are sent from the
-caller's thread (one DEALER link per server, under a lock) and replies are read by whichever thread
-waits: no background I/O thread on the data path. Callbacks run in the thread that makes progress.
+caller's thread (one DEALER link per server, under a lock) - or, while that server has one unanswered,
+coalesced into one batch (kv/outbox.py) by the next thread that waits, or a flush thread within a
+few ms - and replies are read by whichever thread waits. Callbacks run in the thread that makes progress.
 The bookkeeping of requests (parts, completion, re-routing) is the RequestTracker's (kv/tracker.py);
 this module slices, encodes and sends. Walkthrough: docs/design.md ("one push, function by function").
 """
@@ -55,6 +56,7 @@ from ..wire import Message
 from . import keys as keyfmt
 from .arguments import check_keys, check_out, check_range, check_span, check_vals
 from .filtering import WorkerFilters
+from .outbox import FLUSH_AFTER, Outbox
 from .tracker import Request, RequestTracker
 from .traffic import heartbeat_reporter
 
@@ -100,6 +102,8 @@ class KVWorker:
         self._identity = b"n%d" % self.membership.node_id
         self._lock = threading.RLock()
         self._tracker = RequestTracker()
+        self._outbox = Outbox()  # request coalescing: what waits to leave with the next batch
+        self._flusher: threading.Event | None = None  # wakes the thread that bounds the wait
         self._links: dict[int, ZmqLink] = {}
         self._link_server: dict[ZmqLink, int] = {}
         self._poller = Poller()
@@ -149,6 +153,8 @@ class KVWorker:
                 PSERVER_BARRIER_TIMEOUT); this worker is no longer counted at the barrier.
             SchedulerUnreachableError: the scheduler is gone.
         """
+        with self._lock:  # requests issued before the barrier leave before it
+            self._flush_held()
         self.membership.barrier(name, "worker", timeout)
 
     # -- tables -------------------------------------------------------------------------------
@@ -467,6 +473,8 @@ class KVWorker:
                 pending = tracker.pending.get(ts)
                 if pending is None:
                     return None  # completed earlier and already collected (or delivered)
+                if self._outbox.holds(ts):
+                    self._flush_held()
                 self._progress(0.02)
                 if ts in tracker.pending and self._reroute_needed():
                     self._reroute()
@@ -493,11 +501,17 @@ class KVWorker:
             sid = self._link_server[link]
             while (got := link.recv()) is not None:
                 self._on_reply(sid, got[1])
+        # replies came (or the timeout passed): what waited for them leaves as one batch per server
+        if self._outbox.held:
+            self._flush_held()
+        elif not self._tracker.pending:
+            self._outbox.forget_in_flight()
 
     def _on_reply(self, sid: int, frames: list) -> None:
         try:
             msg, _ = self.transport.decode_body(frames)
         except PServerError as e:
+            self._outbox.answered(sid)
             self._on_undecodable(sid, frames, e)
             return
         if msg.op == "acks":  # several acknowledgements in one message
@@ -505,6 +519,7 @@ class KVWorker:
             if not isinstance(acks, list):
                 log.error("malformed acks from server %d dropped", sid)
                 return
+            self._outbox.answered(sid, len(acks))
             filtered, ack = self.filters.sent, self._tracker.ack
             for entry in acks:
                 if type(entry) is list and len(entry) == 2 and type(entry[0]) is int:
@@ -513,6 +528,7 @@ class KVWorker:
                     else:
                         ack(sid, entry[0], entry[1])
             return
+        self._outbox.answered(sid)
         self._on_message(sid, msg)
 
     def _on_undecodable(self, sid: int, frames: list, err: PServerError) -> None:
@@ -551,6 +567,7 @@ class KVWorker:
         """Failover on the worker side: resend the parts the tracker's plan names (their server
         left the ring or refused the keys), re-split with the current ring, in timestamp order so
         per-sender FIFO holds at the new owners. Servers drop the duplicates."""
+        self._flush_held()  # as if sent at once: the plan below sees every part as sent
         view = self.membership.view
         ring = self._ring = self._rings.setdefault(view.ring.version, view.ring)
         if self.membership.scheduler_lost.is_set():
@@ -677,8 +694,9 @@ class KVWorker:
                        arrays)
 
     def _send(self, sid: int, msg: Message) -> None:
-        """Send ``msg`` to server ``sid``; a part that cannot go out stays waiting and is re-routed
-        once the ring drops that server."""
+        """Send ``msg`` to server ``sid`` - now, or coalesced with the next ones if that server has
+        requests of this worker unanswered (kv/outbox.py). A part that cannot go out stays waiting
+        and is re-routed once the ring drops that server."""
         link = self._links.get(sid)
         try:
             if link is None:
@@ -689,8 +707,55 @@ class KVWorker:
                 self._links[sid] = link
                 self._link_server[link] = sid
                 self._poller.register(link)
-            link.send_frames(wire.encode(msg), msg.op)
         except (ServerDeadError, LinkError):
+            self._reroute_flag = True
+            return
+        sends = self._outbox.add(sid, msg.ts, wire.encode(msg), msg.op)
+        if not sends:  # it waits: for a reply, a wait, or at most ~2 FLUSH_AFTER
+            if self._flusher is None:
+                self._start_flusher()
+            elif not self._flusher.is_set():
+                self._flusher.set()
+        for out in sends:
+            self._send_now(*out)
+
+    def _start_flusher(self) -> None:
+        """A daemon thread bounding how long a coalesced message waits when the caller stops
+        calling in (e.g. computes after a push): it sleeps while nothing waits, and otherwise
+        sends what waited through a whole FLUSH_AFTER without an outbox being emptied."""
+        wake = self._flusher = threading.Event()
+        wake.set()
+
+        def run() -> None:
+            while not self._closed:
+                if not wake.wait(1.0):
+                    continue
+                with self._lock:
+                    takes = self._outbox.takes
+                time.sleep(FLUSH_AFTER)
+                with self._lock:
+                    if self._closed:
+                        return
+                    if self._outbox.stale(takes):
+                        self._flush_held()
+                    if not self._outbox.held:
+                        wake.clear()
+
+        threading.Thread(target=run, name="pserver-flush", daemon=True).start()
+
+    def _flush_held(self) -> None:
+        """Send every message waiting in an outbox (one batch per server)."""
+        for out in self._outbox.take_all():
+            self._send_now(*out)
+
+    def _send_now(self, sid: int, frames: list, ops: list[str]) -> None:
+        link = self._links[sid]
+        try:
+            if len(ops) == 1:
+                link.send_frames(frames, ops[0])
+            else:
+                link.send_batch(frames, ops)
+        except LinkError:
             self._reroute_flag = True
 
     def tasks(self, app: str | None = None, model: str | None = None, **kw):
@@ -734,7 +799,8 @@ class KVWorker:
             self.wait_all(timeout=10)
         except PServerError as e:
             log.warning("closing with a failed request: %s", e)
-        self._closed = True
+        with self._lock:  # the flush thread sends under the lock: none after this
+            self._closed = True
         self.membership.leave()
         self.membership.close()
         self.transport.close()

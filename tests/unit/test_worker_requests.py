@@ -11,6 +11,7 @@ import pytest
 
 from pserver.errors import TableError
 from pserver.kv.filtering import WorkerFilters
+from pserver.kv.outbox import Outbox
 from pserver.kv.tracker import Request, RequestTracker
 from pserver.kv.worker import KVWorker
 from pserver.ring import KeyRing
@@ -23,6 +24,7 @@ def _worker(spec: TableSpec, ring: KeyRing) -> tuple[KVWorker, list]:
     kv = object.__new__(KVWorker)
     sent: list = []
     kv._tracker = RequestTracker()
+    kv._outbox = Outbox()
     kv._send = lambda sid, msg: sent.append((sid, msg))
     kv.filters = WorkerFilters(kv._send, kv._tracker.pending)
     kv._tables = {spec.name: spec}
