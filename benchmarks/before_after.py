@@ -56,9 +56,11 @@ def lr(python: str, args, out: str) -> dict:
     """Examples/s of the sparse LR job (median pass after the first) and its training seconds."""
     here, data = str(HERE), args.lr_data
     code = (f"import json, sys; sys.path.insert(0, {here!r}); import lr; "
-            f"lr.ensure_data({data!r}, {args.lr_examples}); "
+            # the data set of the earlier before/after runs (gen-data --density 0.1)
+            f"lr.ensure_data({data!r}, {args.lr_examples}, dict(density=0.1, noise=0.02, seed=7)); "
             f"import resource; u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-            f"r = lr.run_ours({data!r}, 2, 2, 5.0, 2.0, {args.lr_epochs}, 16); "
+            f"r = lr.run_ours({data!r}, ['--l1', '5', '--l2', '2', '--epochs', '{args.lr_epochs}', "
+            f"'--blocks', '16', '--tau', '0']); "
             f"v = resource.getrusage(resource.RUSAGE_CHILDREN); "
             f"cpu = v.ru_utime + v.ru_stime - u.ru_utime - u.ru_stime; "
             f"json.dump({{'history': r['history'], 'train_seconds': r['train_seconds'], 'cpu': cpu}}, "
