@@ -63,6 +63,9 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
                                                             "stored at each of its replicas, so that "
                                                             "repeated lists travel once (k/M/G; "
                                                             "0 = off); set on the scheduler"),
+    "PSERVER_COALESCE": ("coalesce", int, "workers: unanswered requests to a server before new "
+                                          "small ones wait to leave together as one batch (0 = "
+                                          "off, the default; docs/performance.md)"),
     "PSERVER_MAX_MESSAGE_BYTES": ("max_message_bytes", int, "largest accepted message payload"),
     "PSERVER_MAX_KEYS": ("max_keys", int, "most keys accepted in one request"),
     "PSERVER_MAX_DIM": ("max_dim", int, "largest accepted value dimension"),
@@ -105,6 +108,7 @@ class Config:
     replicate_after_aggregation: bool = True
     slot_cache: str = SLOT_CACHE_DEFAULT
     replica_key_cache: str = REPLICA_KEY_CACHE_DEFAULT
+    coalesce: int = 0
     max_message_bytes: int = 1 << 31
     max_keys: int = 1 << 28
     max_dim: int = 1 << 24
@@ -132,6 +136,8 @@ class Config:
         return cfg
 
     def validate(self) -> None:
+        if self.coalesce < 0:
+            raise ConfigError("PSERVER_COALESCE must be >= 0 (0 = no coalescing)")
         if self.host and self.interface:
             raise ConfigError("set PSERVER_HOST or PSERVER_INTERFACE, not both: the interface's "
                               "address is the host")

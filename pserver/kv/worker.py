@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -102,7 +103,8 @@ class KVWorker:
         self._identity = b"n%d" % self.membership.node_id
         self._lock = threading.RLock()
         self._tracker = RequestTracker()
-        self._outbox = Outbox()  # request coalescing: what waits to leave with the next batch
+        # request coalescing (PSERVER_COALESCE; off by default): what waits to leave in a batch
+        self._outbox = Outbox(hold_at=self.cfg.coalesce or sys.maxsize)
         self._flusher: threading.Event | None = None  # wakes the thread that bounds the wait
         self._links: dict[int, ZmqLink] = {}
         self._link_server: dict[ZmqLink, int] = {}

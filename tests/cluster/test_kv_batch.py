@@ -30,7 +30,7 @@ def _pull(ts: int) -> bytes:
 def raw(cluster_factory):
     """A worker, and a DEALER of this test's own (as worker n9001) to the cluster's only server."""
     cluster = cluster_factory(1, 1, settings={"max_keys": 100})
-    kv = pserver.KVWorker(cluster.config(0))
+    kv = pserver.KVWorker(cluster.config(0).with_(coalesce=1))   # PSERVER_COALESCE=1
     node = next(n for n in kv.membership.view.nodes.values() if n.role == "server")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
@@ -75,7 +75,7 @@ def test_a_batch_is_served_in_order_and_a_bad_one_refused_whole(raw):
 
 def test_many_requests_in_flight_keep_per_sender_order(cluster_factory):
     cluster = cluster_factory(2, 1)
-    with pserver.KVWorker(cluster.config(0)) as kv:
+    with pserver.KVWorker(cluster.config(0).with_(coalesce=1)) as kv:
         keys = np.array([3, 2**63 + 11], dtype=np.uint64)  # one key on each server
         pulls = []
         for _ in range(60):  # no wait in between: most of these leave coalesced

@@ -68,3 +68,16 @@ def test_what_waits_through_a_whole_tick_without_an_outbox_emptied_is_stale():
     box.add(1, 2, [b"b"], "push")
     assert not box.stale(takes)  # an outbox was emptied meanwhile: b is younger than the tick
     assert box.stale(box.takes)
+
+
+def test_coalescing_is_off_by_default_in_a_worker():
+    """PSERVER_COALESCE 0 (the default): a worker's outbox never holds a message, however many
+    are unanswered (coalescing was measured slower on an idle machine: docs/performance.md)."""
+    import sys
+
+    from pserver.config import Config
+
+    assert Config().coalesce == 0
+    box = Outbox(hold_at=Config().coalesce or sys.maxsize)
+    for ts in range(100):
+        assert box.add(1, ts, [b"x"], "push") == [(1, [b"x"], ["push"])]
