@@ -3,9 +3,8 @@
 Requests/s and p50/p99 latency of POST /predict with 1, 10 and 100 instances per request under a
 concurrent load generator (wrk when installed, else an asyncio httpx client), on a cluster holding
 a model (alone) and on a cluster where `pserver train lr` runs (while training); and the training
-job's slowdown while the service answers ~200 requests/s of one instance. Until worker groups
-exist the service joins the training cluster as one more worker after the training's table
-barrier and leaves before its final barrier (tests/cluster/test_serve.py does the same).
+job's slowdown while the service answers ~200 requests/s of one instance. The service joins the
+training's cluster as its own read-only worker group.
 
   python benchmarks/serve.py [--examples 200000] [--seconds 10] [--connections 16]
 """
@@ -251,6 +250,7 @@ def main() -> None:
     p.add_argument("--connections", type=int, default=16)
     p.add_argument("--rate", type=float, default=200.0, help="requests/s while training")
     args = p.parse_args()
+    load_at_start = os.getloadavg()   # other jobs on the machine show here
     tmp = tempfile.mkdtemp(prefix="pserver-serve-bench-")
     try:
         data = os.path.join(tmp, "data")
@@ -292,11 +292,11 @@ def main() -> None:
                      key=lambda r: r["predictions_per_s"])
         result = {
             "benchmark": "serve", "date": time.strftime("%Y-%m-%d %H:%M"),
-            "machine": {"cpus": os.cpu_count(), "shared": True,
+            "machine": {"cpus": os.cpu_count(),
+                        "load_average_at_start": load_at_start,
                         "load_average_at_the_end": os.getloadavg(),
-                        "note": "2 cores shared with other engineers' builds and tests while "
-                                "this ran: the load generator, the service, the cluster (and "
-                                "the training) compete for the same 2 cores"},
+                        "note": "the load generator, the service, the cluster (and the "
+                                "training) share the same cores"},
             "setup": {"examples": args.examples, "epochs": args.epochs,
                       "served_epochs": args.served_epochs, "servers": 2,
                       "train_workers": 2, "service_processes_while_training": 1, "seconds_per_case":
