@@ -21,6 +21,7 @@ import pytest
 from pserver import KVWorker
 from pserver.apps.lr import gen
 from pserver.apps.lr.dbpg import DBPGConfig, weight_table_args
+from pserver.apps.lr.model import auc
 from pserver.apps.lr.serve.auth import cluster_token
 from pserver.apps.lr.serve.instances import feature_keys
 from pserver.launch import free_port
@@ -109,20 +110,16 @@ def test_predictions_during_training_equal_predict_on_the_export(cluster_factory
     cmd = [sys.executable, "-m", "pserver.apps.lr.worker", "--data", str(data / "train.libsvm"),
            "--epochs", "30", "--blocks", "8", "--l1", "1", "--straggler", "0:10:1",
            "--model-out", str(model_dir)]
+    # the service first: a read-only group of its own, it may join before the training does,
+    # and its first answers come from the untrained (zero) weights
+    token = cluster_token(cluster.keys)
+    svc = Service(cluster, "--table", "lr_w", "--l1", "1", token=token)
+    services.append(svc)
     train = [subprocess.Popen(cmd, env=cluster.env(r), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    out = [_Lines(p, f"train {r}") for r, p in enumerate(train)]
+    _readers = [_Lines(p, f"train {r}") for r, p in enumerate(train)]  # drain their output
     try:
-        deadline = time.monotonic() + 300
-        while not any(ln.startswith("worker 0:") for ln in out[0].lines):   # past the barrier
-            assert all(p.poll() is None for p in train), "training ended early"
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.1)
-        token = cluster_token(cluster.keys)
-        svc = Service(cluster, "--table", "lr_w", "--l1", "1", token=token)
-        services.append(svc)
         svc.wait_ready()
-
         refused = httpx.post(svc.url + "/predict", json={"instances": []}, timeout=HTTP_TIMEOUT)
         assert refused.status_code == 401 and "missing Authorization" in refused.json()["error"]
         wrong = httpx.post(svc.url + "/predict", json={"instances": []}, timeout=HTTP_TIMEOUT,
@@ -130,16 +127,25 @@ def test_predictions_during_training_equal_predict_on_the_export(cluster_factory
         assert wrong.status_code == 401 and wrong.json()["error"] == "invalid bearer token"
 
         test = _libsvm_instances(data / "test.libsvm")
-        versions = []
+        labels = np.array([1 if line.split()[0] in ("1", "+1") else -1
+                           for line in (data / "test.libsvm").read_text().splitlines()])
+        versions, aucs = [], []
         while not (model_dir / "model.json").exists():
-            r = svc.predict(test[:50])
+            r = svc.predict(test)
+            if r.status_code == 503 and not versions:   # the cluster or table not there yet
+                time.sleep(0.1)
+                continue
             assert r.status_code == 200, r.text
             body = r.json()
-            assert len(body["probabilities"]) == 50 and body["staleness_s"] >= 0
+            assert len(body["probabilities"]) == len(test) and body["staleness_s"] >= 0
             versions.append(body["model_version"])
+            aucs.append(auc(labels, np.array(body["probabilities"])))
             time.sleep(0.1)
         assert versions, "no prediction was served while training ran"
         assert versions == sorted(versions) and len(set(versions)) >= 2, versions
+        # the served predictions follow the training: held-out AUC rises as passes go by
+        third = max(len(aucs) // 3, 1)
+        assert np.mean(aucs[-third:]) > np.mean(aucs[:third]), aucs
 
         served = np.array(svc.predict(test).json()["probabilities"])
         expect_file = tmp_path / "expect.txt"
