@@ -55,8 +55,9 @@ class _Table(torch.nn.Module):
             cand = ids_to_keys(ids)
             if pk.size and pinv.size == cand.size and np.array_equal(pk[pinv], cand):
                 keys, inverse = pk, pinv
-            else:                             # another batch than the prefetched one
-                self._prefetched.clear()
+            else:        # another batch than the prefetched ones: collect their replies
+                while self._prefetched:          # (a pull not waited for stays tracked)
+                    self.kv.wait(self._prefetched.popleft()[2])
         if keys is None:
             keys, inverse = np.unique(ids_to_keys(ids), return_inverse=True)
             rows = self.kv.pull(keys, table=self.table)
