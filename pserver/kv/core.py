@@ -143,12 +143,15 @@ class ServerCore:
                 held.append(msg)
             else:
                 self._process(identity, msg)
-        except PServerError as e:
-            self.reject(identity, msg.ts, e, msg.meta.get(PART))
-        except Exception as e:
-            log.exception("unexpected error on a request")
-            self.reject(identity, msg.ts, e, msg.meta.get(PART))
+        except Exception as e:  # noqa: BLE001 - every refusal is answered (see _refuse)
+            self._refuse(identity, msg, e)
         return self.out
+
+    def _refuse(self, identity: bytes, msg: Message, err: Exception) -> None:
+        """Answer ``msg`` with ``err``; an error that is not a PServerError is a bug: logged."""
+        if not isinstance(err, PServerError):
+            log.exception("unexpected error on a request")
+        self.reject(identity, msg.ts, err, msg.meta.get(PART))
 
     def reject(self, identity: bytes, ts: int, err: Exception, part=None) -> None:
         """Answer request ``ts`` with an error (kind: the exception class) and count it."""
@@ -427,11 +430,8 @@ class ServerCore:
             msg = queue.popleft()
             try:
                 self._process(identity, msg)
-            except PServerError as e:
-                self.reject(identity, msg.ts, e, msg.meta.get(PART))
-            except Exception as e:
-                log.exception("unexpected error on a held request")
-                self.reject(identity, msg.ts, e, msg.meta.get(PART))
+            except Exception as e:  # noqa: BLE001 - answered, as in handle
+                self._refuse(identity, msg, e)
             if identity in self.held:  # blocked again: keep the rest behind it
                 self.held[identity].extend(queue)
                 return
