@@ -113,8 +113,9 @@ _ERR = ("error",)
 FIELDS: dict[str, Field] = {f.key: f for f in (
     Field(PART, "part id of a request's slice for one server; echoed by its reply",
           "int", (*_DATA, "declare_table", "ack", "vals", "range", "ok", "error"), "both"),
-    Field(RING_VERSION, "key ring version the sender routed by (request) or serves by (reply)",
-          "int", (*_DATA, "range", "error", "replicate"), "both"),
+    Field(RING_VERSION, "key ring version the sender routed by (request) or serves by (reply); "
+          "of a migrate_prepare: the ring the migration starts from",
+          "int", (*_DATA, "range", "error", "replicate", "migrate_prepare"), "both"),
     Field(PUSH_PULL, "1: answer a push with the keys' values once applied", "int", ("push",),
           "request"),
     Field(ORIGINS, "[server, part] pairs a re-routed part was first sent as (exactly-once)",

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..link import Link, LinkError
-from ..protocol import KEY_COUNT
+from ..protocol import KEY_COUNT, RING, RING_VERSION, SERVERS
 from ..ring import KeyRing
 from ..transport import Transport
 from ..wire import Message
@@ -105,7 +105,8 @@ class MigrationCoordinator:
         # servers may not have the joiner in their view yet: tell them where everyone is
         where = {str(s): list(self.address(s)) for s in participants}
         for sid in participants:
-            self._send(sid, "migrate_prepare", {"ring": ring.to_json(), "servers": where})
+            self._send(sid, "migrate_prepare", {RING: ring.to_json(), SERVERS: where,
+                                                RING_VERSION: old.version})
 
     def _read(self) -> None:
         for sid, link in list(self.links.items()):
@@ -119,7 +120,7 @@ class MigrationCoordinator:
         self.current = None
         for sid in sorted(set(m.ring.servers) | set(self.links)):
             if self.alive(sid):
-                self._send(sid, "migrate_commit", {"ring": m.ring.to_json()})
+                self._send(sid, "migrate_commit", {RING: m.ring.to_json()})
         self.commit_ring(m.ring)
         self.completed += 1
         log.warning("key ring v%d committed (%s) after %.2f s", m.ring.version, m.reason,

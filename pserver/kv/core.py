@@ -99,6 +99,7 @@ class ServerCore:
         repl.rebuilder.clock_of = self.clocks.copy_json
         repl.rebuilder.applied_of = self.exactly_once.applied_json
         self.view = ClusterView()
+        self._prepare_held: tuple[bytes, Message] | None = None  # a migration's prepare ahead of our view
         self.errors = self.duplicates = 0
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> refused requests
         self.stats: Callable[[], dict] = lambda: {}  # the node's stats, set by the loop
@@ -309,12 +310,25 @@ class ServerCore:
         self._answer(identity, msg, "ok", meta=meta)
 
     def on_migrate(self, identity: bytes, msg: Message) -> None:
-        """Scheduler-driven change of the key ring (see pserver.ft.migration)."""
+        """Scheduler-driven change of the key ring (see pserver.ft.migration). A prepare made from
+        a ring this server has not adopted yet (the view announcing a failover may arrive after
+        it) waits for that view: the pre-copy must cover every key this server masters then."""
         if msg.op == "migrate_abort":
             self.repl.next_ring = None
+            self._prepare_held = None
             return
         ring = KeyRing.from_json(msg.meta[RING])
         if msg.op == "migrate_prepare":
+            start = msg.meta.get(RING_VERSION)
+            if type(start) is not int and start is not None:
+                raise ProtocolError("meta 'rv' of a migrate_prepare must be a ring version")
+            mine = self.repl.ring.version if self.repl.ring is not None else -1
+            if start is not None and mine < start:
+                self._prepare_held = (identity, msg)
+                log.info("migration to ring v%d waits for ring v%d (this server has v%d)",
+                         ring.version, start, mine)
+                return
+            self._prepare_held = None
             for sid, (host, port) in msg.meta.get(SERVERS, {}).items():
                 self.repl.known_peers[int(sid)] = (str(host), int(port))
             self.repl.next_ring = ring
@@ -322,6 +336,7 @@ class ServerCore:
                 self.out.append((identity, Message("migrate_ready", msg.ts, meta={KEY_COUNT: 0})))
             return
         self.repl.next_ring = None  # commit: switch now, before the view's broadcast
+        self._prepare_held = None
         self.repl.adopt_ring(ring, True, self.tables)
 
     def on_checkpoint_write(self, identity: bytes, msg: Message) -> None:
@@ -475,6 +490,8 @@ class ServerCore:
         self.on_replicated(self.repl.configure(view))
         if view.ring is not None:
             self.repl.adopt_ring(view.ring, False, self.tables)
+        if self._prepare_held is not None:  # the view it waited for may be this one
+            self.on_migrate(*self._prepare_held)
         self.filters.on_view(view)
         self._learn_groups(view)
         for name, group in self.rounds.tables():

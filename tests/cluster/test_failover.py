@@ -78,3 +78,26 @@ def test_server_killed_mid_run_no_update_lost_or_doubled(cluster_factory, tmp_pa
     for r in results:
         assert r["min"] == total and r["max"] == total, r
         assert r["ring_version"] >= 2  # the ring did change
+
+
+def test_a_server_joins_before_the_death_of_another_is_noticed_no_update_lost(cluster_factory,
+                                                                              tmp_path):
+    """As when an engine restarts a dead server at once: server 1 is SIGKILLed and a new server
+    joins 0.3 s later, before the heartbeat timeout. The join's migration is aborted by the death,
+    retried from the failover ring, and every key still reads the number of acknowledged pushes
+    (the survivor's pre-copy waits until it masters the dead server's ranges)."""
+    cluster = cluster_factory(2, 2, replication=1, heartbeat_timeout=2.0)
+    rounds, nkeys = 80, 20_000
+    cmd = [sys.executable, str(PROGRAMS / "ft_count_worker.py"), str(tmp_path), str(rounds), str(nkeys)]
+    workers = [cluster.spawn_worker(cmd, rank) for rank in range(2)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"started{r}").exists() for r in range(2)):
+        assert time.monotonic() < deadline, "workers did not start"
+        time.sleep(0.05)
+    cluster.kill("server 1", signal.SIGKILL)
+    time.sleep(0.3)
+    cluster.add_server()
+    assert _wait_all(workers, 240) == [0, 0]
+    for r in (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)):
+        assert r["acked"] == rounds and r["min"] == r["max"] == 2 * rounds, r
+        assert r["ring_version"] >= 3  # the failover, then the join

@@ -293,3 +293,47 @@ def test_a_range_pull_with_a_bad_limit_is_refused(limit):
     core.handle(b"n4", Message("pull_range", 1, "default", {"lo": 0, "hi": 100, "limit": limit}), "worker")
     (_, reply), = _sent(core)
     assert reply.op == "error" and "limit" in reply.meta["error"]
+
+
+# ------------------------------------------------------------------------------ migrations
+def _servers_view(version: int, ring: KeyRing, dead=()) -> ClusterView:
+    nodes = {4: NodeInfo(4, "worker", 0, "h", 0, 0)}
+    for i, sid in enumerate((1, 2, 5)):
+        nodes[sid] = NodeInfo(sid, "server", i, "h", sid, 0, alive=sid not in dead,
+                              state="dead" if sid in dead else "up")
+    return ClusterView(version=version, nodes=nodes, ring=ring, settings={"replication": 1})
+
+
+def test_a_prepare_made_from_a_ring_this_server_lacks_waits_for_it_and_then_copies_every_key():
+    """Server 1 replicates server 2 (k = 1). Server 2 dies and server 5 joins: the scheduler's
+    prepare (from the failover ring v2, where 1 masters all) may arrive before the view of v2.
+    Pre-copied then, it would leave out the keys 1 took over from 2 - lost at 5 after the commit."""
+    cap = RecordingTransport()
+    repl = Replicator(cap, 1, lambda sid: ("h", sid))
+    core = ServerCore(repl)
+    v1 = KeyRing([1, 2], virtual=8, version=1)
+    core.on_view(_servers_view(1, v1))
+    keys = np.unique(np.random.default_rng(3).integers(0, 2**64 - 1, 400, dtype=np.uint64))
+    of1, of2 = keys[v1.owner_of(keys) == 1], keys[v1.owner_of(keys) == 2]
+    assert len(of1) and len(of2)
+    core.handle(b"n4", _push(1, 2.0, keys=of1, rv=1))
+    spec = core.tables["default"].spec.to_json()
+    core.handle(b"s2", Message("repl_load", 0, "default", {"kf": "k", "spec": spec},
+                               [of2, np.full((len(of2), 1), 7.0, np.float32)]))
+    v3 = KeyRing([1, 5], virtual=8, version=3)
+    prepare = Message("migrate_prepare", 1, "", {"ring": v3.to_json(), "rv": 2,
+                                                  "servers": {"1": ["h", 1], "5": ["h", 5]}})
+    core.handle(b"sched", prepare)
+    assert not repl.rebuilder.has_work() and not _sent(core)  # held: this server has ring v1
+    core.on_view(_servers_view(2, KeyRing([1], virtual=8, version=2), dead=(2,)))
+    while repl.rebuilder.rebuild_step(core.tables):
+        pass
+    copied = np.concatenate([m.arrays[0] for port, m in cap.sent if port == 5 and m.op == "repl_load"])
+    assert np.array_equal(np.sort(copied), keys)  # k = 1 of two servers: 5 holds every key
+
+
+def test_a_malformed_start_ring_of_a_prepare_is_refused():
+    core = _core()
+    core.handle(b"sched", Message("migrate_prepare", 1, "",
+                                  {"ring": KeyRing([1]).to_json(), "rv": "two"}))
+    assert [m.op for _, m in _sent(core)] == ["error"] and core.repl.next_ring is None
