@@ -81,7 +81,7 @@ def replication(python: str, args, out: str) -> dict:
     tree = HERE if python == sys.executable else Path(args.base_tree) / "benchmarks"
     res = _run(python, [str(tree / "recovery.py"), "--only", "replication", "--replication",
                         args.replication, "--windows", args.windows, "--repeats", "1",
-                        "--seconds", str(args.seconds), "--warmup", "0.5"], out, 1800)
+                        "--seconds", str(args.seconds), "--warmup", str(args.warmup)], out, 1800)
     found = {}
     for name, part in res.items():
         if name.startswith("replication_") and isinstance(part, dict) and "capacity" in part:
@@ -107,6 +107,10 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="seconds per measured case")
     p.add_argument("--replication", default="2x2", help="SERVERSxWORKERS of the replication part")
     p.add_argument("--windows", default="16,64", help="windows of the replication part")
+    p.add_argument("--warmup", type=float, default=3.0,
+                   help="s of load before a replication case is measured: a server loads its compiled "
+                        "kernels on a thread after it starts (seconds on a busy machine), which a "
+                        "shorter warm-up measures instead of the steady state")
     p.add_argument("--lr-examples", type=int, default=1_000_000)
     p.add_argument("--lr-epochs", type=int, default=6)
     p.add_argument("--lr-data", default=os.path.join(tempfile.gettempdir(), "pserver-bench-lr"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import itertools
 import json
 import os
@@ -304,6 +305,8 @@ def main() -> None:
                         "load_average_at_the_end": os.getloadavg(),
                         "note": "the load generator, the service, the cluster (and the "
                                 "training) share the same cores"},
+            # uvicorn picks httptools and uvloop when installed (the serve extra), else h11/asyncio
+            "http_stack": {m: importlib.util.find_spec(m) is not None for m in ("httptools", "uvloop")},
             "setup": {"examples": args.examples, "epochs": args.epochs,
                       "served_epochs": args.served_epochs, "servers": 2,
                       "train_workers": 2, "service_processes_while_training": 1, "seconds_per_case":
