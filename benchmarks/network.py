@@ -1,11 +1,11 @@
 """Push/pull and the sparse LR job across separate network hosts (Linux network namespaces, pserver.netns)
-with the links' bandwidth limited by a token bucket: unlimited, 1 Gbit/s, 200 Mbit/s. For the LR job,
-sequential (tau 0) against bounded delay (tau 4): how much relaxed consistency recovers as the links
-get slower. Link DELAY (tc netem) cannot be measured on this machine: its kernel has no netem
-(CONFIG_NET_SCH_NETEM is not set) - see docs/networks.md. Needs root.
+over links limited by a token bucket (unlimited, 1 Gbit/s, 200 Mbit/s) or delayed (1 ms, 5 ms one
+way: every host's packets held that long on the way in, by pserver.netdelay, since this kernel has
+no netem). For the LR job, sequential (tau 0) against bounded delay (tau 4): how much relaxed
+consistency recovers as the links get slower. Needs root (and the netem extra for delays).
 
-Usage: python benchmarks/network.py [--rates none,1gbit,200mbit] [--seconds 3] [--examples 200000]
-                                    [--out benchmarks/results/network.json]
+Usage: python benchmarks/network.py [--rates none,1gbit,200mbit] [--delays 1,5] [--seconds 3]
+                                    [--examples 200000] [--out benchmarks/results/network.json]
 """
 
 from __future__ import annotations
@@ -64,6 +64,48 @@ def worker_main(out: str, seconds: float) -> None:
     kv.close()
 
 
+_SINK = """
+import socket
+s = socket.create_server(("0.0.0.0", 9100))
+c, _ = s.accept()
+while True:
+    n = 0
+    while n < 4 << 20:
+        d = c.recv(1 << 20)
+        if not d:
+            raise SystemExit
+        n += len(d)
+    c.sendall(b"k")
+"""
+_SOURCE = """
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], 9100), timeout=60)
+buf, n, t0 = b"x" * (4 << 20), 0, time.perf_counter()
+while time.perf_counter() - t0 < float(sys.argv[2]):
+    c.sendall(buf)
+    c.recv(1)
+    n += 1
+print(n / (time.perf_counter() - t0))
+"""
+
+
+def raw_tcp(hosts: netns.Hosts, seconds: float) -> float:
+    """4 MB sent over a plain TCP socket from w1 to s1 and a byte back, per second: what the link
+    (and the delay process) allow without pserver, the baseline of the tensor push."""
+    sink = subprocess.Popen(hosts.argv("s1", [sys.executable, "-c", _SINK]))
+    try:
+        for _ in range(100):
+            got = subprocess.run(hosts.argv("w1", [sys.executable, "-c", _SOURCE, hosts.hosts["s1"]["lan"],
+                                                   str(seconds)]), capture_output=True, text=True)
+            if got.returncode == 0:
+                return round(float(got.stdout), 1)
+            time.sleep(0.1)   # the sink is not listening yet
+        raise RuntimeError(f"raw TCP transfer failed: {got.stderr[-2000:]}")
+    finally:
+        sink.kill()
+        sink.wait()
+
+
 def _env(keys: str, workers: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PSERVER_")}
     env.update(PSERVER_SCHEDULER="192.0.2.1:7000", PSERVER_NUM_SERVERS="2",
@@ -99,14 +141,21 @@ def main() -> None:
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", default="none,1gbit,200mbit", help="link rates (tc units; none = unlimited)")
+    p.add_argument("--delays", default="1,5", help="one-way link delays in ms, on unlimited links "
+                   "('' for none)")
+    p.add_argument("--mtu", type=int, default=9000, help="of every link: jumbo frames, as data-centre "
+                   "networks use (the delay process then handles a sixth of the packets)")
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--examples", type=int, default=200_000)
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "network.json"))
     args = p.parse_args()
-    why = netns.available()
+    delays = [float(d) for d in args.delays.split(",") if d.strip()]
+    why = netns.available() or (netns.delay_available() if delays else None)
     if why:
         raise SystemExit(f"cannot run: {why}")
+    links = [(rate, None if rate == "none" else rate, None) for rate in args.rates.split(",")]
+    links += [(f"delay_{d:g}ms", None, d) for d in delays]
     from pserver.apps.lr import gen
     from pserver.security import keygen
 
@@ -116,21 +165,29 @@ def main() -> None:
     t0 = time.time()
     result = {"command": "python benchmarks/network.py " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count()},
+              "mtu": args.mtu,
               "layout": "scheduler, 2 servers and 2 workers each on its own network namespace, one "
-                        "bridge; every link limited to the rate on the receiving side; CURVE on",
+                        "bridge; every link limited to the rate on the receiving side, or every "
+                        "host's packets delayed on the way in (a round trip: twice the delay); "
+                        "CURVE on",
               "lr": {"examples": args.examples, "epochs": args.epochs, "l1": 5, "blocks": 16},
-              "rates": {}}
-    with netns.Hosts("psb") as hosts:
+              "links": {}}
+    with netns.Hosts("psb", mtu=args.mtu) as hosts:
         hosts.add_lan("lan", "192.0.2.0/24")
         for n, host in enumerate(HOSTS, start=1):
             hosts.add_host(host, {"lan": n})
-        for rate in args.rates.split(","):
+        for rate, limit, delay in links:
             for host in HOSTS:
-                hosts.shape(host, "lan", None if rate == "none" else rate)
-            out = {}
+                hosts.shape(host, "lan", limit)
+                hosts.delay(host, delay)
+            out = {"rate": limit, "delay_ms": delay}
             pp = tmp / f"pp-{rate}.json"
             run(hosts, keys, [[sys.executable, __file__, "--worker", str(pp), str(args.seconds)]])
             out["pushpull"] = json.loads(pp.read_text())
+            out["raw_tcp_4MB_round_trips_per_s"] = raw_tcp(hosts, args.seconds)
+            out["tensor_push_vs_raw_tcp"] = round(out["pushpull"]["push_4MB_tensor_per_s"]
+                                                  / out["raw_tcp_4MB_round_trips_per_s"], 3)
+            print(rate, json.dumps(out["pushpull"]), flush=True)
             for tau in (0, 4):
                 summary = tmp / f"lr-{rate}-{tau}.json"
                 data = str(tmp / "lr" / "train.libsvm")
@@ -146,11 +203,11 @@ def main() -> None:
                                        "idle_fraction": round(s["idle_fraction"], 3)}
             lr0, lr4 = out["lr_tau0"]["examples_per_s"], out["lr_tau4"]["examples_per_s"]
             out["lr_tau4_vs_tau0"] = round(lr4 / lr0, 3)
-            result["rates"][rate] = out
+            result["links"][rate] = out
             print(rate, json.dumps(out), flush=True)
-    base = result["rates"].get("none")
+    base = result["links"].get("none")
     if base:
-        for out in result["rates"].values():
+        for out in result["links"].values():
             out["vs_unlimited"] = {k: round(v / base["pushpull"][k], 3) for k, v in out["pushpull"].items()}
     result["seconds"] = round(time.time() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

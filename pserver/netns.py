@@ -8,6 +8,8 @@ import ipaddress
 import os
 import shutil
 import subprocess
+import sys
+import time
 from collections.abc import Sequence
 
 from .errors import ConfigError
@@ -25,6 +27,20 @@ def available() -> str | None:
     return None
 
 
+def delay_available() -> str | None:
+    """None if links can be delayed here (Hosts.delay), else why not."""
+    import importlib.util
+
+    if available() is not None:
+        return available()
+    if shutil.which("iptables") is None:
+        return "link delay needs iptables (Debian's iptables package)"
+    if importlib.util.find_spec("netfilterqueue") is None:
+        return ("link delay needs the NetfilterQueue package: apt-get install libnetfilter-queue-dev, "
+                "then pip install 'pserver[netem]'")
+    return None
+
+
 def _run(*argv: str) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode:
@@ -39,13 +55,15 @@ class Hosts:
     Raises ConfigError for an address outside the documentation ranges, OSError if `ip` fails
     (whatever was made so far is removed by ``close``)."""
 
-    def __init__(self, tag: str = "pst") -> None:
+    def __init__(self, tag: str = "pst", mtu: int | None = None) -> None:
         self.prefix = f"{tag}{os.getpid() % 100000}"
+        self.mtu = mtu   # of every link and bridge (None: the kernel's 1500)
         self.switch = f"{self.prefix}-sw"
         self.nets: dict[str, ipaddress.IPv4Network] = {}
         self.hosts: dict[str, dict[str, str]] = {}   # host -> {lan: address}
         self._ports: dict[tuple[str, str], str] = {}  # (host, lan) -> switch-side veth
         self._made: list[str] = []
+        self._delays: dict[str, subprocess.Popen] = {}  # host -> its pserver.netdelay process
 
     def __enter__(self) -> Hosts:
         _run("ip", "netns", "add", self.switch)
@@ -63,7 +81,8 @@ class Hosts:
         if not any(network.subnet_of(a) for a in ALLOWED_NETS):
             raise ConfigError(f"LAN {net}: use a subnet of {', '.join(map(str, ALLOWED_NETS))}")
         self.nets[lan] = network
-        _run("ip", "-n", self.switch, "link", "add", f"br-{lan}", "type", "bridge")
+        _run("ip", "-n", self.switch, "link", "add", f"br-{lan}",
+             *(("mtu", str(self.mtu)) if self.mtu else ()), "type", "bridge")
         _run("ip", "-n", self.switch, "link", "set", f"br-{lan}", "up")
 
     def add_host(self, host: str, addresses: dict[str, int]) -> dict[str, str]:
@@ -76,8 +95,9 @@ class Hosts:
         for lan, n in addresses.items():
             addr = str(self.nets[lan].network_address + n)
             port = f"{self.prefix[-6:]}{len(self._ports)}"   # interface names: at most 15 bytes
-            _run("ip", "link", "add", lan, "netns", ns, "type", "veth", "peer", "name", port,
-                 "netns", self.switch)
+            mtu = ("mtu", str(self.mtu)) if self.mtu else ()
+            _run("ip", "link", "add", lan, "netns", ns, *mtu, "type", "veth", "peer", "name", port,
+                 *mtu, "netns", self.switch)
             _run("ip", "-n", ns, "addr", "add", f"{addr}/{self.nets[lan].prefixlen}", "dev", lan)
             _run("ip", "-n", ns, "link", "set", lan, "up")
             _run("ip", "-n", self.switch, "link", "set", port, "master", f"br-{lan}")
@@ -100,7 +120,45 @@ class Hosts:
             _run("ip", "netns", "exec", self.switch, "tc", "qdisc", "add", "dev", port, "root",
                  "tbf", "rate", rate, "burst", "256kb", "latency", "50ms")
 
+    def delay(self, host: str, ms: float | None, timeout: float = 30.0) -> None:
+        """Delay every packet ``host`` receives on its LANs by ``ms`` milliseconds (a round trip
+        between two delayed hosts then takes twice that), with an iptables NFQUEUE rule and a
+        pserver.netdelay process in the host: this kernel has no netem. None removes the delay.
+
+        Raises OSError if iptables or the queue process cannot start (nothing is left delayed)."""
+        ns = self.ns(host)
+        old = self._delays.pop(host, None)
+        if old is not None:
+            subprocess.run(["ip", "netns", "exec", ns, "iptables", "-F", "INPUT"], capture_output=True)
+            old.terminate()
+            old.wait(10)
+        if ms is None:
+            return
+        if shutil.which("iptables") is None:
+            raise OSError("link delay needs iptables (Debian's iptables package)")
+        ready = f"/tmp/{ns}-delay-ready"
+        if os.path.exists(ready):
+            os.unlink(ready)
+        proc = subprocess.Popen(self.argv(host, [sys.executable, "-m", "pserver.netdelay", "--queue", "0",
+                                                 "--delay-ms", str(ms), "--ready-file", ready]),
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(ready):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise OSError(f"the delay process of {host} did not start: {proc.communicate()[1][-2000:]}")
+            time.sleep(0.02)
+        os.unlink(ready)
+        self._delays[host] = proc
+        done = subprocess.run(["ip", "netns", "exec", ns, "iptables", "-A", "INPUT", "!", "-i", "lo",
+                               "-j", "NFQUEUE", "--queue-num", "0"], capture_output=True, text=True)
+        if done.returncode:
+            self.delay(host, None)
+            raise OSError(f"iptables in {host}: {done.stderr.strip()}")
+
     def close(self) -> None:
         """Delete every namespace made (their veths and bridges go with them)."""
+        for host in list(self._delays):
+            self.delay(host, None)
         while self._made:
             subprocess.run(["ip", "netns", "del", self._made.pop()], capture_output=True)

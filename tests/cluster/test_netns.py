@@ -32,9 +32,15 @@ def _env(keys: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _run_cluster(hosts: netns.Hosts, keys: Path, out: Path, server_env: dict[str, dict]) -> list[dict]:
+_CONNECT = ("import socket, time; t = time.perf_counter(); "
+            "socket.create_connection(('192.0.2.1', 7000), timeout=30).close(); "
+            "print(time.perf_counter() - t)")
+
+
+def _run_cluster(hosts: netns.Hosts, keys: Path, out: Path, server_env: dict[str, dict]) -> tuple:
     """Scheduler on host "sched", servers on s1/s2 (with their extra settings), the exact-count
-    program on w1/w2; returns what each worker read, and `pserver status` of the running cluster."""
+    program on w1/w2; returns what each worker read, `pserver status` of the running cluster and
+    the seconds a TCP handshake from w1 to the scheduler took (one round trip)."""
     procs = []
     try:
         procs.append(subprocess.Popen(hosts.argv("sched", [sys.executable, "-m", "pserver",
@@ -54,9 +60,11 @@ def _run_cluster(hosts: netns.Hosts, keys: Path, out: Path, server_env: dict[str
             if got.returncode == 0 and sum(n["role"] == "server"
                                            for n in json.loads(got.stdout)["nodes"]) == 2:
                 status = json.loads(got.stdout)
+        rtt = float(subprocess.run(hosts.argv("w1", [sys.executable, "-c", _CONNECT]),
+                                   capture_output=True, text=True, timeout=60).stdout)
         assert [w.wait(timeout=120) for w in workers] == [0, 0]
         results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-        return results, status
+        return results, status, rtt
     finally:
         for p in procs:
             p.terminate()
@@ -81,7 +89,7 @@ def test_a_secure_cluster_across_five_hosts_sums_exactly(tmp_path):
         hosts.add_lan("lan", "192.0.2.0/24")
         for n, host in enumerate(("sched", "s1", "s2", "w1", "w2"), start=1):
             hosts.add_host(host, {"lan": n})
-        results, status = _run_cluster(hosts, keys, tmp_path, {"s1": {}, "s2": {}})
+        results, status, _ = _run_cluster(hosts, keys, tmp_path, {"s1": {}, "s2": {}})
     _check_sums(results)
     addresses = sorted(n["host"] for n in status["nodes"] if n["role"] == "server")
     assert addresses == ["192.0.2.2", "192.0.2.3"]    # each server on its own host
@@ -98,10 +106,26 @@ def test_servers_on_a_data_network_by_interface_or_advertised_address(tmp_path):
         hosts.add_lan("data", "198.51.100.0/24")
         for n, host in enumerate(("sched", "s1", "s2", "w1", "w2"), start=1):
             hosts.add_host(host, {"ctl": n, "data": n})
-        results, status = _run_cluster(
+        results, status, _ = _run_cluster(
             hosts, keys, tmp_path,
             {"s1": {"PSERVER_INTERFACE": "data"},
              "s2": {"PSERVER_HOST": "0.0.0.0", "PSERVER_ADVERTISE_HOST": "198.51.100.3"}})
     _check_sums(results)
     addresses = sorted(n["host"] for n in status["nodes"] if n["role"] == "server")
     assert addresses == ["198.51.100.2", "198.51.100.3"]
+
+
+@pytest.mark.skipif(netns.delay_available() is not None, reason=str(netns.delay_available()))
+def test_a_cluster_over_links_with_a_delay_sums_exactly(tmp_path):
+    """Every host's packets held 3 ms on the way in (pserver.netdelay: this kernel has no netem),
+    so any round trip between two hosts takes at least 6 ms: exact sums still, and the handshake
+    from a worker to the scheduler shows the delay is on the path."""
+    keys = keygen(tmp_path / "keys")
+    with netns.Hosts() as hosts:
+        hosts.add_lan("lan", "192.0.2.0/24")
+        for n, host in enumerate(("sched", "s1", "s2", "w1", "w2"), start=1):
+            hosts.add_host(host, {"lan": n})
+            hosts.delay(host, 3.0)
+        results, _, rtt = _run_cluster(hosts, keys, tmp_path, {"s1": {}, "s2": {}})
+    _check_sums(results)
+    assert rtt >= 0.006, rtt
