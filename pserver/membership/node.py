@@ -190,8 +190,8 @@ class Membership:
         scheduler refused (e.g. an unknown group)."""
         timeout = self.cfg.barrier_timeout if timeout is None else timeout
         try:
-            self.request("barrier", {"id": self.node_id, "name": name, "group": group},
-                         timeout, "barrier_done")
+            done = self.request("barrier", {"id": self.node_id, "name": name, "group": group},
+                                timeout, "barrier_done")
         except TimeoutError:
             mine = group == "worker" and self.role == "worker"  # its own worker group's barrier
             nodes = self.view.group_nodes(self.cfg.group) if mine else self.view.role_nodes(group)
@@ -200,6 +200,8 @@ class Membership:
                 f"barrier {name!r} of the {whose} did not complete within {timeout:g} s "
                 f"(live ranks: {[n.rank for n in nodes]}); a {group} may be stuck or slow - "
                 f"raise PSERVER_BARRIER_TIMEOUT if that is expected") from None
+        if isinstance(done.meta.get(VIEW), dict):  # at least the members the barrier counted
+            self._set_view(done.meta[VIEW])
 
     def status(self, timeout: float = 5.0) -> dict:
         """The scheduler's status report. Raises SchedulerUnreachableError without an answer

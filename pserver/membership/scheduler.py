@@ -388,8 +388,11 @@ class Scheduler:
                                            worker_group))
 
     def _release(self, waiters: list) -> None:
+        # the reply carries the view the barrier completed in: a member's own view (sent on
+        # its heartbeat link) may not have the members who joined just before yet
+        meta = {VIEW_VERSION: self.view.version, VIEW: self.view.to_json()} if waiters else {}
         for ident, ts in waiters:
-            self._send(ident, Message("barrier_done", ts))
+            self._send(ident, Message("barrier_done", ts, meta=meta))
 
     def _recheck_barriers(self) -> None:
         self._release(self.barriers.recheck(self.view))

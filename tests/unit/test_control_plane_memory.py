@@ -47,6 +47,22 @@ def test_registration_and_barrier_run_in_memory():
         assert status["scheduler"]["started"] and len(status["nodes"]) == 3
 
 
+def test_a_released_barrier_brings_the_view_it_completed_in():
+    # CI: a worker read num_workers == 1 right after a barrier both workers passed (the view
+    # naming the second one had not come on its heartbeat link yet); the reply now carries it
+    with MemoryCluster(num_servers=1, num_workers=2) as c:
+        _, w1, w2 = c.join_all(["server", "worker", "worker"])
+        t, out = _in_thread(w2.barrier, "b")
+        done = w1.request("barrier", {"id": w1.node_id, "name": "b", "group": "worker"}, 10,
+                          "barrier_done")
+        t.join(10)
+        assert out == {"value": None}
+        view = done.meta["view"]
+        assert done.meta["v"] == view["version"] == c.scheduler.view.version
+        assert sorted(n["id"] for n in view["nodes"] if n["role"] == "worker") == sorted(
+            [w1.node_id, w2.node_id])
+
+
 def test_a_dead_worker_releases_the_barrier_the_others_wait_in():
     with MemoryCluster(num_servers=1, num_workers=2) as c:
         _, w1, w2 = c.join_all(["server", "worker", "worker"])
