@@ -27,14 +27,14 @@ class _Table(torch.nn.Module):
     """What Embedding and EmbeddingBag share: the table, its pulls and pushes."""
 
     def __init__(self, kv, table: str, dim: int, init: str, updater: str, updater_args: dict | None,
-                 declare: bool, max_pending: int) -> None:
+                 declare: bool, max_pending: int, table_options: dict | None) -> None:
         super().__init__()
         if max_pending < 1:
             raise ConfigError(f"max_pending must be >= 1, got {max_pending}")
         self.kv, self.table, self.dim = kv, table, int(dim)
         if declare:
             kv.declare_table(table, dim=self.dim, init=init, updater=updater,
-                             updater_args=updater_args or {})
+                             updater_args=updater_args or {}, **(table_options or {}))
         self.max_pending = max_pending
         self._pending: deque = deque()       # (ts, gradient array kept until acknowledged)
         self._prefetched: deque = deque()    # (keys, inverse, ts)
@@ -89,14 +89,17 @@ class Embedding(_Table):
     """``Embedding(kv, table, dim)(ids)`` -> (*ids.shape, dim) rows of the server table ``table``.
     The table is declared (with ``init`` and the per-row rule ``updater``) unless declare=False.
     Gradients go to the servers in backward; the module has no local parameters.
+    table_options: admission and eviction of the table's rows, e.g. {"admit_after": 2,
+    "ttl_steps": 100000} (KVWorker.declare_table's keywords; docs/torch.md).
 
     Raises ConfigError for non-integer IDs; pull/push errors as KVWorker raises them."""
 
     def __init__(self, kv, table: str, dim: int, init: str = "normal:0.01",
                  updater: str = "adagrad", updater_args: dict | None = None,
-                 declare: bool = True, max_pending: int = 4) -> None:
+                 declare: bool = True, max_pending: int = 4,
+                 table_options: dict | None = None) -> None:
         super().__init__(kv, table, dim, init, updater, updater_args or {"lr": 0.05}, declare,
-                         max_pending)
+                         max_pending, table_options)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         w, inverse = self._lookup(ids)
@@ -110,11 +113,12 @@ class EmbeddingBag(_Table):
 
     def __init__(self, kv, table: str, dim: int, mode: str = "sum", init: str = "normal:0.01",
                  updater: str = "adagrad", updater_args: dict | None = None,
-                 declare: bool = True, max_pending: int = 4) -> None:
+                 declare: bool = True, max_pending: int = 4,
+                 table_options: dict | None = None) -> None:
         if mode not in ("sum", "mean"):
             raise ConfigError(f"EmbeddingBag mode must be 'sum' or 'mean', got {mode!r}")
         super().__init__(kv, table, dim, init, updater, updater_args or {"lr": 0.05}, declare,
-                         max_pending)
+                         max_pending, table_options)
         self.mode = mode
 
     def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None,
