@@ -14,7 +14,9 @@ import numpy as np
 INDEX_BYTES_PER_ROW = 32   # hash index: 16-byte buckets at load 0.25..0.5
 USAGE_BYTES_PER_ROW = 16   # Usage: last step and push count
 SWEEP_EVERY = 64           # pushes to a table between two of its sweeps
-LOW_WATER = 0.9            # a sweep over the budget evicts down to this share of it
+HIGH_WATER = 0.9           # a master keeps its own rows under this share of its part of the budget
+LOW_WATER = 0.9            # ... evicting down to this share of that limit
+RECHECK = 0.05             # a sweep that freed nothing: the next when the rows grew by this share
 
 
 class Usage:
@@ -77,29 +79,31 @@ class EvictionPolicy:
         self.clock = clock
         self.seconds = StepClock(ttl_seconds) if ttl_seconds > 0 else None
         self.next_sweep = SWEEP_EVERY
-        self.hold_budget = 0   # a sweep that freed nothing: the next budget check waits this step
+        self.hold_rows = 0     # no budget sweep before the table holds this many rows
 
     @property
     def ttl(self) -> bool:
         return self.ttl_steps > 0 or self.seconds is not None
 
     def max_rows(self, copies: int = 1) -> int | None:
-        """Rows one master may keep of its own (None: no budget): the budget shared by the
-        ``copies`` (1 + replicas) of every key range a server holds."""
+        """Rows one master may keep of its own (None: no budget): HIGH_WATER of its part of the
+        budget, which the ``copies`` (1 + replicas) of every key range a server holds share.
+        Its sweeps keep the rows of every server under the budget: each master's own rows stay
+        under its part (they grow by at most RECHECK of it between two sweeps)."""
         if not self.max_bytes:
             return None
-        return max(1, self.max_bytes // self.row_cost // max(1, copies))
+        return max(1, int(self.max_bytes // self.row_cost // max(1, copies) * HIGH_WATER))
 
     def pushed(self, step: int) -> None:
         if self.seconds is not None:
             self.seconds.note(self.clock(), step)
 
-    def due(self, step: int, rows: int) -> bool:
-        """Whether a sweep is due after push ``step`` with ``rows`` stored: every SWEEP_EVERY
-        pushes, and at once when the rows exceed the budget."""
-        budget = self.max_rows()
-        return step >= self.next_sweep or (budget is not None and rows > budget
-                                           and step >= self.hold_budget)
+    def due(self, step: int, rows: int, copies: int = 1) -> bool:
+        """Whether a sweep is due after push ``step`` with ``rows`` stored (own and replicas'):
+        every SWEEP_EVERY pushes, and when the rows exceed what the master may keep."""
+        limit = self.max_rows(copies)
+        return step >= self.next_sweep or (limit is not None and rows > limit
+                                           and rows >= self.hold_rows)
 
     def expire_before(self, step: int) -> int:
         """Rows last pushed at or before this step have expired (-1: none)."""
@@ -108,16 +112,18 @@ class EvictionPolicy:
             cut = max(cut, self.seconds.step_at(self.clock() - self.seconds.horizon))
         return cut
 
-    def victims(self, last: np.ndarray, hits: np.ndarray, step: int, copies: int = 1
-                ) -> np.ndarray:
+    def victims(self, last: np.ndarray, hits: np.ndarray, step: int, copies: int = 1,
+                rows: int = 0) -> np.ndarray:
         """Indices (into ``last``/``hits``, the usage of a master's own rows) of the rows to
-        evict after push ``step``: the expired ones, then - while more rows remain than the
-        budget allows - the least frequently pushed (the oldest first among equals), down to
-        LOW_WATER of the budget."""
+        evict after push ``step``: the expired ones, then - while more rows remain than
+        max_rows(copies) - the least frequently pushed (the oldest first among equals), down to
+        LOW_WATER of that. ``rows``: all the rows stored (own and replicas')."""
         self.next_sweep = step + SWEEP_EVERY
-        out = choose_victims(last, hits, self.expire_before(step), self.max_rows(copies))
-        # over the budget with replicas' rows only: those are their masters' to evict
-        self.hold_budget = 0 if out.size else step + SWEEP_EVERY
+        limit = self.max_rows(copies)
+        out = choose_victims(last, hits, self.expire_before(step), limit)
+        # nothing to free (the rows over the limit are replicas', their masters' to evict):
+        # look again once the rows grew by RECHECK of the limit
+        self.hold_rows = 0 if out.size or limit is None else rows + max(1, int(RECHECK * limit))
         return out
 
 

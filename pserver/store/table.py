@@ -225,12 +225,13 @@ class Table:
         sweep is due). ``mastered(keys)`` -> bool mask of the keys this server masters (only
         those are its to evict); ``copies``: 1 + replicas per key range. Changes nothing."""
         pol = self.eviction
-        if pol is None or not pol.due(self.steps, len(self)):
+        if pol is None or not pol.due(self.steps, len(self), copies):
             return _NO_KEYS
         keys, slots = self._index.scan(0, (1 << 64) - 1)
         own = mastered(keys)
         keys, slots = keys[own], slots[own]
-        idx = pol.victims(self.usage.last[slots], self.usage.hits[slots], self.steps, copies)
+        idx = pol.victims(self.usage.last[slots], self.usage.hits[slots], self.steps, copies,
+                          len(self))
         return np.sort(keys[idx])
 
     def evict(self, keys: np.ndarray) -> int:

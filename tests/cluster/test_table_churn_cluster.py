@@ -40,8 +40,10 @@ def test_a_table_stays_under_its_budget_while_the_ids_grow_tenfold(cluster_facto
             assert s["budget_bytes"] <= budget_rows * ROW_COST, s
             assert s["keys"] <= budget_rows
             assert s["rows_evicted"] > 0
-        # once the budget is reached, the memory held does not grow with the IDs
-        assert [s["bytes"] for s in seen[10 * budget_rows]] <= [s["bytes"] for s in seen[3 * budget_rows]]
+        # once the budget is reached, the memory held does not grow with the IDs (bookkeeping
+        # such as the list of free slots varies by a few bytes)
+        for late, early in zip(seen[10 * budget_rows], seen[3 * budget_rows], strict=True):
+            assert late["bytes"] <= early["bytes"] * 1.02, (late, early)
         assert (kv.pull(hot, table="emb") < -0.05).all()     # pushed every time: never evicted
 
 
