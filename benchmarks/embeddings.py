@@ -68,7 +68,7 @@ def _rss_mb(pid: int) -> float | None:
 def memory(budget_rows: int, batch: int, servers: int = 2) -> dict:
     """Push IDs growing to 10x the budget (each batch new IDs plus a hot set pushed every time)
     and read every server's stats at each 1x of the budget."""
-    row_cost = MEMORY_DIM * 4 * 2 + 48
+    row_cost = MEMORY_DIM * 4 * 2 + 80
     budget = budget_rows * row_cost
     points = []
     with LocalCluster(servers, 1, insecure=True, heartbeat_timeout=10.0, prefix_output=False,

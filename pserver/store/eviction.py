@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-INDEX_BYTES_PER_ROW = 32   # hash index: 16-byte buckets at load 0.25..0.5
+INDEX_BYTES_PER_ROW = 64   # hash index: 16-byte buckets at load 0.25..0.5 (the worst case)
 USAGE_BYTES_PER_ROW = 16   # Usage: last step and push count
 SWEEP_EVERY = 64           # pushes to a table between two of its sweeps
 HIGH_WATER = 0.9           # a master keeps its own rows under this share of its part of the budget
@@ -93,6 +93,14 @@ class EvictionPolicy:
         if not self.max_bytes:
             return None
         return max(1, int(self.max_bytes // self.row_cost // max(1, copies) * HIGH_WATER))
+
+    def slot_bound(self) -> int | None:
+        """Value slots worth allocating under the budget (as many as its rows: the masters keep
+        HIGH_WATER of them, the rest is room for what a push adds before its sweep); None
+        without a budget."""
+        if not self.max_bytes:
+            return None
+        return max(16, self.max_bytes // self.row_cost)
 
     def pushed(self, step: int) -> None:
         if self.seconds is not None:

@@ -463,6 +463,9 @@ class Table:
             return
         while cap < need:
             cap *= 2
+        bound = self.eviction.slot_bound() if self.eviction is not None else None
+        if bound is not None:  # doubling past the budget would allocate what it never uses
+            cap = max(need, min(cap, bound))
         values = np.empty((cap, self.dim), dtype=self.dtype)
         values[:self._n_slots] = self._values[:self._n_slots]
         self._values = values

@@ -101,13 +101,13 @@ def test_a_ttl_in_seconds_becomes_a_step_threshold():
 def test_a_policy_sweeps_every_so_many_pushes_or_at_once_over_its_budget():
     pol = EvictionPolicy(ttl_steps=100, ttl_seconds=0, max_bytes=0, value_bytes=4)
     assert not pol.due(1, 10) and pol.due(64, 10)
-    budget = EvictionPolicy(0, 0, max_bytes=100 * (4 + 48), value_bytes=4)
+    budget = EvictionPolicy(0, 0, max_bytes=100 * (4 + 80), value_bytes=4)
     assert budget.max_rows() == 90 and budget.max_rows(copies=2) == 45   # HIGH_WATER of a part
     assert budget.due(1, 91) and not budget.due(1, 90) and budget.due(1, 46, copies=2)
 
 
 def test_a_budget_sweep_that_frees_nothing_waits_until_the_rows_grow():
-    pol = EvictionPolicy(0, 0, max_bytes=1000 * (4 + 48), value_bytes=4)
+    pol = EvictionPolicy(0, 0, max_bytes=1000 * (4 + 80), value_bytes=4)
     mine = np.ones(400)           # a master's own rows: under its part (450 of 2 copies)
     assert pol.victims(np.zeros(400, np.int64), mine, 1, copies=2, rows=900).size == 0
     assert not pol.due(2, 900, copies=2) and pol.due(2, 900 + int(0.05 * 450), copies=2)
@@ -160,7 +160,7 @@ def test_a_ttl_in_seconds_expires_rows_not_pushed_for_that_long():
 def test_under_a_budget_the_rows_stay_bounded_while_ids_grow_tenfold():
     spec = pserver.TableSpec(name="t", dim=4, updater="adagrad", updater_args={"lr": 0.1})
     probe = Table(spec)
-    row_cost = 4 * 4 * 2 + 48
+    row_cost = 4 * 4 * 2 + 80
     t = Table(spec, max_bytes=1000 * row_cost)
     assert probe.eviction is None and t.eviction.max_rows() == 900
     hot = np.arange(50, dtype=np.uint64)
