@@ -20,6 +20,23 @@ def _table_stats(kv, name: str) -> list[dict]:
     return [s["tables"][name] for s in server_stats(kv)]
 
 
+def test_an_id_gets_a_row_on_its_nth_push_on_every_server(cluster_factory):
+    cluster = cluster_factory(2, 1, replication=1)
+    with pserver.KVWorker(cluster.config(0)) as kv:
+        kv.declare_table("a", dim=2, init="constant:1", updater="sum", admit_after=3)
+        keys = np.unique(np.random.default_rng(2).integers(0, 2**63, 500, dtype=np.uint64))
+        for _ in range(2):
+            kv.wait(kv.push(keys, np.ones((keys.size, 2), np.float32), table="a"))
+        assert (kv.pull(keys, table="a") == 1).all()       # the initializer: pushes dropped
+        stats = _table_stats(kv, "a")
+        assert sum(s["keys"] for s in stats) == 0
+        assert sum(s["pushes_dropped"] for s in stats) == 2 * 2 * keys.size   # master + replica
+        kv.wait(kv.push(keys, np.ones((keys.size, 2), np.float32), table="a"))
+        assert (kv.pull(keys, table="a") == 2).all()
+        # every key stored twice (master and replica): the replica admitted what the master did
+        assert sum(s["keys"] for s in _table_stats(kv, "a")) == 2 * keys.size
+
+
 def test_a_table_stays_under_its_budget_while_the_ids_grow_tenfold(cluster_factory):
     budget_rows = 4000
     cluster = cluster_factory(2, 1, replication=1,
