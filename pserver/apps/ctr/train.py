@@ -111,6 +111,9 @@ def train_worker(kv, train: CTRData, test: CTRData | None, cfg: CTRConfig,
     for epoch in range(cfg.epochs):
         mine = [b for i, b in enumerate(batches(len(train), cfg.batch, epoch, cfg.seed))
                 if i % kv.num_workers == kv.rank]
+        if mine:
+            first.prefetch(torch.from_numpy(train.ids[mine[0]]))
+            factors.prefetch(torch.from_numpy(train.ids[mine[0]]))
         for i, sel in enumerate(mine):
             if i + 1 < len(mine):      # the next batch's rows travel while this one computes
                 nxt = torch.from_numpy(train.ids[mine[i + 1]])
