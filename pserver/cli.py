@@ -398,7 +398,7 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
 
     from .apps.export import register as register_export
 
-    register_export(sub)
+    register_export(sub, _node_settings, _config)
 
     s = sub.add_parser("env", help="list the PSERVER_* configuration variables")
     s.set_defaults(fn=lambda a: print("\n".join(f"{k:28} {v[2]}" for k, v in ENV_VARS.items()))

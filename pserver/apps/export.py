@@ -124,7 +124,8 @@ def cmd_export(args) -> int:
     read-only worker, writes the export, prints what export.json holds."""
     from .. import KVWorker
 
-    with KVWorker(group=args.group, read_only=True) as kv:
+    cfg = args.make_config(args) if args.make_config is not None else None
+    with KVWorker(cfg, group=args.group, read_only=True) as kv:
         spec = server_table_spec(kv, args.table)
         d = spec.to_json()
         d.pop("name")
@@ -134,14 +135,21 @@ def cmd_export(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    """Add `pserver export` to the CLI's subcommands (reads PSERVER_* for the cluster)."""
-    s = sub.add_parser("export", help="write a table's live rows as numpy files for serving")
+def register(sub, node_settings=None, make_config=None) -> None:
+    """Add `pserver export` to the CLI's subcommands. ``node_settings(parser)`` adds the flags of
+    the PSERVER_* settings, ``make_config(args)`` reads them (the shell's; None: the environment)."""
+    s = sub.add_parser("export", help="write a table's live rows as numpy files for serving",
+                       description="Write a table's live rows (all, or those pushed recently) as "
+                                   "ids.npy (sorted uint64) and rows.npy, which numpy alone reads "
+                                   "(docs/torch.md, \"Export for serving\").")
+    if node_settings is not None:
+        node_settings(s)
     s.add_argument("table")
     s.add_argument("--out", required=True, help="directory for ids.npy, rows.npy, export.json")
-    s.add_argument("--seen-within", type=int, help="only rows pushed during the table's last T "
-                                                   "pushes on their server")
+    s.add_argument("--seen-within", type=int, metavar="T",
+                   help="only rows pushed during the table's last T pushes on their server (the "
+                        "table needs ttl_steps/ttl_seconds or a --max-table-bytes budget)")
     s.add_argument("--ids", choices=ID_FORMS, default="embedding",
                    help="embedding: the IDs given to pserver.torch modules (default); keys: keys")
     s.add_argument("--group", default="export", help="worker group to join (read-only)")
-    s.set_defaults(fn=cmd_export)
+    s.set_defaults(fn=cmd_export, make_config=make_config)
