@@ -30,7 +30,7 @@ from .protocol import BYTES, CONSISTENCY, DIR, KEY_COUNT, NAME, PATH, SECONDS, S
 # Settings one role alone reads: a flag of that role's command only. Every other PSERVER_* setting is
 # a flag of every node command. `pserver launch` takes all of them (see launch_cluster_kwargs).
 ROLE_SETTINGS = {"scheduler": ("replication", "replicate_after_aggregation", "replica_key_cache"),
-                 "server": ("busy_poll", "slot_cache"),
+                 "server": ("busy_poll", "slot_cache", "max_table_bytes"),
                  "worker": ("group", "read_only")}
 _SETTING_VAR = {name: (var, typ, text) for var, (name, typ, text) in ENV_VARS.items()}
 
@@ -84,7 +84,8 @@ _LAUNCH_HELP = {"port": "scheduler port (default: a free one)",
 
 _METAVAR = {"scheduler": "HOST:PORT", "host": "HOST", "keys": "DIR", "log_level": "LEVEL",
             "interface": "NAME", "advertise_host": "HOST", "group": "NAME",
-            "slot_cache": "BYTES", "replica_key_cache": "BYTES", "max_message_bytes": "BYTES"}
+            "slot_cache": "BYTES", "max_table_bytes": "BYTES", "replica_key_cache": "BYTES",
+            "max_message_bytes": "BYTES"}
 
 
 def _switch(raw: str) -> bool:
@@ -394,6 +395,10 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--force", action="store_true", help="overwrite an existing directory")
     s.set_defaults(fn=cmd_keygen)
+
+    from .apps.export import register as register_export
+
+    register_export(sub, _node_settings, _config)
 
     s = sub.add_parser("env", help="list the PSERVER_* configuration variables")
     s.set_defaults(fn=lambda a: print("\n".join(f"{k:28} {v[2]}" for k, v in ENV_VARS.items()))

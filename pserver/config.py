@@ -59,6 +59,9 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_SLOT_CACHE": ("slot_cache", str, "servers: bytes of repeated key lists per table whose "
                                               "value slots are cached, skipping the hash index "
                                               "(k/M/G suffixes; 0 = off)"),
+    "PSERVER_MAX_TABLE_BYTES": ("max_table_bytes", str, "servers: bytes each table may hold on a "
+                                                        "server (k/M/G; 0 = no bound): beyond, its "
+                                                        "least frequently pushed rows are evicted"),
     "PSERVER_REPLICA_KEY_CACHE": ("replica_key_cache", str, "bytes of key lists a master may keep "
                                                             "stored at each of its replicas, so that "
                                                             "repeated lists travel once (k/M/G; "
@@ -107,6 +110,7 @@ class Config:
     busy_poll: float = 0.0
     replicate_after_aggregation: bool = True
     slot_cache: str = SLOT_CACHE_DEFAULT
+    max_table_bytes: str = "0"
     replica_key_cache: str = REPLICA_KEY_CACHE_DEFAULT
     coalesce: int = 0
     max_message_bytes: int = 1 << 31
@@ -149,6 +153,7 @@ class Config:
             raise ConfigError("PSERVER_BUSY_POLL (--busy-poll) is seconds of busy polling: 0 (off) "
                               "or more")
         self.slot_cache_bytes  # noqa: B018 - raises ConfigError for a malformed size
+        self.max_table_bytes_value  # noqa: B018 - the same
         self.replica_key_cache_bytes  # noqa: B018 - the same
         if min(self.max_message_bytes, self.max_keys, self.max_dim) < 1:
             raise ConfigError("PSERVER_MAX_MESSAGE_BYTES, PSERVER_MAX_KEYS and PSERVER_MAX_DIM must be >= 1")
@@ -159,6 +164,10 @@ class Config:
     @property
     def slot_cache_bytes(self) -> int:
         return _size_setting(self.slot_cache, "PSERVER_SLOT_CACHE (--slot-cache)", "64M")
+
+    @property
+    def max_table_bytes_value(self) -> int:
+        return _size_setting(self.max_table_bytes, "PSERVER_MAX_TABLE_BYTES (--max-table-bytes)", "512M")
 
     @property
     def replica_key_cache_bytes(self) -> int:

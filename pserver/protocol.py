@@ -35,6 +35,7 @@ KEY_FORM = "kf"
 LO = "lo"
 HI = "hi"
 LIMIT = "limit"
+SEEN_WITHIN = "within"
 NEXT = "next"
 SPEC = "spec"
 PUSHES = "pushes"
@@ -107,7 +108,7 @@ MAX = "max"
 STOP = "stop"
 
 _DATA = ("push", "pull", "pushpull", "pull_range")
-_FORWARDS = ("replicate", "replicate_agg", "repl_batch")
+_FORWARDS = ("replicate", "replicate_agg", "repl_batch", "repl_evict")
 _ERR = ("error",)
 
 FIELDS: dict[str, Field] = {f.key: f for f in (
@@ -132,6 +133,8 @@ FIELDS: dict[str, Field] = {f.key: f for f in (
     Field(HI, "end of a range (exclusive, up to 2**64)", "int", ("pull_range", "repl_resync"),
           "request"),
     Field(LIMIT, "at most this many entries in a range page", "int", ("pull_range",), "request"),
+    Field(SEEN_WITHIN, "only rows pushed during the table's last this-many pushes on the server",
+          "int", ("pull_range",), "request"),
     Field(NEXT, "key the next page of a range starts at (absent: no more)", "int", ("range",),
           "reply"),
     Field(SPEC, "a table's TableSpec as JSON", "dict", ("declare_table", "repl_load"), "request"),

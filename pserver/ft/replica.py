@@ -68,11 +68,12 @@ class ReplicaSide:
         self.deferred_keys = 0
         self.acks_due: dict[bytes, list[int]] | None = None  # in a burst: master -> forward ids
         self.apply_errors = 0
-        self._ops = {"replicate": self._update, "replicate_agg": self._update,
-                     "repl_batch": self._batch, "repl_load": self._load}
+        self._items = {"replicate": self._update, "replicate_agg": self._update,
+                       "repl_evict": self._evict}
+        self._ops = {**self._items, "repl_batch": self._batch, "repl_load": self._load}
 
     def handle(self, identity: bytes, msg: Message) -> None:
-        """A message of op replicate, replicate_agg, repl_batch or repl_load from a master.
+        """A message of op replicate, replicate_agg, repl_evict, repl_batch or repl_load from a master.
         Raises ProtocolError (or another PServerError) if refused; nothing was applied then."""
         self._ops[msg.op](identity, msg)
 
@@ -89,7 +90,7 @@ class ReplicaSide:
         acknowledged once. A refused item is counted in the ack; the others are still applied."""
         items = msg.meta.get(ITEMS)
         if (type(items) is not list or not 1 <= len(items) <= 64 or len(msg.arrays) != 2 * len(items)
-                or not all(type(it) is list and len(it) == 3 and it[0] in ("replicate", "replicate_agg")
+                or not all(type(it) is list and len(it) == 3 and it[0] in self._items
                            and type(it[1]) is str and type(it[2]) is dict for it in items)):
             raise ProtocolError("a repl_batch needs items [op, table, meta] and two arrays per item")
         master = master_of(identity)
@@ -101,8 +102,8 @@ class ReplicaSide:
         errors = []
         for i, (op, table, meta) in enumerate(items):
             try:
-                self._update(identity, Message(op, msg.ts, table, meta, msg.arrays[2 * i:2 * i + 2]),
-                             reply=False)
+                self._items[op](identity, Message(op, msg.ts, table, meta,
+                                                  msg.arrays[2 * i:2 * i + 2]), reply=False)
             except PServerError as e:
                 self.reject(e)
                 errors.append(str(e)[:200])
@@ -157,6 +158,17 @@ class ReplicaSide:
                     self.aggregate(msg, table, keys, vals, src, master)
                 else:
                     self._defer(table, keys, vals, ref, master)
+        if reply:
+            self._ack(identity, msg.ts)
+
+    def _evict(self, identity: bytes, msg: Message, reply: bool = True) -> None:
+        """Rows the master evicted (pserver.store.eviction): removed here too, after the forwards
+        that came before them, so that the copies hold the same rows."""
+        master_of(identity)
+        table = self.table(msg.table)
+        keys = keyfmt.unpack_keys(msg).as_array()
+        self.apply_deferred()
+        table.evict(keys)
         if reply:
             self._ack(identity, msg.ts)
 

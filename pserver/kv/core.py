@@ -48,6 +48,7 @@ from ..protocol import (
     RING,
     RING_VERSION,
     ROUND,
+    SEEN_WITHIN,
     SERVERS,
     SOURCE,
     SPAN,
@@ -232,12 +233,15 @@ class ServerCore:
             self._recheck_as_of()
         if not repl.active():
             self.acks.send(identity, msg.ts, part)
-            return
-        kept = keys.as_array()
-        self.acks.expect(token, repl.forward(token, "replicate", table.spec.name,
-                                             {SOURCE: sender, WORKER_TS: msg.ts, WORKER_PART: part},
-                                             kept, vals, memo=table.slot_cache.memo(kept)) > 0)
-        self.acks.local_done(token)
+        else:
+            kept = keys.as_array()
+            self.acks.expect(token, repl.forward(
+                token, "replicate", table.spec.name,
+                {SOURCE: sender, WORKER_TS: msg.ts, WORKER_PART: part},
+                kept, vals, memo=table.slot_cache.memo(kept)) > 0)
+            self.acks.local_done(token)
+        if table.eviction is not None:  # after the forward: replicas evict after applying it
+            self._evict(table)
 
     def on_pull(self, identity: bytes, msg: Message) -> None:
         table = self.tables.table(msg.table)
@@ -267,7 +271,9 @@ class ServerCore:
 
     def on_pull_range(self, identity: bytes, msg: Message) -> None:
         """The entries of [lo, hi) this server masters, sorted; with meta "limit" L at most L of
-        them, and meta "next" in the reply (the key to go on from) when more remain."""
+        them, and meta "next" in the reply (the key to go on from) when more remain; with meta
+        "within" T only the rows pushed during the table's last T pushes here (TableError if
+        the table tracks no usage)."""
         table = self.tables.table(msg.table)
         lo, hi = keyfmt.range_bounds(msg.meta)
         k, v = table.range_items(lo, hi)
@@ -275,6 +281,12 @@ class ServerCore:
         if ring is not None and len(ring.servers) > 1 and len(k):
             mine = ring.owner_of(k) == self.repl.my_id  # replicas answer nothing
             k, v = k[mine], v[mine]
+        within = msg.meta.get(SEEN_WITHIN)
+        if within is not None:  # an export of the rows in use only
+            if type(within) is not int or within < 1:
+                raise ProtocolError("meta 'within' of a range pull must be an integer >= 1")
+            recent = table.pushed_within(k, within)
+            k, v = k[recent], v[recent]
         meta = {RING_VERSION: _ring_version(self.repl)}
         limit = msg.meta.get(LIMIT)
         if limit is not None:  # a page: at most limit entries, and where the next page starts
@@ -351,6 +363,25 @@ class ServerCore:
 
     def on_stats(self, identity: bytes, msg: Message) -> None:
         self._answer(identity, msg, "stats", meta=self.stats())
+
+    def _evict(self, table: Table) -> None:
+        """The master's eviction sweep of ``table`` (pserver.store.eviction): the rows it drops
+        are forwarded to the replicas as a key list, so every copy drops the same rows."""
+        repl = self.repl
+        ring = repl.ring
+        copies = 1 + min(repl.k, len(ring.servers) - 1) if repl.active() and ring else 1
+        keys = table.eviction_due(self._mastered, copies)
+        if keys.size:
+            table.evict(keys)
+            if repl.active():
+                repl.forward(_EVICTED, "repl_evict", table.spec.name, {}, keys,
+                             np.empty((keys.size, 0), table.dtype))
+
+    def _mastered(self, keys: np.ndarray) -> np.ndarray:
+        ring = self.repl.ring
+        if ring is None or len(ring.servers) < 2:
+            return np.ones(keys.size, bool)
+        return ring.owner_of(keys) == self.repl.my_id
 
     # -- ownership ---------------------------------------------------------------------------------
     def _check_owner(self, msg: Message, keys: keyfmt.KeySet) -> None:
@@ -552,6 +583,7 @@ class ServerCore:
 
 
 _NOBODY: frozenset[int] = frozenset()
+_EVICTED = object()  # the token of eviction forwards: their acks release nothing
 _WORKER_OPS = frozenset(op for op, e in SERVER_OPS.items() if e.roles == {"worker"})
 _MAX_NEWCOMER_HELD = 10_000  # requests kept for a sender the view does not name yet
 

@@ -33,6 +33,7 @@ SERVER_OPS: dict[str, Op] = {
     # replication among servers (pserver.ft.replica)
     "replicate": Op("replica.handle", _SV, True),
     "replicate_agg": Op("replica.handle", _SV, True),
+    "repl_evict": Op("replica.handle", _SV, False),
     "repl_batch": Op("replica.handle", _SV, True),
     "repl_load": Op("replica.handle", _SV, False),
     # scheduler-driven fault tolerance

@@ -66,6 +66,7 @@ class KVServer:
         self.core = ServerCore(self.repl, self.transport.limits, self.cfg.slot_cache_bytes,
                                default_updater, secure=self.transport.creds.secure)
         self.core.stats = self.stats
+        self.core.tables.set_budget(self.cfg.max_table_bytes_value)
         self.membership.traffic = heartbeat_reporter(self.transport.counters,
                                                      self.core.filters.counters)
         self.poller = Poller()
@@ -97,6 +98,7 @@ class KVServer:
         tables, clocks = ft_checkpoint.restore_for(
             self.membership.view, self.membership.node_id, self.cfg.slot_cache_bytes)
         self.core.tables.update(tables)
+        self.core.tables.set_budget(self.cfg.max_table_bytes_value)
         self.core.clocks.clocks.update(clocks)
         self._on_view()
         try:
@@ -291,7 +293,7 @@ class KVServer:
                 "rejected": dict(core.rejections), "duplicates": core.duplicates,
                 "replication": {**repl.stats(), "replica_apply_errors": core.replica.apply_errors},
                 "tables": {n: {"keys": len(t), "bytes": t.nbytes(), "spec": t.spec.to_json(),
-                               "slot_cache": t.slot_cache.stats()}
+                               "slot_cache": t.slot_cache.stats(), **t.churn_stats()}
                            for n, t in core.tables.items()},
                 "traffic": self.transport.counters.to_json(), "time": time.time(),
                 "filters": core.filters.counters.to_json()}

@@ -47,6 +47,7 @@ from ..protocol import (
     PUSH_PULL,
     PUSHES,
     RING_VERSION,
+    SEEN_WITHIN,
     SPAN,
     SPEC,
     SYNC_ROUND,
@@ -163,7 +164,8 @@ class KVWorker:
     def declare_table(self, name: str, dim: int = 1, dtype: str = "float32", init: str = "zeros",
                       seed: int = 0, updater: str = "sum", updater_args: dict | None = None,
                       sync: bool = False, push_filters: str = "", pull_filters: str = "",
-                      pushes: bool = True) -> TableSpec:
+                      pushes: bool = True, admit_after: int = 0, admit_prob: float = 1.0,
+                      ttl_steps: int = 0, ttl_seconds: float = 0.0) -> TableSpec:
         """Declare a table on every server (idempotent for an identical spec). Returns the spec.
 
         push_filters / pull_filters: filter chains of the table's pushes / pulls (see
@@ -173,7 +175,8 @@ class KVWorker:
         pushes join from there (a worker that already pushes the table keeps its own round
         count when it declares it again). Workers of a sync job should all declare before anyone pushes
         (e.g. ``kv.barrier()`` after declaring); a worker that declares later joins from the
-        next round.
+        next round. admit_after / admit_prob / ttl_steps / ttl_seconds: admission and eviction of
+        rows (pserver.TableSpec; docs/torch.md).
 
         Raises:
             TableError: the table exists with another spec (nothing changed on the servers).
@@ -185,7 +188,9 @@ class KVWorker:
         spec = TableSpec.from_json(TableSpec(name=name, dim=dim, dtype=dtype, init=init, seed=seed,
                                              updater=updater, updater_args=updater_args or {},
                                              sync=sync, push_filters=push_filters,
-                                             pull_filters=pull_filters).to_json())
+                                             pull_filters=pull_filters, admit_after=admit_after,
+                                             admit_prob=admit_prob, ttl_steps=ttl_steps,
+                                             ttl_seconds=ttl_seconds).to_json())
         meta = {SPEC: spec.to_json()}
         if not pushes:
             meta[PUSHES] = False
@@ -387,8 +392,9 @@ class KVWorker:
         return self.push(np.arange(lo, hi, dtype=np.uint64), vals, table)
 
     def pull_range(self, lo: int = 0, hi: int = 1 << 64, table: str | None = None,
-                   wait: bool = True):
-        """All stored entries with lo <= key < hi, as (keys, values) sorted by key.
+                   wait: bool = True, seen_within: int | None = None):
+        """All stored entries with lo <= key < hi, as (keys, values) sorted by key; with
+        ``seen_within`` T only those pushed during the table's last T pushes on their server.
 
         Asked in pages that fit this worker's limits: each server is asked for at most a page of
         entries ("limit"; a server that answers with more is asked again for halves of the range).
@@ -405,8 +411,10 @@ class KVWorker:
         with self._lock:
             self._check_usable()
             ts = self._tracker.next_ts()
-            req = Request("range", spec.name, meta={LO: int(lo), HI: int(hi), LIMIT: limit},
-                          started=time.monotonic())
+            meta = {LO: int(lo), HI: int(hi), LIMIT: limit}
+            if seen_within is not None:
+                meta[SEEN_WITHIN] = int(seen_within)
+            req = Request("range", spec.name, meta=meta, started=time.monotonic())
             msgs = [self._encode_part(ts, req, sid, (int(lo), int(hi)))
                     for sid in self._all_servers()]
             self._tracker.register(ts, req)

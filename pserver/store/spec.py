@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 
 from ..errors import ConfigError, TableError
 from ..filters import SELECT, parse_filters
+from .admission import MAX_ADMIT_AFTER
 from .init import parse_init
 from .updaters import make_updater, updater_names
 
@@ -36,6 +37,11 @@ class TableSpec:
     push_filters, pull_filters: filter chains applied to pushes / pulls of this table (specs of
     pserver.filters.parse_filters, e.g. "kkt:1,key_cache,compress"; "" = none), stored in
     canonical form so that nodes with different settings conflict at declare time.
+    admit_after: a key gets a row on its admit_after-th push (0 or 1: at once); admit_prob: or
+    with this probability, decided per key by a hash (1.0: always); before that a pull reads
+    the initial values and pushes are dropped (pserver.store.admission). ttl_steps / ttl_seconds:
+    rows not pushed during the last ttl_steps pushes to the table on their server, or for
+    ttl_seconds, are evicted by their master (0: never; pserver.store.eviction).
     """
 
     name: str = "default"
@@ -48,6 +54,10 @@ class TableSpec:
     sync: bool = False
     push_filters: str = ""
     pull_filters: str = ""
+    admit_after: int = 0
+    admit_prob: float = 1.0
+    ttl_steps: int = 0
+    ttl_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         _check_str("name", self.name)
@@ -72,6 +82,7 @@ class TableSpec:
                 raise TableError(f"updater_args[{k!r}] must be a finite number, got {v!r}")
         if not isinstance(self.sync, bool):
             raise TableError(f"sync must be true or false, got {self.sync!r}")
+        _check_churn(self)
         # A private copy: the caller's dict may change later, the spec must not.
         object.__setattr__(self, "updater_args", dict(self.updater_args))
         # Resolve the rule where it is registered (built-ins everywhere; a user rule may live only in
@@ -129,7 +140,8 @@ class TableSpec:
     def _key(self) -> tuple:
         return (self.name, self.dim, self.dtype, self.init, self.seed, self.updater,
                 tuple(sorted(self.updater_args.items())), self.sync, self.push_filters,
-                self.pull_filters)
+                self.pull_filters, self.admit_after, self.admit_prob, self.ttl_steps,
+                self.ttl_seconds)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, TableSpec):
@@ -155,6 +167,25 @@ def _canonical_filters(name: str, text: object) -> str:
         raise TableError(f"pull_filters {text!r}: kkt, significant and random_skip select pairs of "
                          "pushes and cannot filter pulls; put them in push_filters")
     return ",".join(chain.names)
+
+
+def _check_churn(spec: TableSpec) -> None:
+    """TableError unless the admission and eviction fields are valid; one admission rule only."""
+    _check_int("admit_after", spec.admit_after, 0, MAX_ADMIT_AFTER)
+    _check_int("ttl_steps", spec.ttl_steps, 0, (1 << 62))
+    for name in ("admit_prob", "ttl_seconds"):
+        if not _is_finite_number(getattr(spec, name)):
+            raise TableError(f"table spec field {name!r} must be a finite number, "
+                             f"got {getattr(spec, name)!r}")
+    if not 0.0 < spec.admit_prob <= 1.0:
+        raise TableError(f"admit_prob must be in (0, 1], got {spec.admit_prob}")
+    if spec.ttl_seconds < 0:
+        raise TableError(f"ttl_seconds must be >= 0 (0 = rows never expire), got {spec.ttl_seconds}")
+    if spec.admit_after > 1 and spec.admit_prob < 1.0:
+        raise TableError("give one admission rule: admit_after (a row on the N-th push) or "
+                         "admit_prob (a row with probability p), not both")
+    object.__setattr__(spec, "admit_prob", float(spec.admit_prob))
+    object.__setattr__(spec, "ttl_seconds", float(spec.ttl_seconds))
 
 
 def _check_integer_table(spec: TableSpec) -> None:

@@ -8,11 +8,14 @@ key is removed). Keys are validated by the caller. Details: docs/store.md, "Tabl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 
 from ..config import SLOT_CACHE_DEFAULT, parse_size
-from ..errors import ValueShapeError
+from ..errors import TableError, ValueShapeError
+from .admission import Admission
+from .eviction import EvictionPolicy, Usage
 from .index import HashIndex, gather_rows, update_rows
 from .init import initial_values
 from .slot_cache import SlotCache
@@ -21,6 +24,8 @@ from .updaters import Updater, kernel_of, make_updater
 
 log = logging.getLogger(__name__)
 
+_NO_KEYS = np.empty(0, np.uint64)
+_NO_KEYS.flags.writeable = False
 RUN_MIN = 64        # shortest consecutive group that gets contiguous slots and a registry entry
 SLICE_MIN = 1024    # covered runs at least this long are applied as slices, shorter ones gathered
 _INITIAL_BYTES = 1 << 28
@@ -101,10 +106,14 @@ class Table:
     capacity: initial number of keys to size arrays for (they grow as needed).
     updater: overrides the spec's registered updater (e.g. a FunctionUpdater for a user handle).
     slot_cache: bytes the slot cache may hold (0 = no slot cache).
+    max_bytes: this server's budget for the table (0 = none; see set_budget).
+    Admission (spec.admit_after / admit_prob) happens in push; eviction is the master's decision
+    (eviction_due, then evict), replicas only evict what they are told.
     """
 
     def __init__(self, spec: TableSpec, capacity: int = 1024,
-                 updater: Updater | None = None, slot_cache: int = SLOT_CACHE_BYTES) -> None:
+                 updater: Updater | None = None, slot_cache: int = SLOT_CACHE_BYTES,
+                 max_bytes: int = 0) -> None:
         if not isinstance(spec, TableSpec):
             raise TypeError(f"spec must be a TableSpec, got {type(spec).__name__}")
         self.spec = spec
@@ -126,6 +135,27 @@ class Table:
         self._free = np.empty(0, dtype=np.int64)
         self.runs = RunRegistry()
         self.slot_cache = SlotCache(slot_cache)
+        self.admission = Admission.from_spec(spec)
+        self.eviction: EvictionPolicy | None = None
+        self.usage: Usage | None = None
+        self.steps = 0                          # pushes applied (counted while usage is tracked)
+        self.rows_admitted = self.rows_evicted = 0
+        self.set_budget(max_bytes)
+
+    def set_budget(self, max_bytes: int, clock: Callable[[], float] | None = None) -> None:
+        """Track row usage and evict under this server's budget ``max_bytes`` for the table
+        (0 = none) and the spec's TTLs; without either nothing is tracked (no per-push cost)."""
+        spec = self.spec
+        if not (max_bytes or spec.ttl_steps or spec.ttl_seconds):
+            self.eviction = self.usage = None
+            return
+        value_bytes = self.dim * self.dtype.itemsize * (1 + self.updater.state_factor)
+        kw = {} if clock is None else {"clock": clock}
+        self.eviction = EvictionPolicy(spec.ttl_steps, spec.ttl_seconds, max_bytes, value_bytes,
+                                       **kw)
+        if self.usage is None:
+            self.usage = Usage(self._values.shape[0])
+            self.usage.reset(self._index.scan(0, (1 << 64) - 1)[1], self.steps)
 
     def __len__(self) -> int:
         return len(self._index)
@@ -133,7 +163,9 @@ class Table:
     def nbytes(self) -> int:
         """Bytes held: index buckets + value/state arrays (incl. unused capacity) + bookkeeping."""
         return (self._index.nbytes() + self._values.nbytes + self._state.nbytes
-                + self._free.nbytes + self.runs.nbytes() + self.slot_cache.nbytes)
+                + self._free.nbytes + self.runs.nbytes() + self.slot_cache.nbytes
+                + (0 if self.usage is None else self.usage.last.nbytes + self.usage.hits.nbytes)
+                + (0 if self.admission is None else self.admission.nbytes()))
 
     # ---- key lists -------------------------------------------------------------------------
 
@@ -155,11 +187,77 @@ class Table:
 
     def push(self, keys: np.ndarray, pushed: np.ndarray) -> None:
         """Apply the updater to the rows of ``keys`` with ``pushed`` (n, push_cols); missing keys
-        are first inserted with their initial values. Raises ValueShapeError on a wrong shape."""
+        are first inserted with their initial values - if admitted (the others' rows are
+        dropped). Raises ValueShapeError on a wrong shape."""
         keys = self._keys(keys)
         pushed = self._pushed(pushed, keys.size)
+        if self.admission is not None and keys.size:
+            keys, pushed = self._admitted(keys, pushed)
         if keys.size:
-            self._apply(self._slots_inserting(keys), pushed)
+            slots = self._slots_inserting(keys)
+            self._apply(slots, pushed)
+            if self.usage is not None:
+                self._used(slots)
+
+    def _admitted(self, keys: np.ndarray, pushed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The keys (and their pushed rows) stored or admitted now."""
+        slots, missing = self._index.lookup(keys)
+        if not missing:
+            return keys, pushed
+        new = slots < 0
+        ok = self.admission.admit(keys[new])
+        if ok.all():
+            return keys, pushed
+        keep = ~new
+        keep[new] = ok
+        return keys[keep], pushed[keep]
+
+    def _used(self, slots: np.ndarray) -> None:
+        self.steps += 1
+        self.usage.touch(slots, self.steps)
+        self.eviction.pushed(self.steps)
+
+    # ---- eviction --------------------------------------------------------------------------
+
+    def eviction_due(self, mastered: Callable[[np.ndarray], np.ndarray], copies: int = 1
+                     ) -> np.ndarray:
+        """Sorted keys the master of some of this table's rows should evict now (empty when no
+        sweep is due). ``mastered(keys)`` -> bool mask of the keys this server masters (only
+        those are its to evict); ``copies``: 1 + replicas per key range. Changes nothing."""
+        pol = self.eviction
+        if pol is None or not pol.due(self.steps, len(self), copies):
+            return _NO_KEYS
+        keys, slots = self._index.scan(0, (1 << 64) - 1)
+        own = mastered(keys)
+        keys, slots = keys[own], slots[own]
+        idx = pol.victims(self.usage.last[slots], self.usage.hits[slots], self.steps, copies,
+                          len(self))
+        return np.sort(keys[idx])
+
+    def evict(self, keys: np.ndarray) -> int:
+        """Remove the rows of ``keys`` (sorted uint64; absent ones ignored), counted in
+        rows_evicted; returns how many were stored. They read their initial values again."""
+        n = self.remove(keys)
+        self.rows_evicted += n
+        return n
+
+    def pushed_within(self, keys: np.ndarray, steps: int) -> np.ndarray:
+        """Bool mask of the stored ``keys`` pushed during the table's last ``steps`` pushes.
+        Raises TableError if the table tracks no usage (neither a TTL nor a budget)."""
+        if self.usage is None:
+            raise TableError(f"table {self.spec.name!r} does not track when rows were pushed: "
+                             f"declare it with ttl_steps/ttl_seconds or start the servers with "
+                             f"--max-table-bytes to export only recent rows")
+        slots, _ = self._index.lookup(np.ascontiguousarray(keys, np.uint64))
+        return (slots >= 0) & (self.usage.last[np.maximum(slots, 0)] > self.steps - steps)
+
+    def churn_stats(self) -> dict:
+        """Counters of admission and eviction, and the bytes the budget counts."""
+        out = {"rows_admitted": self.rows_admitted, "rows_evicted": self.rows_evicted,
+               "pushes_dropped": self.admission.dropped if self.admission is not None else 0}
+        if self.eviction is not None:
+            out["budget_bytes"] = len(self) * self.eviction.row_cost
+        return out
 
     # ---- key runs --------------------------------------------------------------------------
 
@@ -196,6 +294,9 @@ class Table:
             s, o, n = first[r], offsets[r], lengths[r]
             state = self._state[s:s + n] if self.state_cols else None
             self.updater.apply(self._values[s:s + n], state, pushed[o:o + n])
+        if self.usage is not None and (small.size or big):
+            covered = np.concatenate([small, np.asarray(big, np.int64)]).astype(np.int64)
+            self._used(_ranges(first[covered], lengths[covered], np.int64))
 
     # ---- bulk operations -------------------------------------------------------------------
 
@@ -255,6 +356,8 @@ class Table:
         self._values[slots] = values
         if self.state_cols:
             self._state[slots] = 0 if state is None else state
+        if self.usage is not None:   # loaded rows (restore, copies) count as used now
+            self.usage.reset(slots, self.steps)
 
     def remove(self, keys: np.ndarray) -> int:
         """Delete ``keys`` (absent ones ignored); returns how many were stored."""
@@ -316,6 +419,9 @@ class Table:
                 self._values[new_slots] = initial_values(self.spec, new_keys)
                 if self.state_cols:
                     self._state[new_slots] = 0
+                self.rows_admitted += new_keys.size
+                if self.usage is not None:
+                    self.usage.reset(new_slots, self.steps)
             slots[miss] = new_slots
         if fp is not None:
             self.slot_cache.offer(fp, keys, slots)
@@ -357,6 +463,9 @@ class Table:
             return
         while cap < need:
             cap *= 2
+        bound = self.eviction.slot_bound() if self.eviction is not None else None
+        if bound is not None:  # doubling past the budget would allocate what it never uses
+            cap = max(need, min(cap, bound))
         values = np.empty((cap, self.dim), dtype=self.dtype)
         values[:self._n_slots] = self._values[:self._n_slots]
         self._values = values
@@ -364,6 +473,8 @@ class Table:
             state = np.zeros((cap, self.state_cols), dtype=self.dtype)
             state[:self._n_slots] = self._state[:self._n_slots]
             self._state = state
+        if self.usage is not None:
+            self.usage.grow(cap, self._n_slots)
 
     def _runs_split(self, starts, lengths):
         """Validated-by-shape runs plus their output offsets and registry cover (first slot)."""

@@ -2,5 +2,7 @@
 
 from .dense import DenseParameters
 from .embedding import Embedding, EmbeddingBag, ids_to_keys
+from .exported import ExportedEmbedding, load_exported
 
-__all__ = ["DenseParameters", "Embedding", "EmbeddingBag", "ids_to_keys"]
+__all__ = ["DenseParameters", "Embedding", "EmbeddingBag", "ExportedEmbedding", "ids_to_keys",
+           "load_exported"]

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 from pserver.errors import ConfigError  # noqa: E402
 from pserver.testing import TableKV  # noqa: E402
 from pserver.torch import Embedding, EmbeddingBag, ids_to_keys  # noqa: E402
+from pserver.torch.embedding import MAX_PREFETCHED  # noqa: E402
 
 DIM = 4
 
@@ -79,6 +80,33 @@ def test_prefetched_rows_are_used_and_a_different_batch_is_pulled_afresh():
     with torch.no_grad():
         emb(b)
     assert len(kv.pushes) == 0                  # no backward, nothing pushed
+
+
+def test_a_batch_prefetched_one_ahead_uses_its_rows_when_its_turn_comes():
+    """The training loop's order: the next batch's rows are asked for, then this batch runs (its
+    own rows pulled). The prefetch must wait for its batch, not be dropped by the one before."""
+    kv = TableKV()
+    emb = Embedding(kv, "e", DIM)
+    waits = []
+    pull = kv.pull
+    kv.pull = lambda keys, table=None, wait=True, **kw: waits.append(wait) or pull(keys, table,
+                                                                                  wait, **kw)
+    b0, b1, b2 = torch.tensor([1, 2]), torch.tensor([3, 4, 3]), torch.tensor([5])
+    emb.prefetch(b1)
+    emb(b0)
+    emb.prefetch(b2)
+    out = emb(b1)
+    emb(b2)
+    assert waits == [False, True, False]    # b0 pulled itself; b1 and b2 used their prefetches
+    torch.testing.assert_close(out[0], out[2])
+
+
+def test_prefetched_rows_of_batches_that_never_come_are_bounded():
+    kv = TableKV()
+    emb = Embedding(kv, "e", DIM)
+    for i in range(3 * MAX_PREFETCHED):
+        emb.prefetch(torch.tensor([i]))
+    assert len(emb._prefetched) == MAX_PREFETCHED
 
 
 def test_bad_ids_and_modes_raise_config_errors():

@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ import torch
 from ..lr.model import auc
 from .data import DENSE, FIELDS, CTRData, read
 from .model import DeepFM, LocalTable
+
+TABLES = ("ctr_first", "ctr_factors")  # the first-order weights and the factors of every ID
 
 
 @dataclass
@@ -86,14 +89,16 @@ def train_local(train: CTRData, test: CTRData, cfg: CTRConfig) -> dict:
             "examples_per_s": seen / seconds, "train_seconds": seconds}
 
 
-def train_worker(kv, train: CTRData, test: CTRData | None, cfg: CTRConfig) -> dict:
+def train_worker(kv, train: CTRData, test: CTRData | None, cfg: CTRConfig,
+                 export_dir: str | None = None) -> dict:
     """One worker's part: its shard (rank r of n: every n-th batch of a pass), tables on the
-    servers. Returns this worker's figures; with ``test``, held-out AUC after a barrier."""
+    servers. Returns this worker's figures; with ``test``, held-out AUC after a barrier; with
+    ``export_dir`` (rank 0), the trained model for serving (see export_model)."""
     from ...torch import DenseParameters, Embedding
 
-    first = Embedding(kv, "ctr_first", 1, init=f"normal:{cfg.init_std}", updater="adagrad",
+    first = Embedding(kv, TABLES[0], 1, init=f"normal:{cfg.init_std}", updater="adagrad",
                       updater_args={"lr": cfg.lr_embedding})
-    factors = Embedding(kv, "ctr_factors", cfg.k, init=f"normal:{cfg.init_std}",
+    factors = Embedding(kv, TABLES[1], cfg.k, init=f"normal:{cfg.init_std}",
                         updater="adagrad", updater_args={"lr": cfg.lr_embedding})
     torch.manual_seed(cfg.seed)       # the same starting dense weights on every worker
     model = DeepFM(first, factors, DENSE, FIELDS, cfg.k)
@@ -106,6 +111,9 @@ def train_worker(kv, train: CTRData, test: CTRData | None, cfg: CTRConfig) -> di
     for epoch in range(cfg.epochs):
         mine = [b for i, b in enumerate(batches(len(train), cfg.batch, epoch, cfg.seed))
                 if i % kv.num_workers == kv.rank]
+        if mine:
+            first.prefetch(torch.from_numpy(train.ids[mine[0]]))
+            factors.prefetch(torch.from_numpy(train.ids[mine[0]]))
         for i, sel in enumerate(mine):
             if i + 1 < len(mine):      # the next batch's rows travel while this one computes
                 nxt = torch.from_numpy(train.ids[mine[i + 1]])
@@ -127,7 +135,32 @@ def train_worker(kv, train: CTRData, test: CTRData | None, cfg: CTRConfig) -> di
         shared.pull()
         p = predict(model, test)
         out.update(test_auc=auc(test.labels * 2 - 1, p), test_logloss=logloss(test.labels, p))
+    if export_dir is not None and kv.rank == 0:
+        shared.pull()
+        export_model(kv, model, export_dir)
+        np.save(Path(export_dir) / "train_pred.npy", predict(model, train.rows(slice(0, 2000))))
     return out
+
+
+def export_model(kv, model: DeepFM, out: str) -> None:
+    """Write the trained model for serving without pserver: both ID tables as exports
+    (pserver.apps.export: ids.npy + rows.npy) and the dense weights (dense.pt, a state dict)."""
+    from ..export import export_table
+
+    for name in TABLES:
+        export_table(kv, name, Path(out) / name)
+    dense = {k: v for k, v in model.state_dict().items() if not k.startswith(("first.", "factors."))}
+    torch.save(dense, Path(out) / "dense.pt")
+
+
+def load_model(path: str, cfg: CTRConfig) -> DeepFM:
+    """The model export_model wrote, as plain PyTorch modules (no cluster needed)."""
+    from ...torch import load_exported
+
+    model = DeepFM(load_exported(Path(path) / TABLES[0]), load_exported(Path(path) / TABLES[1]),
+                   DENSE, FIELDS, cfg.k)
+    model.load_state_dict(torch.load(Path(path) / "dense.pt", weights_only=True), strict=False)
+    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test")
     p.add_argument("--out", help="write this worker's figures as JSON here (RANK in the name "
                                  "is replaced by the rank)")
+    p.add_argument("--export", help="rank 0: write the trained model here for serving "
+                                    "(load_model reads it without a cluster)")
     for name, value in asdict(CTRConfig()).items():
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     args = p.parse_args(argv)
@@ -146,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     train = read(args.train)
     test = read(args.test) if args.test else None
     with pserver.KVWorker() as kv:
-        res = train_worker(kv, train, test if kv.rank == 0 else None, cfg)
+        res = train_worker(kv, train, test if kv.rank == 0 else None, cfg, args.export)
     print(json.dumps(res), flush=True)
     if args.out:
         with open(args.out.replace("RANK", str(res["rank"])), "w") as f:
