@@ -130,8 +130,9 @@ def cmd_train_lr(args: argparse.Namespace) -> int:
     with LocalCluster(args.servers, args.workers, insecure=args.insecure,
                       heartbeat_timeout=HEARTBEAT_TIMEOUT, env=env,
                       settings={"group": args.group} if args.group else None) as cluster:
+        # a dead worker's shard is taken over (or dropped) by the live ones: they go on
         return cluster.run_workers([sys.executable, "-m", "pserver.apps.lr.worker",
-                                    *_worker_argv(args)])
+                                    *_worker_argv(args)], stop_on_error=False)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
