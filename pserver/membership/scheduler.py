@@ -337,9 +337,9 @@ class Scheduler:
             node = self.view.nodes[nid]
             node.alive = False
             node.state = "dead"
-            log.error("%s %d (rank %d, pid %d at %s:%d) missed heartbeats for %.2f s: marked dead",
-                      node.role, nid, node.rank, node.pid, node.host, node.port,
-                      self.liveness.silence(nid))
+            log.error("%s %d (rank %d, pid %d at %s:%d) missed heartbeats for %.2f s (its "
+                      "timeout: %.2f s): marked dead", node.role, nid, node.rank, node.pid,
+                      node.host, node.port, self.liveness.silence(nid), self.liveness.deadline(nid))
             if node.role == "server":
                 self.rings.server_gone(nid)
             self._bump()
@@ -402,6 +402,7 @@ class Scheduler:
         view = self.view.to_json()
         for n in view["nodes"]:
             n["last_heartbeat"] = round(self.liveness.silence(n["id"]), 3)
+            n["heartbeat_deadline"] = round(self.liveness.deadline(n["id"]), 3)
             if n["id"] in self.traffic:
                 n["traffic"] = self.traffic[n["id"]]
             if self.replica_apply_errors.get(n["id"]):

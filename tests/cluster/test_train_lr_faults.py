@@ -131,6 +131,7 @@ def test_train_lr_survives_a_server_kill_with_the_default_detection(data, calm, 
     s, _ = train(data, tmp_path / "s.json", kill=("server", 1))
     assert s["passes"] == EPOCHS
     assert s["train_objective"] == pytest.approx(calm["train_objective"], rel=1e-4)
-    seconds = sorted(h["seconds"] for h in s["history"])
-    # the figure docs/fault-tolerance.md reports: the slowest pass over the median pass
-    print(f"slowest pass {seconds[-1]:.2f} s, median pass {seconds[len(seconds) // 2]:.2f} s")
+    p = s["pass_seconds"]
+    assert p["slowest"] >= p["median"] > 0
+    # the figure docs/fault-tolerance.md reports (no timing assertion: a loaded machine varies)
+    print(f"server kill: slowest pass {p['slowest']:.2f} s over a median pass {p['median']:.2f} s")
