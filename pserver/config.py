@@ -42,6 +42,9 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_HEARTBEAT_INTERVAL": ("heartbeat_interval", float, "seconds between heartbeats"),
     "PSERVER_HEARTBEAT_TIMEOUT": ("heartbeat_timeout", float, "seconds of silence before a node "
                                                               "is declared dead"),
+    "PSERVER_SCHEDULER_GRACE": ("scheduler_grace", float, "seconds a node serves on without the "
+                                                          "scheduler (it may be restarted with "
+                                                          "--recover) before it gives up"),
     "PSERVER_CONNECT_TIMEOUT": ("connect_timeout", float, "seconds to wait for the scheduler "
                                                           "(registration) before failing"),
     "PSERVER_REQUEST_TIMEOUT": ("request_timeout", float, "seconds a push/pull may wait "
@@ -99,6 +102,7 @@ class Config:
     read_only: bool = False
     heartbeat_interval: float = 0.1
     heartbeat_timeout: float = 0.6
+    scheduler_grace: float = 120.0
     connect_timeout: float = 30.0
     request_timeout: float = 0.0
     barrier_timeout: float = 300.0
