@@ -30,7 +30,7 @@ from .protocol import BYTES, CONSISTENCY, DIR, KEY_COUNT, NAME, PATH, SECONDS, S
 # Settings one role alone reads: a flag of that role's command only. Every other PSERVER_* setting is
 # a flag of every node command. `pserver launch` takes all of them (see launch_cluster_kwargs).
 ROLE_SETTINGS = {"scheduler": ("replication", "replicate_after_aggregation", "replica_key_cache"),
-                 "server": ("busy_poll", "slot_cache"),
+                 "server": ("busy_poll", "slot_cache", "recv_queue"),
                  "worker": ("group", "read_only")}
 _SETTING_VAR = {name: (var, typ, text) for var, (name, typ, text) in ENV_VARS.items()}
 
