@@ -30,7 +30,7 @@ from .protocol import BYTES, CONSISTENCY, DIR, KEY_COUNT, NAME, PATH, SECONDS, S
 # Settings one role alone reads: a flag of that role's command only. Every other PSERVER_* setting is
 # a flag of every node command. `pserver launch` takes all of them (see launch_cluster_kwargs).
 ROLE_SETTINGS = {"scheduler": ("replication", "replicate_after_aggregation", "replica_key_cache"),
-                 "server": ("busy_poll", "slot_cache", "max_table_bytes"),
+                 "server": ("busy_poll", "slot_cache", "max_table_bytes", "recv_queue"),
                  "worker": ("group", "read_only")}
 _SETTING_VAR = {name: (var, typ, text) for var, (name, typ, text) in ENV_VARS.items()}
 
@@ -54,6 +54,9 @@ ROLE_OPTIONS: dict[str, list[tuple[tuple[str, ...], dict]]] = {
                                  help="worker group NAME's barriers wait until N of its workers "
                                       "joined (other groups than 'default' are open-ended and "
                                       "never hold the cluster's start back); repeatable")),
+        (("--recover",), dict(action="store_true",
+                              help="replace a scheduler that died, on the same address: rebuild "
+                                   "the cluster's view from the nodes, which rejoin by themselves")),
         (("--read-only-group",), dict(action="append", metavar="NAME",
                                       help="members of worker group NAME may only read: servers "
                                            "refuse their pushes; repeatable")),
@@ -173,7 +176,8 @@ def cmd_scheduler(args: argparse.Namespace) -> int:
     Scheduler(cfg, exit_when_workers_done=not args.keep_alive, checkpoint_dir=args.checkpoint_dir,
               checkpoint_every=args.checkpoint_every, checkpoint_keep=args.checkpoint_keep,
               restore=args.restore, group_sizes=parse_group_sizes(args.group_size or []),
-              read_only_groups=args.read_only_group or ()).run()
+              read_only_groups=args.read_only_group or (),
+              recover=getattr(args, "recover", False)).run()
     return 0
 
 

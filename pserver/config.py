@@ -42,6 +42,12 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_HEARTBEAT_INTERVAL": ("heartbeat_interval", float, "seconds between heartbeats"),
     "PSERVER_HEARTBEAT_TIMEOUT": ("heartbeat_timeout", float, "seconds of silence before a node "
                                                               "is declared dead"),
+    "PSERVER_SCHEDULER_GRACE": ("scheduler_grace", float, "seconds a node serves on without the "
+                                                          "scheduler (it may be restarted with "
+                                                          "--recover) before it gives up"),
+    "PSERVER_RECV_QUEUE": ("recv_queue", int, "servers: messages received from one peer that may "
+                                              "wait unread (then that peer is slowed by TCP "
+                                              "backpressure; 0 = no bound)"),
     "PSERVER_CONNECT_TIMEOUT": ("connect_timeout", float, "seconds to wait for the scheduler "
                                                           "(registration) before failing"),
     "PSERVER_REQUEST_TIMEOUT": ("request_timeout", float, "seconds a push/pull may wait "
@@ -102,6 +108,8 @@ class Config:
     read_only: bool = False
     heartbeat_interval: float = 0.1
     heartbeat_timeout: float = 0.6
+    scheduler_grace: float = 120.0
+    recv_queue: int = 256
     connect_timeout: float = 30.0
     request_timeout: float = 0.0
     barrier_timeout: float = 300.0
@@ -149,6 +157,8 @@ class Config:
             raise ConfigError("PSERVER_NUM_SERVERS must be >= 1 and PSERVER_NUM_WORKERS >= 0")
         if self.heartbeat_interval <= 0 or self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError("PSERVER_HEARTBEAT_TIMEOUT must exceed PSERVER_HEARTBEAT_INTERVAL > 0")
+        if self.recv_queue < 0:
+            raise ConfigError("PSERVER_RECV_QUEUE must be >= 0 (0 = no bound)")
         if self.busy_poll < 0:
             raise ConfigError("PSERVER_BUSY_POLL (--busy-poll) is seconds of busy polling: 0 (off) "
                               "or more")

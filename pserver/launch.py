@@ -27,6 +27,7 @@ from .errors import ConfigError, PServerError
 from .groups import DEFAULT as DEFAULT_GROUP
 from .groups import check_name as check_group
 from .protocol import DIR
+from .worker_exits import WorkerExits
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class LocalCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self._threads: list[threading.Thread] = []
         self._tmp: str | None = None
+        self._scheduler_down_since: float | None = None
 
     @property
     def scheduler(self) -> str:
@@ -195,12 +197,18 @@ class LocalCluster:
         return self._spawn(name, list(cmd), full)
 
     def run_workers(self, cmd: Sequence[str], env: dict[str, str] | None = None,
-                    timeout: float | None = None) -> int:
-        """Run ``cmd`` once per worker rank; return the worst exit code. If a worker fails, the
-        others are stopped (and the cluster is stopped by the caller's ``with`` block)."""
+                    timeout: float | None = None, stop_on_error: bool = True) -> int:
+        """Run ``cmd`` once per worker rank; return the job's exit code (``WorkerExits.code``:
+        0 if no worker failed in its own code and one finished; a worker killed by a signal is
+        survived, the others go on without it). A worker exiting with an error code stops the
+        others when ``stop_on_error`` (the cluster is stopped by the caller's ``with`` block).
+
+        Raises: PServerError if the workers did not finish within ``timeout`` seconds or the
+        scheduler died; the workers still running are killed then."""
         workers = [self.spawn_worker(cmd, rank, env) for rank in range(self.num_workers)]
         deadline = None if timeout is None else time.monotonic() + timeout
-        worst = 0
+        exits = WorkerExits(stop_on_error)
+        grace = self.config().scheduler_grace
         stopped: set[int] = set()  # workers we terminated: their exit codes are not the failure
         try:
             while workers:
@@ -211,22 +219,39 @@ class LocalCluster:
                     workers.remove(w)
                     if w.pid in stopped:
                         continue
-                    worst = _worse(worst, rc)
-                    if rc != 0:
-                        log.error("a worker exited with code %d: stopping the others", rc)
-                        for other in workers:
-                            stopped.add(other.pid)
-                            other.terminate()
+                    if not exits.exited(rc):
+                        if rc < 0:
+                            log.error("a worker was killed (signal %d): the others go on without "
+                                      "it", -rc)
+                        elif rc > 0:
+                            log.error("a worker exited with code %d", rc)
+                        continue
+                    log.error("a worker exited with code %d: stopping the others", rc)
+                    for other in workers:
+                        stopped.add(other.pid)
+                        other.terminate()
                 if deadline is not None and time.monotonic() > deadline:
                     raise PServerError(f"workers did not finish within {timeout} s")
-                if any(p.poll() is not None and p.returncode != 0 for n, p in self.procs.items()
-                       if n == "scheduler"):
-                    raise PServerError("the scheduler died")
+                if self._scheduler_gone(grace):
+                    raise PServerError(f"the scheduler died and was not replaced within "
+                                       f"{grace:g} s (PSERVER_SCHEDULER_GRACE)")
                 time.sleep(0.02)
         finally:
             for w in workers:
                 w.kill()
-        return worst
+        return exits.code
+
+    def _scheduler_gone(self, grace: float) -> bool:
+        """Whether the scheduler has been dead for ``grace`` seconds (nodes serve on meanwhile,
+        and :meth:`restart_scheduler` may replace it)."""
+        sched = self.procs.get("scheduler")
+        if sched is None or sched.poll() is None or sched.returncode == 0:
+            self._scheduler_down_since = None
+            return False
+        now = time.monotonic()
+        if self._scheduler_down_since is None:
+            self._scheduler_down_since = now
+        return now - self._scheduler_down_since > grace
 
     def checkpoint(self, directory: str | None = None, timeout: float = 600.0) -> dict:
         """Write a checkpoint now (to ``directory``, default the cluster's checkpoint_dir) and return
@@ -245,6 +270,17 @@ class LocalCluster:
         self._spawn(name, [sys.executable, "-m", "pserver", "server", "--join", *self.server_args],
                     self.env())
         return name
+
+    def restart_scheduler(self) -> None:
+        """Start a new scheduler on the address of one that died (``pserver scheduler --recover``):
+        it rebuilds the view from the nodes, which serve on meanwhile. Raises PServerError if
+        the old one still runs."""
+        old = self.procs.get("scheduler")
+        if old is not None and old.poll() is None:
+            raise PServerError("the scheduler is still running: kill it first")
+        self._spawn("scheduler", [sys.executable, "-m", "pserver", "scheduler", "--recover",
+                                  *self.scheduler_args],
+                    {**self.env(), "PSERVER_NUM_WORKERS": str(self.expected_default)})
 
     def leave(self, name: str) -> None:
         """Ask one server to leave gracefully (SIGTERM: it hands its ranges over, then exits)."""

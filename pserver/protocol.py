@@ -87,6 +87,7 @@ SHUTDOWN = "shutdown"
 DEAD = "dead"
 TRAFFIC = "traffic"
 REBUILT = "rebuilt"
+REJOIN = "rejoin"
 REPLICA_APPLY_ERRORS = "replica_apply_errors"
 NAME = "name"
 GROUP = "group"
@@ -214,6 +215,8 @@ FIELDS: dict[str, Field] = {f.key: f for f in (
     Field(TRAFFIC, "the node's traffic counters", "dict", ("heartbeat",), "request"),
     Field(REBUILT, "ring version whose re-replication copies this server sent", "int",
           ("heartbeat",), "request"),
+    Field(REJOIN, "True: the (restarted) scheduler does not know the node: send a rejoin with "
+          "its id, role, rank, address and cached view", "bool", ("hb",), "reply"),
     Field(REPLICA_APPLY_ERRORS, "forwards this replica failed to apply", "int", ("heartbeat",),
           "request"),
     Field(NAME, "barrier name; checkpoint name", "str", ("barrier", "checkpoint_done"), "both"),

@@ -118,6 +118,8 @@ class Transport:
         # the 8-byte padding of inline arrays and CURVE's box overhead.
         lim = self.limits
         sock.maxmsgsize = lim.max_message_bytes + lim.max_header_bytes + 8 * lim.max_arrays + 1024
+        if self.role == "server":  # bounded memory: a peer faster than we apply waits in TCP
+            sock.rcvhwm = self.cfg.recv_queue
         if ":" in host:
             sock.setsockopt(zmq.IPV6, 1)
         self.creds.configure_server(sock)

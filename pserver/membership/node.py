@@ -29,6 +29,7 @@ from ..protocol import (
     PORT,
     RANK,
     READ_ONLY,
+    REJOIN,
     ROLE,
     SHUTDOWN,
     TRAFFIC,
@@ -63,6 +64,10 @@ class Membership:
         self._stop = threading.Event()
         self._hb_thread: threading.Thread | None = None
         self._listeners: list[Callable[[ClusterView], None]] = []
+        # views adopted after a rejoin: a request in flight then is sent again (a restarted
+        # scheduler dropped it while it rebuilt the view)
+        self.epoch = 0
+        self._rejoined_at = 0.0   # monotonic time of the last rejoin sent (0: none pending)
         # the node's traffic counters (a dict; must not raise), sent on a heartbeat every second
         self.traffic: Callable[[], dict] | None = None
         # small facts the node reports on every heartbeat (a server: the ring it finished re-replicating)
@@ -99,12 +104,16 @@ class Membership:
         Raises: TimeoutError if no such reply came within ``timeout`` seconds (the scheduler may
         or may not have acted on it); RemoteError if the scheduler refused; ProtocolError for a
         malformed reply; LinkTimeout if no connection to the scheduler could be made."""
-        ts = self.send_request(op, meta)
+        ts, epoch = self.send_request(op, meta), self.epoch
         deadline = time.monotonic() + timeout
         while True:
-            msg = self._next_reply(deadline)
+            msg = self._next_reply(min(deadline, time.monotonic() + 0.25))
             if msg is None:
-                raise TimeoutError(op)
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(op)
+                if self.epoch != epoch:  # the scheduler was replaced: ask the new one
+                    ts, epoch = self.send_request(op, meta), self.epoch
+                continue
             if msg.op == "error":
                 raise RemoteError(f"scheduler refused {op}: {msg.meta.get(ERROR)}")
             if msg.ts == ts and msg.op == expect:
@@ -224,9 +233,12 @@ class Membership:
     def _heartbeat_loop(self) -> None:
         link = self.transport.dealer_link(self.sched_host, self.sched_port, "scheduler")
         interval = self.cfg.heartbeat_interval
-        lost_after = max(3.0, 10 * self.cfg.heartbeat_timeout)
+        # without the scheduler the node serves on with its last view (data-plane traffic does
+        # not need it) and keeps beating; it gives up only after the grace period
+        lost_after = self.cfg.scheduler_grace
         last_reply = time.monotonic()
         next_beat = next_report = 0.0
+        warned = False
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
@@ -243,22 +255,55 @@ class Membership:
                 if link.poll(max(0.0, next_beat - time.monotonic())):
                     for msg in self.transport.messages(link, "the scheduler (heartbeat reply)"):
                         last_reply = time.monotonic()
-                        self._on_heartbeat_reply(msg)
-                elif time.monotonic() - last_reply > lost_after and not self.scheduler_lost.is_set():
-                    log.error("lost the scheduler: no heartbeat reply for %.1f s", lost_after)
-                    self.scheduler_lost.set()
+                        self._on_heartbeat_reply(msg, link)
+                else:
+                    silent = time.monotonic() - last_reply
+                    if silent > lost_after and not self.scheduler_lost.is_set():
+                        log.error("lost the scheduler: no heartbeat reply for %.1f s "
+                                  "(PSERVER_SCHEDULER_GRACE)", lost_after)
+                        self.scheduler_lost.set()
+                    elif silent > 10 * self.cfg.heartbeat_timeout and not warned:
+                        log.warning("no heartbeat reply from the scheduler for %.1f s: serving "
+                                    "on with view v%d, still trying", silent, self.view.version)
+                        warned = True
+                if time.monotonic() - last_reply < interval * 2:
+                    warned = False
         finally:
             link.close()
 
-    def _on_heartbeat_reply(self, msg: Message) -> None:
+    def _on_heartbeat_reply(self, msg: Message, link: Link) -> None:
         if msg.op != "hb":
             return
+        if msg.meta.get(REJOIN):
+            self._rejoin(link)
+            return
         if VIEW in msg.meta:
+            before = self.view.version
             self._set_view(msg.meta[VIEW])
+            if self._rejoined_at and self.view.version > before:
+                self._rejoined_at = 0.0
+                self.epoch += 1
         if msg.meta.get(SHUTDOWN):
             self.shutdown_requested.set()
         if msg.meta.get(DEAD):
             self.declared_dead.set()
+
+    def _rejoin(self, link: Link) -> None:
+        """The scheduler does not know this node (it was restarted with ``--recover``): tell it
+        who this node is and the view it holds, at most twice a second."""
+        now = time.monotonic()
+        if now - self._rejoined_at < 0.5:
+            return
+        self._rejoined_at = now
+        group = self.cfg.group if self.role == "worker" else "default"
+        log.warning("the scheduler does not know this %s: rejoining with view v%d", self.role,
+                    self.view.version)
+        meta = {ID: self.node_id, ROLE: self.role, RANK: self.rank, HOST: self.host,
+                PORT: self.port, PID: os.getpid(), GROUP: group, VIEW: self.view.to_json()}
+        try:
+            link.send(Message("rejoin", meta=meta))
+        except LinkTimeout:
+            self._rejoined_at = 0.0
 
     def close(self) -> None:
         self._stop.set()

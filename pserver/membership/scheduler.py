@@ -18,6 +18,7 @@ from ..ft.checkpoint_round import CheckpointCoordinator
 from ..ft.migration import MigrationCoordinator
 from ..link import LinkError, Poller
 from ..protocol import (
+    DEAD,
     ERROR,
     GROUP,
     ID,
@@ -25,6 +26,7 @@ from ..protocol import (
     NAME,
     RANK,
     REBUILT,
+    REJOIN,
     REPLICA_APPLY_ERRORS,
     SHUTDOWN,
     TRAFFIC,
@@ -36,6 +38,7 @@ from ..transport import Transport, node_token
 from ..wire import Message
 from .barrier import Barriers
 from .liveness import Liveness
+from .recovery import ViewRecovery
 from .registration import Pending, Request, rank_for
 from .ring_keeper import RingKeeper
 from .tasks import TaskService
@@ -44,6 +47,11 @@ from .view import ClusterView, NodeInfo
 log = logging.getLogger(__name__)
 
 security.allow_op("drain", "server")
+security.allow_op("rejoin", "server", "worker")
+
+# what a recovering scheduler answers before its view is rebuilt (the rest is dropped: the nodes
+# send it again once they have the recovered view)
+_WHILE_RECOVERING = frozenset({"heartbeat", "rejoin", "status", "shutdown"})
 
 
 class Scheduler:
@@ -55,6 +63,8 @@ class Scheduler:
     memory); the scheduler owns it and closes it when :meth:`run` ends.
     group_sizes: {group: N}: that group's barriers wait until N members joined (docs/groups.md).
     read_only_groups: groups whose members may only read (servers refuse their pushes).
+    recover: this scheduler replaces one that died, on the same address: it rebuilds the view
+    from the nodes' rejoins (``recovery.ViewRecovery``) instead of waiting for registrations.
     Raises ConfigError if it cannot bind or a group name is invalid, CheckpointError if
     ``restore`` is unusable.
     """
@@ -63,7 +73,7 @@ class Scheduler:
                  exit_when_workers_done: bool = True, checkpoint_dir: str | None = None,
                  checkpoint_every: float = 0.0, checkpoint_keep: int = 3, restore: str | None = None,
                  transport: Transport | None = None, group_sizes: dict[str, int] | None = None,
-                 read_only_groups: Iterable[str] = ()):
+                 read_only_groups: Iterable[str] = (), recover: bool = False):
         self.cfg = cfg
         read_only = sorted({groups.check_name(g) for g in read_only_groups})
         self.group_sizes = {groups.check_name(g): int(n) for g, n in (group_sizes or {}).items()}
@@ -80,7 +90,7 @@ class Scheduler:
         self._handlers = {
             "heartbeat": self._heartbeat, "register": self._register, "barrier": self._barrier,
             "status": self._status, "drain": self._drain_server, "leave": self._leave_op,
-            "checkpoint": self._checkpoint, "shutdown": self._shutdown,
+            "checkpoint": self._checkpoint, "shutdown": self._shutdown, "rejoin": self._rejoin,
             **dict.fromkeys(TaskService.OPS, self._task)}
         self._tick = min(0.05, cfg.heartbeat_interval / 2)
         self.view = ClusterView(settings={"read_only_groups": read_only})
@@ -92,6 +102,7 @@ class Scheduler:
         self.traffic: dict[int, dict] = {}                  # node id -> traffic its heartbeats report
         self.replica_apply_errors: dict[int, int] = {}      # server id -> forwards it failed to apply
         self.started = False
+        self.recovered = False  # this scheduler rebuilt the view of one that died
         self.barriers = Barriers(self.group_sizes)
         self.shutting_down = False
         self.shutdown_deadline = 0.0
@@ -108,6 +119,9 @@ class Scheduler:
         self.checkpoints = CheckpointCoordinator(
             self.transport, lambda: self.view, self._send, lambda: self._next_id,
             directory=checkpoint_dir or restore, every=checkpoint_every, keep=checkpoint_keep)
+        # a recovering scheduler: no registration, the nodes rejoin with their view
+        self.recovery = ViewRecovery(max(2.0, 3 * cfg.heartbeat_timeout), time.monotonic) \
+            if recover else None
         if restore:  # new node ids start above the checkpoint's: restored clocks never mix them up
             try:
                 self._next_id = self.checkpoints.prepare_restore(restore, self.view)
@@ -133,6 +147,8 @@ class Scheduler:
         may exit (shut down and every node gone, or the shutdown grace period over)."""
         if self._poller.poll(self._tick):
             self._drain()
+        if self.recovery is not None and self.recovery.done():
+            self._recovered()
         self._check_liveness()
         if self._announce:
             self._announce_view()
@@ -184,13 +200,27 @@ class Scheduler:
         handler = self._handlers.get(msg.op)
         if handler is None:
             raise ValueError(f"unknown op {msg.op!r} for the scheduler")
+        if self.recovery is not None and msg.op not in _WHILE_RECOVERING:
+            # the view is not rebuilt yet: the node sends it again once it has the new view
+            log.debug("recovering: %s dropped (the node resends it)", msg.op)
+            return
         handler(identity, msg, role)
 
     def _heartbeat(self, identity: bytes, msg: Message, role: str | None) -> None:
         m = msg.meta
         nid = int(m[ID])
         node = self.view.nodes.get(nid)
+        if self.recovery is not None:
+            if self.owner.get(nid) == node_token(identity):  # rejoined: wait for the view
+                self.liveness.seen(nid)
+                self._send(identity, Message("hb", msg.ts, meta={VIEW_VERSION: -1}))
+            else:
+                self._send(identity, Message("hb", msg.ts, meta={REJOIN: True}))
+            return
         if node is None:
+            if self.recovered:  # a node of the old scheduler's cluster that was not in the view
+                self._send(identity, Message("hb", msg.ts, meta={REJOIN: True}))
+                return
             raise ValueError(f"heartbeat from unknown node {nid}")
         self._check_owner(nid, identity, msg.op)
         self.liveness.seen(nid)
@@ -238,6 +268,52 @@ class Scheduler:
         log.warning("shutdown requested")
         self._begin_shutdown()
         self._send(identity, Message("ok", msg.ts))
+
+    # -- recovery (a restarted scheduler) -------------------------------------------------------
+    def _rejoin(self, identity: bytes, msg: Message, role: str | None) -> None:
+        """A node of the cluster this scheduler replaces: during recovery its view counts; after,
+        a live node of the recovered view is taken back, any other is told it is dead."""
+        nid = int(msg.meta[ID])
+        if self.recovery is not None:
+            self.recovery.rejoin(msg.meta, role if self.transport.creds.secure else None)
+            self.owner[nid] = node_token(identity)
+            self.identity_of[nid] = identity
+            self.liveness.seen(nid)
+            log.info("node %d rejoined (%d so far)", nid, len(self.recovery.claims))
+            return
+        node = self.view.nodes.get(nid)
+        if node is not None and node.alive and self.recovered and nid not in self.owner:
+            self.owner[nid] = node_token(identity)
+            self.identity_of[nid] = identity
+            self.liveness.seen(nid)
+            self._send(identity, Message("hb", msg.ts, meta={VIEW_VERSION: self.view.version,
+                                                              VIEW: self.view.to_json()}))
+            return
+        self._send(identity, Message("hb", msg.ts, meta={DEAD: True}))
+
+    def _recovered(self) -> None:
+        """Every node rejoined (or the window is over): adopt the newest view and announce it."""
+        recovery, self.recovery = self.recovery, None
+        view = recovery.result()
+        for nid in list(self.owner):
+            if not recovery.member(nid):
+                self.owner.pop(nid)     # dead, left or an impostor: told so on its next heartbeat
+                self.identity_of.pop(nid, None)
+        # the same object: the migration coordinator and the ring keeper hold it
+        self.view.version, self.view.nodes = view.version - 1, view.nodes
+        self.view.ring, self.view.settings = view.ring, view.settings
+        self.rings = RingKeeper(self.view)  # safe again once the servers report re-replication
+        self._next_id = max([self._next_id, *(n + 1 for n in view.nodes)])
+        self.workers_ever = sum(1 for n in view.nodes.values() if n.role == "worker")
+        for n in view.nodes.values():
+            if n.alive:
+                self.liveness.seen(n.id)
+        self.started = self.recovered = True
+        self._bump()
+        log.warning("recovered the cluster view v%d from %d rejoined nodes: %d servers, %d "
+                    "workers, ring v%s", self.view.version, len(recovery.claims),
+                    self.view.num_servers, self.view.num_workers,
+                    self.view.ring.version if self.view.ring else "-")
 
     # -- registration --------------------------------------------------------------------------
     def _register(self, identity: bytes, msg: Message, role: str | None) -> None:
@@ -337,9 +413,9 @@ class Scheduler:
             node = self.view.nodes[nid]
             node.alive = False
             node.state = "dead"
-            log.error("%s %d (rank %d, pid %d at %s:%d) missed heartbeats for %.2f s: marked dead",
-                      node.role, nid, node.rank, node.pid, node.host, node.port,
-                      self.liveness.silence(nid))
+            log.error("%s %d (rank %d, pid %d at %s:%d) missed heartbeats for %.2f s (its "
+                      "timeout: %.2f s): marked dead", node.role, nid, node.rank, node.pid,
+                      node.host, node.port, self.liveness.silence(nid), self.liveness.deadline(nid))
             if node.role == "server":
                 self.rings.server_gone(nid)
             self._bump()
@@ -405,6 +481,7 @@ class Scheduler:
         view = self.view.to_json()
         for n in view["nodes"]:
             n["last_heartbeat"] = round(self.liveness.silence(n["id"]), 3)
+            n["heartbeat_deadline"] = round(self.liveness.deadline(n["id"]), 3)
             if n["id"] in self.traffic:
                 n["traffic"] = self.traffic[n["id"]]
             if self.replica_apply_errors.get(n["id"]):

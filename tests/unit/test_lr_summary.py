@@ -58,7 +58,7 @@ def test_demo_and_train_options_reach_the_worker_intact(monkeypatch, tmp_path):
         def __exit__(self, *exc):
             return False
 
-        def run_workers(self, argv):
+        def run_workers(self, argv, **options):
             commands.append(argv)
             return 0
 

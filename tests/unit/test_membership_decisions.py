@@ -151,3 +151,49 @@ def test_ring_with_a_server_added_or_removed():
     assert keeper.with_server(remove=1) is None
     keeper.commit(ring)
     assert keeper.view.ring is ring and keeper.safe is ring
+
+
+def _beats(live, clock, node, gaps):
+    for g in gaps:
+        clock.now += g
+        live.seen(node)
+        live._last_check = clock.now   # the loop turned with each beat (not starved)
+
+
+def test_liveness_keeps_the_configured_timeout_for_regular_heartbeats():
+    clock = FakeClock()
+    live = Liveness(interval=0.1, timeout=0.6, clock=clock)
+    live.seen(1)
+    _beats(live, clock, 1, [0.1] * 50)
+    assert live.deadline(1) == pytest.approx(0.6)
+    clock.now += 0.05
+    assert live.expired([1]) == []
+    for _ in range(6):
+        clock.now += 0.1
+        dead = live.expired([1])
+    assert dead == [1]                              # 0.65 s of silence: dead, as before
+
+
+def test_liveness_adapts_to_a_node_whose_heartbeats_come_late_under_load():
+    clock = FakeClock()
+    live = Liveness(interval=0.1, timeout=0.6, clock=clock)
+    live.seen(1)
+    _beats(live, clock, 1, [0.1, 0.1, 0.1, 0.7] * 15)   # a busy machine delays some beats
+    deadline = live.deadline(1)
+    assert 0.9 < deadline < 6.0
+    for _ in range(int(0.85 / 0.05)):               # a gap longer than any seen: still alive
+        clock.now += 0.05
+        assert live.expired([1]) == []
+    while clock.now - live.last_seen[1] <= deadline:
+        clock.now += 0.05
+        dead = live.expired([1])
+    assert dead == [1]                              # declared at its own deadline
+    assert live.phi(1, deadline + 0.1) > live.phi(1, 0.85) > 0
+
+
+def test_liveness_adaptive_timeout_is_capped():
+    clock = FakeClock()
+    live = Liveness(interval=0.1, timeout=0.6, clock=clock)
+    live.seen(1)
+    _beats(live, clock, 1, [0.1, 5.0] * 20)          # wildly irregular
+    assert live.deadline(1) == pytest.approx(6.0)

@@ -13,8 +13,6 @@ import time
 
 from ...errors import ConfigError
 
-HEARTBEAT_TIMEOUT = 10.0  # seconds
-
 
 def node_environment() -> dict[str, str]:
     """Environment for the processes of a local LR cluster: numpy without transparent huge pages
@@ -125,13 +123,13 @@ def cmd_train_lr(args: argparse.Namespace) -> int:
 
     # the workers measure time to quality from here (worker.launch_time)
     env = {**node_environment(), "PSERVER_LR_LAUNCH_TIME": repr(time.time())}
-    # Reading a large shard keeps a worker's CPU busy for seconds on a loaded machine: allow
-    # more silence than the default before a node is declared dead.
-    with LocalCluster(args.servers, args.workers, insecure=args.insecure,
-                      heartbeat_timeout=HEARTBEAT_TIMEOUT, env=env,
+    # the default failure detection: heartbeats have their own thread and socket, the shard
+    # parsers release the GIL, and the scheduler's detector adapts to late heartbeats
+    with LocalCluster(args.servers, args.workers, insecure=args.insecure, env=env,
                       settings={"group": args.group} if args.group else None) as cluster:
+        # a dead worker's shard is taken over (or dropped) by the live ones: they go on
         return cluster.run_workers([sys.executable, "-m", "pserver.apps.lr.worker",
-                                    *_worker_argv(args)])
+                                    *_worker_argv(args)], stop_on_error=False)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -293,6 +293,7 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
             "timing_per_worker": [dict(zip(("computing_s", "waiting_deps_s", "waiting_net_s",
                                             "max_lag"), r)) for r in totals[2:].tolist()],
             "max_lag": int(totals[2:, 3].max()), "consistency": algo.timing.get("model"),
+            "pass_seconds": pass_seconds(history),
             "history": [{"epoch": h.epoch, "objective": h.objective, "loss": h.loss,
                          "nnz": h.nnz, "examples": h.examples, "seconds": h.seconds,
                          "wait_seconds": h.wait_seconds, "examples_per_s": h.examples_per_s,
@@ -397,6 +398,16 @@ def _fit(s: dict) -> str:
     return f"train objective {s['train_objective']:.6e}"
 
 
+def pass_seconds(history) -> dict:
+    """The slowest and the median pass (seconds), and their ratio: a failure's stall shows here."""
+    secs = sorted(h.seconds for h in history)
+    if not secs:
+        return {}
+    median = secs[len(secs) // 2]
+    return {"slowest": secs[-1], "median": median, "slowest_over_median": secs[-1] / median
+            if median > 0 else float("nan")}
+
+
 def format_summary(s: dict) -> str:
     """The final report as text lines."""
     lines = [f"trained on {s['examples']:,} examples with {s['workers']} workers x "
@@ -404,6 +415,9 @@ def format_summary(s: dict) -> str:
              f"  {_fit(s)}   nnz(w) {s['nnz']:,}   "
              f"workers idle {100 * s['idle_fraction']:.1f}%"]
     lines += _format_shards(s.get("shards"))
+    if s.get("pass_seconds"):
+        p = s["pass_seconds"]
+        lines.append(f"  slowest pass {p['slowest']:.2f} s, median pass {p['median']:.2f} s")
     if s.get("time_to_quality"):
         lines.append("  held-out logloss after each pass (seconds from launch): " + ", ".join(
             f"{q['epoch'] + 1}: {q['logloss']:.5f} ({q['seconds_from_launch']:.1f} s)"

@@ -1,0 +1,46 @@
+"""Worker program for scheduler-failure tests: push +1 to a fixed key set ROUNDS times (4 requests
+in flight), writing the acknowledged count to OUT_DIR/progress<rank> as it goes; then barrier,
+pull, and write acked/min/max/rank/node id to OUT_DIR/rank<r>.json."""
+
+import json
+import os
+import sys
+
+import numpy as np
+
+import pserver
+
+out_dir, rounds, nkeys = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+kv = pserver.KVWorker()
+keys = np.arange(nkeys, dtype=np.uint64) * np.uint64(7919)
+ones = np.ones(len(keys), np.float32)
+acked = 0
+window = []
+
+
+def progress() -> None:
+    tmp = f"{out_dir}/progress{kv.rank}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(acked))
+    os.replace(tmp, f"{out_dir}/progress{kv.rank}")
+
+
+for _ in range(rounds):
+    window.append(kv.push(keys, ones))
+    while len(window) > 4:
+        kv.wait(window.pop(0), timeout=120)
+        acked += 1
+        if acked % 5 == 0:
+            progress()
+for ts in window:
+    kv.wait(ts, timeout=120)
+    acked += 1
+progress()
+kv.barrier()
+vals = kv.pull(keys)
+with open(f"{out_dir}/rank{kv.rank}.json", "w") as f:
+    json.dump({"acked": acked, "min": float(vals.min()), "max": float(vals.max()),
+               "rank": kv.rank, "id": kv.membership.node_id,
+               "ring_version": kv.membership.view.ring.version}, f)
+kv.barrier()
+kv.close()
