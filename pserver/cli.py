@@ -7,6 +7,7 @@
   pserver consistency --app A [MODEL | --tau N]   show or change an application's consistency
   pserver checkpoint [--dir DIR]      snapshot every table now (restore: scheduler --restore DIR)
   pserver keygen DIR                  the cluster's CURVE keys
+  pserver trace merge A.json B.json -o ALL.json   join the timelines of several nodes
   pserver demo | train | gen-data | predict | sketch | lda-infer   the applications (LR, LDA, CountMin)
   pserver serve lr --table W --port 8080   live predictions over HTTP (docs/serve.md)
 """
@@ -84,7 +85,8 @@ _LAUNCH_HELP = {"port": "scheduler port (default: a free one)",
 
 _METAVAR = {"scheduler": "HOST:PORT", "host": "HOST", "keys": "DIR", "log_level": "LEVEL",
             "interface": "NAME", "advertise_host": "HOST", "group": "NAME",
-            "slot_cache": "BYTES", "replica_key_cache": "BYTES", "max_message_bytes": "BYTES"}
+            "slot_cache": "BYTES", "replica_key_cache": "BYTES", "max_message_bytes": "BYTES",
+            "metrics_port": "PORT", "trace": "PATH"}
 
 
 def _switch(raw: str) -> bool:
@@ -340,6 +342,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace_merge(args: argparse.Namespace) -> int:
+    from .trace import merge
+
+    n = merge(args.files, args.output)
+    print(f"{n} events of {len(args.files)} files written to {args.output} (open it in "
+          f"ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
 def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pserver", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -394,6 +405,13 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     s.add_argument("dir")
     s.add_argument("--force", action="store_true", help="overwrite an existing directory")
     s.set_defaults(fn=cmd_keygen)
+
+    s = sub.add_parser("trace", help="timelines (PSERVER_TRACE files): merge them")
+    merge = s.add_subparsers(dest="trace_cmd", required=True).add_parser(
+        "merge", help="join the Chrome-trace files of several nodes into one")
+    merge.add_argument("files", nargs="+", metavar="FILE")
+    merge.add_argument("-o", "--output", required=True, metavar="FILE")
+    merge.set_defaults(fn=cmd_trace_merge)
 
     s = sub.add_parser("env", help="list the PSERVER_* configuration variables")
     s.set_defaults(fn=lambda a: print("\n".join(f"{k:28} {v[2]}" for k, v in ENV_VARS.items()))
