@@ -10,6 +10,7 @@
   pserver trace merge A.json B.json -o ALL.json   join the timelines of several nodes
   pserver demo | train | gen-data | predict | sketch | lda-infer   the applications (LR, LDA, CountMin)
   pserver serve lr --table W --port 8080   live predictions over HTTP (docs/serve.md)
+  pserver dashboard [--dashboard-port 8050]  a live web page of the cluster (docs/observability.md)
 """
 
 from __future__ import annotations
@@ -433,6 +434,9 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
         from .apps.lr.serve.cli import register as register_serve
 
         register_serve(sub, _add_setting, tuple(_SETTING_VAR))
+        from .dashboard.cli import register as register_dashboard
+
+        register_dashboard(sub, _node_settings, _config, _status_role)
     return p
 
 
