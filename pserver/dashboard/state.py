@@ -1,6 +1,7 @@
 """What the dashboard shows, computed from successive scheduler status reports without I/O: the
 nodes, the key ring as arcs (owner and replicas), rates over time (data bytes per worker, bytes
-after each filter stage), idle share per worker, and events (nodes joining or dying, ring changes)."""
+after each filter stage), idle share and tasks done (the clock) per worker, and events (nodes
+joining or dying, ring changes)."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ class DashboardState:
             then, before = recent[0]
             rates = {k: round(max(0.0, (v - before.get(k, 0.0)) / (now - then)), 1)
                      for k, v in counters.items()}
-            self.points.append({"t": round(now, 3), "rates": rates, "idle": _idle(status)})
+            self.points.append({"t": round(now, 3), "rates": rates, "idle": _idle(status),
+                                "done": _done(status)})
         recent.append((now, counters))
         self.status = status
 
@@ -123,4 +125,13 @@ def _idle(status: dict[str, Any]) -> dict[str, float]:
         for nid, w in p.get("workers", {}).items():
             if "idle_share" in w:
                 out[nid] = round(w["idle_share"], 4)
+    return out
+
+
+def _done(status: dict[str, Any]) -> dict[str, int]:
+    """Tasks done per worker node id (its clock, in a bounded-delay job), summed over apps."""
+    out: dict[str, int] = {}
+    for p in status.get("tasks", {}).values():
+        for nid, w in p.get("workers", {}).items():
+            out[nid] = out.get(nid, 0) + int(w.get("done", 0))
     return out

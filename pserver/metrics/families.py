@@ -198,6 +198,24 @@ def scheduler(status: dict[str, Any]) -> Iterator[Metric]:
         rejected.add_metric([reason], c)
     yield rejected
     yield from _groups(status.get("groups", {}))
+    yield from _clocks(status.get("tasks", {}))
+
+
+def _clocks(tasks: dict[str, Any]) -> Iterable[Metric]:
+    """Tasks done per worker and their spread per application: how far the workers' clocks
+    drift apart (the paper's bounded-delay question)."""
+    done = GaugeMetricFamily("pserver_scheduler_worker_tasks_done", "tasks a worker finished",
+                             labels=["app", "id"])
+    spread = GaugeMetricFamily("pserver_scheduler_app_clock_spread", "tasks done by the most "
+                               "advanced worker minus the least advanced", labels=["app"])
+    for app, p in sorted(tasks.items()):
+        counts = []
+        for nid, w in sorted(p.get("workers", {}).items()):
+            done.add_metric([app, str(nid)], w.get("done", 0))
+            counts.append(w.get("done", 0))
+        if counts:
+            spread.add_metric([app], max(counts) - min(counts))
+    return (done, spread)
 
 
 def _groups(groups: dict[str, Any]) -> Iterable[Metric]:

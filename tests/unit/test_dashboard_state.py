@@ -32,7 +32,7 @@ def status(servers: dict[int, str], sent: int, ring_servers=(1, 2), version=1) -
                               "filters": {"stages": {"push": {"raw": {"bytes_sent": 2 * sent}}}}}})
     return {"version": version, "nodes": nodes, "settings": {"replication": 1},
             "ring": KeyRing(list(ring_servers), virtual=4, version=version).to_json(),
-            "tasks": {"lr": {"workers": {"9": {"idle_share": 0.25}}}}}
+            "tasks": {"lr": {"workers": {"9": {"idle_share": 0.25, "done": sent // 1000}}}}}
 
 
 def test_rates_events_and_failover():
@@ -43,7 +43,7 @@ def test_rates_events_and_failover():
     page = st.to_json()
     assert page["points"][-1]["rates"]["workers/sent"] == 1500.0  # over the window, not one step
     assert page["points"][-1]["rates"]["stage/push/raw"] == 3000.0
-    assert page["points"][-1]["idle"] == {"9": 0.25}
+    assert page["points"][-1]["idle"] == {"9": 0.25} and page["points"][-1]["done"] == {"9": 3}
     worker = next(n for n in page["nodes"] if n["role"] == "worker")
     assert worker["sent_rate"] == 1500.0  # data bytes only: heartbeats are not throughput
     assert {a["owner"] for a in page["ring"]["arcs"]} == {1, 2}
