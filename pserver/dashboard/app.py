@@ -36,13 +36,17 @@ class Dashboard:
         self._thread = threading.Thread(target=self._run, name="dashboard-poll", daemon=True)
 
     def start(self) -> Dashboard:
+        """Start polling in a daemon thread; returns self."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop polling after the current request (the state is kept)."""
         self._stop.set()
 
     def poll_once(self) -> None:
+        """Ask for one status report and take it in; a PServerError (scheduler unreachable,
+        refused) is kept as the state's error instead of being raised."""
         try:
             status = self._status()
         except PServerError as e:
@@ -61,6 +65,7 @@ class Dashboard:
             self._stop.wait(self._interval)
 
     def snapshot(self) -> dict[str, Any]:
+        """The page's data as JSON-ready dicts (DashboardState.to_json), read under the lock."""
         with self.lock:
             return self.state.to_json()
 

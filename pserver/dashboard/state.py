@@ -85,6 +85,8 @@ class DashboardState:
             self._arcs = ring_arcs(ring, int(status.get("settings", {}).get("replication", 0)))
 
     def to_json(self) -> dict[str, Any]:
+        """What /api/state sends: nodes (with their data bytes/s), the ring's arcs, the points of
+        the charts, events newest first, groups, and the last polling error (None if fine)."""
         s = self.status
         nodes = []
         last = self.points[-1]["rates"] if self.points else {}

@@ -95,6 +95,15 @@ def test_metrics_of_every_role_match_the_nodes_counters(cluster_factory):
         assert value(sch, "pserver_scheduler_ring_version") >= 1
 
 
+def test_off_by_default_a_worker_keeps_no_observer(cluster_factory):
+    """Without PSERVER_METRICS_PORT and PSERVER_TRACE the request path's only cost is a None check."""
+    cluster = cluster_factory(1, 1)
+    with pserver.KVWorker(cluster.config(0)) as kv:
+        kv.wait(kv.push(np.arange(3, dtype=np.uint64), np.ones(3, np.float32)))
+        assert kv._tracker.on_complete is None and kv._metrics is None
+        assert kv.latency is None and kv.trace is None
+
+
 def test_metrics_of_a_secure_cluster_need_the_bearer_token(cluster_factory):
     base = free_port()
     cluster = cluster_factory(1, 1, insecure=False, settings={"metrics_port": base})
