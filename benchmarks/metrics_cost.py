@@ -102,8 +102,9 @@ def lr_part(metrics: bool, data: str, epochs: int) -> dict:
 
 
 def summarise(rounds: list[dict]) -> dict:
-    """Per case: medians of both sides, their ratio on/off and the median paired ratio."""
-    cases = sorted({k for r in rounds for k in r["on"] if k != "scrapes"})
+    """Per case: medians of both sides, their ratio on/off and the median paired ratio (the
+    scrape counts, proof that the "on" side was scraped, stay in the rounds)."""
+    cases = sorted({k for r in rounds for k in r["on"] if not k.endswith("scrapes")})
     out = {}
     for case in cases:
         on = [r["on"][case] for r in rounds if case in r["on"]]
