@@ -208,14 +208,18 @@ def _clocks(tasks: dict[str, Any]) -> Iterable[Metric]:
                              labels=["app", "id"])
     spread = GaugeMetricFamily("pserver_scheduler_app_clock_spread", "tasks done by the most "
                                "advanced worker minus the least advanced", labels=["app"])
+    idle = GaugeMetricFamily("pserver_scheduler_worker_idle_share", "share of its time a worker "
+                             "waited (dependencies or network)", labels=["app", "id"])
     for app, p in sorted(tasks.items()):
         counts = []
         for nid, w in sorted(p.get("workers", {}).items()):
             done.add_metric([app, str(nid)], w.get("done", 0))
             counts.append(w.get("done", 0))
+            if "idle_share" in w:
+                idle.add_metric([app, str(nid)], w["idle_share"])
         if counts:
             spread.add_metric([app], max(counts) - min(counts))
-    return (done, spread)
+    return (done, spread, idle)
 
 
 def _groups(groups: dict[str, Any]) -> Iterable[Metric]:

@@ -89,7 +89,7 @@ def test_scheduler_families_show_the_cluster():
                         {"role": "worker", "id": 3, "rank": 0, "state": "up", "last_heartbeat": 0.0,
                          "traffic": {"filters": {"stages": {"push": {"raw": {"bytes_sent": 5}}}}}}],
               "scheduler": {"rejected_by_reason": {"AuthError": 4}},
-              "tasks": {"lr": {"workers": {"3": {"done": 7}, "4": {"done": 5}}}},
+              "tasks": {"lr": {"workers": {"3": {"done": 7, "idle_share": 0.5}, "4": {"done": 5}}}},
               "groups": {"default": {"live": 1, "apps": {"lr": {"tasks": 10, "complete": 4,
                                                                 "idle_share": 0.25}}}}}
     got = exposition(list(families.scheduler(status)))
@@ -106,6 +106,7 @@ def test_scheduler_families_show_the_cluster():
     assert got[("pserver_scheduler_app_idle_share", (("app", "lr"), ("group", "default")))] == 0.25
     assert got[("pserver_scheduler_worker_tasks_done", (("app", "lr"), ("id", "4")))] == 5
     assert got[("pserver_scheduler_app_clock_spread", (("app", "lr"),))] == 2
+    assert got[("pserver_scheduler_worker_idle_share", (("app", "lr"), ("id", "3")))] == 0.5
 
 
 def test_a_failing_collection_yields_nothing_instead_of_raising():
