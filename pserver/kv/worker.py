@@ -87,7 +87,8 @@ class KVWorker:
     Raises:
         SchedulerUnreachableError: no scheduler admitted the worker within PSERVER_CONNECT_TIMEOUT;
             nothing is left open.
-        ConfigError: an invalid setting (e.g. a group name).
+        ConfigError: an invalid setting (e.g. a group name), a trace file that cannot be written,
+            or no free port from PSERVER_METRICS_PORT on; nothing is left open.
         RemoteError: the scheduler refused (e.g. read_only for a group that has writers).
     """
 
@@ -134,7 +135,15 @@ class KVWorker:
         # per-table filter chains (set_weights, select_all); resends go out through _send
         self.filters = WorkerFilters(self._send, self._tracker.pending)
         self.membership.traffic = heartbeat_reporter(self.transport.counters, self.filters.counters)
-        self._observe(trace)
+        try:
+            self._observe(trace)
+        except BaseException:  # e.g. an unwritable trace path: leave nothing open
+            if self.trace is not None:
+                self.trace.close()
+            self.membership.leave()
+            self.membership.close()
+            self.transport.close()
+            raise
         atexit.register(self.close)
 
     def _observe(self, trace: str | None) -> None:

@@ -10,11 +10,14 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import pserver
 from pserver.bearer import cluster_token
+from pserver.errors import ConfigError
 from pserver.launch import free_port
+from pserver.membership.client import scheduler_request
 from pserver.trace import load
 
 from .conftest import pserver_cli
@@ -102,6 +105,20 @@ def test_off_by_default_a_worker_keeps_no_observer(cluster_factory):
         kv.wait(kv.push(np.arange(3, dtype=np.uint64), np.ones(3, np.float32)))
         assert kv._tracker.on_complete is None and kv._metrics is None
         assert kv.latency is None and kv.trace is None
+
+
+def test_an_unwritable_trace_path_is_a_config_error_and_the_cluster_goes_on(cluster_factory,
+                                                                            tmp_path):
+    cluster = cluster_factory(1, 1, settings={"metrics_port": free_port()},
+                              scheduler_args=["--keep-alive"])  # its only worker fails and leaves
+    with pytest.raises(ConfigError, match="trace file"):
+        pserver.KVWorker(cluster.config(0), trace=str(tmp_path / "missing" / "run.json"))
+    # it left the cluster at once: no heartbeating half-made worker stays behind
+    status = scheduler_request(cluster.config(), "status", role="worker")
+    assert [n["state"] for n in status.meta["nodes"] if n["role"] == "worker"] == ["left"]
+    with pserver.KVWorker(cluster.config(0)) as kv:  # the failed one left the cluster
+        kv.wait(kv.push(np.arange(3, dtype=np.uint64), np.ones(3, np.float32)))
+        assert kv._metrics is not None
 
 
 def test_metrics_of_a_secure_cluster_need_the_bearer_token(cluster_factory):
