@@ -104,13 +104,14 @@ class KVServer:
         self.core.tables.update(tables)
         self.core.clocks.clocks.update(clocks)
         self._on_view()
-        metrics = start_metrics(self.cfg, "server", self.transport.creds.secure,
-                                lambda: metric_families.of_server(self))
-        if self.cfg.trace:
-            nid = self.membership.node_id
-            self._trace = Tracer(node_path(self.cfg.trace, "server", nid), f"server {nid}")
-            self._handle = sampled(self.core.handle, self._trace)
-        try:
+        metrics = None
+        try:  # a trace path it cannot write or no free metrics port: it leaves, as on any error
+            metrics = start_metrics(self.cfg, "server", self.transport.creds.secure,
+                                    lambda: metric_families.of_server(self))
+            if self.cfg.trace:
+                nid = self.membership.node_id
+                self._trace = Tracer(node_path(self.cfg.trace, "server", nid), f"server {nid}")
+                self._handle = sampled(self.core.handle, self._trace)
             self._serve()
         finally:
             if metrics is not None:

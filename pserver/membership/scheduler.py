@@ -122,9 +122,10 @@ class Scheduler:
     # -- main loop ------------------------------------------------------------------------------
     def run(self) -> None:
         """Serve until the cluster has shut down; the transport is closed then (also on error)."""
-        metrics = start_metrics(self.cfg, "scheduler", self.transport.creds.secure,
-                                lambda: metric_families.of_scheduler(self))
+        metrics = None
         try:
+            metrics = start_metrics(self.cfg, "scheduler", self.transport.creds.secure,
+                                    lambda: metric_families.of_scheduler(self))
             while not self.step():
                 pass
         finally:
