@@ -7,7 +7,9 @@ wall-clock microseconds, so they line up). How to read one: docs/observability.m
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import threading
 import time
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 SERVER_SAMPLE = 16    # a server records one request in this many (its per-request cost stays small)
 REQUEST_LANES = 64    # tracks for overlapping requests of one worker; more overlap shares the last
@@ -55,14 +59,20 @@ class Tracer:
     def span(self, name: str, start: float, seconds: float, tid: int | None = None,
              args: dict[str, Any] | None = None) -> None:
         """Record ``name`` from ``start`` (time.monotonic()) for ``seconds`` on thread ``tid``
-        (default: the calling thread). A closed tracer ignores it."""
+        (default: the calling thread). A closed tracer ignores it; one that cannot write (disk
+        full) logs the error once and closes, never raising."""
         event = (f',\n{{"ph":"X","name":"{name}","pid":{self._pid},'
                  f'"tid":{threading.get_native_id() if tid is None else tid},'
                  f'"ts":{start * 1e6 + self._offset_us:.1f},"dur":{seconds * 1e6:.1f}'
                  + (f',"args":{json.dumps(args)}}}' if args else "}"))
         with self._lock:
             if not self._file.closed:
-                self._file.write(event)
+                try:
+                    self._file.write(event)
+                except OSError as e:  # a full disk must not fail the request being traced
+                    log.error("trace %s stopped: %s", self.path, e)
+                    with contextlib.suppress(OSError):  # closes even when its flush fails
+                        self._file.close()
 
     def request(self, name: str, start: float, seconds: float, ts: int) -> None:
         """Record request ``ts`` on the first lane free since ``start``: overlapping requests
@@ -81,8 +91,11 @@ class Tracer:
         """Finish the file (idempotent)."""
         with self._lock:
             if not self._file.closed:
-                self._file.write(_TAIL)
-                self._file.close()
+                try:
+                    self._file.write(_TAIL)
+                    self._file.close()
+                except OSError as e:
+                    log.error("trace %s could not be finished: %s", self.path, e)
 
 
 def sampled(handle: Callable, tracer: Tracer, every: int = SERVER_SAMPLE) -> Callable:

@@ -76,3 +76,22 @@ def test_a_killed_writers_file_still_loads_and_merges(tmp_path):
         load(str(tmp_path / "missing.json"))
     with pytest.raises(ConfigError, match="cannot write"):
         Tracer(str(tmp_path / "no" / "dir.json"), "w")
+
+
+def test_a_tracer_that_cannot_write_closes_without_raising(tmp_path, caplog):
+    t = Tracer(str(tmp_path / "t.json"), "w")
+
+    class Full:
+        closed = False
+
+        def write(self, _):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.closed = True
+
+    t._file = Full()
+    t.span("push", 1.0, 0.1)  # the request being traced is not failed by its trace
+    assert t._file.closed and "No space left" in caplog.text
+    t.span("push", 2.0, 0.1)
+    t.close()
