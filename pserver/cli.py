@@ -7,8 +7,10 @@
   pserver consistency --app A [MODEL | --tau N]   show or change an application's consistency
   pserver checkpoint [--dir DIR]      snapshot every table now (restore: scheduler --restore DIR)
   pserver keygen DIR                  the cluster's CURVE keys
+  pserver trace merge A.json B.json -o ALL.json   join the timelines of several nodes
   pserver demo | train | gen-data | predict | sketch | lda-infer   the applications (LR, LDA, CountMin)
   pserver serve lr --table W --port 8080   live predictions over HTTP (docs/serve.md)
+  pserver dashboard [--dashboard-port 8050]  a live web page of the cluster (docs/observability.md)
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ _LAUNCH_HELP = {"port": "scheduler port (default: a free one)",
 _METAVAR = {"scheduler": "HOST:PORT", "host": "HOST", "keys": "DIR", "log_level": "LEVEL",
             "interface": "NAME", "advertise_host": "HOST", "group": "NAME",
             "slot_cache": "BYTES", "max_table_bytes": "BYTES", "replica_key_cache": "BYTES",
-            "max_message_bytes": "BYTES"}
+            "max_message_bytes": "BYTES", "metrics_port": "PORT", "trace": "PATH"}
 
 
 def _switch(raw: str) -> bool:
@@ -345,6 +347,15 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_trace_merge(args: argparse.Namespace) -> int:
+    from .trace import merge
+
+    n = merge(args.files, args.output)
+    print(f"{n} events of {len(args.files)} files written to {args.output} (open it in "
+          f"ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
 def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pserver", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -404,6 +415,13 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
 
     register_export(sub, _node_settings, _config)
 
+    s = sub.add_parser("trace", help="timelines (PSERVER_TRACE files): merge them")
+    merge = s.add_subparsers(dest="trace_cmd", required=True).add_parser(
+        "merge", help="join the Chrome-trace files of several nodes into one")
+    merge.add_argument("files", nargs="+", metavar="FILE")
+    merge.add_argument("-o", "--output", required=True, metavar="FILE")
+    merge.set_defaults(fn=cmd_trace_merge)
+
     s = sub.add_parser("env", help="list the PSERVER_* configuration variables")
     s.set_defaults(fn=lambda a: print("\n".join(f"{k:28} {v[2]}" for k, v in ENV_VARS.items()))
                    or 0)
@@ -424,6 +442,9 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
         from .apps.lr.serve.cli import register as register_serve
 
         register_serve(sub, _add_setting, tuple(_SETTING_VAR))
+        from .dashboard.cli import register as register_dashboard
+
+        register_dashboard(sub, _node_settings, _config, _status_role)
     return p
 
 

@@ -79,6 +79,11 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_MAX_KEYS": ("max_keys", int, "most keys accepted in one request"),
     "PSERVER_MAX_DIM": ("max_dim", int, "largest accepted value dimension"),
     "PSERVER_LOG_LEVEL": ("log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+    "PSERVER_METRICS_PORT": ("metrics_port", int, "serve Prometheus metrics at :PORT/metrics (0 = "
+                                                  "off; nodes sharing a host take the next free "
+                                                  "ports; docs/observability.md)"),
+    "PSERVER_TRACE": ("trace", str, "write a Chrome-trace timeline to this path, with .ROLE-ID "
+                                    "inserted before the suffix (docs/observability.md)"),
 }
 
 
@@ -125,6 +130,8 @@ class Config:
     max_keys: int = 1 << 28
     max_dim: int = 1 << 24
     log_level: str = "WARNING"
+    metrics_port: int = 0
+    trace: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -148,6 +155,8 @@ class Config:
         return cfg
 
     def validate(self) -> None:
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError("PSERVER_METRICS_PORT must be a port (1-65535) or 0 (off)")
         if self.coalesce < 0:
             raise ConfigError("PSERVER_COALESCE must be >= 0 (0 = no coalescing)")
         if self.host and self.interface:

@@ -27,6 +27,7 @@ import numpy as np
 from .. import security
 from ..consistency.clock import RangeClock
 from ..errors import CheckpointError, PServerError
+from ..progress import bar
 from ..protocol import DIR, FILES, KEY_COUNT, RING, SECONDS, SERVER
 from ..ring import KeyRing
 from ..store.spec import TableSpec
@@ -120,6 +121,7 @@ def write_shard(partial_dir: str, server_id: int, tables: dict[str, Table],
     data_name, meta_name = f"shard-{server_id}.npz", f"shard-{server_id}.json"
     entries, counts = [], {}
     tmp = os.path.join(partial_dir, data_name + ".tmp")
+    shown = bar(len(tables), f"checkpoint {os.path.basename(partial_dir)}", "table")
     with open(tmp, "wb") as f:
         w = _HashingWriter(f)
         with zipfile.ZipFile(w, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -141,11 +143,13 @@ def write_shard(partial_dir: str, server_id: int, tables: dict[str, Table],
                                 "state": state is not None, "spec": table.spec.to_json(),
                                 "clock": clock.to_json() if clock is not None else None})
                 counts[name] = len(keys)
+                shown.update(1)
         f.flush()
         os.fsync(f.fileno())
     delay = float(os.environ.get(DELAY_ENV, "0") or 0)
     if delay > 0:
         time.sleep(delay)
+    shown.close()
     os.replace(tmp, os.path.join(partial_dir, data_name))
     files = {data_name: {"bytes": w.size, "sha256": w.sha.hexdigest()}}
     manifest = {"format": SHARD_FORMAT, "server": server_id, "ring": ring.to_json(),
@@ -385,7 +389,9 @@ def load(directory: str, holds: Callable[[np.ndarray], np.ndarray], name: str | 
     specs = {n: TableSpec.from_json(s) for n, s in m["tables"].items()}
     parts: dict[str, list] = {n: [] for n in specs}
     clocks = {n: RangeClock() for n in specs}
+    shown = bar(len(m["shards"]), f"restoring {m['name']}", "shard")
     for shard in m["shards"]:
+        shown.update(1)
         sid = int(shard["server"])
         for fname, info in shard["files"].items():
             _verify(os.path.join(path, fname), info)
@@ -412,6 +418,7 @@ def load(directory: str, holds: Callable[[np.ndarray], np.ndarray], name: str | 
                     parts[spec.name].append((keys[mask], values, state))
         except (KeyError, TypeError, ValueError, OSError, zipfile.BadZipFile, PServerError) as e:
             raise CheckpointError(f"cannot read shard {data}: {e}") from None
+    shown.close()
     out = {}
     for tname, spec in specs.items():
         out[tname] = _assemble(spec, parts[tname], clocks[tname], path)

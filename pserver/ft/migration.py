@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..link import Link, LinkError
+from ..progress import bar
 from ..protocol import KEY_COUNT, RING, RING_VERSION, SERVERS
 from ..ring import KeyRing
 from ..transport import Transport
@@ -47,6 +48,7 @@ class MigrationCoordinator:
         self.queue: list[tuple[Callable[[], KeyRing | None], str, Callable[[], None] | None]] = []
         self._ts = 0
         self.completed = 0
+        self._shown = None  # the current migration's progress bar (servers pre-copied)
 
     def _link(self, sid: int) -> Link:
         link = self.links.get(sid)
@@ -102,6 +104,7 @@ class MigrationCoordinator:
                                   time.monotonic(), make_ring, done)
         log.warning("migration to key ring v%d (%s): pre-copying to servers %s", ring.version,
                     reason, sorted(set(ring.servers) - set(old.servers)) or "-")
+        self._shown = bar(len(self.current.waiting), f"migration to ring v{ring.version}", "server")
         # servers may not have the joiner in their view yet: tell them where everyone is
         where = {str(s): list(self.address(s)) for s in participants}
         for sid in participants:
@@ -112,12 +115,15 @@ class MigrationCoordinator:
         for sid, link in list(self.links.items()):
             for msg in self.transport.messages(link, f"server {sid}"):
                 if self.current is not None and msg.ts == self._ts and msg.op == "migrate_ready":
+                    if sid in self.current.waiting:
+                        self._shown.update(1)
                     self.current.waiting.discard(sid)
                     log.info("server %d pre-copied %s keys", sid, msg.meta.get(KEY_COUNT, "?"))
 
     def _commit(self) -> None:
         m = self.current
         self.current = None
+        self._shown.close()
         for sid in sorted(set(m.ring.servers) | set(self.links)):
             if self.alive(sid):
                 self._send(sid, "migrate_commit", {RING: m.ring.to_json()})
@@ -133,6 +139,7 @@ class MigrationCoordinator:
         if m is None:
             return
         self.current = None
+        self._shown.close()
         log.error("migration to ring v%d aborted: %s; it will be retried", m.ring.version, why)
         for sid in self.links:
             if self.alive(sid):

@@ -22,10 +22,13 @@ from ..ft import checkpoint as ft_checkpoint
 from ..ft.replication import Replicator
 from ..link import Link, LinkError, Poller
 from ..membership.node import Membership
+from ..metrics import families as metric_families
+from ..metrics import start_endpoint as start_metrics
 from ..protocol import ERROR, REBUILT, REPLICA_APPLY_ERRORS, RIDS
 from ..store import index as store_index
 from ..store.apply import sum_parts
 from ..store.updaters import FunctionUpdater, register_updater
+from ..trace import Tracer, node_path, sampled
 from ..transport import Transport
 from ..wire import Batch, BatchError, Message
 from . import keys as keyfmt
@@ -76,6 +79,8 @@ class KVServer:
         self._drain_ts: int | None = None
         self._drain_deadline = 0.0
         self._view_version = 0
+        self._handle = self.core.handle  # sampled.traced(core.handle) under PSERVER_TRACE
+        self._trace: Tracer | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self, warm_first: bool = False) -> None:
@@ -101,9 +106,20 @@ class KVServer:
         self.core.tables.set_budget(self.cfg.max_table_bytes_value)
         self.core.clocks.clocks.update(clocks)
         self._on_view()
-        try:
+        metrics = None
+        try:  # a trace path it cannot write or no free metrics port: it leaves, as on any error
+            metrics = start_metrics(self.cfg, "server", self.transport.creds.secure,
+                                    lambda: metric_families.of_server(self))
+            if self.cfg.trace:
+                nid = self.membership.node_id
+                self._trace = Tracer(node_path(self.cfg.trace, "server", nid), f"server {nid}")
+                self._handle = sampled(self.core.handle, self._trace)
             self._serve()
         finally:
+            if metrics is not None:
+                metrics.close()
+            if self._trace is not None:
+                self._trace.close()
             self.membership.leave()
             self.membership.close()
             self.transport.close()
@@ -205,7 +221,7 @@ class KVServer:
         # taking turns (docs/design.md, "Acknowledgements", has the numbers).
         core, recv, clock = self.core, self.router.recv, time.perf_counter
         decode = self.transport.decode_body
-        handle, out, acks = core.handle, core.out, core.acks
+        handle, out, acks = self._handle, core.out, core.acks
         send, encode = self.router.send_frames, wire.encode
         due = clock() + ACK_DELAY
         for _ in range(BURST):

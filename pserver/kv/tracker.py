@@ -89,6 +89,8 @@ class RequestTracker:
         self.finished: dict[int, Request] = {}   # completed, result or error not yet collected
         self.last_ts = 0
         self.refused = False  # a part was refused since the last reroute_plan: re-route soon
+        # observer(ts, request) of each completion (latency metrics, traces); None: no cost
+        self.on_complete: Callable[[int, Request], None] | None = None
 
     def next_ts(self) -> int:
         self.last_ts += 1
@@ -198,6 +200,8 @@ class RequestTracker:
         """Move ``req`` out of pending: build its result, run its callback, keep it for
         :meth:`collect` if it has a result or error nobody received."""
         del self.pending[ts]
+        if self.on_complete is not None:
+            self.on_complete(ts, req)
         if req.error is None:
             if req.kind == "range":
                 req.result = merge_ranges(req.ranges)

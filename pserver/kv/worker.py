@@ -33,6 +33,9 @@ from ..groups import DEFAULT as DEFAULT_GROUP
 from ..groups import check_name as check_group
 from ..link import LinkError, Poller, ZmqLink
 from ..membership.node import Membership
+from ..metrics import LatencyHistograms
+from ..metrics import families as metric_families
+from ..metrics import start_endpoint as start_metrics
 from ..protocol import (
     ACK_LIST,
     AS_OF,
@@ -53,6 +56,7 @@ from ..protocol import (
     SYNC_ROUND,
 )
 from ..store.spec import TableSpec
+from ..trace import Tracer, node_path
 from ..transport import Transport
 from ..wire import Message
 from . import keys as keyfmt
@@ -78,17 +82,24 @@ class KVWorker:
     the scheduler admits it. group: the worker group to join (default PSERVER_GROUP, else
     "default"): rank, num_workers, barriers, synchronous rounds and task queues are the group's.
     read_only: join as a read-only member (the group may then only read; docs/groups.md).
+    trace: write a timeline of this worker's requests and waits to this file (Chrome trace JSON;
+        default PSERVER_TRACE with ".worker-ID" inserted; docs/observability.md).
 
     Raises:
         SchedulerUnreachableError: no scheduler admitted the worker within PSERVER_CONNECT_TIMEOUT;
             nothing is left open.
-        ConfigError: an invalid setting (e.g. a group name).
+        ConfigError: an invalid setting (e.g. a group name), a trace file that cannot be written,
+            or no free port from PSERVER_METRICS_PORT on; nothing is left open.
         RemoteError: the scheduler refused (e.g. read_only for a group that has writers).
     """
 
+    trace: Tracer | None = None                # the timeline, if asked for
+    latency: LatencyHistograms | None = None   # request latencies, with PSERVER_METRICS_PORT
+    _metrics = None                            # the /metrics endpoint
+
     def __init__(self, cfg: Config | None = None, *,
                  credentials: security.Credentials | None = None, group: str | None = None,
-                 read_only: bool | None = None, **overrides):
+                 read_only: bool | None = None, trace: str | None = None, **overrides):
         self.cfg = cfg or Config.from_env(**overrides)
         if group is not None or read_only is not None:
             self.cfg = self.cfg.with_(group=check_group(group or self.cfg.group),
@@ -125,7 +136,37 @@ class KVWorker:
         # per-table filter chains (set_weights, select_all); resends go out through _send
         self.filters = WorkerFilters(self._send, self._tracker.pending)
         self.membership.traffic = heartbeat_reporter(self.transport.counters, self.filters.counters)
+        try:
+            self._observe(trace)
+        except BaseException:  # e.g. an unwritable trace path: leave nothing open
+            if self.trace is not None:
+                self.trace.close()
+            self.membership.leave()
+            self.membership.close()
+            self.transport.close()
+            raise
         atexit.register(self.close)
+
+    def _observe(self, trace: str | None) -> None:
+        """Latency histograms and /metrics (PSERVER_METRICS_PORT), the timeline (trace): each off
+        unless asked for, and then only a None check on the request path."""
+        nid = self.membership.node_id
+        path = trace or (node_path(self.cfg.trace, "worker", nid) if self.cfg.trace else None)
+        self.trace = Tracer(path, f"worker {nid} (rank {self.rank})") if path else None
+        self.latency = LatencyHistograms() if self.cfg.metrics_port else None
+        if self.latency is not None or self.trace is not None:
+            self._tracker.on_complete = self._completed
+        self._metrics = start_metrics(self.cfg, "worker", self.transport.creds.secure,
+                                      lambda: metric_families.of_worker(self))
+
+    def _completed(self, ts: int, req: Request) -> None:
+        if not req.started:  # not a timed request (e.g. declare_table)
+            return
+        seconds = time.monotonic() - req.started
+        if self.latency is not None:
+            self.latency.observe(req.kind, seconds)
+        if self.trace is not None:
+            self.trace.request(req.kind, req.started, seconds, ts)
 
     # -- cluster facts ------------------------------------------------------------------------
     @property
@@ -461,10 +502,21 @@ class KVWorker:
             SchedulerUnreachableError: the cluster is gone.
             PServerError: ``ts`` was never issued.
         """
-        if self.idle_timer is not None:
+        if self.idle_timer is not None or self.trace is not None:
+            return self._wait_observed(ts, timeout)
+        return self._wait(ts, timeout)
+
+    def _wait_observed(self, ts: int, timeout: float | None):
+        """``_wait`` counted as waiting_net by the idle timer and traced as a "wait" span."""
+        start = time.monotonic()
+        try:
+            if self.idle_timer is None:
+                return self._wait(ts, timeout)
             with self.idle_timer.waiting_net():
                 return self._wait(ts, timeout)
-        return self._wait(ts, timeout)
+        finally:
+            if self.trace is not None:
+                self.trace.span("wait", start, time.monotonic() - start, None, {"ts": ts})
 
     def _wait(self, ts: int, timeout: float | None):
         timeout = timeout if timeout is not None else (self.cfg.request_timeout or None)
@@ -814,6 +866,10 @@ class KVWorker:
         self.membership.leave()
         self.membership.close()
         self.transport.close()
+        if self._metrics is not None:
+            self._metrics.close()
+        if self.trace is not None:
+            self.trace.close()
         atexit.unregister(self.close)
 
     def __enter__(self) -> KVWorker:

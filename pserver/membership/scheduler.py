@@ -17,6 +17,8 @@ from ..errors import AuthError, PServerError
 from ..ft.checkpoint_round import CheckpointCoordinator
 from ..ft.migration import MigrationCoordinator
 from ..link import LinkError, Poller
+from ..metrics import families as metric_families
+from ..metrics import start_endpoint as start_metrics
 from ..protocol import (
     DEAD,
     ERROR,
@@ -134,11 +136,16 @@ class Scheduler:
     # -- main loop ------------------------------------------------------------------------------
     def run(self) -> None:
         """Serve until the cluster has shut down; the transport is closed then (also on error)."""
+        metrics = None
         try:
+            metrics = start_metrics(self.cfg, "scheduler", self.transport.creds.secure,
+                                    lambda: metric_families.of_scheduler(self))
             while not self.step():
                 pass
         finally:
             log.info("scheduler exits")
+            if metrics is not None:
+                metrics.close()
             self.transport.close()
 
     def step(self) -> bool:

@@ -22,8 +22,8 @@ from pserver import KVWorker
 from pserver.apps.lr import gen
 from pserver.apps.lr.dbpg import DBPGConfig, weight_table_args
 from pserver.apps.lr.model import auc
-from pserver.apps.lr.serve.auth import cluster_token
 from pserver.apps.lr.serve.instances import feature_keys
+from pserver.bearer import cluster_token
 from pserver.launch import free_port
 
 from .conftest import pserver_cli

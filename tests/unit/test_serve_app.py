@@ -300,7 +300,7 @@ def test_secure_by_default_needs_the_keys(monkeypatch):
 
 
 def test_the_token_comes_from_the_cluster_keys(tmp_path, monkeypatch):
-    from pserver.apps.lr.serve.auth import cluster_token
+    from pserver.bearer import cluster_token
     from pserver.security import keygen
 
     keys = keygen(tmp_path / "keys")

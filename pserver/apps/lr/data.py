@@ -18,6 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import ConfigError, DataFormatError
+from ...progress import bar
 from . import columns
 from .columns import ColumnBuilder, csc_by_key  # noqa: F401 - csc_by_key: part of this API
 from .parsers import REASONS, parse_criteo, parse_libsvm
@@ -264,8 +265,10 @@ def read_ranges(ranges: list[ByteRange], fmt: str = "libsvm", bias: bool = False
     while parsing: columns.py);
     bias=True adds the constant feature BIAS_KEY to every example. opts: see _parse_range."""
     out = _Parsed(sum(r.end - r.start for r in ranges))
-    for r in ranges:
-        _parse_range(r, fmt, out, **opts)
+    with bar(sum(r.end - r.start for r in ranges), "reading", "B", scale=True) as shown:
+        for r in ranges:
+            _parse_range(r, fmt, out, **opts)
+            shown.update(r.end - r.start)
     y, skipped = out.labels[:out.rows].copy(), out.skipped
     X, uniq = out.columns.finish(out.rows)
     if skipped:

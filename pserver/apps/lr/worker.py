@@ -21,6 +21,7 @@ import numpy as np
 from ... import logs
 from ...errors import ConfigError, PServerError
 from ...kv.traffic import format_traffic_summary, traffic_row, traffic_summary
+from ...progress import bar
 from .data import prefer_small_pages, read_shard
 from .dbpg import DBPG, DBPGConfig, PassStats, warm_up_servers
 from .ftrl import FTRL, FTRLConfig, declare_ftrl_tables
@@ -247,13 +248,17 @@ def train(kv, args: argparse.Namespace, early=None) -> dict | None:
                       "seconds_from_launch": unix_excl - launch_time(),
                       "unix_time_excl": unix_excl, "eval_seconds": time.perf_counter() - t0})
 
+    passes = bar(algo.cfg.epochs, "passes", "pass")
+
     def on_pass(s: PassStats) -> None:
+        passes.update(1)
         if not _reports(kv):
             return
         _mark(f"pass{s.epoch}")
         _progress(s, algo.shard.num_examples)   # grows when it takes a shard over
 
-    history = algo.run(on_pass, evaluate)
+    with passes:
+        history = algo.run(on_pass, evaluate)
     train_seconds = time.perf_counter() - t_train - sum(e["eval_seconds"] for e in evals)
     if args.clock_log:
         os.makedirs(args.clock_log, exist_ok=True)

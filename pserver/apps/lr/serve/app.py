@@ -19,8 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from ....bearer import Unauthorized, check_bearer
 from ..model import sigmoid
-from .auth import Unauthorized, check_bearer
 from .batcher import Batcher
 from .cache import WeightCache
 from .instances import BadRequest, Featurizer, Limits, decode_predict, margins

@@ -67,7 +67,7 @@ def register(subparsers, add_setting, setting_names) -> None:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from .auth import cluster_token
+    from ....bearer import cluster_token
 
     if not args.keys:
         raise ConfigError("pass --keys DIR (the `pserver keygen` directory) or set PSERVER_KEYS")
@@ -78,8 +78,8 @@ def cmd_token(args: argparse.Namespace) -> int:
 def settings_from_args(args: argparse.Namespace) -> dict:
     """The JSON-able settings of a serving process: {"serve": ServeSettings fields, "config":
     PSERVER_* overrides, "group": name}. Raises ConfigError (bad limits, or secure without keys)."""
+    from ....bearer import cluster_token
     from ..dbpg import DBPGConfig, weight_table_args
-    from .auth import cluster_token
     from .instances import Featurizer, Limits
 
     if args.workers < 1 or args.max_instances < 1 or args.max_body_bytes < 1:

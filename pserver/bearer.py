@@ -1,6 +1,7 @@
-"""The service's bearer token: HMAC-SHA256 of a fixed label under the worker role's CURVE secret
-key (the cluster's key directory), so whoever holds the worker key material can compute it and
-nobody needs another secret file. `pserver serve token` prints it."""
+"""The cluster's bearer token for its HTTP surfaces (`pserver serve`, /metrics, the dashboard):
+HMAC-SHA256 of a fixed label under the worker role's CURVE secret key (the cluster's key
+directory), so whoever holds the worker key material can compute it and nobody needs another
+secret file. `pserver serve token` prints it."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 from zmq.auth import load_certificate
 from zmq.utils import z85
 
-from ....errors import AuthError
-from ....security import PRIVATE_DIR
+from .errors import AuthError
+from .security import PRIVATE_DIR
 
 TOKEN_LABEL = b"pserver serve bearer token v1"
 TOKEN_ROLE = "worker"   # the service joins as a worker, so it holds this key anyway
