@@ -439,7 +439,7 @@ def build_parser(with_apps: bool = True) -> argparse.ArgumentParser:
         from .apps.lda.cli import register as register_lda
 
         register_lda(sub)
-        from .apps.lr.serve.cli import register as register_serve
+        from .serving.cli import register as register_serve
 
         register_serve(sub, _add_setting, tuple(_SETTING_VAR))
         from .dashboard.cli import register as register_dashboard

@@ -18,18 +18,18 @@ with warnings.catch_warnings():   # starlette >= 1.0 prefers httpx2; httpx works
     from starlette.testclient import TestClient
 
 from pserver.apps.lr.serve import cli as serve_cli
-from pserver.apps.lr.serve import source as source_mod
 from pserver.apps.lr.serve.app import ServeSettings, create_app
-from pserver.apps.lr.serve.batcher import Batcher, Pulled, merge_keys
 from pserver.apps.lr.serve.cache import WeightCache
 from pserver.apps.lr.serve.instances import Limits, feature_keys
-from pserver.apps.lr.serve.source import WeightSource, model_version
 from pserver.errors import (
     ConfigError,
     DataLostError,
     RequestTimeoutError,
     SchedulerUnreachableError,
 )
+from pserver.serving import source as source_mod
+from pserver.serving.batcher import Batcher, Pulled, merge_keys
+from pserver.serving.source import WeightSource, model_version
 
 TOKEN = "t" * 64
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -187,7 +187,7 @@ def test_failed_pulls_are_503_then_recover(error, reason, reconnects):
 def test_timed_out_pulls_are_collected_later(monkeypatch):
     monkeypatch.setattr(source_mod, "ABANDONED_RETRY_S", 0.0)
     kv = FakeKV(_weights(), fail=RequestTimeoutError("no reply"))
-    src = WeightSource(lambda: kv, "lr_w", {})
+    src = WeightSource(lambda: kv, {"lr_w": {}})
     with pytest.raises(source_mod.Unavailable):
         src.fetch(np.sort(feature_keys([1])))
     assert src._abandoned == [1]
@@ -270,7 +270,7 @@ def test_cache_serves_fresh_weights_and_evicts_the_oldest():
 
 def test_source_with_cache_pulls_only_missing_keys():
     kv = FakeKV(_weights())
-    src = WeightSource(lambda: kv, "lr_w", {}, cache=WeightCache(100, 60.0))
+    src = WeightSource(lambda: kv, {"lr_w": {}}, cache=WeightCache(100, 60.0))
     keys = np.sort(feature_keys([1, 2]))
     src.fetch(keys[:1])
     got = src.fetch(keys)
@@ -285,7 +285,8 @@ def _serve_args(**kw):
     p = argparse.ArgumentParser()
     sub = p.add_subparsers()
     from pserver.cli import _SETTING_VAR, _add_setting
-    serve_cli.register(sub, _add_setting, tuple(_SETTING_VAR))
+    from pserver.serving.cli import register
+    register(sub, _add_setting, tuple(_SETTING_VAR))
     return p.parse_args(["serve", "lr", *kw.pop("argv", [])])
 
 

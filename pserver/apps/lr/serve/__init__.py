@@ -1,4 +1,4 @@
 """`pserver serve lr`: an HTTP service answering predictions of the sparse LR model from the
 servers' live weights. Modules: instances (request decoding, no I/O), cache (fresh weights, no
-I/O), batcher (one pull for concurrent requests), source (the KVWorker), auth (bearer token),
-app (Starlette routes), cli (options, uvicorn). Design and numbers: docs/serve.md."""
+I/O), app (its routes), cli (its options). What every service shares (auth, batcher, the
+KVWorker source, uvicorn) is pserver.serving. Design and numbers: docs/serve.md."""

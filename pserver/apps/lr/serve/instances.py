@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from ....serving.http import BadRequest, check_content_type
 from ..data import BIAS_KEY, FORMATS
 from ..hashing import int_keys
 from ..parsers import CRITEO_CAT_COLUMNS, CRITEO_INT_COLUMNS, REASONS, parse_criteo, parse_libsvm
@@ -17,14 +18,6 @@ CRITEO_COLUMNS = CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS
 _MAX_INDEX = 1 << 63
 _FORBIDDEN = ("\n", "\r")          # would split one instance into two lines
 _FORBIDDEN_CRITEO = ("\n", "\r", "\t")
-
-
-class BadRequest(Exception):
-    """A request the service refuses: HTTP ``status`` and a message saying what to fix."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
 
 
 @dataclass(frozen=True)
@@ -63,13 +56,6 @@ class Batch:
     @property
     def size(self) -> int:
         return int(self.row_nnz.size)
-
-
-def check_content_type(content_type: str | None) -> None:
-    """Raises BadRequest(415) unless the media type is application/json (parameters allowed)."""
-    media = (content_type or "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        raise BadRequest(415, f"Content-Type must be application/json, got {content_type!r}")
 
 
 def decode_predict(body: bytes, content_type: str | None, limits: Limits,

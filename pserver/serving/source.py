@@ -1,23 +1,27 @@
-"""The service's view of the live weights: one KVWorker (connected lazily, the weight table
-declared read-only), pulls with their range clocks, an optional WeightCache, and the mapping of
-cluster failures to Unavailable (HTTP 503). Call it from one thread only."""
+"""A serving process's view of live tables: one KVWorker (connected lazily, its tables declared
+read-only), pulls with their range clocks, an optional WeightCache, and the mapping of cluster
+failures to Unavailable (HTTP 503). Call it from one thread only."""
 
 from __future__ import annotations
 
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ....errors import (
+from ..errors import (
     DataLostError,
     PServerError,
     RequestTimeoutError,
     SchedulerUnreachableError,
 )
+from ..store.spec import TableSpec
 from .batcher import Pulled
-from .cache import WeightCache
+
+if TYPE_CHECKING:
+    from ..apps.lr.serve.cache import WeightCache
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +49,29 @@ def model_version(clock: dict[int, int]) -> int:
     return sum(t + 1 for t in clock.values() if t >= 0)
 
 
-class WeightSource:
-    """Weights of the table ``table`` from the cluster.
+def servers_spec(kv, table: str) -> TableSpec:
+    """The spec of ``table`` as the servers hold it (raises TableError if they hold none)."""
+    from ..apps.export import server_table_spec
+    return server_table_spec(kv, table)
 
-    connect() -> a KVWorker; table_args: declare_table keywords (the training job's spec; see
-    dbpg.weight_table_args); timeout: seconds a pull may take before Unavailable.
+
+class WeightSource:
+    """Rows of the tables ``tables`` from the cluster.
+
+    connect() -> a KVWorker; tables: {name: declare_table keywords (the training job's spec, see
+    dbpg.weight_table_args), or None to declare the spec the servers hold (read by
+    ``spec_of(kv, name)``)}; timeout: seconds a pull may take before Unavailable; cache: only
+    for tables of dim 1. ``specs`` holds each table's spec once connected.
     """
 
-    def __init__(self, connect: Callable[[], object], table: str, table_args: dict,
-                 timeout: float = 5.0, cache: WeightCache | None = None) -> None:
-        self._connect, self.table, self._table_args = connect, table, dict(table_args)
+    def __init__(self, connect: Callable[[], object], tables: dict[str, dict | None],
+                 timeout: float = 5.0, cache: WeightCache | None = None,
+                 spec_of: Callable[[object, str], TableSpec] = servers_spec) -> None:
+        if not tables:
+            raise ValueError("a WeightSource needs at least one table")
+        self._connect, self._tables, self._spec_of = connect, dict(tables), spec_of
+        self.table = next(iter(self._tables))     # the default table of fetch
+        self.specs: dict[str, TableSpec] = {}
         self.timeout, self.cache = timeout, cache
         self.kv = None
         self.last_error: str | None = None
@@ -76,23 +93,31 @@ class WeightSource:
         except PServerError as e:
             self.last_error = f"cannot join the cluster: {e}"
             raise Unavailable(self.last_error) from None
-        try:
-            kv.declare_table(self.table, **self._table_args, pushes=False)
-        except PServerError as e:
-            kv.close()
-            self.last_error = f"cannot declare table {self.table!r}: {e}"
-            raise Unavailable(self.last_error) from None
+        for name, args in self._tables.items():
+            try:
+                self.specs[name] = self._declare(kv, name, args)
+            except PServerError as e:
+                kv.close()
+                self.last_error = f"cannot declare table {name!r}: {e}"
+                raise Unavailable(self.last_error) from None
         self.kv = kv
         return kv
+
+    def _declare(self, kv, name: str, args: dict | None) -> TableSpec:
+        if args is None:
+            args = self._spec_of(kv, name).to_json()
+            args.pop("name")
+        return kv.declare_table(name, **args, pushes=False)
 
     def connect(self) -> None:
         """Join the cluster and declare the table now, unless done. Raises Unavailable."""
         self._worker()
 
-    def fetch(self, keys: np.ndarray) -> Pulled:
-        """Weights of sorted unique ``keys`` (cached ones when fresh enough). Raises Unavailable
-        (the cluster is unreachable, a pull timed out, keys were lost); the next call retries, and
-        after the scheduler is lost a new KVWorker joins."""
+    def fetch(self, keys: np.ndarray, table: str | None = None) -> Pulled:
+        """Rows of sorted unique ``keys`` of ``table`` (default: the first; cached ones when fresh
+        enough). Raises Unavailable (the cluster is unreachable, a pull timed out, keys were lost,
+        a server refused); the next call retries, and after the scheduler is lost a new KVWorker
+        joins."""
         now = time.time()
         if self.cache is not None:
             w, t, hit = self.cache.lookup(keys, now)
@@ -101,7 +126,7 @@ class WeightSource:
             missing = keys[~hit]
         else:
             missing = keys
-        fresh, clock = self._pull(missing)
+        fresh, clock = self._pull(missing, table or self.table)
         self.last_pull, self.last_version, self.last_error = now, model_version(clock), None
         if self.cache is None:
             return Pulled(keys, fresh, self.last_version, now)
@@ -110,11 +135,11 @@ class WeightSource:
         t[~hit] = now
         return Pulled(keys, w, self.last_version, float(t.min()) if t.size else now)
 
-    def _pull(self, keys: np.ndarray) -> tuple[np.ndarray, dict[int, int]]:
+    def _pull(self, keys: np.ndarray, table: str) -> tuple[np.ndarray, dict[int, int]]:
         kv = self._worker()
         self._collect_abandoned(kv)
         try:
-            ts = kv.pull(keys, table=self.table, wait=False, clock=True)
+            ts = kv.pull(keys, table=table, wait=False, clock=True)
         except PServerError as e:
             raise self._unavailable(e) from None
         try:
@@ -152,7 +177,7 @@ class WeightSource:
         self._abandoned = still
 
     def nnz(self) -> int:
-        """Non-zero weights of the table (a full range pull: a diagnostic, not a hot path).
+        """Non-zero weights of the first table (a full range pull: a diagnostic, not a hot path).
         Raises Unavailable."""
         kv = self._worker()
         try:
