@@ -17,7 +17,7 @@ with warnings.catch_warnings():   # starlette >= 1.0 prefers httpx2; httpx works
 from pserver.apps.embeddings import cli as emb_cli
 from pserver.apps.embeddings.app import EmbeddingSettings, create_app
 from pserver.apps.embeddings.lookup import keys_of_ids
-from pserver.errors import ConfigError
+from pserver.errors import ConfigError, TableError
 from pserver.store.init import initial_values
 from pserver.testing import TableKV
 
@@ -54,6 +54,8 @@ class ServingKV(TableKV):
 
 
 def _spec_of(kv, table):
+    if table not in kv.tables:
+        raise TableError(f"table {table!r} is not declared on the servers")
     return kv.tables[table].spec
 
 
@@ -217,3 +219,16 @@ def test_cli_names_the_tables_and_is_secure_by_default(monkeypatch):
                                            "--max-ids", "7", "--group", "g"))
     assert raw["serve"]["tables"] == ["a", "b", "c"] and raw["serve"]["max_ids"] == 7
     assert raw["serve"]["token"] is None and raw["group"] == "g"
+
+
+def test_a_table_not_on_the_servers_yet_is_503_until_it_is(monkeypatch):
+    from pserver.serving import source as source_mod
+
+    monkeypatch.setattr(source_mod, "RECONNECT_INTERVAL_S", 0.0)
+    kv = ServingKV()
+    with _client(kv) as c:     # nobody declared "items" yet
+        r = c.post("/lookup", headers=AUTH, json={"ids": [1]})
+        assert r.status_code == 503 and "cannot declare table 'items'" in r.json()["error"]
+        kv.declare_table("items", dim=2)
+        r = c.post("/lookup", headers=AUTH, json={"ids": [1]})
+        assert r.status_code == 200 and r.json()["missing"] == [0]
