@@ -10,6 +10,7 @@
   pserver trace merge A.json B.json -o ALL.json   join the timelines of several nodes
   pserver demo | train | gen-data | predict | sketch | lda-infer   the applications (LR, LDA, CountMin)
   pserver serve lr --table W --port 8080   live predictions over HTTP (docs/serve.md)
+  pserver serve embeddings --table T --port 8081   live embedding rows over HTTP (docs/torch.md)
   pserver dashboard [--dashboard-port 8050]  a live web page of the cluster (docs/observability.md)
 """
 

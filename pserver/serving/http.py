@@ -77,7 +77,7 @@ class ServiceBase:
         return b"".join(chunks)
 
     async def run(self, fn, *args):
-        """fn(*args) in the KV thread (where the KVWorker lives)."""
+        """fn(*args) in the KV thread (where the KVWorker lives). Raises what fn raises."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
