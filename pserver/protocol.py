@@ -176,7 +176,7 @@ FIELDS: dict[str, Field] = {f.key: f for f in (
           "request"),
     Field(WORKER_PART, "part id of the worker's push a forward carries", "int", ("replicate",),
           "request"),
-    Field(APPLIED, "the master's exactly-once windows, carried by a copy", "list",
+    Field(APPLIED, "1: the copy's last array holds the master's exactly-once windows", "int",
           ("repl_load",), "request"),
     Field(RANGE_CLOCK, "range clocks of the copied keys", "dict", ("repl_load",), "request"),
     Field(RING, "a key ring as JSON", "dict",

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
+
 from ..errors import ProtocolError
 
 WINDOW = 4096  # parts remembered per (master, worker): far more than are ever in flight
@@ -61,16 +63,19 @@ class ReplicationClock:
             window = self.applied[worker] = _Window()
         window.add((ts, part))
 
-    def applied_json(self) -> list:
-        """The windows of applied parts, to travel with a copy of this master's keys."""
-        return [[w, [list(tp) for tp in win.order]] for w, win in self.applied.items()]
+    def applied_array(self) -> np.ndarray:
+        """The windows of applied parts as int64 rows (worker, ts, has part, part), oldest first
+        per worker, to travel with a copy of this master's keys as an array frame (full windows
+        of a few workers are hundreds of KB: more than a message header may hold)."""
+        rows = [(w, ts, part is not None, part or 0)
+                for w, win in self.applied.items() for ts, part in win.order]
+        return np.array(rows, np.int64).reshape(-1, 4)
 
-    def load(self, master: int, applied) -> None:
-        """Record the applied parts that came with a copy of ``master``'s keys (``applied_json``).
-        Raises ProtocolError if malformed (parts recorded before it stay)."""
-        try:
-            for worker, parts in applied:
-                for ts, part in parts[-WINDOW:]:
-                    self.record(master, int(worker), int(ts), part)
-        except (TypeError, ValueError) as e:
-            raise ProtocolError(f"a copy's applied parts are malformed: {e}") from None
+    def load(self, master: int, applied: np.ndarray) -> None:
+        """Record the applied parts that came with a copy of ``master``'s keys
+        (``applied_array``). Raises ProtocolError if it is not such an array (nothing recorded)."""
+        if applied.dtype != np.int64 or applied.ndim != 2 or applied.shape[1] != 4:
+            raise ProtocolError(f"a copy's applied parts must be (n, 4) int64 rows, not "
+                                f"{applied.dtype} {applied.shape}")
+        for worker, ts, has_part, part in applied.tolist():
+            self.record(master, worker, ts, part if has_part else None)

@@ -65,7 +65,7 @@ class Rebuilder:
         self.resyncs_requested = 0
         # set by the server core: what travels with each copy
         self.clock_of: Callable[[str, int, int], dict | None] = lambda _t, _lo, _hi: None
-        self.applied_of: Callable[[], list] = list  # exactly-once windows
+        self.applied_of: Callable[[], np.ndarray] = lambda: np.empty((0, 4), np.int64)  # exactly-once windows
 
     def has_work(self) -> bool:
         """True while copies of ranges wait to be sent (see rebuild_step)."""
@@ -131,8 +131,8 @@ class Rebuilder:
         """One repl_load: the keys' values and state as stored now, and this master's applied
         parts. ``rid`` > 0 asks the receiver to acknowledge it."""
         values, state = table.rows(keys)
-        arrays = [keys, values] + ([state] if state is not None else [])
-        meta = {KEY_FORM: "k", SPEC: table.spec.to_json(), APPLIED: self.applied_of()}
+        arrays = [keys, values] + ([state] if state is not None else []) + [self.applied_of()]
+        meta = {KEY_FORM: "k", SPEC: table.spec.to_json(), APPLIED: 1}  # the last array
         clock = self.clock_of(table.spec.name, int(keys[0]), int(keys[-1]) + 1) if len(keys) else None
         if clock is not None:  # an "as of" read at the copy's holder must not wait for ever
             meta[RANGE_CLOCK] = clock

@@ -122,13 +122,19 @@ class ReplicaSide:
         self.declare(spec)
         table = self.table(spec.name)
         keys = keyfmt.unpack_keys(msg).as_array()
-        if len(msg.arrays) not in (2, 3) or msg.arrays[1].shape != (len(keys), table.dim):
+        arrays = list(msg.arrays)
+        applied = arrays.pop() if msg.meta.get(APPLIED) == 1 and len(arrays) > 2 else None
+        if len(arrays) not in (2, 3) or arrays[1].shape != (len(keys), table.dim):
             raise ProtocolError("a replica snapshot needs keys, values (and state) that match")
+        if applied is not None and (applied.dtype != np.int64 or applied.ndim != 2
+                                    or applied.shape[1] != 4):
+            raise ProtocolError("a copy's applied parts must be (n, 4) int64 rows")
         clock = msg.meta.get(RANGE_CLOCK)
         if clock is not None:
             self.clocks.merge_json(spec.name, clock)  # checked before anything is stored
-        table.load(keys, msg.arrays[1], msg.arrays[2] if len(msg.arrays) == 3 else None)
-        self.exactly_once.load(master, msg.meta.get(APPLIED, []))
+        table.load(keys, arrays[1], arrays[2] if len(arrays) == 3 else None)
+        if applied is not None:
+            self.exactly_once.load(master, applied)
         if msg.ts:  # a pre-copy of a migration: the master waits for it
             self.out.append((identity, Message("repl_ack", msg.ts)))
 

@@ -98,7 +98,7 @@ class ServerCore:
                 None, msg, table, keys, vals, worker, origin=master),
             self.count, self.on_replicated)
         repl.rebuilder.clock_of = self.clocks.copy_json
-        repl.rebuilder.applied_of = self.exactly_once.applied_json
+        repl.rebuilder.applied_of = self.exactly_once.applied_array
         self.view = ClusterView()
         self._prepare_held: tuple[bytes, Message] | None = None  # a migration's prepare ahead of our view
         self.errors = self.duplicates = 0

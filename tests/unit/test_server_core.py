@@ -247,6 +247,49 @@ def test_the_master_answers_a_recopy_request_with_a_copy_of_its_keys_in_the_rang
     assert repl.stats()["resyncs_requested"] == 1
 
 
+def test_a_copy_carries_full_exactly_once_windows_of_several_workers_within_the_header_limit():
+    # the chaos soak: after a few thousand pushes per worker a copy's applied parts (a JSON list in
+    # the header) passed 64 KB, and the new replica refused every copy of a migration
+    from pserver import wire
+    from pserver.ft.exactly_once import WINDOW
+
+    cap = RecordingTransport()
+    repl = Replicator(cap, 1, lambda sid: ("h", sid))
+    master = ServerCore(repl)
+    master.on_view(ClusterView(version=1, nodes=_view((4, 5, 6)).nodes,
+                               ring=KeyRing([1, 2], virtual=8)))
+    keys = np.unique(np.random.default_rng(1).integers(0, 2**64 - 1, 200, dtype=np.uint64))
+    master.handle(b"n4", _push(1, 3.0, keys=keys, rv=0))
+    for w in (4, 5, 6):
+        for ts in range(2, WINDOW + 2):
+            master.exactly_once.note_applied(w, ts, ts % 3 if ts % 5 else None)
+    repl.on_reply(2, Message("repl_resync", 0, "default", {"lo": 0, "hi": 2**64}))
+    repl.rebuilder.rebuild_step(master.tables)
+    load = next(m for _, m in cap.sent if m.op == "repl_load")
+    frames = wire.encode(load)
+    assert len(bytes(frames[0])) < wire.DEFAULT_LIMITS.max_header_bytes
+    holder = ServerCore(Replicator(None, 2, None))
+    holder.on_view(ClusterView(version=1, nodes=_view((4, 5, 6)).nodes,
+                               ring=KeyRing([1, 2], virtual=8)))
+    holder.handle(b"s1", wire.decode([bytes(f) for f in frames]))
+    assert not [m for _, m in _sent(holder) if m.op == "error"]
+    once = holder.exactly_once
+    for w in (4, 5, 6):   # the oldest and newest parts of every window, with and without part ids
+        assert once.seen(1, w, 2, 2) and once.seen(1, w, WINDOW + 1, (WINDOW + 1) % 3)
+        assert once.seen(1, w, 5, None) and not once.seen(1, w, 5, 2)
+    assert not once.seen(1, 4, WINDOW + 2, 0)
+
+
+def test_a_copy_whose_applied_parts_are_not_rows_of_four_int64_changes_nothing():
+    holder = _core()
+    spec = holder.tables["default"].spec.to_json()
+    holder.handle(b"s2", Message("repl_load", 0, "default", {"kf": "k", "spec": spec, "applied": 1},
+                                 [KEYS, np.ones((len(KEYS), 1), np.float32),
+                                  np.zeros((3, 2), np.int64)]))
+    assert [m.meta["kind"] for _, m in _sent(holder)] == ["ProtocolError"]
+    assert len(holder.tables["default"]) == 0
+
+
 # ------------------------------------------------------------------------------ clocks in copies
 def test_a_copy_of_keys_carries_their_range_clock():
     master = _core()
