@@ -38,7 +38,8 @@ class Job:
                         PSERVER_NUM_WORKERS=str(WORKERS), PSERVER_KEYS=str(keys),
                         PSERVER_REPLICATION="1", PSERVER_HEARTBEAT_TIMEOUT="1.0",
                         PSERVER_CONNECT_TIMEOUT="60", PSERVER_LOG_LEVEL="INFO",
-                        PYTHONPATH=str(Path(__file__).parents[2]), **env)
+                        PYTHONPATH=str(Path(__file__).parents[2]))
+        self.env.update(env)
         self.procs: dict[str, subprocess.Popen] = {}
         self.workers: list[subprocess.Popen] = []
 
@@ -201,14 +202,18 @@ def test_server_cut_off_from_the_workers_stalls_them_until_healed(tmp_path):
 
 
 def test_packet_loss_on_a_workers_link_sums_exactly(tmp_path):
-    """7% of w1's packets dropped both ways for the whole job (TCP retransmits): exact sums."""
+    """7% of w1's packets dropped both ways once the job runs (TCP retransmits): exact sums. The
+    heartbeat timeout is 2 s here: a lost packet costs at least TCP's 200 ms retransmission
+    timeout, doubling at each loss in a row, and a 1 s timeout then declares the worker dead now
+    and then (a false failover, which is what the timeout trades against detection time)."""
     rounds = 1500
     with ExitStack() as stack:
         hosts = _hosts(stack)
-        hosts.lose("w1", 0.07)
-        job = Job(hosts, tmp_path, rounds)
+        job = Job(hosts, tmp_path, rounds, PSERVER_HEARTBEAT_TIMEOUT="2.0")
         stack.callback(job.stop)
         job.start()
+        job.wait_progress(40)
+        hosts.lose("w1", 0.07)
         job.wait_pushed()
         hosts.heal("w1")
         results = job.finish()
