@@ -64,6 +64,7 @@ class Hosts:
         self._ports: dict[tuple[str, str], str] = {}  # (host, lan) -> switch-side veth
         self._made: list[str] = []
         self._delays: dict[str, subprocess.Popen] = {}  # host -> its pserver.netdelay process
+        self._rules: dict[str, list[tuple[str, ...]]] = {}  # host -> iptables rules of cut/lose
 
     def __enter__(self) -> Hosts:
         _run("ip", "netns", "add", self.switch)
@@ -156,8 +157,45 @@ class Hosts:
             self.delay(host, None)
             raise OSError(f"iptables in {host}: {done.stderr.strip()}")
 
+    def cut(self, host: str, peers: Sequence[str]) -> None:
+        """Partition ``host`` from each host of ``peers``: every packet between them is dropped,
+        both ways, by iptables rules inside ``host`` (links stay up, so TCP connections stall
+        rather than reset, as across a failed switch). ``heal(host)`` removes them.
+
+        Raises OSError if iptables fails (the rules added so far stay, for heal/close)."""
+        for peer in peers:
+            for addr in self.hosts[peer].values():
+                self._rule(host, "INPUT", "-s", addr, "-j", "DROP")
+                self._rule(host, "OUTPUT", "-d", addr, "-j", "DROP")
+
+    def lose(self, host: str, probability: float) -> None:
+        """Drop each packet ``host`` receives or sends on its LANs with ``probability`` (iptables'
+        statistic match: this kernel has no netem). ``heal(host)`` removes it.
+
+        Raises ValueError unless 0 < probability < 1; OSError if iptables fails."""
+        if not 0 < probability < 1:
+            raise ValueError(f"packet loss must be a probability in (0, 1), got {probability}")
+        for chain, way in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            for lan in self.hosts[host]:
+                self._rule(host, chain, way, lan, "-m", "statistic", "--mode", "random",
+                           "--probability", f"{probability:g}", "-j", "DROP")
+
+    def heal(self, host: str) -> None:
+        """Remove every rule ``cut`` and ``lose`` added in ``host``."""
+        for rule in self._rules.pop(host, []):
+            subprocess.run(["ip", "netns", "exec", self.ns(host), "iptables", "-D", *rule],
+                           capture_output=True)
+
+    def _rule(self, host: str, chain: str, *match: str) -> None:
+        if shutil.which("iptables") is None:
+            raise OSError("partitions and packet loss need iptables (Debian's iptables package)")
+        _run("ip", "netns", "exec", self.ns(host), "iptables", "-I", chain, *match)
+        self._rules.setdefault(host, []).append((chain, *match))
+
     def close(self) -> None:
         """Delete every namespace made (their veths and bridges go with them)."""
+        for host in list(self._rules):
+            self.heal(host)
         for host in list(self._delays):
             self.delay(host, None)
         while self._made:

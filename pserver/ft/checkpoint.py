@@ -310,9 +310,17 @@ def read_manifest(directory: str, name: str | None = None) -> dict:
             for fname, info in shard["files"].items():
                 if not _SHARD_FILE.match(fname):  # never a path: a manifest cannot point outside
                     raise ValueError(f"bad shard file name {fname!r}")
-                size = os.path.getsize(os.path.join(path, fname))
+                file = os.path.join(path, fname)
+                if not os.path.isfile(file):
+                    raise CheckpointError(
+                        f"checkpoint {path} is incomplete: shard file {fname} of server "
+                        f"{shard['server']} is missing ({file}); copy it back, or restore an older "
+                        f"checkpoint with --restore {os.path.join(directory, 'ckpt-NNNNNN')}")
+                size = os.path.getsize(file)
                 if size != int(info["bytes"]):
                     raise ValueError(f"{fname} has {size} bytes, the manifest says {info['bytes']}")
+    except CheckpointError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError, PServerError, OSError) as e:
         raise CheckpointError(f"checkpoint {path} is damaged: {e}") from None
     return m

@@ -35,6 +35,7 @@ from ..store.apply import apply_push
 from ..store.spec import TableSpec
 from ..wire import Message
 from .exactly_once import ReplicationClock
+from .fencing import FENCED
 from .list_refs import check_refs
 from .replication import Replicator
 
@@ -68,13 +69,22 @@ class ReplicaSide:
         self.deferred_keys = 0
         self.acks_due: dict[bytes, list[int]] | None = None  # in a burst: master -> forward ids
         self.apply_errors = 0
+        self.fenced: frozenset[bytes] = frozenset()  # masters the view names dead (ft/fencing.py)
+        self.refused_fenced = 0
         self._items = {"replicate": self._update, "replicate_agg": self._update,
                        "repl_evict": self._evict}
         self._ops = {**self._items, "repl_batch": self._batch, "repl_load": self._load}
 
     def handle(self, identity: bytes, msg: Message) -> None:
         """A message of op replicate, replicate_agg, repl_evict, repl_batch or repl_load from a master.
-        Raises ProtocolError (or another PServerError) if refused; nothing was applied then."""
+        Raises ProtocolError (or another PServerError) if refused; nothing was applied then. A
+        master in ``fenced`` is answered ``repl_fenced`` and nothing is applied or acknowledged."""
+        if self.fenced and identity in self.fenced:
+            self.refused_fenced += 1
+            log.warning("refused a %s from server %r, which the cluster view names dead", msg.op,
+                        identity)
+            self.out.append((identity, Message(FENCED, msg.ts)))
+            return
         self._ops[msg.op](identity, msg)
 
     def _ack(self, identity: bytes, rid: int) -> None:

@@ -21,6 +21,7 @@ from ..ring import KeyRing
 from ..transport import Transport
 from ..wire import Message
 from . import list_refs
+from .fencing import FENCED, fenced_reason
 from .list_refs import RefSender, RefStore
 from .rebuild import Rebuilder
 
@@ -88,6 +89,7 @@ class Replicator:
         self.ref_limit = list_refs.REF_BYTES      # the cluster's replica_key_cache (0 = off)
         self.known_peers: dict[int, tuple[str, int]] = {}  # joiners announced by a migration
         self.rebuilder = Rebuilder(self)
+        self.fenced_by: int | None = None  # a replica that refused our forwards (ft/fencing.py)
 
     # -- the server's interface -----------------------------------------------------------------
     def configure(self, view) -> list[object]:
@@ -131,7 +133,8 @@ class Replicator:
 
     def on_reply(self, sid: int, msg: Message) -> list[object]:
         """A message from replica ``sid`` to this master: acks (``repl_ack``, ``error``), a miss
-        of a named key list, or a request to copy a range again. Returns the settled tokens.
+        of a named key list, a request to copy a range again, or ``repl_fenced`` (this server was
+        declared dead: ``fenced_by`` is set, nothing settles). Returns the settled tokens.
         Raises ProtocolError for a malformed ack (nothing settled then)."""
         if msg.op == "error" or msg.meta.get(ERRORS):
             log.error("replica %d refused an update: %s", sid, msg.meta.get(ERROR))
@@ -140,6 +143,11 @@ class Replicator:
                                      else [msg.ts])
         if msg.op == "repl_miss":
             return self.on_miss(msg.ts, sid)
+        if msg.op == FENCED:  # this server is dead to the cluster: nothing it waits for settles
+            if self.fenced_by is None:
+                log.error("%s", fenced_reason(sid))
+            self.fenced_by = sid
+            return []
         if msg.op == "repl_resync":
             lo, hi = msg.meta.get(LO), msg.meta.get(HI)
             if type(lo) is not int or type(hi) is not int or not 0 <= lo < hi <= 1 << 64:

@@ -24,6 +24,7 @@ from ..errors import (
 )
 from ..ft import checkpoint as ft_checkpoint
 from ..ft.exactly_once import ReplicationClock
+from ..ft.fencing import fenced_masters
 from ..ft.replica import ReplicaSide
 from ..ft.replication import PrecopyAck, Replicator, RoundAck
 from ..membership.view import ClusterView
@@ -518,6 +519,7 @@ class ServerCore:
         "as of" pulls may now be complete (a worker left)."""
         self.replica.apply_deferred()  # a replica promoted to master serves all it acknowledged
         self.view = view
+        self.replica.fenced = fenced_masters(view)
         self.on_replicated(self.repl.configure(view))
         if view.ring is not None:
             self.repl.adopt_ring(view.ring, False, self.tables)

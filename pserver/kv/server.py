@@ -161,6 +161,8 @@ class KVServer:
                 log.error("the scheduler declared this server dead (missed heartbeats) and moved "
                           "its key ranges to other servers: exiting")
                 return
+            if repl.fenced_by is not None:  # logged by the Replicator (ft/fencing.py)
+                return
             if membership.scheduler_lost.is_set():
                 log.error("scheduler lost: exiting so that no orphan server stays behind")
                 return

@@ -17,7 +17,13 @@ from collections.abc import Callable
 
 from .. import logs
 from ..config import Config
-from ..errors import BarrierTimeoutError, PServerError, RemoteError, SchedulerUnreachableError
+from ..errors import (
+    BarrierTimeoutError,
+    PServerError,
+    RemoteError,
+    SchedulerUnreachableError,
+    WorkerDeclaredDeadError,
+)
 from ..link import Link, LinkError, LinkTimeout
 from ..protocol import (
     DEAD,
@@ -195,8 +201,14 @@ class Membership:
         barrier ``name``.
 
         Raises: BarrierTimeoutError after ``timeout`` seconds (default: the config's barrier
-        timeout; this node still counts as arrived at the scheduler); RemoteError if the
-        scheduler refused (e.g. an unknown group)."""
+        timeout; this node still counts as arrived at the scheduler); WorkerDeclaredDeadError if
+        the scheduler declared this node dead (the live members go on without it); RemoteError if
+        the scheduler refused (e.g. an unknown group)."""
+        if self.declared_dead.is_set():
+            raise WorkerDeclaredDeadError(
+                f"the scheduler declared this {self.role} dead (missed heartbeats) and the cluster "
+                f"goes on without it: restart it (it joins as a new node); on a loaded machine or "
+                f"a lossy network raise PSERVER_HEARTBEAT_TIMEOUT")
         timeout = self.cfg.barrier_timeout if timeout is None else timeout
         try:
             done = self.request("barrier", {"id": self.node_id, "name": name, "group": group},

@@ -466,6 +466,11 @@ class Scheduler:
         nid = int(msg.meta[ID])
         self._check_owner(nid, identity, "barrier")
         node = self.view.nodes.get(nid)
+        if node is not None and not node.alive:
+            # it would wait for ever: the live members passed this barrier without it
+            raise ValueError(f"{node.role} {nid} was declared {node.state} (missed heartbeats) and "
+                             f"is no longer a member: restart it (it joins as a new node); on a "
+                             f"loaded machine or a lossy network raise PSERVER_HEARTBEAT_TIMEOUT")
         worker_group = node.group if node is not None and node.role == "worker" else None
         self._release(self.barriers.arrive(name, group, nid, (identity, msg.ts), self.view,
                                            worker_group))

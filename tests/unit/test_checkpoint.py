@@ -172,6 +172,16 @@ def test_corrupt_shard_is_detected_by_sha256(tmp_path):
         ck.read_manifest(str(tmp_path))
 
 
+def test_a_missing_shard_is_named_with_its_server_and_what_to_do(tmp_path):
+    _checkpoint(tmp_path)
+    (tmp_path / "ckpt-000001" / "shard-2.npz").unlink()
+    for read in (lambda: ck.read_manifest(str(tmp_path)),
+                 lambda: ck.load(str(tmp_path), lambda keys: np.ones(len(keys), bool))):
+        with pytest.raises(CheckpointError, match=r"incomplete: shard file shard-2\.npz of server 2 "
+                                                  r"is missing .*restore an older checkpoint"):
+            read()
+
+
 def test_restore_setting_names_the_latest_or_a_chosen_checkpoint(tmp_path):
     _checkpoint(tmp_path, salt=0)
     _checkpoint(tmp_path, salt=1)

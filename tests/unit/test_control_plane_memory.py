@@ -10,7 +10,7 @@ import pytest
 
 from pserver import wire
 from pserver.consistency.executor import Executor
-from pserver.errors import RemoteError, SchedulerUnreachableError
+from pserver.errors import RemoteError, SchedulerUnreachableError, WorkerDeclaredDeadError
 from pserver.link import MemoryHub
 from pserver.membership.client import scheduler_request
 from pserver.membership.scheduler import Scheduler
@@ -71,6 +71,22 @@ def test_a_dead_worker_releases_the_barrier_the_others_wait_in():
         t.join(20)
         assert out == {"value": None}
         assert not c.scheduler.view.alive(w2.node_id)
+
+
+def test_a_worker_declared_dead_is_refused_at_its_next_barrier_instead_of_waiting_for_ever():
+    # a false failover (a lossy link): the live workers passed the barrier without it, and it
+    # waited for them at the same barrier until the barrier timeout
+    with MemoryCluster(num_servers=1, num_workers=2) as c:
+        _, w1, w2 = c.join_all(["server", "worker", "worker"])
+        t, out = _in_thread(w1.barrier, "b")
+        w2.close()                                # its heartbeats stop: the scheduler declares it dead
+        t.join(20)
+        assert out == {"value": None}
+        with pytest.raises(RemoteError, match=f"worker {w2.node_id} was declared dead"):
+            w2.barrier("b")
+        w2.declared_dead.set()                    # what its next heartbeat reply says
+        with pytest.raises(WorkerDeclaredDeadError, match="restart it"):
+            w2.barrier("b")
 
 
 def test_a_node_cannot_arrive_at_a_barrier_for_another():
