@@ -6,7 +6,7 @@ within [acknowledged, acknowledged + ambiguous] pushes (ambiguous: in flight at 
 and the LR job's objective against an undisturbed run. Method: docs/fault-tolerance.md, "Chaos".
 
 Usage: python benchmarks/chaos.py [--duration 600] [--every 12] [--servers 3] [--workers 3]
-           [--lr-examples 60000] [--seed 1] [--out benchmarks/results/chaos.json]
+           [--lr-examples 300000] [--lr-every 3] [--seed 1] [--out benchmarks/results/chaos.json]
        (the coordinator's soak: the defaults; a quick check: --duration 60 --every 8)"""
 
 from __future__ import annotations
@@ -239,13 +239,13 @@ def lr_job(args: argparse.Namespace, rng: random.Random, data: str, faults: bool
         chaos = Chaos(cluster, rng, None, None)
         if faults:
             _wait_started(cluster)
-            time.sleep(args.every / 2)
+            time.sleep(args.lr_every)
             plan = ["worker_kill", *["server_kill", "server_stop"] * 100]
             for kind in plan:
                 if all(w.poll() is not None for w in workers):
                     break
                 chaos.play(kind)
-                time.sleep(args.every)
+                time.sleep(args.lr_every)
         codes = [w.wait(900) for w in workers]
         events = chaos.events
     s = json.loads(out.read_text())
@@ -291,8 +291,10 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=3)
     ap.add_argument("--keys", type=int, default=20_000)
     ap.add_argument("--window", type=int, default=4)
-    ap.add_argument("--lr-examples", type=int, default=60_000)
+    ap.add_argument("--lr-examples", type=int, default=300_000)
     ap.add_argument("--lr-epochs", type=int, default=40)
+    ap.add_argument("--lr-every", type=float, default=3.0,
+                    help="seconds between faults during the LR job (it lasts tens of seconds)")
     ap.add_argument("--faults", default=",".join(FAULTS),
                     help=f"faults the count job draws from (default {','.join(FAULTS)})")
     ap.add_argument("--no-lr", action="store_true")
