@@ -236,7 +236,7 @@ def run_raw(seconds: float, curve: bool) -> dict:
             "pushes": count, "ops_per_s": round(count / (time.perf_counter() - t0), 1),
             "worker_cpu_us_per_push": round(1e6 * (time.process_time() - cpu0) / count, 1),
             "server_cpu_us_per_push": round(1e6 * (_cpu_seconds(proc.pid) - scpu0) / count, 1)}
-        tensor = np.ones(1 << 20, np.float32)
+        tensor = np.ones(1_000_000, np.float32)   # as case b's
 
         def one_tensor() -> None:
             sock.send(RAW_HEADER, zmq.SNDMORE)
