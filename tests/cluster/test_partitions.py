@@ -138,8 +138,7 @@ def _hosts(stack) -> netns.Hosts:
 
 
 @pytest.mark.skipif(netns.delay_available() is not None, reason=str(netns.delay_available()))
-@pytest.mark.parametrize("victim", ["s2", "s3"])
-def test_server_cut_off_from_the_scheduler_is_fenced_and_never_returns(tmp_path, victim):
+def test_server_cut_off_from_the_scheduler_is_fenced_and_never_returns(tmp_path):
     """s1 loses the scheduler but not the workers or the other servers. The scheduler declares it
     dead and its ranges fail over to their replicas, while s1 serves on without the scheduler (the
     grace period) for workers that still hold the old view - the workers' packets are delayed
@@ -149,6 +148,7 @@ def test_server_cut_off_from_the_scheduler_is_fenced_and_never_returns(tmp_path,
     last one's copies, so an update that reached only one copy (a stale master's forward taken by
     its old replica, the new master, and never replicated) would show."""
     rounds = 400
+    victim = "s2"   # s3 is the same case mirrored (both failed before the fencing, both pass)
     with ExitStack() as stack:
         hosts = _hosts(stack)
         for worker in ("w1", "w2"):
@@ -177,7 +177,7 @@ def test_server_cut_off_from_the_workers_stalls_them_until_healed(tmp_path):
     """s1 loses the workers but not the scheduler, which keeps it in the ring: the workers' parts
     for s1 wait (TCP holds them) and are delivered once the partition heals. Exact sums, no
     failover, s1 still a member."""
-    rounds = 3000
+    rounds = 1200
     with ExitStack() as stack:
         hosts = _hosts(stack)
         job = Job(hosts, tmp_path, rounds)
@@ -206,7 +206,7 @@ def test_packet_loss_on_a_workers_link_sums_exactly(tmp_path):
     heartbeat timeout is 2 s here: a lost packet costs at least TCP's 200 ms retransmission
     timeout, doubling at each loss in a row, and a 1 s timeout then declares the worker dead now
     and then (a false failover, which is what the timeout trades against detection time)."""
-    rounds = 1500
+    rounds = 800
     with ExitStack() as stack:
         hosts = _hosts(stack)
         job = Job(hosts, tmp_path, rounds, PSERVER_HEARTBEAT_TIMEOUT="2.0")
