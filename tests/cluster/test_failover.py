@@ -22,11 +22,11 @@ def _wait_all(procs, timeout):
     return codes
 
 
-def _start_workers(cluster, tmp_path, rounds, nkeys):
+def _start_workers(cluster, tmp_path, rounds, nkeys, n=4):
     cmd = [sys.executable, str(PROGRAMS / "ft_count_worker.py"), str(tmp_path), str(rounds), str(nkeys)]
-    workers = [cluster.spawn_worker(cmd, rank) for rank in range(4)]
+    workers = [cluster.spawn_worker(cmd, rank) for rank in range(n)]
     deadline = time.monotonic() + 120
-    while not all((tmp_path / f"started{r}").exists() for r in range(4)):
+    while not all((tmp_path / f"started{r}").exists() for r in range(n)):
         assert time.monotonic() < deadline, "workers did not start"
         assert all(w.poll() is None for w in workers), "a worker exited early"
         time.sleep(0.05)
@@ -62,12 +62,7 @@ def test_server_killed_mid_run_no_update_lost_or_doubled(cluster_factory, tmp_pa
     must read exactly the number of acknowledged pushes (4 x 200): none lost, none applied twice."""
     cluster = cluster_factory(3, 4, replication=1, heartbeat_timeout=0.6)
     rounds, nkeys = 200, 100_000
-    cmd = [sys.executable, str(PROGRAMS / "ft_count_worker.py"), str(tmp_path), str(rounds), str(nkeys)]
-    workers = [cluster.spawn_worker(cmd, rank) for rank in range(4)]
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"started{r}").exists() for r in range(4)):
-        assert time.monotonic() < deadline, "workers did not start"
-        time.sleep(0.05)
+    workers = _start_workers(cluster, tmp_path, rounds, nkeys)
     time.sleep(1.0)
     assert all(w.poll() is None for w in workers), "workers finished before the kill"
     cluster.kill("server 1", signal.SIGKILL)
@@ -88,12 +83,7 @@ def test_a_server_joins_before_the_death_of_another_is_noticed_no_update_lost(cl
     (the survivor's pre-copy waits until it masters the dead server's ranges)."""
     cluster = cluster_factory(2, 2, replication=1, heartbeat_timeout=2.0)
     rounds, nkeys = 80, 20_000
-    cmd = [sys.executable, str(PROGRAMS / "ft_count_worker.py"), str(tmp_path), str(rounds), str(nkeys)]
-    workers = [cluster.spawn_worker(cmd, rank) for rank in range(2)]
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"started{r}").exists() for r in range(2)):
-        assert time.monotonic() < deadline, "workers did not start"
-        time.sleep(0.05)
+    workers = _start_workers(cluster, tmp_path, rounds, nkeys, n=2)
     cluster.kill("server 1", signal.SIGKILL)
     time.sleep(0.3)
     cluster.add_server()

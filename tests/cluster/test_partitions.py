@@ -53,8 +53,8 @@ class Job:
         for rank, host in enumerate(SERVERS):
             self.procs[host] = self._spawn(host, [sys.executable, "-m", "pserver", "server"],
                                            PSERVER_RANK=str(rank))
-        cmd = [sys.executable, str(PROGRAMS / "partition_count_worker.py"), str(self.tmp),
-               str(self.rounds), str(NKEYS)]
+        cmd = [sys.executable, str(PROGRAMS / "progress_count_worker.py"), str(self.tmp),
+               str(self.rounds), str(NKEYS), "hold"]
         self.workers = [self._spawn(f"w{r + 1}", cmd, PSERVER_RANK=str(r)) for r in range(WORKERS)]
 
     def progress(self) -> int:

@@ -44,17 +44,22 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _runs(pid: int, arg: bytes, rank: int) -> bool:
+    """True if process ``pid`` has ``arg`` on its command line and PSERVER_RANK=rank."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().split(b"\0")
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return False
+    return arg in cmd and f"PSERVER_RANK={rank}".encode() in env
+
+
 def _node(cli_pid: int, module: str, rank: int) -> int:
     """The pid of the child of the launcher running ``module`` with PSERVER_RANK=rank."""
     for pid in _children(cli_pid):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().split(b"\0")
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        if module.encode() in cmd and f"PSERVER_RANK={rank}".encode() in env:
+        if _runs(pid, module.encode(), rank):
             return pid
     raise AssertionError(f"no {module} of rank {rank} under pid {cli_pid}")
 
@@ -100,14 +105,7 @@ def train(data: Path, out: Path, kill: tuple[str, int] | None = None, after_pass
 
 
 def _is_server(pid: int, rank: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().split(b"\0")
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read().split(b"\0")
-    except OSError:
-        return False
-    return b"server" in cmd and f"PSERVER_RANK={rank}".encode() in env
+    return _runs(pid, b"server", rank)
 
 
 @pytest.fixture(scope="module")
