@@ -39,6 +39,20 @@ def check_content_type(content_type: str | None) -> None:
         raise BadRequest(415, f"Content-Type must be application/json, got {content_type!r}")
 
 
+def json_object(body: bytes, content_type: str | None, field: str, shape: str) -> dict:
+    """The JSON object of a request body, which must hold a list under ``field`` (``shape``: the
+    expected form, for the message). Raises BadRequest (415: not JSON; 400: malformed JSON, not
+    such an object)."""
+    check_content_type(content_type)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        raise BadRequest(400, f"body is not valid JSON: {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get(field), list):
+        raise BadRequest(400, f"body must be a JSON object {shape}")
+    return doc
+
+
 def json_response(body: dict, status: int = 200, headers: dict | None = None) -> Response:
     """``body`` as JSON (numpy arrays serialised as nested lists, without a copy to Python)."""
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status, headers,

@@ -7,10 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import orjson
 
 from ...ring import mix64
-from ...serving.http import BadRequest, check_content_type
+from ...serving.http import BadRequest, json_object
 from ...store.init import initial_values
 from ...store.spec import TableSpec
 
@@ -37,13 +36,7 @@ def decode_lookup(body: bytes, content_type: str | None, tables: tuple[str, ...]
     left out when one table is served). Raises BadRequest (415: not JSON; 400: malformed JSON, no
     ids list, an ID not an integer in [-2^63, 2^64); 404: a table not served; 413: more IDs than
     max_ids)."""
-    check_content_type(content_type)
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(400, f"body is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("ids"), list):
-        raise BadRequest(400, 'body must be a JSON object {"table": "name", "ids": [int, ...]}')
+    doc = json_object(body, content_type, "ids", '{"table": "name", "ids": [int, ...]}')
     table = doc.get("table", tables[0] if len(tables) == 1 else None)
     if table is None:
         raise BadRequest(400, f'name the table: "table" is one of {list(tables)}')

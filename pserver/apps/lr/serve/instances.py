@@ -7,9 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import orjson
 
-from ....serving.http import BadRequest, check_content_type
+from ....serving.http import BadRequest, check_content_type, json_object
 from ..data import BIAS_KEY, FORMATS
 from ..hashing import int_keys
 from ..parsers import CRITEO_CAT_COLUMNS, CRITEO_INT_COLUMNS, REASONS, parse_criteo, parse_libsvm
@@ -66,12 +65,7 @@ def decode_predict(body: bytes, content_type: str | None, limits: Limits,
     if len(body) > limits.max_body_bytes:
         raise BadRequest(413, f"body of {len(body)} bytes exceeds the limit of "
                               f"{limits.max_body_bytes} (--max-body-bytes)")
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as e:
-        raise BadRequest(400, f"body is not valid JSON: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("instances"), list):
-        raise BadRequest(400, 'body must be a JSON object {"instances": [...]}')
+    doc = json_object(body, content_type, "instances", '{"instances": [...]}')
     instances = doc["instances"]
     if len(instances) > limits.max_instances:
         raise BadRequest(413, f"{len(instances)} instances exceed the limit of "
