@@ -71,11 +71,17 @@ class ReplicationClock:
                 for w, win in self.applied.items() for ts, part in win.order]
         return np.array(rows, np.int64).reshape(-1, 4)
 
-    def load(self, master: int, applied: np.ndarray) -> None:
-        """Record the applied parts that came with a copy of ``master``'s keys
-        (``applied_array``). Raises ProtocolError if it is not such an array (nothing recorded)."""
-        if applied.dtype != np.int64 or applied.ndim != 2 or applied.shape[1] != 4:
-            raise ProtocolError(f"a copy's applied parts must be (n, 4) int64 rows, not "
-                                f"{applied.dtype} {applied.shape}")
-        for worker, ts, has_part, part in applied.tolist():
+    def load(self, master: int, rows: list) -> None:
+        """Record the applied parts that came with a copy of ``master``'s keys (the rows of
+        :func:`applied_rows`)."""
+        for worker, ts, has_part, part in rows:
             self.record(master, worker, ts, part if has_part else None)
+
+
+def applied_rows(applied: np.ndarray) -> list:
+    """The rows of a copy's ``applied_array``, checked. Raises ProtocolError if it is not (n, 4)
+    int64 (a caller checks before it stores anything of the copy)."""
+    if applied.dtype != np.int64 or applied.ndim != 2 or applied.shape[1] != 4:
+        raise ProtocolError(f"a copy's applied parts must be (n, 4) int64 rows, not "
+                            f"{applied.dtype} {applied.shape}")
+    return applied.tolist()

@@ -34,7 +34,7 @@ from ..protocol import (
 from ..store.apply import apply_push
 from ..store.spec import TableSpec
 from ..wire import Message
-from .exactly_once import ReplicationClock
+from .exactly_once import ReplicationClock, applied_rows
 from .fencing import FENCED
 from .list_refs import check_refs
 from .replication import Replicator
@@ -133,12 +133,13 @@ class ReplicaSide:
         table = self.table(spec.name)
         keys = keyfmt.unpack_keys(msg).as_array()
         arrays = list(msg.arrays)
-        applied = arrays.pop() if msg.meta.get(APPLIED) == 1 and len(arrays) > 2 else None
+        applied = None
+        if msg.meta.get(APPLIED) == 1:   # the master's exactly-once windows: the last array
+            if len(arrays) < 3:
+                raise ProtocolError("a copy that names its applied parts must carry them last")
+            applied = applied_rows(arrays.pop())
         if len(arrays) not in (2, 3) or arrays[1].shape != (len(keys), table.dim):
             raise ProtocolError("a replica snapshot needs keys, values (and state) that match")
-        if applied is not None and (applied.dtype != np.int64 or applied.ndim != 2
-                                    or applied.shape[1] != 4):
-            raise ProtocolError("a copy's applied parts must be (n, 4) int64 rows")
         clock = msg.meta.get(RANGE_CLOCK)
         if clock is not None:
             self.clocks.merge_json(spec.name, clock)  # checked before anything is stored

@@ -280,12 +280,12 @@ def test_a_copy_carries_full_exactly_once_windows_of_several_workers_within_the_
     assert not once.seen(1, 4, WINDOW + 2, 0)
 
 
-def test_a_copy_whose_applied_parts_are_not_rows_of_four_int64_changes_nothing():
-    holder = _core()
+@pytest.mark.parametrize("applied", [[np.zeros((3, 2), np.int64)], []])
+def test_a_copy_whose_applied_parts_are_not_rows_of_four_int64_changes_nothing(applied):
+    holder = _core()   # (3, 2) rows, or none at all although the header says they are there
     spec = holder.tables["default"].spec.to_json()
     holder.handle(b"s2", Message("repl_load", 0, "default", {"kf": "k", "spec": spec, "applied": 1},
-                                 [KEYS, np.ones((len(KEYS), 1), np.float32),
-                                  np.zeros((3, 2), np.int64)]))
+                                 [KEYS, np.ones((len(KEYS), 1), np.float32), *applied]))
     assert [m.meta["kind"] for _, m in _sent(holder)] == ["ProtocolError"]
     assert len(holder.tables["default"]) == 0
 
