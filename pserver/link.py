@@ -129,13 +129,20 @@ class ZmqLink(Link):
             self.sock.close(linger=int(linger * 1000))
 
 
+_EVENTS, _POLLIN = zmq.EVENTS, zmq.POLLIN
+
+
 def recv_frames(sock: zmq.Socket) -> list[zmq.Frame] | None:
     """The frames of the next message waiting on ``sock`` (zero-copy), or None if there is none.
     Reads frame by frame, following each frame's more flag: ``recv_multipart(NOBLOCK, copy=False)``
-    at half its per-message cost (it asks the socket for RCVMORE after every frame)."""
+    at half its per-message cost (it asks the socket for RCVMORE after every frame). Asks ZMQ_EVENTS
+    first rather than letting a receive fail: the zmq.Again a failed receive raises costs several
+    times the question, once per burst on both ends (docs/performance.md)."""
+    if not sock.getsockopt(_EVENTS) & _POLLIN:
+        return None
     try:
         frame = sock.recv(zmq.NOBLOCK, copy=False)
-    except zmq.Again:
+    except zmq.Again:  # not expected after EVENTS said a message waits; harmless if it happens
         return None
     frames = [frame]
     while frame.more:  # the rest of a message is there once its first frame is
