@@ -454,6 +454,11 @@ class Scheduler:
         if not self.shutting_down:
             self.shutting_down = True
             self.shutdown_deadline = time.monotonic() + max(3.0, 5 * self.cfg.heartbeat_interval)
+            # nodes waiting for a start that will not come are told so, instead of waiting out
+            # their connect timeout
+            for (identity, ts), _ in self.pending.admission_order():
+                self._send(identity, Message("error", ts, meta={
+                    ERROR: "the cluster was shut down before it started", KIND: "ShutdownError"}))
 
     def _may_exit(self) -> bool:
         others_up = [n for n in self.view.nodes.values() if n.alive]

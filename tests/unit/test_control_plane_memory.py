@@ -201,6 +201,20 @@ def test_heartbeats_carry_a_late_join_and_the_shutdown_to_every_node():
         assert _until(lambda: all(n.shutdown_requested.is_set() for n in (server, w1, w2)))
 
 
+def test_a_shutdown_before_the_start_answers_the_nodes_still_waiting_for_it():
+    # they waited out their connect timeout (10 s of every test teardown of such a cluster)
+    with MemoryCluster(num_servers=1, num_workers=2, connect_timeout=30.0) as c:
+        t, out = _in_thread(c.join, "server")
+        assert _until(lambda: c.scheduler.pending.count("server") == 1)
+        tr = MemoryTransport(c.hub, c.cfg, "scheduler")
+        start = time.monotonic()
+        assert scheduler_request(c.cfg, "shutdown", transport=tr).op == "ok"
+        t.join(10)
+        assert not t.is_alive() and time.monotonic() - start < 5
+        assert isinstance(out["error"], RemoteError)
+        assert "shut down before it started" in str(out["error"])
+
+
 def test_a_replicas_failed_applies_reach_the_status_never_silent():
     from pserver.cli import format_status
 
