@@ -80,6 +80,23 @@ def _per_push_us(before: dict[str, float], after: dict[str, float], count: int) 
             if k in ("python", "zmq_io")}
 
 
+class _CpuWindow:
+    """CPU time of the worker (this process) and the server from now on, per push when asked:
+    each side's total and by thread kind (Python threads, ZeroMQ's I/O thread)."""
+
+    def __init__(self, worker_pid: int, server_pid: int) -> None:
+        self.pids = worker_pid, server_pid
+        self.start = [_thread_cpu(pid) for pid in self.pids]
+
+    def per_push(self, count: int) -> dict:
+        out = {}
+        for side, pid, before in zip(("worker", "server"), self.pids, self.start):
+            by_thread = _per_push_us(before, _thread_cpu(pid), count)
+            out[f"{side}_cpu_us_per_push"] = round(sum(by_thread.values()), 1)
+            out[f"{side}_cpu_us_per_push_by_thread"] = by_thread
+        return out
+
+
 def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
     res = {}
     # (a) 1M dense keys x 1 float32: push then pull
@@ -109,8 +126,9 @@ def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
     rkeys = np.unique(rng.integers(0, 2**64 - 1, 1000, dtype=np.uint64))
     rvals = np.ones(len(rkeys), np.float32)
     kv.wait(kv.push(rkeys, rvals))
-    res["c_1000keys_push_1_in_flight"] = _summary(
-        _timed(lambda: kv.wait(kv.push(rkeys, rvals)), seconds))
+    cpu = _CpuWindow(os.getpid(), server_pid)
+    lat = _timed(lambda: kv.wait(kv.push(rkeys, rvals)), seconds)
+    res["c_1000keys_push_1_in_flight"] = {**_summary(lat), **cpu.per_push(len(lat))}
     res["c_1000keys_pull_1_in_flight"] = _summary(_timed(lambda: kv.pull(rkeys), seconds))
 
     # 16 in flight, kept full: a new push as soon as the oldest is acknowledged
@@ -219,7 +237,9 @@ def run_raw(seconds: float, curve: bool) -> dict:
 
         for _ in range(200):  # connection, handshake and warm-up
             one()
-        res = {"c_1000keys_push_1_in_flight": _summary(_timed(one, seconds))}
+        cpu = _CpuWindow(os.getpid(), proc.pid)
+        lat = _timed(one, seconds)
+        res = {"c_1000keys_push_1_in_flight": {**_summary(lat), **cpu.per_push(len(lat))}}
         count, end = 0, time.perf_counter() + seconds
         t0 = time.perf_counter()
         cpu0, scpu0 = time.process_time(), _cpu_seconds(proc.pid)
@@ -270,14 +290,21 @@ def _ratios(rounds: list[dict], side: str, raw: str) -> dict:
 
 
 def _cpu_ratios(rounds: list[dict], side: str, raw: str) -> dict:
-    """16 in flight: CPU time per push (worker + server) of raw pyzmq / pserver, per round - steadier
-    than rates when other jobs share the machine (1.0 = as cheap as raw pyzmq)."""
-    case, per_round = "c_1000keys_push_16_in_flight", []
-    for r in rounds:
-        mine, base = r[side][case], r[raw][case]
-        per_round.append(round((base["worker_cpu_us_per_push"] + base["server_cpu_us_per_push"])
-                               / (mine["worker_cpu_us_per_push"] + mine["server_cpu_us_per_push"]), 3))
-    return {case: {"median": round(statistics.median(per_round), 3), "rounds": per_round}}
+    """1 and 16 in flight: CPU time per push (worker + server) of raw pyzmq / pserver, per round -
+    steadier than rates when other jobs share the machine (1.0 = as cheap as raw pyzmq)."""
+    out = {}
+    for case in ("c_1000keys_push_1_in_flight", "c_1000keys_push_16_in_flight"):
+        per_round = []
+        for r in rounds:
+            mine, base = r[side][case], r[raw][case]
+            if "worker_cpu_us_per_push" not in mine or "worker_cpu_us_per_push" not in base:
+                continue
+            per_round.append(round(
+                (base["worker_cpu_us_per_push"] + base["server_cpu_us_per_push"])
+                / (mine["worker_cpu_us_per_push"] + mine["server_cpu_us_per_push"]), 3))
+        if per_round:
+            out[case] = {"median": round(statistics.median(per_round), 3), "rounds": per_round}
+    return out
 
 
 def _median_case(values: list[dict]) -> dict:

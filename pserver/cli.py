@@ -34,7 +34,7 @@ from .protocol import BYTES, CONSISTENCY, DIR, KEY_COUNT, NAME, PATH, SECONDS, S
 # a flag of every node command. `pserver launch` takes all of them (see launch_cluster_kwargs).
 ROLE_SETTINGS = {"scheduler": ("replication", "replicate_after_aggregation", "replica_key_cache"),
                  "server": ("busy_poll", "slot_cache", "max_table_bytes", "recv_queue"),
-                 "worker": ("group", "read_only")}
+                 "worker": ("group", "read_only", "worker_busy_poll")}
 _SETTING_VAR = {name: (var, typ, text) for var, (name, typ, text) in ENV_VARS.items()}
 
 # Options of a role that are not PSERVER_* settings: (flags, argparse keywords); one definition for

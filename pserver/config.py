@@ -62,6 +62,10 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_BUSY_POLL": ("busy_poll", float, "seconds a server keeps polling, without sleeping, "
                                               "after a request (0 = off; for servers with a core "
                                               "of their own)"),
+    "PSERVER_WORKER_BUSY_POLL": ("worker_busy_poll", float, "seconds a worker waiting for a reply "
+                                                            "polls without sleeping before it sleeps "
+                                                            "(0 = off; for workers with a core of "
+                                                            "their own and one request in flight)"),
     "PSERVER_SLOT_CACHE": ("slot_cache", str, "servers: bytes of repeated key lists per table whose "
                                               "value slots are cached, skipping the hash index "
                                               "(k/M/G suffixes; 0 = off)"),
@@ -121,6 +125,7 @@ class Config:
     virtual_servers: int = 32
     replication: int = 1
     busy_poll: float = 0.0
+    worker_busy_poll: float = 0.0
     replicate_after_aggregation: bool = True
     slot_cache: str = SLOT_CACHE_DEFAULT
     max_table_bytes: str = "0"
@@ -171,6 +176,9 @@ class Config:
         if self.busy_poll < 0:
             raise ConfigError("PSERVER_BUSY_POLL (--busy-poll) is seconds of busy polling: 0 (off) "
                               "or more")
+        if self.worker_busy_poll < 0:
+            raise ConfigError("PSERVER_WORKER_BUSY_POLL (--worker-busy-poll) is seconds of busy "
+                              "polling: 0 (off) or more")
         self.slot_cache_bytes  # noqa: B018 - raises ConfigError for a malformed size
         self.max_table_bytes_value  # noqa: B018 - the same
         self.replica_key_cache_bytes  # noqa: B018 - the same

@@ -559,7 +559,13 @@ class KVWorker:
             self.wait(ts, timeout)
 
     def _progress(self, timeout: float) -> None:
-        for link in self._poller.poll(timeout):
+        ready = None
+        if self.cfg.worker_busy_poll:  # poll without sleeping first: no wake-up when it comes soon
+            poll, clock = self._poller.poll, time.perf_counter
+            end = clock() + self.cfg.worker_busy_poll
+            while not (ready := poll(0)) and clock() < end:
+                pass
+        for link in ready or self._poller.poll(timeout):
             sid = self._link_server[link]
             while (got := link.recv()) is not None:
                 self._on_reply(sid, got[1])

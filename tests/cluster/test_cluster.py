@@ -214,9 +214,9 @@ def test_remote_error_for_unknown_table_on_server(one_worker):
     assert RemoteError is pserver.errors.RemoteError
 
 
-def test_busy_polling_servers_serve_and_stop(cluster_factory):
+def test_busy_polling_servers_and_worker_serve_and_stop(cluster_factory):
     cluster = cluster_factory(2, 1, env={"PSERVER_BUSY_POLL": "0.002"})
-    with pserver.KVWorker(cluster.config(0)) as kv:
+    with pserver.KVWorker(cluster.config(0).with_(worker_busy_poll=0.001)) as kv:
         keys = np.unique(np.random.default_rng(3).integers(0, 2**64 - 1, 2000, dtype=np.uint64))
         ts = [kv.push(keys, np.ones(len(keys), np.float32)) for _ in range(20)]
         for t in ts:
