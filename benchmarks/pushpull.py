@@ -4,10 +4,12 @@ the worker), over ZeroMQ on loopback: (a) 1 M dense keys push+pull, (b) a 4 MB t
 In the same run, interleaved with it: raw pyzmq with the same frames (a DEALER sending a header,
 1,000 uint64 keys and 1,000 float32, or a 4 MB tensor, to a ROUTER in another process that answers
 a short ack), and the 1,000-key and 4 MB push cases as ratios to it. --curve also runs a-c (and
-the baseline) encrypted; --busy-poll S also with a busy-polling server (0 skips it).
+the baseline) encrypted; --busy-poll S also with a busy-polling server, --worker-busy-poll S in
+every round with a busy-polling worker (0 skips either).
 Method: docs/performance.md.
 
-Usage: python benchmarks/pushpull.py [--seconds 3] [--rounds 1] [--curve] [--busy-poll S] [--no-store]
+Usage: python benchmarks/pushpull.py [--seconds 3] [--rounds 1] [--curve] [--busy-poll S]
+                                     [--worker-busy-poll S] [--no-store]
                                      [--out benchmarks/results/pushpull.json]"""
 
 from __future__ import annotations
@@ -160,14 +162,15 @@ def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
     return res
 
 
-def run_cluster(seconds: float, insecure: bool, busy_poll: float = 0.0) -> dict:
+def run_cluster(seconds: float, insecure: bool, busy_poll: float = 0.0,
+                worker_busy_poll: float = 0.0) -> dict:
     load = os.getloadavg()  # the machine may be shared: what else was running, as uptime says
     env = {"PSERVER_BUSY_POLL": str(busy_poll)} if busy_poll else None
     # a patient heartbeat timeout: on a loaded shared machine a starved heartbeat is no failure here
     with LocalCluster(1, 1, insecure=insecure, prefix_output=False, env=env,
                       heartbeat_timeout=5.0) as cluster:
         t = time.perf_counter()
-        kv = pserver.KVWorker(cluster.config(0))
+        kv = pserver.KVWorker(cluster.config(0).with_(worker_busy_poll=worker_busy_poll))
         start = time.perf_counter() - t
         try:
             res = run_cases(kv, seconds, cluster.procs["server 0"].pid)
@@ -332,6 +335,9 @@ def main() -> None:
     p.add_argument("--curve", action="store_true", help="also measure a CURVE-encrypted cluster")
     p.add_argument("--busy-poll", type=float, default=0.002,
                    help="also run with the server busy-polling this long (s; 0 = skip)")
+    p.add_argument("--worker-busy-poll", type=float, default=0.0005,
+                   help="also run, in every round, with the worker busy-polling this long in wait "
+                        "(s; 0 = skip)")
     p.add_argument("--no-store", action="store_true", help="skip case d (the store without network)")
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds (medians reported)")
     p.add_argument("--out", default="benchmarks/results/pushpull.json")
@@ -349,6 +355,9 @@ def main() -> None:
     for _ in range(args.rounds):
         r = {"raw_pyzmq": run_raw(args.seconds, curve=False),
              "insecure": run_cluster(args.seconds, insecure=True)}
+        if args.worker_busy_poll:
+            r["insecure_worker_busy_poll"] = run_cluster(args.seconds, True,
+                                                         worker_busy_poll=args.worker_busy_poll)
         if args.curve:
             r["raw_pyzmq_curve"] = run_raw(args.seconds, curve=True)
             r["curve"] = run_cluster(args.seconds, insecure=False)
@@ -361,6 +370,11 @@ def main() -> None:
               "raw_pyzmq": _merge(rounds, "raw_pyzmq"), "insecure": _merge(rounds, "insecure"),
               "ratio_to_raw_pyzmq": _ratios(rounds, "insecure", "raw_pyzmq"),
               "cpu_ratio_to_raw_pyzmq": _cpu_ratios(rounds, "insecure", "raw_pyzmq")}
+    if args.worker_busy_poll:
+        result["insecure_worker_busy_poll"] = {
+            "worker_busy_poll_s": args.worker_busy_poll,
+            **_merge(rounds, "insecure_worker_busy_poll"),
+            "ratio_to_raw_pyzmq": _ratios(rounds, "insecure_worker_busy_poll", "raw_pyzmq")}
     if args.busy_poll:
         result["insecure_busy_poll"] = {"busy_poll_s": args.busy_poll,
                                         **run_cluster(args.seconds, True, args.busy_poll)}
