@@ -265,18 +265,13 @@ def receiver() -> None:
 
 
 # -- the sender (this process) --------------------------------------------------------------------
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, every thread included (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def run_case(seconds: float, curve: bool = False, key_bits: int = 0, chunks: int = 1) -> dict:
     """One case: a receiver process, WARMUP pushes, then pushes for `seconds`; GB/s of payload, wall
     and CPU microseconds per push of both processes.
 
     Raises: RuntimeError if the receiver refused a push or did not apply exactly what was sent."""
+    from raw_peer import connect_dealer, cpu_seconds  # beside this script (its directory is on the path)
+
     public, secret = zmq.curve_keypair() if curve else (b"", b"")
     key = os.urandom(key_bits // 8) if key_bits else b""
     proc = subprocess.Popen([sys.executable, __file__, "--receiver"], stdin=subprocess.PIPE,
@@ -287,12 +282,7 @@ def run_case(seconds: float, curve: bool = False, key_bits: int = 0, chunks: int
                                      "chunks": chunks}).encode() + b"\n")
         proc.stdin.flush()
         port = int(proc.stdout.readline())
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        if curve:
-            sock.curve_serverkey = public
-            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-        sock.connect(f"tcp://127.0.0.1:{port}")
+        sock = connect_dealer(ctx, port, public)
         tensor = payload()
 
         def push_plain() -> None:
@@ -317,14 +307,14 @@ def run_case(seconds: float, curve: bool = False, key_bits: int = 0, chunks: int
         push = push_sealed if key else push_plain
         for _ in range(WARMUP):
             push()
-        cpu_s, cpu_r = _cpu_seconds(os.getpid()), _cpu_seconds(proc.pid)
+        cpu_s, cpu_r = cpu_seconds(os.getpid()), cpu_seconds(proc.pid)
         t0 = time.perf_counter()
         n = 0
         while n < 5 or time.perf_counter() - t0 < seconds:
             push()
             n += 1
         wall = time.perf_counter() - t0
-        cpu_s, cpu_r = _cpu_seconds(os.getpid()) - cpu_s, _cpu_seconds(proc.pid) - cpu_r
+        cpu_s, cpu_r = cpu_seconds(os.getpid()) - cpu_s, cpu_seconds(proc.pid) - cpu_r
         sock.send(QUIT)
         report = json.loads(proc.stdout.readline())
         sock.close()

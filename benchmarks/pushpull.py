@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import zmq
+from raw_peer import connect_dealer, cpu_seconds
 
 import pserver
 from pserver.launch import LocalCluster
@@ -51,13 +52,6 @@ def _summary(lat: list[float], payload_bytes: int = 0, ops_per_call: int = 1) ->
     if payload_bytes:
         out["payload_GB_per_s"] = round(payload_bytes * len(lat) / total / 1e9, 3)
     return out
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process, every thread included (Linux /proc)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _thread_cpu(pid: int) -> dict[str, float]:
@@ -139,7 +133,7 @@ def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
     end = time.perf_counter() + seconds
     count = 0
     t0 = time.perf_counter()
-    cpu0, scpu0 = time.process_time(), _cpu_seconds(server_pid)
+    cpu0, scpu0 = time.process_time(), cpu_seconds(server_pid)
     wthr0, sthr0 = _thread_cpu(os.getpid()), _thread_cpu(server_pid)
     while time.perf_counter() < end:
         window.append(kv.push(rkeys, rvals))
@@ -153,7 +147,7 @@ def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
     res["c_1000keys_push_16_in_flight"] = {
         "pushes": count, "ops_per_s": round(count / elapsed, 1),
         "worker_cpu_us_per_push": round(1e6 * (time.process_time() - cpu0) / count, 1),
-        "server_cpu_us_per_push": round(1e6 * (_cpu_seconds(server_pid) - scpu0) / count, 1),
+        "server_cpu_us_per_push": round(1e6 * (cpu_seconds(server_pid) - scpu0) / count, 1),
         # by thread kind: the Python threads vs ZeroMQ's I/O thread
         "worker_cpu_us_per_push_by_thread": _per_push_us(wthr0, _thread_cpu(os.getpid()), count),
         "server_cpu_us_per_push_by_thread": _per_push_us(sthr0, _thread_cpu(server_pid), count),
@@ -219,12 +213,7 @@ def run_raw(seconds: float, curve: bool) -> dict:
     ctx = zmq.Context()
     try:
         port = int(proc.stdout.readline())
-        sock = ctx.socket(zmq.DEALER)
-        sock.linger = 0
-        if curve:
-            sock.curve_serverkey = public
-            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
-        sock.connect(f"tcp://127.0.0.1:{port}")
+        sock = connect_dealer(ctx, port, public)
         rng = np.random.default_rng(0)
         keys = np.unique(rng.integers(0, 2**64 - 1, 1000, dtype=np.uint64))
         vals = np.ones(len(keys), np.float32)
@@ -245,7 +234,7 @@ def run_raw(seconds: float, curve: bool) -> dict:
         res = {"c_1000keys_push_1_in_flight": {**_summary(lat), **cpu.per_push(len(lat))}}
         count, end = 0, time.perf_counter() + seconds
         t0 = time.perf_counter()
-        cpu0, scpu0 = time.process_time(), _cpu_seconds(proc.pid)
+        cpu0, scpu0 = time.process_time(), cpu_seconds(proc.pid)
         for _ in range(16):
             send()
         while time.perf_counter() < end:
@@ -258,7 +247,7 @@ def run_raw(seconds: float, curve: bool) -> dict:
         res["c_1000keys_push_16_in_flight"] = {
             "pushes": count, "ops_per_s": round(count / (time.perf_counter() - t0), 1),
             "worker_cpu_us_per_push": round(1e6 * (time.process_time() - cpu0) / count, 1),
-            "server_cpu_us_per_push": round(1e6 * (_cpu_seconds(proc.pid) - scpu0) / count, 1)}
+            "server_cpu_us_per_push": round(1e6 * (cpu_seconds(proc.pid) - scpu0) / count, 1)}
         tensor = np.ones(1_000_000, np.float32)   # as case b's
 
         def one_tensor() -> None:
