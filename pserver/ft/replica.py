@@ -71,6 +71,7 @@ class ReplicaSide:
         self.apply_errors = 0
         self.fenced: frozenset[bytes] = frozenset()  # masters the view names dead (ft/fencing.py)
         self.refused_fenced = 0
+        self._fenced_logged: set[bytes] = set()  # masters whose refusal was logged
         self._items = {"replicate": self._update, "replicate_agg": self._update,
                        "repl_evict": self._evict}
         self._ops = {**self._items, "repl_batch": self._batch, "repl_load": self._load}
@@ -81,8 +82,10 @@ class ReplicaSide:
         master in ``fenced`` is answered ``repl_fenced`` and nothing is applied or acknowledged."""
         if self.fenced and identity in self.fenced:
             self.refused_fenced += 1
-            log.warning("refused a %s from server %r, which the cluster view names dead", msg.op,
-                        identity)
+            if identity not in self._fenced_logged:  # once per master: it sends until it exits
+                self._fenced_logged.add(identity)
+                log.warning("refused a %s from server %r, which the cluster view names dead (its "
+                            "further forwards are refused too, counted in stats)", msg.op, identity)
             self.out.append((identity, Message(FENCED, msg.ts)))
             return
         self._ops[msg.op](identity, msg)

@@ -56,6 +56,15 @@ def test_a_replica_refuses_a_forward_from_a_master_its_view_names_dead():
     assert not core.exactly_once.seen(1, 4, 7, 0)
 
 
+def test_a_fenced_masters_forwards_are_each_refused_but_logged_once(caplog):
+    core = _replica(_view(dead=(1,), version=2))
+    with caplog.at_level("WARNING", logger="pserver.ft.replica"):
+        for ts in (7, 8, 9):
+            core.handle(b"s1", _forward(ts), "server")
+    assert [m.ts for _, m in core.out] == [7, 8, 9] and core.replica.refused_fenced == 3
+    assert sum("names dead" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_a_replica_applies_forwards_of_live_masters_and_of_servers_it_does_not_know():
     core = _replica(_view(dead=(1,), version=2))
     core.handle(b"s3", _forward(7), "server")
