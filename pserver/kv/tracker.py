@@ -150,6 +150,8 @@ class RequestTracker:
                 req.out[part.sel] = msg.arrays[0]
                 if CLOCK in msg.meta:
                     req.clock = merge_clock(req.clock, msg.meta[CLOCK])
+            elif req.kind == "pushpull":  # always answered with its values, never a bare ack
+                raise ValueError(f"a push_pull was answered with {msg.op!r}, not its values")
             elif req.kind == "range":
                 req.ranges.append((msg.arrays[0], msg.arrays[1]))
                 nxt = msg.meta.get(NEXT)

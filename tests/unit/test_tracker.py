@@ -20,7 +20,7 @@ def _push(tracker: RequestTracker, sids=(1, 2), callback=None) -> tuple[int, Req
     return ts, req
 
 
-def test_an_ack_of_a_pull_is_not_taken_as_its_answer_but_fails_it_as_a_misfit():
+def test_an_ack_of_a_pull_or_push_pull_is_not_taken_as_its_answer_but_fails_it_as_a_misfit():
     tr = RequestTracker()
     ts = tr.next_ts()
     req = Request("pull", "t", np.arange(4, dtype=np.uint64), out=np.zeros((4, 1), np.float32))
@@ -29,6 +29,16 @@ def test_an_ack_of_a_pull_is_not_taken_as_its_answer_but_fails_it_as_a_misfit():
     assert tr.ack(1, ts, 0) is False and ts in tr.pending  # nothing changed: not a push
     tr.on_reply(1, ts, req, 0, Message("ack", ts, meta={"p": 0}))  # the caller's fallback
     with pytest.raises(RemoteError, match="does not fit"):
+        raise tr.collect(ts).error
+    # a push_pull, too, is answered with its values: an ack fails it instead of completing it empty
+    ts = tr.next_ts()
+    req = Request("pushpull", "t", np.arange(4, dtype=np.uint64), np.ones((4, 1), np.float32),
+                  out=np.zeros((4, 1), np.float32))
+    req.add_part(1, slice(0, 4), rv=1)
+    tr.register(ts, req)
+    assert tr.ack(1, ts, 0) is False
+    tr.on_reply(1, ts, req, 0, Message("ack", ts, meta={"p": 0}))
+    with pytest.raises(RemoteError, match="answered with 'ack'"):
         raise tr.collect(ts).error
 
 
