@@ -49,8 +49,11 @@ def _run_cluster(hosts: netns.Hosts, keys: Path, out: Path, server_env: dict[str
             procs.append(subprocess.Popen(hosts.argv(host, [sys.executable, "-m", "pserver",
                                                             "server"]), env=_env(keys, **extra)))
         cmd = [sys.executable, str(PROGRAMS / "count_worker.py"), str(out), str(ROUNDS), str(KEYS)]
-        workers = [subprocess.Popen(hosts.argv(h, cmd), env=_env(keys, PSERVER_RANK=str(r)))
+        hold = out / "looked"  # the workers stay (the cluster up) until the status and rtt are taken
+        workers = [subprocess.Popen(hosts.argv(h, cmd), env=_env(keys, PSERVER_RANK=str(r),
+                                                                 COUNT_HOLD=str(hold)))
                    for r, h in enumerate(("w1", "w2"))]
+        procs += workers  # stopped with the rest if the test fails before they finish
         status = None
         deadline = time.monotonic() + 60
         while status is None and time.monotonic() < deadline:
@@ -62,6 +65,7 @@ def _run_cluster(hosts: netns.Hosts, keys: Path, out: Path, server_env: dict[str
                 status = json.loads(got.stdout)
         rtt = float(subprocess.run(hosts.argv("w1", [sys.executable, "-c", _CONNECT]),
                                    capture_output=True, text=True, timeout=60).stdout)
+        hold.touch()
         assert [w.wait(timeout=120) for w in workers] == [0, 0]
         results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
         return results, status, rtt
