@@ -48,10 +48,10 @@ def _run_cluster(hosts: netns.Hosts, keys: Path, out: Path, server_env: dict[str
         for host, extra in server_env.items():
             procs.append(subprocess.Popen(hosts.argv(host, [sys.executable, "-m", "pserver",
                                                             "server"]), env=_env(keys, **extra)))
-        cmd = [sys.executable, str(PROGRAMS / "count_worker.py"), str(out), str(ROUNDS), str(KEYS)]
-        hold = out / "looked"  # the workers stay (the cluster up) until the status and rtt are taken
-        workers = [subprocess.Popen(hosts.argv(h, cmd), env=_env(keys, PSERVER_RANK=str(r),
-                                                                 COUNT_HOLD=str(hold)))
+        # "hold": the workers stay (the cluster up) until the status and rtt are taken (out/go)
+        cmd = [sys.executable, str(PROGRAMS / "count_worker.py"), str(out), str(ROUNDS), str(KEYS),
+               "hold"]
+        workers = [subprocess.Popen(hosts.argv(h, cmd), env=_env(keys, PSERVER_RANK=str(r)))
                    for r, h in enumerate(("w1", "w2"))]
         procs += workers  # stopped with the rest if the test fails before they finish
         status = None
@@ -65,7 +65,7 @@ def _run_cluster(hosts: netns.Hosts, keys: Path, out: Path, server_env: dict[str
                 status = json.loads(got.stdout)
         rtt = float(subprocess.run(hosts.argv("w1", [sys.executable, "-c", _CONNECT]),
                                    capture_output=True, text=True, timeout=60).stdout)
-        hold.touch()
+        (out / "go").touch()
         assert [w.wait(timeout=120) for w in workers] == [0, 0]
         results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
         return results, status, rtt

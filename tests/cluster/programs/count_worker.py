@@ -1,7 +1,7 @@
 """Worker program: push +1 to fixed dense and hashed key sets many times (several requests in
-flight), then every rank pulls and writes what it read to OUT_DIR/rank<r>.json. With COUNT_HOLD set
-to a path, it then waits (at most 120 s) for that file before leaving: the cluster stays up until
-the test has looked at it."""
+flight), then every rank pulls and writes what it read to OUT_DIR/rank<r>.json. With "hold" after
+NKEYS it then waits (at most 120 s) for OUT_DIR/go before leaving, as progress_count_worker.py does:
+the cluster stays up until the test has looked at it."""
 
 import json
 import os
@@ -14,6 +14,7 @@ import pserver
 from pserver.ring import mix64
 
 out_dir, rounds, nkeys = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+hold = sys.argv[4:] == ["hold"]
 kv = pserver.KVWorker()
 kv.declare_table("vec", dim=8)
 dense = np.arange(nkeys, dtype=np.uint64)
@@ -38,8 +39,8 @@ result = {"rank": kv.rank, "num_workers": kv.num_workers, "num_servers": kv.num_
           "owners": sorted({int(o) for o in kv.membership.view.ring.owner_of(dense)})}
 with open(f"{out_dir}/rank{kv.rank}.json", "w") as f:
     json.dump(result, f)
-hold, until = os.environ.get("COUNT_HOLD"), time.monotonic() + 120
-while hold and not os.path.exists(hold) and time.monotonic() < until:
+until = time.monotonic() + 120
+while hold and not os.path.exists(f"{out_dir}/go") and time.monotonic() < until:
     time.sleep(0.05)
 kv.barrier()
 kv.close()
