@@ -66,6 +66,12 @@ class Link:
         raise NotImplementedError
 
 
+# Flags as plain ints: pyzmq's are IntFlag members, whose arithmetic and conversion cost about a
+# microsecond per use on every message (docs/performance.md, "Where a small request's time goes").
+_SNDMORE, _EVENTS, _POLLIN, _NOBLOCK = (int(zmq.SNDMORE), int(zmq.EVENTS), int(zmq.POLLIN),
+                                        int(zmq.NOBLOCK))
+
+
 def _nbytes(frame) -> int:
     return frame.nbytes if type(frame) is np.ndarray else len(frame)
 
@@ -86,11 +92,11 @@ class ZmqLink(Link):
         sock, nbytes = self.sock, 0
         try:
             if to is not None:
-                sock.send(to, zmq.SNDMORE)
+                sock.send(to, _SNDMORE)
                 nbytes = len(to)
             last = frames[-1]
             for f in frames[:-1]:
-                sock.send(f, zmq.SNDMORE, copy=False)
+                sock.send(f, _SNDMORE, copy=False)
                 nbytes += _nbytes(f)
             sock.send(last, 0, copy=False)
         except zmq.Again as e:  # a DEALER's sndtimeo ran out (only the first frame can block)
@@ -104,7 +110,7 @@ class ZmqLink(Link):
         sock = self.sock
         try:
             if to is not None:
-                sock.send(to, zmq.SNDMORE)
+                sock.send(to, _SNDMORE)
             sock.send(wire.encode_batch(frames), 0, copy=False)
         except zmq.Again as e:
             raise LinkTimeout(f"cannot send a batch of {len(ops)}: no peer took it in time") from e
@@ -129,9 +135,6 @@ class ZmqLink(Link):
             self.sock.close(linger=int(linger * 1000))
 
 
-_EVENTS, _POLLIN = zmq.EVENTS, zmq.POLLIN
-
-
 def recv_frames(sock: zmq.Socket) -> list[zmq.Frame] | None:
     """The frames of the next message waiting on ``sock`` (zero-copy), or None if there is none.
     Reads frame by frame, following each frame's more flag: ``recv_multipart(NOBLOCK, copy=False)``
@@ -141,12 +144,12 @@ def recv_frames(sock: zmq.Socket) -> list[zmq.Frame] | None:
     if not sock.getsockopt(_EVENTS) & _POLLIN:
         return None
     try:
-        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        frame = sock.recv(_NOBLOCK, copy=False)
     except zmq.Again:  # not expected after EVENTS said a message waits; harmless if it happens
         return None
     frames = [frame]
     while frame.more:  # the rest of a message is there once its first frame is
-        frame = sock.recv(zmq.NOBLOCK, copy=False)
+        frame = sock.recv(_NOBLOCK, copy=False)
         frames.append(frame)
     return frames
 
