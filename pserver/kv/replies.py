@@ -61,7 +61,8 @@ class ReplyReader:
             self._outbox.forget_in_flight()
 
     def on_reply(self, sid: int, frames: list) -> None:
-        """Decode and apply one reply of server ``sid``."""
+        """Decode one reply of server ``sid`` (its frames) and apply it; never raises for what
+        the server sent (malformed: logged and dropped)."""
         try:
             msg, _ = self.transport.decode_body(frames)
         except PServerError as e:

@@ -44,9 +44,12 @@ class Sender:
 
     def send(self, sid: int, msg: Message) -> None:
         """Send ``msg`` to server ``sid`` - now, or coalesced with the next ones if that server has
-        requests of this worker unanswered. Never raises for a server that is dead or unreachable:
+        requests of this worker unanswered. A server that is dead or unreachable raises nothing:
         the message is dropped and ``unsent`` set (its part is re-routed once the ring drops that
-        server). Raises what ``wire.encode`` raises for a message it cannot encode."""
+        server).
+
+        Raises: ProtocolError (from ``wire.encode``) for an array of a dtype the wire does not
+        carry; nothing was sent or queued then."""
         link = self.links.get(sid)
         try:
             if link is None:
@@ -70,7 +73,8 @@ class Sender:
             self.send_now(*out)
 
     def flush_held(self) -> None:
-        """Send every message waiting in an outbox (one batch per server); none waits afterwards."""
+        """Send every message waiting in an outbox (one batch per server); none waits afterwards.
+        Never raises (a failed send sets ``unsent``)."""
         for out in self.outbox.take_all():
             self.send_now(*out)
 
