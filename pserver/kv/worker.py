@@ -1,78 +1,46 @@
 """The worker client: push and pull (key, value) vectors, asynchronously, by timestamp.
 
 A request is split by the key ring into one message per server; the caller continues at once with a
-timestamp, and ``wait(ts)`` returns when every server involved answered. Messages are sent from the
-caller's thread (one DEALER link per server, under a lock) - or, while that server has one unanswered,
-coalesced into one batch (kv/outbox.py) by the next thread that waits, or a flush thread within a
-few ms - and replies are read by whichever thread waits. Callbacks run in the thread that makes progress.
-The bookkeeping of requests (parts, completion, re-routing) is the RequestTracker's (kv/tracker.py);
-this module slices, encodes and sends. Walkthrough: docs/design.md ("one push, function by function").
+timestamp, and ``wait(ts)`` returns when every server involved answered. This class issues requests
+and waits; its parts do the rest, each under the worker's lock: kv/routing.py (split, re-route),
+kv/messages.py (a part's message), kv/sending.py (links, coalescing, the flush thread),
+kv/replies.py (read replies), kv/tracker.py (parts, completion). Replies are read by whichever
+thread waits; callbacks run there. Walkthrough: docs/design.md ("one push, function by function").
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-from .. import security, wire
+from .. import security
 from ..config import Config
-from ..errors import (
-    PServerError,
-    RequestTimeoutError,
-    SchedulerUnreachableError,
-    ServerDeadError,
-    TableError,
-)
+from ..errors import PServerError, RequestTimeoutError, SchedulerUnreachableError, TableError
 from ..groups import DEFAULT as DEFAULT_GROUP
 from ..groups import check_name as check_group
-from ..link import LinkError, Poller, ZmqLink
 from ..membership.node import Membership
 from ..metrics import LatencyHistograms
 from ..metrics import families as metric_families
 from ..metrics import start_endpoint as start_metrics
-from ..protocol import (
-    ACK_LIST,
-    AS_OF,
-    CLOCK,
-    FILTER_META,
-    GROUP,
-    HI,
-    LIMIT,
-    LO,
-    ORIGINS,
-    PART,
-    PUSH_PULL,
-    PUSHES,
-    RING_VERSION,
-    SEEN_WITHIN,
-    SPAN,
-    SPEC,
-    SYNC_ROUND,
-)
+from ..protocol import AS_OF, CLOCK, GROUP, HI, LIMIT, LO, PUSHES, SEEN_WITHIN, SPAN, SPEC
 from ..store.spec import TableSpec
 from ..trace import Tracer, node_path
 from ..transport import Transport
-from ..wire import Message
-from . import keys as keyfmt
 from .arguments import check_keys, check_out, check_range, check_span, check_vals
 from .filtering import WorkerFilters
-from .outbox import FLUSH_AFTER, Outbox
+from .messages import PartEncoder
+from .replies import ReplyReader
+from .routing import Router
+from .sending import Sender
 from .tracker import Request, RequestTracker
 from .traffic import heartbeat_reporter
 
 log = logging.getLogger(__name__)
-
-_OPS = {"range": "pull_range", "declare": "declare_table", "pushpull": "push"}  # kind -> wire op
-# Limits under which a reply this worker refused is read once more, only to learn which request it
-# answers (its frames are in memory already: views on them allocate nothing).
-_ATTRIBUTE = wire.Limits(max_message_bytes=1 << 62, max_keys=1 << 62, max_dim=1 << 62,
-                         max_header_bytes=1 << 24, max_arrays=1 << 10)
 
 
 class KVWorker:
@@ -112,29 +80,15 @@ class KVWorker:
         except BaseException:  # e.g. a refused read-only registration: leave nothing open
             self.transport.close()
             raise
-        self._identity = b"n%d" % self.membership.node_id
         self._lock = threading.RLock()
         self._tracker = RequestTracker()
-        # request coalescing (PSERVER_COALESCE; off by default): what waits to leave in a batch
-        self._outbox = Outbox(hold_at=self.cfg.coalesce or sys.maxsize)
-        self._flusher: threading.Event | None = None  # wakes the thread that bounds the wait
-        self._links: dict[int, ZmqLink] = {}
-        self._link_server: dict[ZmqLink, int] = {}
-        self._poller = Poller()
         self._tables: dict[str, TableSpec] = {"default": TableSpec(name="default")}
         self._read_only: set[str] = set()  # tables declared with pushes=False
         self._rounds: dict[str, int] = {}
-        self._rings = {}            # ring version -> KeyRing, for re-splitting after a change
-        self._routed_rv = -1        # ring version of the last re-routing pass
-        self._routed_view = -1      # view version of the last re-routing pass
-        self._reroute_due = 0.0     # monotonic time of the next safety-net re-routing pass
-        self._reroute_flag = False  # a part could not be sent or waits out a refusal: re-route soon
-        self._ring = self.membership.view.ring   # the ring requests are being split with
-        self._rings[self._ring.version] = self._ring
         self._closed = False
         self.idle_timer = None      # an IdleTimer: time blocked in wait() counts as waiting_net
-        # per-table filter chains (set_weights, select_all); resends go out through _send
-        self.filters = WorkerFilters(self._send, self._tracker.pending)
+        self._assemble(Sender(self.membership, self.transport, b"n%d" % self.membership.node_id,
+                              self._lock, self.cfg.coalesce))
         self.membership.traffic = heartbeat_reporter(self.transport.counters, self.filters.counters)
         try:
             self._observe(trace)
@@ -146,6 +100,20 @@ class KVWorker:
             self.transport.close()
             raise
         atexit.register(self.close)
+
+    def _assemble(self, sender: Sender) -> None:
+        """Build the worker's parts around ``sender`` (a unit test passes one that records). The
+        steps of the hot path are kept as bound methods, so a push calls them with no layer."""
+        self._sender, self._outbox = sender, sender.outbox
+        self._send, self._flush_held = sender.send, sender.flush_held
+        # per-table filter chains (set_weights, select_all); resends go out through the sender
+        self.filters = WorkerFilters(sender.send, self._tracker.pending)
+        self._parts = PartEncoder(self._tables, self.filters)
+        self._router = Router(self.membership, self._tracker, self.filters, sender, self._parts)
+        self._replies = ReplyReader(self.cfg, self.transport, self._tracker, self.filters, sender,
+                                    self._parts)
+        self._message, self._split = self._parts.message, self._router.split
+        self._progress = self._replies.progress
 
     def _observe(self, trace: str | None) -> None:
         """Latency histograms and /metrics (PSERVER_METRICS_PORT), the timeline (trace): each off
@@ -241,7 +209,9 @@ class KVWorker:
             self._check_usable()
             ts = self._tracker.next_ts()
             req = Request("declare", meta=meta, result={}, started=time.monotonic())
-            msgs = [self._encode_part(ts, req, sid, None) for sid in self._all_servers()]
+            servers = self._router.all_servers()
+            rv = self._router.ring.version
+            msgs = [self._parts.encode_part(ts, req, sid, None, rv) for sid in servers]
             self._tracker.register(ts, req)
             for sid, msg in msgs:
                 self._send(sid, msg)
@@ -326,9 +296,9 @@ class KVWorker:
             if span is not None:
                 req.meta[SPAN] = span
             if spec.sync or span is not None:  # every server takes part (an empty push if need be)
-                for sid in self._all_servers():
+                for sid in self._router.all_servers():
                     parts.setdefault(sid, slice(0, 0))
-            rv = self._ring.version
+            rv = self._router.ring.version
             msgs = [(sid, self._message(ts, req, req.add_part(sid, sel, rv)))
                     for sid, sel in parts.items()]
             if spec.sync:
@@ -376,7 +346,7 @@ class KVWorker:
             if clock:
                 req.meta[CLOCK] = 1
             parts = self._split(keys)
-            rv = self._ring.version
+            rv = self._router.ring.version
             msgs = [(sid, self._message(ts, req, req.add_part(sid, sel, rv)))
                     for sid, sel in parts.items()]
             self._tracker.register(ts, req)
@@ -456,8 +426,10 @@ class KVWorker:
             if seen_within is not None:
                 meta[SEEN_WITHIN] = int(seen_within)
             req = Request("range", spec.name, meta=meta, started=time.monotonic())
-            msgs = [self._encode_part(ts, req, sid, (int(lo), int(hi)))
-                    for sid in self._all_servers()]
+            servers = self._router.all_servers()
+            rv = self._router.ring.version
+            msgs = [self._parts.encode_part(ts, req, sid, (int(lo), int(hi)), rv)
+                    for sid in servers]
             self._tracker.register(ts, req)
             for sid, msg in msgs:
                 self._send(sid, msg)
@@ -538,8 +510,8 @@ class KVWorker:
                 if self._outbox.holds(ts):
                     self._flush_held()
                 self._progress(0.02)
-                if ts in tracker.pending and self._reroute_needed():
-                    self._reroute()
+                if ts in tracker.pending and self._router.needed():
+                    self._router.reroute()
             if deadline is not None and time.monotonic() > deadline:
                 servers = sorted({pending.parts[p].sid for p in pending.waiting})
                 raise RequestTimeoutError(f"request {ts} got no reply within {timeout:g} s from "
@@ -558,275 +530,11 @@ class KVWorker:
                 return
             self.wait(ts, timeout)
 
-    def _progress(self, timeout: float) -> None:
-        ready = None
-        if self.cfg.worker_busy_poll:  # poll without sleeping first: no wake-up when it comes soon
-            poll, clock = self._poller.poll, time.perf_counter
-            end = clock() + self.cfg.worker_busy_poll
-            while not (ready := poll(0)) and clock() < end:
-                pass
-        for link in ready or self._poller.poll(timeout):
-            sid = self._link_server[link]
-            while (got := link.recv()) is not None:
-                self._on_reply(sid, got[1])
-        # replies came (or the timeout passed): what waited for them leaves as one batch per server
-        if self._outbox.held:
-            self._flush_held()
-        elif not self._tracker.pending:
-            self._outbox.forget_in_flight()
-
-    def _on_reply(self, sid: int, frames: list) -> None:
-        try:
-            msg, _ = self.transport.decode_body(frames)
-        except PServerError as e:
-            self._outbox.answered(sid)
-            self._on_undecodable(sid, frames, e)
-            return
-        if msg.op == "acks":  # several acknowledgements in one message
-            acks = msg.meta.get(ACK_LIST)
-            if not isinstance(acks, list):
-                log.error("malformed acks from server %d dropped", sid)
-                return
-            self._outbox.answered(sid, len(acks))
-            filtered, ack = self.filters.sent, self._tracker.ack
-            for entry in acks:
-                # a filtered push's reply may ask for a resend; an ack of no push is a misfit
-                if type(entry) is list and len(entry) == 2 and type(entry[0]) is int and (
-                        filtered or not ack(sid, entry[0], entry[1])):
-                    self._on_message(sid, Message("ack", entry[0], meta={PART: entry[1]}))
-            return
-        self._outbox.answered(sid)
-        if msg.op == "ack" and not self.filters.sent and FILTER_META not in msg.meta and \
-                self._tracker.ack(sid, msg.ts, msg.meta.get(PART)):  # the common reply, kept short
-            return
-        self._on_message(sid, msg)
-
-    def _on_undecodable(self, sid: int, frames: list, err: PServerError) -> None:
-        """A reply over this worker's limits fails its request (or, for a range pull, asks for the
-        halves of the range); one that is malformed beyond attribution is logged and dropped."""
-        try:
-            msg = wire.decode(frames, _ATTRIBUTE)
-        except PServerError:
-            log.error("malformed reply from server %d dropped: %s", sid, err)
-            return
-        log.warning("reply of server %d to request %d refused: %s", sid, msg.ts, err)
-        req = self._tracker.pending.get(msg.ts)
-        for pid in self._tracker.on_oversized(sid, msg.ts, msg.meta.get(PART), err):
-            self._send(sid, self._message(msg.ts, req, pid))
-
-    def _on_message(self, sid: int, msg: Message) -> None:
-        pid = msg.meta.get(PART)
-        req = self._tracker.waiting_part(sid, msg.ts, pid)
-        if req is None:
-            return
-        if self.filters.sent or FILTER_META in msg.meta:
-            msg = self.filters.on_reply((msg.ts, pid), sid, msg)
-            if msg is None:  # a key-cache miss: the part was resent with its keys
-                return
-        for nxt in self._tracker.on_reply(sid, msg.ts, req, pid, msg):  # next pages
-            self._send(sid, self._message(msg.ts, req, nxt))
-
-    def _reroute_needed(self) -> bool:
-        """Whether a re-routing pass may find work: the view changed since the last one, a part
-        was refused or could not be sent, or - as a safety net - 50 ms went by."""
-        return (self._reroute_flag or self._tracker.refused
-                or self.membership.view.version != self._routed_view
-                or time.monotonic() >= self._reroute_due)
-
-    def _reroute(self) -> None:
-        """Failover on the worker side: resend the parts the tracker's plan names (their server
-        left the ring or refused the keys), re-split with the current ring, in timestamp order so
-        per-sender FIFO holds at the new owners. Servers drop the duplicates."""
-        self._flush_held()  # as if sent at once: the plan below sees every part as sent
-        view = self.membership.view
-        ring = self._ring = self._rings.setdefault(view.ring.version, view.ring)
-        if self.membership.scheduler_lost.is_set():
-            raise SchedulerUnreachableError("lost contact with the scheduler")
-        lost = set(view.settings.get("lost", []))
-        now = time.monotonic()
-        self._routed_view, self._reroute_due = view.version, now + 0.05
-        plan, self._reroute_flag = self._tracker.reroute_plan(set(ring.servers), lost,
-                                                              ring.version, now)
-        ranges_resent: set[int] = set()
-        for ts, req, pid, orig in plan:
-            if req.kind == "range":
-                if ts not in ranges_resent:  # answers were filtered by the old ring: ask anew
-                    ranges_resent.add(ts)
-                    req.ranges.clear()
-                    req.waiting.clear()
-                    for sid in self._all_servers():
-                        self._send(*self._encode_part(ts, req, sid, (req.meta[LO],
-                                                                     req.meta[HI])))
-            else:
-                self._resend(ts, req, pid, orig, ring)
-        for ts in {p[0] for p in plan}:
-            self._tracker.settle(ts)
-        self._routed_rv = ring.version
-
-    def _resend(self, ts: int, req: Request, pid: int, orig: tuple, ring) -> None:
-        """Re-split one unanswered part with ``ring`` and send it again. ``orig`` names every
-        (server, part id) that may have applied it: those servers, and the replicas they forwarded
-        it to, recognise the resend as a duplicate. A filtered push resends exactly the entries
-        the part carried (never what its filters held back, which stays held back once)."""
-        part = req.parts[pid]
-        if req.kind == "declare":
-            if part.sid in ring.servers:
-                self._send(*self._encode_part(ts, req, part.sid, None, orig))
-            return
-        sent = self.filters.take_sent((ts, pid)) if self.filters.sent else None
-        heirs = ()
-        if req.rnd is not None:
-            # a synchronous round resent: every server that took over the failed master's ranges
-            # must hear from every worker, with an empty push if need be
-            old = self._rings.get(part.rv)
-            heirs = old.heirs(part.sid, ring) if old is not None else ring.servers
-        if sent is not None and sent.op == "push":
-            keys = sent.chain.selected_keys(sent.encoded)
-            keys = np.empty(0, np.uint64) if keys is None else keys
-            targets = dict(ring.split(keys))
-            for sid in heirs:
-                targets.setdefault(sid, slice(0, 0))
-            for sid, sel in targets.items():
-                rows = np.arange(len(keys))[sel]
-                npid = req.add_part(sid, np.searchsorted(req.keys, keys[rows]), ring.version, orig)
-                encoded = self.filters.encode_rows(sid, (ts, npid), sent, rows)
-                self._send(sid, self._message(ts, req, npid, encoded))
-            return
-        idx = np.arange(len(req.keys))[part.sel]
-        targets = dict(ring.split(req.keys[idx]))
-        for sid in heirs:
-            targets.setdefault(sid, slice(0, 0))
-        for sid, sel in targets.items():
-            self._send(*self._encode_part(ts, req, sid, idx[sel], orig))
-
     def _check_usable(self) -> None:
         if self._closed:
             raise PServerError("this KVWorker is closed")
         if self.membership.scheduler_lost.is_set():
             raise SchedulerUnreachableError("lost contact with the scheduler; the cluster is gone")
-
-    # -- routing --------------------------------------------------------------------------------
-    def _split(self, keys: np.ndarray) -> dict[int, object]:
-        """Split keys by server with the current ring, which then stamps the parts (the view may
-        change under us at any moment: parts must name the ring they were split with). Re-routes
-        the pending requests first if the ring changed (their failures go to their own wait)."""
-        ring = self.membership.view.ring
-        if ring.version != self._routed_rv and self._tracker.pending:
-            self._reroute()
-        if ring is not self._ring:
-            self._ring = self._rings.setdefault(ring.version, ring)
-        return dict(ring.split(keys))
-
-    def _all_servers(self) -> list[int]:
-        """Every server of the current ring (also makes it the ring that stamps the parts)."""
-        ring = self.membership.view.ring
-        if ring is not self._ring:
-            self._ring = self._rings.setdefault(ring.version, ring)
-        return list(ring.servers)
-
-    def _encode_part(self, ts: int, req: Request, sid: int, sel, orig: tuple = ()
-                     ) -> tuple[int, Message]:
-        """Record the part of request ``ts`` for server ``sid`` (keys ``sel``) and encode it."""
-        return sid, self._message(ts, req, req.add_part(sid, sel, self._ring.version, orig))
-
-    def _message(self, ts: int, req: Request, pid: int, encoded: tuple | None = None) -> Message:
-        """The message of part ``pid`` of request ``ts`` (with ``encoded``: that (meta, arrays) of
-        a filtered resend, stamped). Raises what a filter's encode raises."""
-        part = req.parts[pid]
-        sel, kind = part.sel, req.kind
-        spec = self._tables.get(req.table) if kind in ("push", "pull") else None
-        if encoded is not None:
-            meta, arrays = encoded
-        elif spec is not None and (spec.push_filters if kind == "push" else spec.pull_filters):
-            vals = req.vals[sel] if kind == "push" else None  # the chain packs keys and values
-            meta, arrays = self.filters.encode(part.sid, (ts, pid), spec, kind, req.keys[sel],
-                                               vals)
-        elif kind in ("push", "pull", "pushpull"):
-            meta, arrays = keyfmt.pack_keys(req.keys[sel])
-            if kind != "pull":
-                arrays.append(req.vals[sel])
-                if kind == "pushpull":
-                    meta[PUSH_PULL] = 1  # reply with the values, not an acknowledgement
-        else:
-            meta, arrays = dict(req.meta), []
-            if kind == "range":
-                meta[LO], meta[HI] = sel
-        # request-wide fields: round, span / as_of / vc, part id, ring version, resent from
-        if req.rnd is not None:
-            meta[SYNC_ROUND] = req.rnd
-        if req.meta and kind in ("push", "pull", "pushpull"):
-            meta.update(req.meta)
-        meta[PART] = pid
-        meta[RING_VERSION] = part.rv
-        if part.orig:
-            meta[ORIGINS] = [list(o) for o in part.orig]
-        return Message(_OPS.get(kind, kind), ts, req.table if kind != "declare" else "", meta,
-                       arrays)
-
-    def _send(self, sid: int, msg: Message) -> None:
-        """Send ``msg`` to server ``sid`` - now, or coalesced with the next ones if that server has
-        requests of this worker unanswered (kv/outbox.py). A part that cannot go out stays waiting
-        and is re-routed once the ring drops that server."""
-        link = self._links.get(sid)
-        try:
-            if link is None:
-                node = self.membership.view.nodes.get(sid)
-                if node is None or not node.alive:
-                    raise ServerDeadError(f"server {sid} is not alive")
-                link = self.transport.dealer_link(node.host, node.port, "server", self._identity)
-                self._links[sid] = link
-                self._link_server[link] = sid
-                self._poller.register(link)
-        except (ServerDeadError, LinkError):
-            self._reroute_flag = True
-            return
-        sends = self._outbox.add(sid, msg.ts, wire.encode(msg), msg.op)
-        if not sends:  # it waits: for a reply, a wait, or at most ~2 FLUSH_AFTER
-            if self._flusher is None:
-                self._start_flusher()
-            elif not self._flusher.is_set():
-                self._flusher.set()
-        for out in sends:
-            self._send_now(*out)
-
-    def _start_flusher(self) -> None:
-        """A daemon thread bounding how long a coalesced message waits when the caller stops
-        calling in (e.g. computes after a push): it sleeps while nothing waits, and otherwise
-        sends what waited through a whole FLUSH_AFTER without an outbox being emptied."""
-        wake = self._flusher = threading.Event()
-        wake.set()
-
-        def run() -> None:
-            while not self._closed:
-                if not wake.wait(1.0):
-                    continue
-                with self._lock:
-                    takes = self._outbox.takes
-                time.sleep(FLUSH_AFTER)
-                with self._lock:
-                    if self._closed:
-                        return
-                    if self._outbox.stale(takes):
-                        self._flush_held()
-                    if not self._outbox.held:
-                        wake.clear()
-
-        threading.Thread(target=run, name="pserver-flush", daemon=True).start()
-
-    def _flush_held(self) -> None:
-        """Send every message waiting in an outbox (one batch per server)."""
-        for out in self._outbox.take_all():
-            self._send_now(*out)
-
-    def _send_now(self, sid: int, frames: list, ops: list[str]) -> None:
-        link = self._links[sid]
-        try:
-            if len(ops) == 1:
-                link.send_frames(frames, ops[0])
-            else:
-                link.send_batch(frames, ops)
-        except LinkError:
-            self._reroute_flag = True
 
     def tasks(self, app: str | None = None, model: str | None = None, **kw):
         """An Executor running this worker's tasks of application ``app`` under a consistency
@@ -871,6 +579,7 @@ class KVWorker:
             log.warning("closing with a failed request: %s", e)
         with self._lock:  # the flush thread sends under the lock: none after this
             self._closed = True
+            self._sender.close()
         self.membership.leave()
         self.membership.close()
         self.transport.close()

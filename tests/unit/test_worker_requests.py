@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from pserver.errors import TableError
-from pserver.kv.filtering import WorkerFilters
-from pserver.kv.outbox import Outbox
+from pserver.kv.sending import Sender
 from pserver.kv.tracker import Request, RequestTracker
 from pserver.kv.worker import KVWorker
 from pserver.ring import KeyRing
@@ -19,25 +18,34 @@ from pserver.store.spec import TableSpec
 from pserver.wire import Message
 
 
+class _Recorder(Sender):
+    """A Sender that records what would go out instead of sending it."""
+
+    def __init__(self) -> None:
+        super().__init__(None, None, b"n9", threading.RLock())
+        self.sent: list = []
+
+    def send(self, sid: int, msg: Message) -> None:
+        self.sent.append((sid, msg))
+
+
 def _worker(spec: TableSpec, ring: KeyRing) -> tuple[KVWorker, list]:
     """A KVWorker without a cluster: its sends are recorded instead of going out."""
     kv = object.__new__(KVWorker)
-    sent: list = []
     kv._tracker = RequestTracker()
-    kv._outbox = Outbox()
-    kv._send = lambda sid, msg: sent.append((sid, msg))
-    kv.filters = WorkerFilters(kv._send, kv._tracker.pending)
     kv._tables = {spec.name: spec}
-    kv._rings, kv._ring = {ring.version: ring}, ring
     kv._lock, kv._closed, kv.idle_timer = threading.RLock(), False, None
     kv._read_only, kv._rounds = set(), {}
-    kv._routed_rv = kv._routed_view = ring.version
-    kv._reroute_due, kv._reroute_flag = float("inf"), False
-    kv.cfg = SimpleNamespace(request_timeout=5.0, group="default")
+    kv.cfg = SimpleNamespace(request_timeout=5.0, group="default", worker_busy_poll=0.0)
+    kv.transport = None
     kv.membership = SimpleNamespace(view=SimpleNamespace(ring=ring, version=ring.version,
                                                          settings={}),
                                     scheduler_lost=threading.Event())
-    return kv, sent
+    sender = _Recorder()
+    kv._assemble(sender)
+    kv._router.routed_rv = kv._router.routed_view = ring.version
+    kv._router.due = float("inf")
+    return kv, sender.sent
 
 
 def _answer_with(kv: KVWorker, sent: list, reply) -> None:
@@ -45,7 +53,7 @@ def _answer_with(kv: KVWorker, sent: list, reply) -> None:
     def progress(_timeout: float) -> None:
         while sent:
             sid, msg = sent.pop(0)
-            kv._on_message(sid, reply(sid, msg))
+            kv._replies.on_message(sid, reply(sid, msg))
     kv._progress = progress
 
 
@@ -112,7 +120,7 @@ def test_a_resent_filtered_push_does_not_count_held_back_values_twice():
     vals = np.where(np.arange(len(keys)) % 2 == 0, 2.0, 1.0).astype(np.float32).reshape(-1, 1)
     ts = kv._tracker.next_ts()
     req = Request("push", "sig", keys, vals)
-    msgs = [kv._encode_part(ts, req, sid, sel) for sid, sel in old.split(keys)]
+    msgs = [kv._parts.encode_part(ts, req, sid, sel, old.version) for sid, sel in old.split(keys)]
     kv._tracker.register(ts, req)
     for sid, msg in msgs:
         kv._send(sid, msg)
@@ -121,7 +129,7 @@ def test_a_resent_filtered_push_does_not_count_held_back_values_twice():
     # server 1 leaves before acknowledging: its part goes to server 2, which may see it twice
     plan, _ = kv._tracker.reroute_plan(set(new.servers), set(), new.version, now=0.0)
     for t, r, pid, orig in plan:
-        kv._resend(t, r, pid, orig, new)
+        kv._router.resend(t, r, pid, orig, new)
     resent = sent[n_first:]
     assert resent and all(sid == 2 for sid, _ in resent)
     assert all(m.meta["orig"] == [[1, 0]] for _, m in resent)
