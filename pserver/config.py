@@ -63,9 +63,9 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
                                               "after a request (0 = off; for servers with a core "
                                               "of their own)"),
     "PSERVER_WORKER_BUSY_POLL": ("worker_busy_poll", float, "seconds a worker waiting for a reply "
-                                                            "polls without sleeping before it sleeps "
-                                                            "(0 = off; for workers with a core of "
-                                                            "their own and one request in flight)"),
+                                                            "polls without sleeping before it sleeps, "
+                                                            "when one request is pending (0 = off; "
+                                                            "for workers with a core of their own)"),
     "PSERVER_SLOT_CACHE": ("slot_cache", str, "servers: bytes of repeated key lists per table whose "
                                               "value slots are cached, skipping the hash index "
                                               "(k/M/G suffixes; 0 = off)"),

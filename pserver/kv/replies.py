@@ -42,10 +42,14 @@ class ReplyReader:
 
     def progress(self, timeout: float) -> None:
         """Read every reply that comes within ``timeout`` s (PSERVER_WORKER_BUSY_POLL: polling
-        first without sleeping), then send what waited in the outboxes. Never raises for what a
-        server sent (a callback that raises is logged by the tracker)."""
+        first without sleeping while at most one request is pending), then send what waited in
+        the outboxes. Never raises for what a server sent (a callback that raises is logged by
+        the tracker)."""
         ready = None
-        if self.cfg.worker_busy_poll:  # poll without sleeping first: no wake-up when it comes soon
+        # Poll without sleeping first: no wake-up when the reply comes soon. Only for a lone
+        # request: with several in flight the replies come as a stream anyway, and on a machine
+        # shared with the servers the spin would take the cycles they need (docs/performance.md).
+        if self.cfg.worker_busy_poll and len(self.tracker.pending) <= 1:
             poll, clock = self._poller.poll, time.perf_counter
             end = clock() + self.cfg.worker_busy_poll
             while not (ready := poll(0)) and clock() < end:

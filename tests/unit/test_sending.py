@@ -137,3 +137,26 @@ def test_a_reply_over_the_worker_s_limits_fails_its_request_with_what_to_do():
     w.replies.progress(1.0)
     with pytest.raises(LimitError, match="PSERVER_MAX_KEYS"):
         raise w.tracker.collect(ts).error
+
+
+class _CountingPoller:
+    """Stands in for the Sender's poller: counts the polls that do not sleep, finds nothing."""
+
+    def __init__(self) -> None:
+        self.spins = 0
+
+    def poll(self, timeout: float | None) -> list:
+        self.spins += timeout == 0
+        return []
+
+
+def test_busy_polling_spins_for_a_lone_request_only():
+    w = _Worker(worker_busy_poll=0.002)
+    w.replies._poller = poller = _CountingPoller()
+    w.push(1)
+    w.replies.progress(0.0)
+    assert poller.spins > 1            # one request pending: it polls without sleeping first
+    w.push(1)
+    poller.spins = 0
+    w.replies.progress(0.0)
+    assert poller.spins == 1           # two pending: straight to the (here zero) timeout
