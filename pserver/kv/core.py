@@ -1,7 +1,8 @@
 """The server's decisions, without I/O: ``handle(identity, msg, role) -> out`` applies one request
 to the store and returns the replies it caused as (identity, Message) pairs. It owns the per-sender
 FIFO holds, synchronous rounds, exactly-once after failover, range clocks and ack state; forwards to
-replicas go through the Replicator it is given. The loop (pserver.kv.server) does the I/O."""
+replicas go through the Replicator it is given, worker groups' rights through its GroupGate
+(pserver.kv.gate). The loop (pserver.kv.server) does the I/O."""
 
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from operator import attrgetter
 
 import numpy as np
 
-from .. import groups, security
+from .. import security
 from ..errors import (
     AuthError,
     LimitError,
     ProtocolError,
     PServerError,
-    ReadOnlyGroupError,
     TableError,
     WrongOwnerError,
 )
@@ -68,6 +68,7 @@ from .acks import AckBook
 from .clocks import AppliedClocks
 from .dispatch import SERVER_OPS
 from .filtering import ServerFilters
+from .gate import GroupGate
 from .rounds import SyncRounds
 from .tables import Tables
 
@@ -106,16 +107,9 @@ class ServerCore:
         self.rejections: Counter[str] = Counter()  # reason (exception class) -> refused requests
         self.stats: Callable[[], dict] = lambda: {}  # the node's stats, set by the loop
         self._as_of_waiting: set[bytes] = set()  # senders whose first held request is an as_of pull
-        # worker groups, from the view: a worker's group, the live workers of each group, the
-        # workers of read-only groups, and who is known (a newer worker waits for the view)
-        self._group_of: dict[int, str] = {}
-        self._live_by_group: dict[str, set[int]] = {}
-        self._read_only_ids: set[int] = set()
-        self._known: set[bytes] = set()
-        self._newest_id = -1
-        self._guard_newcomers = False
-        self._newcomers: set[bytes] = set()  # senders held until a view names them
-        self._declared_group: dict[int, str] = {}  # group a worker named in its declare_table
+        self.gate = GroupGate(self.held)
+        # the gate's sets, bound here for the per-request checks (it updates them in place)
+        self._known, self._read_only_ids = self.gate.known, self.gate.read_only_ids
         self._ops = {op: (attrgetter(e.handler)(self), e.roles, e.deferrable)
                      for op, e in SERVER_OPS.items()}
 
@@ -135,8 +129,8 @@ class ServerCore:
                 if (role not in entry[1]) if entry is not None else \
                         not security.authorise(msg.op, role, True):
                     raise AuthError(f"a {role} may not send {msg.op!r} to a server")
-            if identity not in self._known and self._is_newcomer(identity, msg):
-                self._hold_newcomer(identity, msg)
+            if identity not in self._known and self.gate.is_newcomer(identity, msg):
+                self.gate.hold(identity, msg)
                 return self.out
             held = self.held.get(identity)
             if held is not None and self.filters.is_awaited_resend(identity, msg):
@@ -192,7 +186,7 @@ class ServerCore:
     # -- handlers (see pserver.kv.dispatch) ---------------------------------------------------------
     def on_push(self, identity: bytes, msg: Message) -> None:
         if self._read_only_ids:
-            self._check_group(identity, msg)
+            self.gate.check(identity, msg)
         table = self.tables.table(msg.table)
         pp = msg.meta.get(PUSH_PULL) == 1  # push_pull: answer with the keys' values once applied
         if table.spec.push_filters or FILTER_META in msg.meta:
@@ -310,16 +304,16 @@ class ServerCore:
                              f"start servers with --plugin MODULE (a module that calls "
                              f"pserver.register_updater)")
         if self._read_only_ids:
-            self._check_group(identity, msg)
+            self.gate.check(identity, msg)
         self.tables.declare(spec)
         meta = {PUSH_FACTOR: spec.push_factor}
         if spec.sync:
             sender = keyfmt.sender_id(identity)
             if GROUP in msg.meta:  # used until the view names the sender's group
-                self._declared_group[sender] = groups.check_name(msg.meta[GROUP])
+                self.gate.declare(sender, msg.meta[GROUP])
             meta[ROUND] = self.rounds.declare(spec.name, sender,
                                               msg.meta.get(PUSHES, True) is not False,
-                                              self._group(sender))
+                                              self.gate.group(sender))
         self._answer(identity, msg, "ok", meta=meta)
 
     def on_migrate(self, identity: bytes, msg: Message) -> None:
@@ -414,7 +408,7 @@ class ServerCore:
         # not open a round r again that nobody else would push).
         resend = origin is None and bool(msg.meta.get(ORIGINS))
         name = table.spec.name
-        group = self._group(sender)  # rounds are per (table, group)
+        group = self.gate.group(sender)  # rounds are per (table, group)
         if origin is None and self.rounds.is_done(name, None, rnd, group):
             self._apply_late_part(token, msg, table, keys, vals, sender)
             return
@@ -447,8 +441,7 @@ class ServerCore:
     def _apply_rounds(self, name: str, group: str) -> None:
         """Apply every complete round of table ``name`` in worker group ``group``, then serve
         what their pushers held."""
-        live = self._live_by_group.get(group, _NOBODY)
-        for _, r in self.rounds.pop_ready(name, live, group):
+        for _, r in self.rounds.pop_ready(name, self.gate.live(group), group):
             table = self.tables[name]
             if r.parts:
                 keys, vals = sum_parts(r.parts, table.spec.push_cols)
@@ -526,68 +519,14 @@ class ServerCore:
         if self._prepare_held is not None:  # the view it waited for may be this one
             self.on_migrate(*self._prepare_held)
         self.filters.on_view(view)
-        self._learn_groups(view)
+        for identity in self.gate.learn(view):  # newcomers the view now names, in order
+            self._release(identity)
         for name, group in self.rounds.tables():
             self._apply_rounds(name, group)
         self._recheck_as_of()
 
-    # -- worker groups ------------------------------------------------------------------------------
-    def _learn_groups(self, view: ClusterView) -> None:
-        """Each worker's group and the read-only members from a new view; requests of senders
-        the view now names are served (in order)."""
-        ro = view.read_only_groups
-        self._group_of = {n.id: n.group for n in view.nodes.values() if n.role == "worker"}
-        live: dict[str, set[int]] = {}
-        for n in view.role_nodes("worker"):
-            live.setdefault(n.group, set()).add(n.id)
-        self._live_by_group = live
-        self._read_only_ids = {nid for nid, g in self._group_of.items() if g in ro}
-        self._known = {b"n%d" % nid for nid in view.nodes}
-        self._newest_id = max(view.nodes, default=-1)
-        self._guard_newcomers = bool(ro)
-        for identity in list(self._newcomers):
-            if not self._is_newcomer(identity, None):
-                self._newcomers.discard(identity)
-                self._release(identity)
 
-    def _group(self, worker: int) -> str:
-        """A worker's group: the view's, else the one it declared (the view may lag behind)."""
-        group = self._group_of.get(worker)
-        return group if group is not None else self._declared_group.get(worker, groups.DEFAULT)
-
-    def _is_newcomer(self, identity: bytes, msg: Message | None) -> bool:
-        """Whether ``identity`` is a worker newer than this server's view while some group is
-        read-only: its rights are not known yet, so its data requests wait for the next views
-        (a read-only member must not slip a push through before the view names it)."""
-        if self._newest_id < 0 or not self._guard_newcomers or (
-                msg is not None and msg.op not in _WORKER_OPS):
-            return False
-        try:
-            return keyfmt.sender_id(identity) > self._newest_id
-        except ProtocolError:
-            return False
-
-    def _hold_newcomer(self, identity: bytes, msg: Message) -> None:
-        queue = self.held.setdefault(identity, deque())
-        if len(queue) >= _MAX_NEWCOMER_HELD:
-            raise ProtocolError(f"too many requests from node {identity[1:].decode()}, which "
-                                f"this server's cluster view does not name (is it registered?)")
-        queue.append(msg)
-        self._newcomers.add(identity)
-
-    def _check_group(self, identity: bytes, msg: Message) -> None:
-        """ReadOnlyGroupError if the sender's group may not send ``msg`` (pserver.groups)."""
-        sender = keyfmt.sender_id(identity)
-        if sender in self._read_only_ids:
-            why = groups.refusal(msg.op, msg.meta, self._group_of[sender], self.view.read_only_groups)
-            if why is not None:
-                raise ReadOnlyGroupError(why)
-
-
-_NOBODY: frozenset[int] = frozenset()
 _EVICTED = object()  # the token of eviction forwards: their acks release nothing
-_WORKER_OPS = frozenset(op for op, e in SERVER_OPS.items() if e.roles == {"worker"})
-_MAX_NEWCOMER_HELD = 10_000  # requests kept for a sender the view does not name yet
 
 
 def _ring_version(repl: Replicator) -> int:
