@@ -545,7 +545,7 @@ def check_limits(keys: keyfmt.KeySet, table: Table, lim: Limits) -> None:
 
 
 def origins(raw) -> list[tuple[int, object]]:
-    """The (server, part id) pairs a resent part names (see KVWorker._resend)."""
+    """The (server, part id) pairs a resent part names (see Router.resend in kv/routing.py)."""
     if raw is None:
         return []
     if not isinstance(raw, list) or len(raw) > 64 or not all(
