@@ -377,6 +377,11 @@ class TaskService:
                 self._retry_held()
             return
         node = int(m[ID])
+        if node not in self._live():
+            # sent before the worker left, on another socket than its leave, it may come after:
+            # it must not take the tasks that the departure just requeued for the others
+            raise TaskError(f"worker {node} is not a live worker of this cluster (it left or was "
+                            f"declared dead): its task requests are refused")
         if op == "task_done":
             ids = m.get(TASK_IDS, [])
             if not isinstance(ids, list) or len(ids) > MAX_BATCH:
