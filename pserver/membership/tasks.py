@@ -381,7 +381,8 @@ class TaskService:
             # sent before the worker left, on another socket than its leave, it may come after:
             # it must not take the tasks that the departure just requeued for the others
             raise TaskError(f"worker {node} is not a live worker of this cluster (it left or was "
-                            f"declared dead): its task requests are refused")
+                            f"declared dead): its task requests are refused; a worker that should go on "
+                            f"must join the cluster again (a new KVWorker)")
         if op == "task_done":
             ids = m.get(TASK_IDS, [])
             if not isinstance(ids, list) or len(ids) > MAX_BATCH:
