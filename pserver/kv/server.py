@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 ACK_DELAY = 200e-6  # s: the longest a worker's ack waits in a burst for others to share its message
 BURST = 1000        # requests per burst at most, so liveness checks run between bursts
+CHUNK = 16          # requests received, then decoded, then served, as a chunk of a burst
 
 
 class KVServer:
@@ -218,37 +219,54 @@ class KVServer:
             self._end_burst()
 
     def _drain_requests(self) -> None:
-        # A long burst still sends the acks it has every ACK_DELAY: a worker with several requests
-        # in flight then issues new ones while this server works on the rest, instead of both
-        # taking turns (docs/design.md, "Acknowledgements", has the numbers).
-        core, recv, clock = self.core, self.router.recv, time.perf_counter
-        decode = self.transport.decode_body
-        handle, out, acks = self._handle, core.out, core.acks
-        send, encode = self.router.send_frames, wire.encode
-        due = clock() + ACK_DELAY
-        for _ in range(BURST):
-            got = recv()
-            if got is None:
+        """Serve the requests waiting on the ROUTER link, up to BURST, in chunks of CHUNK: each
+        chunk is received, then decoded, then served in order - phase by phase, so each phase's
+        code stays warm in the CPU's caches across the chunk (docs/performance.md, "Serving a
+        burst in chunks")."""
+        recv, decode = self.router.recv, self._decode
+        due = time.perf_counter() + ACK_DELAY
+        for _ in range(BURST // CHUNK):
+            got = []
+            while len(got) < CHUNK and (item := recv()) is not None:
+                got.append(item)
+            if got:
+                due = self._serve_chunk(got, [decode(frames) for _, frames in got], due)
+            if len(got) < CHUNK:
                 return
-            identity, frames = got
-            try:
-                msg, role = decode(frames)
-            except BatchError as e:  # each request of the batch answered, none applied
-                for ts, part in e.requests:
-                    core.reject(identity, ts, e, part)
-                if not e.requests:
-                    core.reject(identity, 0, e)
-            except PServerError as e:  # malformed: answered, never applied
-                core.reject(identity, 0, e)
-            except Exception as e:
-                log.exception("unexpected error decoding a request")
-                core.reject(identity, 0, e)
-            else:
+
+    def _decode(self, frames: list):
+        """(message, role) of a request's frames, or the error that refuses it (never raises)."""
+        try:
+            return self.transport.decode_body(frames)
+        except PServerError as e:  # malformed: answered in order, never applied
+            return e
+        except Exception as e:
+            log.exception("unexpected error decoding a request")
+            return e
+
+    def _serve_chunk(self, got: list, decoded: list, due: float) -> float:
+        """Serve decoded requests in order; returns when the next acks are due. Replies leave at
+        once; acks every ACK_DELAY: a worker with several requests in flight then issues new ones
+        while this server works on the rest, instead of both taking turns (docs/design.md,
+        "Acknowledgements", has the numbers)."""
+        core, clock = self.core, time.perf_counter
+        handle, out, acks, reject = self._handle, core.out, core.acks, core.reject
+        send, encode = self.router.send_frames, wire.encode
+        for (identity, _), d in zip(got, decoded):
+            if type(d) is tuple:
+                msg, role = d
                 if type(msg) is Batch:  # coalesced requests: served in order, as if sent apart
                     for m in msg.messages:
                         handle(identity, m, role)
                 else:
                     handle(identity, msg, role)
+            elif isinstance(d, BatchError):  # each request of the batch answered, none applied
+                for ts, part in d.requests:
+                    reject(identity, ts, d, part)
+                if not d.requests:
+                    reject(identity, 0, d)
+            else:
+                reject(identity, 0, d)
             if out:  # the replies of this request: at once (inlined _send_out: the hot path)
                 for to, reply in out:
                     try:
@@ -259,6 +277,7 @@ class KVServer:
             if acks.due and clock() >= due:
                 self._send_out(acks.take())
                 due = clock() + ACK_DELAY
+        return due
 
     def _drain_replica(self, link) -> None:
         """Read what a replica sent this server (acks of forwards, misses, re-copy requests)."""

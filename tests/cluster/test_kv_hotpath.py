@@ -191,9 +191,15 @@ def test_a_long_burst_acknowledges_every_push_once_in_order(lone_server, monkeyp
     sends = [ev for ev in sock.events if ev[0] == "send"]
     if delay:  # nothing due before the burst ended: one message for all
         assert len(sends) == 1 and sock.events[-1][0] == "send"
-    else:  # every ack due at once: sent before the next request is read
+    else:  # every ack due at once: sent as soon as its request is served, before the next
+        # chunk is read (a chunk: CHUNK requests received, then decoded, then served)
         assert len(sends) == 30
-        assert [ev[0] for ev in sock.events] == ["recv", "send"] * 30
+        chunk = server_mod.CHUNK
+        expected = []
+        for first in range(0, 30, chunk):
+            n = min(chunk, 30 - first)
+            expected += ["recv"] * n + ["send"] * n
+        assert [ev[0] for ev in sock.events] == expected
 
 
 def test_acks_sent_during_a_burst_keep_fifo_application(lone_server, monkeypatch):
@@ -245,3 +251,18 @@ def test_pipelined_pushes_every_ack_exact_values_and_fifo(cluster_factory):
             kv.push(keys, np.full(len(keys), v, np.float32), table="last")
         assert (kv.pull(keys, table="last") == 40).all()
         kv.wait_all()
+
+
+def test_malformed_requests_in_a_chunk_are_answered_in_order_and_apply_nothing(lone_server,
+                                                                                monkeypatch):
+    """A chunk is decoded before any of it is served: a malformed request among valid ones is
+    still answered at its place in the order, and only the valid pushes are applied."""
+    monkeypatch.setattr(server_mod, "ACK_DELAY", 0.0)
+    keys, msgs = _pushes(5)
+    msgs[1] = [b"n4", b"not a pserver message"]
+    msgs[3] = [b"n4", msgs[3][1][:40]]  # a push cut short
+    sock = _serve(lone_server, msgs)
+    replies = [(ev[2].op, ev[2].ts) for ev in sock.events if ev[0] == "send"]
+    assert replies == [("ack", 1), ("error", 0), ("ack", 3), ("error", 0), ("ack", 5)]
+    assert (lone_server.core.tables["default"].pull(keys) == 1 + 3 + 5).all()
+    assert lone_server.core.errors == 2
