@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 ACK_DELAY = 200e-6  # s: the longest a worker's ack waits in a burst for others to share its message
 BURST = 1000        # requests per burst at most, so liveness checks run between bursts
 CHUNK = 16          # requests received, then decoded, then served, as a chunk of a burst
+CHUNK_BYTES = 256 * 1024  # a chunk stops growing once its requests hold this much
 
 
 class KVServer:
@@ -219,19 +220,22 @@ class KVServer:
             self._end_burst()
 
     def _drain_requests(self) -> None:
-        """Serve the requests waiting on the ROUTER link, up to BURST, in chunks of CHUNK: each
-        chunk is received, then decoded, then served in order - phase by phase, so each phase's
-        code stays warm in the CPU's caches across the chunk (docs/performance.md, "Serving a
-        burst in chunks")."""
+        """Serve the requests waiting on the ROUTER link, up to BURST, in chunks of CHUNK
+        requests (or CHUNK_BYTES): each chunk is received, then decoded, then served in order -
+        phase by phase, so each phase's code stays warm in the CPU's caches across the chunk
+        (docs/performance.md, "Serving a burst in chunks")."""
         recv, decode = self.router.recv, self._decode
         due = time.perf_counter() + ACK_DELAY
         for _ in range(BURST // CHUNK):
-            got = []
-            while len(got) < CHUNK and (item := recv()) is not None:
+            got, size = [], 0
+            # up to CHUNK_BYTES: what a chunk holds beyond PSERVER_RECV_QUEUE stays small, and a
+            # large request (whose cost is its data) makes a chunk of its own
+            while len(got) < CHUNK and size < CHUNK_BYTES and (item := recv()) is not None:
                 got.append(item)
+                size += sum(map(len, item[1]))
             if got:
                 due = self._serve_chunk(got, [decode(frames) for _, frames in got], due)
-            if len(got) < CHUNK:
+            if len(got) < CHUNK and size < CHUNK_BYTES:
                 return
 
     def _decode(self, frames: list):

@@ -266,3 +266,15 @@ def test_malformed_requests_in_a_chunk_are_answered_in_order_and_apply_nothing(l
     assert replies == [("ack", 1), ("error", 0), ("ack", 3), ("error", 0), ("ack", 5)]
     assert (lone_server.core.tables["default"].pull(keys) == 1 + 3 + 5).all()
     assert lone_server.core.errors == 2
+
+
+def test_a_chunk_stops_growing_at_its_byte_bound(lone_server, monkeypatch):
+    """Requests past CHUNK_BYTES wait in the link's queue (bounded by PSERVER_RECV_QUEUE), not in
+    the chunk: with a bound below one request, each chunk holds one and is served before the next
+    is read."""
+    monkeypatch.setattr(server_mod, "ACK_DELAY", 0.0)
+    monkeypatch.setattr(server_mod, "CHUNK_BYTES", 1)
+    keys, msgs = _pushes(20)
+    sock = _serve(lone_server, msgs)
+    assert [ev[0] for ev in sock.events] == ["recv", "send"] * 20
+    assert (lone_server.core.tables["default"].pull(keys) == sum(range(1, 21))).all()
