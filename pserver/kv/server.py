@@ -238,7 +238,7 @@ class KVServer:
             if len(got) < CHUNK and size < CHUNK_BYTES:
                 return
 
-    def _decode(self, frames: list):
+    def _decode(self, frames: list) -> tuple | Exception:
         """(message, role) of a request's frames, or the error that refuses it (never raises)."""
         try:
             return self.transport.decode_body(frames)
