@@ -4,8 +4,10 @@ the worker), over ZeroMQ on loopback: (a) 1 M dense keys push+pull, (b) a 4 MB t
 In the same run, interleaved with it: raw pyzmq with the same frames (a DEALER sending a header,
 1,000 uint64 keys and 1,000 float32, or a 4 MB tensor, to a ROUTER in another process that answers
 a short ack), and the 1,000-key and 4 MB push cases as ratios to it. --curve also runs a-c (and
-the baseline) encrypted; --busy-poll S also with a busy-polling server, --worker-busy-poll S in
-every round with a busy-polling worker (0 skips either).
+the baseline) encrypted: with large arrays sealed beside CURVE (the default, AES-256-GCM), with
+CURVE alone (PSERVER_SEAL_MIN=0), and with AEGIS-128X2 when `aeg` is installed; each with its
+slowdown against the plain run of the same round. --busy-poll S also with a busy-polling server,
+--worker-busy-poll S in every round with a busy-polling worker (0 skips either).
 Method: docs/performance.md.
 
 Usage: python benchmarks/pushpull.py [--seconds 3] [--rounds 1] [--curve] [--busy-poll S]
@@ -157,14 +159,19 @@ def run_cases(kv: pserver.KVWorker, seconds: float, server_pid: int) -> dict:
 
 
 def run_cluster(seconds: float, insecure: bool, busy_poll: float = 0.0,
-                worker_busy_poll: float = 0.0) -> dict:
+                worker_busy_poll: float = 0.0, seal: dict | None = None) -> dict:
+    """The cases on a new cluster. seal: settings of the sealed channel (seal_min, seal_cipher)
+    for the server and the worker."""
     load = os.getloadavg()  # the machine may be shared: what else was running, as uptime says
-    env = {"PSERVER_BUSY_POLL": str(busy_poll)} if busy_poll else None
+    env = {"PSERVER_BUSY_POLL": str(busy_poll)} if busy_poll else {}
+    for name, value in (seal or {}).items():
+        env["PSERVER_" + name.upper()] = value
     # a patient heartbeat timeout: on a loaded shared machine a starved heartbeat is no failure here
-    with LocalCluster(1, 1, insecure=insecure, prefix_output=False, env=env,
+    with LocalCluster(1, 1, insecure=insecure, prefix_output=False, env=env or None,
                       heartbeat_timeout=5.0) as cluster:
         t = time.perf_counter()
-        kv = pserver.KVWorker(cluster.config(0).with_(worker_busy_poll=worker_busy_poll))
+        kv = pserver.KVWorker(cluster.config(0).with_(worker_busy_poll=worker_busy_poll,
+                                                      **(seal or {})))
         start = time.perf_counter() - t
         try:
             res = run_cases(kv, seconds, cluster.procs["server 0"].pid)
@@ -208,7 +215,7 @@ def run_raw(seconds: float, curve: bool) -> dict:
     process) on loopback, each message three frames: header, 1,000 uint64 keys, 1,000 float32; and
     round trips/s of a 4 MB tensor (header + 1 M float32, the frames of case b's push)."""
     public, secret = zmq.curve_keypair() if curve else (b"", b"")
-    proc = subprocess.Popen([sys.executable, __file__, "--raw-router", secret.decode()],
+    proc = subprocess.Popen([sys.executable, __file__, "--raw-router=" + secret.decode()],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     ctx = zmq.Context()
     try:
@@ -299,6 +306,18 @@ def _cpu_ratios(rounds: list[dict], side: str, raw: str) -> dict:
     return out
 
 
+def _slowdowns(rounds: list[dict], side: str, plain: str) -> dict:
+    """Per case: 1 - side's rate / the plain rate of the same round, per round, and the median."""
+    out = {}
+    for case, v in rounds[0][side].items():
+        if not (isinstance(v, dict) and "ops_per_s" in v):
+            continue
+        per_round = [round(1 - r[side][case]["ops_per_s"] / r[plain][case]["ops_per_s"], 3)
+                     for r in rounds]
+        out[case] = {"median": round(statistics.median(per_round), 3), "rounds": per_round}
+    return out
+
+
 def _median_case(values: list[dict]) -> dict:
     """The round whose ops/s is the median (lower middle): a whole record, not a mix of rounds."""
     ordered = sorted(values, key=lambda v: v["ops_per_s"])
@@ -338,6 +357,12 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import store_index
 
+    curve_sides = {}
+    if args.curve:  # (an older pserver, as before_after.py runs, has no sealed channel: no --curve)
+        from pserver import sealed
+        curve_sides = {"curve": {"seal_cipher": "aes-256-gcm"}, "curve_unsealed": {"seal_min": "0"}}
+        if sealed.available("aegis-128x2"):
+            curve_sides["curve_aegis"] = {"seal_cipher": "aegis-128x2"}
     # interleaved: every round measures raw pyzmq and pserver one after the other, so a drift of the
     # shared machine's speed hits both; ratios are taken within a round
     rounds = []
@@ -349,7 +374,8 @@ def main() -> None:
                                                          worker_busy_poll=args.worker_busy_poll)
         if args.curve:
             r["raw_pyzmq_curve"] = run_raw(args.seconds, curve=True)
-            r["curve"] = run_cluster(args.seconds, insecure=False)
+            for side, seal in curve_sides.items():
+                r[side] = run_cluster(args.seconds, insecure=False, seal=seal)
         rounds.append(r)
     result = {"command": "python benchmarks/pushpull.py " + " ".join(sys.argv[1:]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -371,12 +397,13 @@ def main() -> None:
         result["d_store_lookup_update"] = store_index.run(n_table=10_000_000, n_query=1_000_000)
     if args.curve:
         result["raw_pyzmq_curve"] = _merge(rounds, "raw_pyzmq_curve")
-        result["curve"] = _merge(rounds, "curve")
+        result["seal_settings"] = curve_sides
+        for side in curve_sides:
+            result[side] = _merge(rounds, side)
+            # per round against that round's plain run, then the median: the slowdown to read
+            result[side + "_slowdown"] = _slowdowns(rounds, side, "insecure")
         result["curve_ratio_to_raw_pyzmq_curve"] = _ratios(rounds, "curve", "raw_pyzmq_curve")
         result["curve_cpu_ratio_to_raw_pyzmq_curve"] = _cpu_ratios(rounds, "curve", "raw_pyzmq_curve")
-        result["curve_slowdown"] = {
-            case: round(1 - result["curve"][case]["ops_per_s"] / v["ops_per_s"], 3)
-            for case, v in result["insecure"].items() if isinstance(v, dict) and "ops_per_s" in v}
         # the transport's own cost of encryption, same frames: the floor of curve_slowdown
         result["raw_pyzmq_curve_slowdown"] = {
             case: round(1 - result["raw_pyzmq_curve"][case]["ops_per_s"] / v["ops_per_s"], 3)

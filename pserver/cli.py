@@ -91,7 +91,8 @@ _LAUNCH_HELP = {"port": "scheduler port (default: a free one)",
 _METAVAR = {"scheduler": "HOST:PORT", "host": "HOST", "keys": "DIR", "log_level": "LEVEL",
             "interface": "NAME", "advertise_host": "HOST", "group": "NAME",
             "slot_cache": "BYTES", "max_table_bytes": "BYTES", "replica_key_cache": "BYTES",
-            "max_message_bytes": "BYTES", "metrics_port": "PORT", "trace": "PATH"}
+            "max_message_bytes": "BYTES", "metrics_port": "PORT", "trace": "PATH",
+            "seal_min": "BYTES", "seal_cipher": "NAME"}
 
 
 def _switch(raw: str) -> bool:

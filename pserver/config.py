@@ -79,6 +79,13 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_COALESCE": ("coalesce", int, "workers: unanswered requests to a server before new "
                                           "small ones wait to leave together as one batch (0 = "
                                           "off, the default; docs/performance.md)"),
+    "PSERVER_SEAL_MIN": ("seal_min", str, "secure clusters: a message to or from a server whose "
+                                          "arrays hold at least this many bytes carries them "
+                                          "AES-256-GCM-sealed on a second connection beside "
+                                          "CURVE (k/M/G; 0 = off; docs/sealed-bulk.md)"),
+    "PSERVER_SEAL_CIPHER": ("seal_cipher", str, "the AEAD of sealed messages: aes-256-gcm "
+                                                "(default) or aegis-128x2 (faster; needs "
+                                                "`pip install pserver[aegis]` on every node)"),
     "PSERVER_MAX_MESSAGE_BYTES": ("max_message_bytes", int, "largest accepted message payload"),
     "PSERVER_MAX_KEYS": ("max_keys", int, "most keys accepted in one request"),
     "PSERVER_MAX_DIM": ("max_dim", int, "largest accepted value dimension"),
@@ -89,6 +96,9 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
     "PSERVER_TRACE": ("trace", str, "write a Chrome-trace timeline to this path, with .ROLE-ID "
                                     "inserted before the suffix (docs/observability.md)"),
 }
+
+
+SEAL_CIPHERS = ("aes-256-gcm", "aegis-128x2")  # pserver.sealed.CIPHERS implements them
 
 
 def _size_setting(value: Any, name: str, example: str) -> int:
@@ -131,6 +141,8 @@ class Config:
     max_table_bytes: str = "0"
     replica_key_cache: str = REPLICA_KEY_CACHE_DEFAULT
     coalesce: int = 0
+    seal_min: str = "256k"
+    seal_cipher: str = "aes-256-gcm"
     max_message_bytes: int = 1 << 31
     max_keys: int = 1 << 28
     max_dim: int = 1 << 24
@@ -182,6 +194,10 @@ class Config:
         self.slot_cache_bytes  # noqa: B018 - raises ConfigError for a malformed size
         self.max_table_bytes_value  # noqa: B018 - the same
         self.replica_key_cache_bytes  # noqa: B018 - the same
+        self.seal_min_bytes  # noqa: B018 - the same
+        if self.seal_cipher not in SEAL_CIPHERS:
+            raise ConfigError(f"PSERVER_SEAL_CIPHER {self.seal_cipher!r} is not one of "
+                              f"{', '.join(SEAL_CIPHERS)}")
         if min(self.max_message_bytes, self.max_keys, self.max_dim) < 1:
             raise ConfigError("PSERVER_MAX_MESSAGE_BYTES, PSERVER_MAX_KEYS and PSERVER_MAX_DIM must be >= 1")
         if self.scheduler:
@@ -191,6 +207,10 @@ class Config:
     @property
     def slot_cache_bytes(self) -> int:
         return _size_setting(self.slot_cache, "PSERVER_SLOT_CACHE (--slot-cache)", "64M")
+
+    @property
+    def seal_min_bytes(self) -> int:
+        return _size_setting(self.seal_min, "PSERVER_SEAL_MIN (--seal-min)", "256k")
 
     @property
     def max_table_bytes_value(self) -> int:

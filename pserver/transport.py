@@ -21,6 +21,7 @@ from . import security, wire
 from .config import Config, zmq_endpoint
 from .errors import ConfigError, PServerError
 from .link import Link, ZmqLink
+from .sealed import SealedDealer, SealedRouter, Unopened
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +164,9 @@ class Transport:
         sock, port = self._bind_router(host, port)
         if handover:
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        if self.role == "server" and self.creds.secure:  # answers HELLOs; seals unless seal_min 0
+            return SealedRouter(sock, self.counters, self._socket, host, self.limits,
+                                self.cfg.seal_min_bytes), port
         return ZmqLink(sock, self.counters), port
 
     def dealer_link(self, host: str, port: int, peer_role: str,
@@ -170,12 +174,24 @@ class Transport:
         """A DEALER connected to the ROUTER of a peer of role ``peer_role``, as a Link. Its sends
         to the scheduler raise LinkTimeout after the connect timeout when no connection could be
         made; other sends raise LinkError as :meth:`Link.send` says."""
-        return ZmqLink(self._connect_dealer(host, port, peer_role, identity), self.counters)
+        sock = self._connect_dealer(host, port, peer_role, identity)
+        if peer_role == "server" and self.creds.secure and self.cfg.seal_min_bytes:
+            try:
+                return SealedDealer(sock, self.counters, self._socket, host, self.limits,
+                                    self.cfg.seal_min_bytes, self.cfg.seal_cipher)
+            except ImportError:
+                sock.close(linger=0)
+                raise ConfigError(f"PSERVER_SEAL_CIPHER {self.cfg.seal_cipher} needs the `aeg` "
+                                  "package: pip install 'pserver[aegis]', or use aes-256-gcm") from None
+        return ZmqLink(sock, self.counters)
 
     def decode_body(self, body: list) -> tuple[wire.Message, str | None]:
         """Decode the frames a :meth:`Link.recv` returned -> (message, authenticated peer role or
         None). A batch is a :class:`wire.Batch`, its messages counted one by one. Raises
-        ProtocolError (or LimitError, BatchError) for malformed input; nothing is counted then."""
+        ProtocolError (or LimitError, RequestsRefused) for malformed input; nothing is counted
+        then."""
+        if type(body) is Unopened:  # a sealed message whose chunks did not open
+            raise body.refusal(self.limits)
         role = self.creds.peer_role(body[0]) if self.creds.secure and body else None
         msg = wire.decode(body, self.limits)
         if type(msg) is wire.Batch:

@@ -134,19 +134,9 @@ def _buffer(frame) -> memoryview:
     return buf if type(buf) is memoryview else memoryview(buf)
 
 
-def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
-    """Parse frames into a :class:`Message`; raise :class:`ProtocolError` on anything malformed.
-
-    Array data is not copied: each array is a view on the buffer of the frame that carried it.
-    """
-    if not frames:
-        raise ProtocolError("empty message")
-    first = _buffer(frames[0])
-    size = len(first)
-    if size < _PREFIX or first[:3] != MAGIC:
-        if first[:4] == BATCH_MAGIC and len(frames) == 1:
-            return decode_batch(first, limits)
-        raise ProtocolError("not a pserver message (bad magic or protocol version)")
+def _header(first: memoryview, size: int, limits: Limits) -> tuple[dict, int]:
+    """(header object, end offset) of a frame starting with MAGIC; its op, ts, table and meta
+    checked. Raises ProtocolError / LimitError."""
     (hlen,) = _HLEN.unpack_from(first, 3)
     wide, hlen = hlen & _WIDE_INTS, hlen & (_WIDE_INTS - 1)
     if hlen > limits.max_header_bytes:
@@ -171,6 +161,36 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
         raise ProtocolError("header table name is not a short string")
     if type(meta) is not dict:
         raise ProtocolError("header meta is not an object")
+    return header, end
+
+
+def decode_header(frame, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """The header of a message's first frame alone, without its arrays (to answer a request whose
+    arrays could not be read). Raises ProtocolError / LimitError if the header is malformed."""
+    first = _buffer(frame)
+    if len(first) < _PREFIX or first[:3] != MAGIC:
+        raise ProtocolError("not a pserver message (bad magic or protocol version)")
+    header, _ = _header(first, len(first), limits)
+    get = header.get
+    return Message(get("op"), get("ts", 0), get("t", ""), get("m", {}), [])
+
+
+def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
+    """Parse frames into a :class:`Message`; raise :class:`ProtocolError` on anything malformed.
+
+    Array data is not copied: each array is a view on the buffer of the frame that carried it.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    first = _buffer(frames[0])
+    size = len(first)
+    if size < _PREFIX or first[:3] != MAGIC:
+        if first[:4] == BATCH_MAGIC and len(frames) == 1:
+            return decode_batch(first, limits)
+        raise ProtocolError("not a pserver message (bad magic or protocol version)")
+    header, end = _header(first, size, limits)
+    get = header.get
+    op, ts, table, meta = get("op"), get("ts", 0), get("t", ""), get("m", {})
     specs = get("a")
     if specs is None and "i" not in header:  # no arrays: the common reply
         if len(frames) != 1:
@@ -264,13 +284,18 @@ class Batch(Message):
     sizes: list[int] = field(default_factory=list)
 
 
-class BatchError(ProtocolError):
-    """A batch with a malformed or over-limit message: none of it may be applied. ``requests``
-    names the (ts, part) of every message that could still be read, to answer each with the error."""
+class RequestsRefused(ProtocolError):
+    """Requests that could be attributed but not read whole: each is answered with the error and
+    none is applied. ``requests`` names the (ts, part) of each."""
 
     def __init__(self, msg: str, requests: list[tuple[int, Any]]):
         super().__init__(msg)
         self.requests = requests
+
+
+class BatchError(RequestsRefused):
+    """A batch with a malformed or over-limit message: none of it may be applied. ``requests``
+    names the (ts, part) of every message that could still be read, to answer each with the error."""
 
 
 def encode_batch(frames: list) -> bytes:

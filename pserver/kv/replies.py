@@ -16,7 +16,7 @@ from ..config import Config
 from ..errors import PServerError
 from ..protocol import ACK_LIST, FILTER_META, PART
 from ..transport import Transport
-from ..wire import Message
+from ..wire import Message, RequestsRefused
 from .filtering import WorkerFilters
 from .messages import PartEncoder
 from .sending import Sender
@@ -94,7 +94,13 @@ class ReplyReader:
 
     def on_undecodable(self, sid: int, frames: list, err: PServerError) -> None:
         """A reply over this worker's limits fails its request (or, for a range pull, asks for the
-        halves of the range); one that is malformed beyond attribution is logged and dropped."""
+        halves of the range); one that is malformed beyond attribution is logged and dropped. A
+        sealed reply that did not open fails its request."""
+        if isinstance(err, RequestsRefused):
+            for ts, part in err.requests:
+                log.warning("reply of server %d to request %d refused: %s", sid, ts, err)
+                self.tracker.on_unreadable(sid, ts, part, err)
+            return
         try:
             msg = wire.decode(frames, _ATTRIBUTE)
         except PServerError:

@@ -30,7 +30,7 @@ from ..store.apply import sum_parts
 from ..store.updaters import FunctionUpdater, register_updater
 from ..trace import Tracer, node_path, sampled
 from ..transport import Transport
-from ..wire import Batch, BatchError, Message
+from ..wire import Batch, Message, RequestsRefused
 from . import keys as keyfmt
 from .core import ServerCore
 from .traffic import heartbeat_reporter
@@ -264,7 +264,8 @@ class KVServer:
                         handle(identity, m, role)
                 else:
                     handle(identity, msg, role)
-            elif isinstance(d, BatchError):  # each request of the batch answered, none applied
+            elif isinstance(d, RequestsRefused):  # a batch's, or a sealed request's: each
+                # request answered with the error, none applied
                 for ts, part in d.requests:
                     reject(identity, ts, d, part)
                 if not d.requests:

@@ -190,6 +190,16 @@ class RequestTracker:
         self.answered(ts, req, pid)
         return follow
 
+    def on_unreadable(self, sid: int, ts: int, pid, err: Exception) -> None:
+        """Server ``sid``'s reply to part ``pid`` of ``ts`` came but could not be read (a sealed
+        reply whose chunks did not open): the request fails with ``err``. Stale parts are ignored."""
+        req = self.waiting_part(sid, ts, pid)
+        if req is None:
+            return
+        if req.error is None:
+            req.error = err
+        self.answered(ts, req, pid)
+
     def answered(self, ts: int, req: Request, pid: int) -> None:
         req.waiting.discard(pid)
         if not req.waiting and ts in self.pending:
