@@ -20,7 +20,7 @@ import numpy as np
 import zmq
 
 from .config import zmq_endpoint
-from .errors import ProtocolError
+from .errors import ConfigError, ProtocolError
 from .link import _NOBLOCK, _SNDMORE, LinkError, LinkTimeout, ZmqLink, recv_frames
 from .protocol import PART
 from .wire import Limits, RequestsRefused, decode_header
@@ -44,8 +44,8 @@ _WELCOME = struct.Struct("<4sH")     # WELCOME, bulk port (0: the server does no
 
 
 class SealError(ProtocolError):
-    """A sealed message that cannot be opened: a malformed reference, chunks missing after the
-    wait, or none of the chunks received authentic. Nothing of it was used."""
+    """A sealed message that cannot be opened: a malformed or replayed reference, a chunk that is
+    not authentic, or chunks missing after the wait. Nothing of it was used."""
 
 
 class _Aegis128x2:
@@ -453,7 +453,11 @@ class SealedRouter(ZmqLink):
             bulk.maxmsgsize = CHUNK_MAX + TAG + 64    # no bigger frame is allocated
             if ":" in host:
                 bulk.setsockopt(zmq.IPV6, 1)
-            self.bulk_port = bulk.bind_to_random_port(zmq_endpoint(host, "").rsplit(":", 1)[0])
+            try:
+                self.bulk_port = bulk.bind_to_random_port(zmq_endpoint(host, "").rsplit(":", 1)[0])
+            except zmq.ZMQError as e:
+                raise ConfigError(f"cannot bind the sealed bulk port on {host}: {e} (or set "
+                                  "PSERVER_SEAL_MIN=0)") from None
             self.bulk, self.reader = bulk, BulkReader(bulk, routed=True, known=self.tokens)
 
     def recv(self) -> tuple[bytes | None, list] | None:

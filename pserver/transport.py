@@ -160,7 +160,8 @@ class Transport:
     def router_link(self, host: str, port: int = 0, handover: bool = False) -> tuple[Link, int]:
         """A ROUTER bound on host:port (port 0: any free port) as a routed Link, and its port.
         handover: a peer reconnecting with the identity of a live connection takes it over
-        (ROUTER_HANDOVER). Raises ConfigError if it cannot bind."""
+        (ROUTER_HANDOVER). A secure server's is a :class:`~pserver.sealed.SealedRouter`, with its
+        bulk ROUTER bound beside it on a free port. Raises ConfigError if it cannot bind."""
         sock, port = self._bind_router(host, port)
         if handover:
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -173,7 +174,9 @@ class Transport:
                     identity: bytes | None = None) -> Link:
         """A DEALER connected to the ROUTER of a peer of role ``peer_role``, as a Link. Its sends
         to the scheduler raise LinkTimeout after the connect timeout when no connection could be
-        made; other sends raise LinkError as :meth:`Link.send` says."""
+        made; other sends raise LinkError as :meth:`Link.send` says. On a secure transport a link
+        to a server is a :class:`~pserver.sealed.SealedDealer` (unless PSERVER_SEAL_MIN is 0).
+        Raises ConfigError if PSERVER_SEAL_CIPHER names a cipher whose package is missing."""
         sock = self._connect_dealer(host, port, peer_role, identity)
         if peer_role == "server" and self.creds.secure and self.cfg.seal_min_bytes:
             try:
