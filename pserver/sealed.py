@@ -289,6 +289,8 @@ class Unopened(list):
     def refusal(self, limits: Limits) -> ProtocolError:
         """The error to answer it with: RequestsRefused naming its request when its header (which
         came over CURVE) can be read, else the SealError itself."""
+        if not self:  # a reference without a header
+            return self.error
         try:
             msg = decode_header(self[0], limits)
         except ProtocolError:
@@ -483,8 +485,11 @@ class SealedRouter(ZmqLink):
             if self.reader is not None:
                 self.reader.forget(old.token)
         factory, port = _BY_CODE.get(buf[4]), 0
-        if self.bulk is not None and factory is not None:
-            key, token = bytes(buf[5:5 + KEY_BYTES]), bytes(buf[5 + KEY_BYTES:])
+        key, token = bytes(buf[5:5 + KEY_BYTES]), bytes(buf[5 + KEY_BYTES:])
+        if token in self.tokens:  # another link's bulk routing id: this one stays on CURVE
+            log.warning("a HELLO from %r named a bulk token in use: CURVE carries its messages",
+                        identity[:16])
+        elif self.bulk is not None and factory is not None:
             try:
                 self.channels[identity] = Channel(factory(key), token, _TO_CLIENT, self.pool)
                 self.tokens[token] = identity
@@ -499,8 +504,8 @@ class SealedRouter(ZmqLink):
             log.debug("cannot welcome %r: %s", identity[:16], e)
 
     def _open(self, identity: bytes, body: list) -> list:
-        """[header, arrays...] of a sealed request; [header] alone (the loop then refuses it as
-        malformed, in order) or the body as it came if it cannot be opened."""
+        """[header, arrays...] of a sealed request, or an :class:`Unopened` (its header alone) that
+        the loop refuses in order, naming the request, if it cannot be opened."""
         channel = self.channels.get(identity)
         try:
             if channel is None or self.reader is None or len(body) != 2:

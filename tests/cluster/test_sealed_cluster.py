@@ -203,3 +203,46 @@ def test_poll_then_recv_on_a_new_link_skips_the_welcome(cluster_factory):
             link.close()
     finally:
         kv.close()
+
+
+def test_a_hello_naming_a_token_in_use_stays_on_curve():
+    """A second link whose HELLO names another link's bulk token gets port 0 (CURVE only): it
+    cannot have that link's sealed replies routed to it. A reference without a header is refused."""
+    from pserver.sealed import _WELCOME, HELLO, KEY_BYTES, WELCOME, SealedRouter, Unopened
+    from pserver.wire import Limits
+
+    ctx = zmq.Context()
+    socks = []
+
+    def make(kind):
+        s = ctx.socket(kind)
+        s.linger = 0
+        socks.append(s)
+        return s
+
+    try:
+        router = make(zmq.ROUTER)
+        port = router.bind_to_random_port("tcp://127.0.0.1")
+        link = SealedRouter(router, None, make, "127.0.0.1", Limits(), 256 << 10)
+        token = b"t" * sealed.TOKEN_BYTES
+        ports = []
+        for name in (b"first", b"second"):
+            d = make(zmq.DEALER)
+            d.identity = name
+            d.connect(f"tcp://127.0.0.1:{port}")
+            d.send(HELLO + bytes((1,)) + bytes(KEY_BYTES) + token)
+            deadline = time.monotonic() + 10
+            while not d.poll(10):  # the router answers the HELLO inside its recv()
+                assert link.recv() is None
+                assert time.monotonic() < deadline
+            kind, got = _WELCOME.unpack(d.recv())
+            assert kind == WELCOME
+            ports.append(got)
+        assert ports[0] == link.bulk_port and ports[1] == 0
+        assert set(link.channels) == {b"first"}
+        refusal = Unopened([], sealed.SealError("a reference without a header")).refusal(Limits())
+        assert isinstance(refusal, sealed.SealError)
+    finally:
+        for s in socks:
+            s.close()
+        ctx.term()
