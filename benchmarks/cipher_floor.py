@@ -3,8 +3,8 @@ float32 to a ROUTER in another process that adds them into a float32 table and a
 (a) plain, (b) CURVE, (c) AES-GCM (128/256-bit) sealed by the application, whole or as pipelined
 chunks (one ZeroMQ message each, opened into place on arrival, applied after the last); (d) the
 cipher's own rate in one process; (e) CPU per push of both processes. Interleaved rounds; slowdowns
-are against the same round's plain rate. Needs `cryptography` (pip install cryptography): an import
-of this benchmark only, not a dependency of pserver. Method and findings: docs/performance.md.
+are against the same round's plain rate. Uses `cryptography`, a dependency of pserver since its
+sealed bulk channel (docs/sealed-bulk.md). Method and findings: docs/performance.md.
 
 Usage: python benchmarks/cipher_floor.py [--seconds 2] [--rounds 3]
                                          [--out benchmarks/results/cipher_floor.json]"""

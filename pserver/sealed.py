@@ -15,9 +15,12 @@ import os
 import struct
 import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import zmq
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .config import zmq_endpoint
 from .errors import ConfigError, ProtocolError
@@ -59,20 +62,14 @@ class _Aegis128x2:
         self.cipher.encrypt(self.key, nonce + bytes(4), data, ad, into=out)
 
     def decrypt_into(self, nonce: bytes, sealed, ad, out) -> None:
-        from cryptography.exceptions import InvalidTag
         try:
             self.cipher.decrypt(self.key, nonce + bytes(4), sealed, ad, into=out)
         except ValueError:  # its tag failed
             raise InvalidTag() from None
 
 
-def _aes_256_gcm(key: bytes):
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-    return AESGCM(key)
-
-
 # cipher name -> (code in a HELLO, factory of an AEAD with encrypt_into / decrypt_into)
-CIPHERS = {"aes-256-gcm": (1, _aes_256_gcm), "aegis-128x2": (2, _Aegis128x2)}
+CIPHERS = {"aes-256-gcm": (1, AESGCM), "aegis-128x2": (2, _Aegis128x2)}
 _BY_CODE = {code: factory for code, factory in CIPHERS.values()}
 
 
@@ -149,7 +146,7 @@ class Channel:
         self.sent = 0      # last sequence number used for sending (each used once, sent or not)
         self.received = 0  # last sequence number opened: a reference must name a later one
 
-    def seal(self, arrays: list) -> tuple[int, list[int], object]:
+    def seal(self, arrays: list) -> tuple[int, list[int], Iterator]:
         """(sequence number, sizes, generator of (chunk head, sealed chunk)) for ``arrays``; each
         chunk is sealed as the generator reaches it, so sealing overlaps the sending of the last."""
         self.sent += 1
@@ -164,7 +161,7 @@ class Channel:
                 self.aead.encrypt_into(_NONCE.pack(self.out_dir, f, c, seq), flat[f][off:off + n],
                                        None, out)
                 yield _CHUNK_HEAD.pack(seq, f, c), out
-        return seq, sizes, chunks()
+        return seq, sizes, iter(chunks())
 
     def opener(self, seq: int, sizes: list[int], chunk: int = CHUNK) -> Opening:
         """An :class:`Opening` of the message ``seq`` (SealError if ``seq`` is not new)."""
@@ -193,7 +190,6 @@ class Opening:
         if len(sealed) != n + TAG:
             self.forged += 1
             return False
-        from cryptography.exceptions import InvalidTag
         try:
             self.channel.aead.decrypt_into(
                 _NONCE.pack(self.channel.in_dir, frame, chunk, self.seq), sealed, None,
@@ -229,10 +225,10 @@ class BulkReader:
         sock = self.sock
         while opening.missing:
             left = deadline - time.monotonic()
-            if left <= 0 or not sock.poll(int(left * 1000) + 1):
-                if time.monotonic() >= deadline:
-                    raise SealError(f"sealed message {opening.seq}: {len(opening.missing)} chunks "
-                                    f"missing after {WAIT:g} s without one")
+            if left <= 0:
+                raise SealError(f"sealed message {opening.seq}: {len(opening.missing)} chunks "
+                                f"missing after {WAIT:g} s without one")
+            if not sock.poll(int(left * 1000) + 1):
                 continue
             while (frames := recv_frames(sock)) is not None:
                 if self._take(frames, opening, rid):
@@ -299,6 +295,20 @@ class Unopened(list):
                                [(msg.ts, msg.meta.get(PART))])
 
 
+def _open(channel: Channel | None, reader: BulkReader | None, body: list, limits: Limits) -> list:
+    """[header, arrays...] of a sealed message ``body`` ([reference, header]), or an
+    :class:`Unopened` (its header alone, refused in order, naming the request) if it cannot be
+    opened."""
+    try:
+        if channel is None or reader is None or len(body) != 2:
+            raise SealError("sealed message without a HELLO, a bulk connection or a header")
+        seq, sizes, chunk = decode_ref(body[0].buffer, limits)
+        rid = channel.token if reader.routed else b""
+        return [body[1], *reader.collect(channel.opener(seq, sizes, chunk), rid)]
+    except SealError as e:
+        return Unopened(body[1:2], e)
+
+
 def _is_control(frame) -> bool:
     buf = frame.buffer if type(frame) is zmq.Frame else frame
     return len(buf) >= 4 and buf[:3] == _PSX
@@ -308,13 +318,15 @@ def _sizes_of(frames: list) -> int:
     return sum(f.nbytes if type(f) is np.ndarray else len(f) for f in frames[1:])
 
 
-def _send_sealed(link: ZmqLink, seq: int, sizes: list[int], chunk: int, chunks, send_chunk,
-                 frames: list, op: str, to: bytes | None) -> None:
-    """Send a sealed message: its first chunk on the bulk connection, then its reference and
-    header over CURVE (the receiver starts opening while the rest is sealed and carried), then
-    the other chunks. If the first chunk cannot go (no bulk connection yet, or any more), the
-    whole message goes over CURVE instead. Raises LinkError as :meth:`Link.send_frames`."""
-    chunks = iter(chunks)
+def _send_sealed(link: ZmqLink, channel: Channel, send_chunk, frames: list, op: str,
+                 to: bytes | None) -> None:
+    """Send ``frames`` sealed with ``channel``: the first chunk on the bulk connection (through
+    ``send_chunk``), then the reference and header over CURVE (the receiver starts opening while
+    the rest is sealed and carried), then the other chunks. If the first chunk cannot go (no bulk
+    connection yet, or any more), the whole message goes over CURVE instead. Raises LinkError as
+    :meth:`Link.send_frames`."""
+    seq, sizes, chunks = channel.seal(frames[1:])
+    chunk = channel.chunk
     try:
         send_chunk(*next(chunks))
     except zmq.ZMQError:
@@ -362,13 +374,12 @@ class SealedDealer(ZmqLink):
     def send_frames(self, frames: list, op: str, to: bytes | None = None) -> None:
         if self.bulk is None or len(frames) < 2 or _sizes_of(frames) < self.seal_min:
             return super().send_frames(frames, op, to)
-        seq, sizes, chunks = self.channel.seal(frames[1:])
         bulk = self.bulk
 
         def send_chunk(head, data):
             bulk.send(head, _SNDMORE | _NOBLOCK)
             bulk.send(data, 0, copy=False)
-        _send_sealed(self, seq, sizes, self.channel.chunk, chunks, send_chunk, frames, op, to)
+        _send_sealed(self, self.channel, send_chunk, frames, op, to)
 
     def poll(self, timeout: float | None) -> bool:
         """As :meth:`Link.poll`; a control message (the WELCOME) that comes meanwhile is handled,
@@ -397,7 +408,7 @@ class SealedDealer(ZmqLink):
             if kind == WELCOME:
                 self._welcome(frames[0].buffer)
             elif kind == REF:
-                return None, self._open(frames)
+                return None, _open(self.channel, self.reader, frames, self.limits)
             else:
                 log.warning("unknown control frame %r from a server dropped", kind)
         return None
@@ -417,18 +428,6 @@ class SealedDealer(ZmqLink):
             bulk.setsockopt(zmq.IPV6, 1)
         bulk.connect(zmq_endpoint(self.host, port))
         self.bulk, self.reader = bulk, BulkReader(bulk, routed=False)
-
-    def _open(self, frames: list) -> list:
-        """The frames of a sealed reply ([header, arrays...]); only the header if it cannot be
-        opened (then decoding it fails, and the reply is dropped as malformed)."""
-        try:
-            if len(frames) != 2 or self.reader is None:
-                raise SealError("sealed reply without a bulk connection or header")
-            seq, sizes, chunk = decode_ref(frames[0].buffer, self.limits)
-            opening = self.channel.opener(seq, sizes, chunk)
-            return [frames[1], *self.reader.collect(opening, b"")]
-        except SealError as e:
-            return Unopened(frames[1:2], e)
 
     def close(self, linger: float = 0.0) -> None:
         if self.bulk is not None and not self.bulk.closed:
@@ -469,7 +468,10 @@ class SealedRouter(ZmqLink):
             identity, body = frames[0].bytes, frames[1:]
             kind = body[0].buffer[:4].tobytes()
             if kind == REF:
-                return identity, self._open(identity, body)
+                opened = _open(self.channels.get(identity), self.reader, body, self.limits)
+                if type(opened) is Unopened:
+                    log.warning("sealed request from %r refused: %s", identity[:16], opened.error)
+                return identity, opened
             if kind == HELLO and len(body) == 1:
                 self._hello(identity, body[0].buffer)
             else:  # a malformed control frame: the loop answers it as malformed
@@ -503,32 +505,17 @@ class SealedRouter(ZmqLink):
         except zmq.ZMQError as e:
             log.debug("cannot welcome %r: %s", identity[:16], e)
 
-    def _open(self, identity: bytes, body: list) -> list:
-        """[header, arrays...] of a sealed request, or an :class:`Unopened` (its header alone) that
-        the loop refuses in order, naming the request, if it cannot be opened."""
-        channel = self.channels.get(identity)
-        try:
-            if channel is None or self.reader is None or len(body) != 2:
-                raise SealError("sealed request without a HELLO or without a header")
-            seq, sizes, chunk = decode_ref(body[0].buffer, self.limits)
-            opening = channel.opener(seq, sizes, chunk)
-            return [body[1], *self.reader.collect(opening, channel.token)]
-        except SealError as e:
-            log.warning("sealed request from %r refused: %s", identity[:16], e)
-            return Unopened(body[1:2], e)
-
     def send_frames(self, frames: list, op: str, to: bytes | None = None) -> None:
         channel = self.channels.get(to) if len(frames) > 1 and self.bulk is not None else None
         if channel is None or _sizes_of(frames) < self.seal_min:
             return super().send_frames(frames, op, to)
-        seq, sizes, chunks = channel.seal(frames[1:])
         bulk, token = self.bulk, channel.token
 
         def send_chunk(head, data):
             bulk.send(token, _SNDMORE)
             bulk.send(head, _SNDMORE)
             bulk.send(data, 0, copy=False)
-        _send_sealed(self, seq, sizes, channel.chunk, chunks, send_chunk, frames, op, to)
+        _send_sealed(self, channel, send_chunk, frames, op, to)
 
     def close(self, linger: float = 0.0) -> None:
         if self.bulk is not None and not self.bulk.closed:

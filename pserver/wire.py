@@ -134,8 +134,8 @@ def _buffer(frame) -> memoryview:
     return buf if type(buf) is memoryview else memoryview(buf)
 
 
-def _header(first: memoryview, size: int, limits: Limits) -> tuple[dict, int]:
-    """(header object, end offset) of a frame starting with MAGIC; its op, ts, table and meta
+def _header(first: memoryview, size: int, limits: Limits) -> tuple:
+    """(op, ts, table, meta, header object, end offset) of a frame starting with MAGIC, each
     checked. Raises ProtocolError / LimitError."""
     (hlen,) = _HLEN.unpack_from(first, 3)
     wide, hlen = hlen & _WIDE_INTS, hlen & (_WIDE_INTS - 1)
@@ -161,7 +161,7 @@ def _header(first: memoryview, size: int, limits: Limits) -> tuple[dict, int]:
         raise ProtocolError("header table name is not a short string")
     if type(meta) is not dict:
         raise ProtocolError("header meta is not an object")
-    return header, end
+    return op, ts, table, meta, header, end
 
 
 def decode_header(frame, limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -170,9 +170,8 @@ def decode_header(frame, limits: Limits = DEFAULT_LIMITS) -> Message:
     first = _buffer(frame)
     if len(first) < _PREFIX or first[:3] != MAGIC:
         raise ProtocolError("not a pserver message (bad magic or protocol version)")
-    header, _ = _header(first, len(first), limits)
-    get = header.get
-    return Message(get("op"), get("ts", 0), get("t", ""), get("m", {}), [])
+    op, ts, table, meta, _, _ = _header(first, len(first), limits)
+    return Message(op, ts, table, meta, [])
 
 
 def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -188,9 +187,8 @@ def decode(frames: list, limits: Limits = DEFAULT_LIMITS) -> Message:
         if first[:4] == BATCH_MAGIC and len(frames) == 1:
             return decode_batch(first, limits)
         raise ProtocolError("not a pserver message (bad magic or protocol version)")
-    header, end = _header(first, size, limits)
+    op, ts, table, meta, header, end = _header(first, size, limits)
     get = header.get
-    op, ts, table, meta = get("op"), get("ts", 0), get("t", ""), get("m", {})
     specs = get("a")
     if specs is None and "i" not in header:  # no arrays: the common reply
         if len(frames) != 1:

@@ -136,11 +136,16 @@ def test_the_pool_reuses_a_buffer_only_once_nothing_refers_to_it():
     b = pool.get(1000)
     assert a is not b  # a is still referenced here
     view = np.ndarray((250,), np.float32, memoryview(b))
+    first = id(a)
     del a
     c = pool.get(1000)
-    assert c is not b  # b is still viewed
-    del view, b
-    assert pool.get(1000) is c or pool.get(1000) is not None
+    assert id(c) == first  # nothing referred to a any more: handed out again
+    d = pool.get(1000)
+    assert d is not b and d is not c  # b is still named and viewed: a fresh buffer
+    held, second = len(pool.buffers), id(b)
+    del b, view
+    e = pool.get(1000)
+    assert id(e) == second and len(pool.buffers) == held  # b again, nothing allocated
     big = pool.get(1 << 20)  # over a quarter of the limit: not kept
     assert all(x is not big for x in pool.buffers)
     assert pool.held <= pool.limit
