@@ -77,8 +77,8 @@ ENV_VARS: dict[str, tuple[str, type, str]] = {
                                                             "repeated lists travel once (k/M/G; "
                                                             "0 = off); set on the scheduler"),
     "PSERVER_COALESCE": ("coalesce", int, "workers: unanswered requests to a server before new "
-                                          "small ones wait to leave together as one batch (0 = "
-                                          "off, the default; docs/performance.md)"),
+                                          "small ones wait to leave together as one batch (of up "
+                                          "to 8; 0 = off; default 2; docs/performance.md)"),
     "PSERVER_SEAL_MIN": ("seal_min", str, "secure clusters: a message to or from a server whose "
                                           "arrays hold at least this many bytes carries them "
                                           "AES-256-GCM-sealed on a second connection beside "
@@ -140,7 +140,7 @@ class Config:
     slot_cache: str = SLOT_CACHE_DEFAULT
     max_table_bytes: str = "0"
     replica_key_cache: str = REPLICA_KEY_CACHE_DEFAULT
-    coalesce: int = 0
+    coalesce: int = 2
     seal_min: str = "256k"
     seal_cipher: str = "aes-256-gcm"
     max_message_bytes: int = 1 << 31

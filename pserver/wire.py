@@ -128,6 +128,26 @@ def encode(msg: Message) -> list:
     return [b"".join(parts)]
 
 
+def encode_push(ts: int, table: str, meta: dict, keys: np.ndarray, vals: np.ndarray) -> list | None:
+    """The frames ``encode`` makes of a push of explicit ``keys`` (1-D uint64, contiguous) and
+    ``vals`` (2-D, contiguous, a wire dtype) - byte for byte - in one pass without a Message; None
+    when they do not travel inline (the caller then encodes a Message). The worker's hot path."""
+    n, cols = vals.shape
+    total = keys.nbytes + vals.nbytes
+    if total > INLINE_BYTES or not (keys.flags.c_contiguous and vals.flags.c_contiguous):
+        return None
+    code = _CODE_OF.get(vals.dtype)
+    if code is None:
+        return None
+    try:
+        head = orjson.dumps({"op": "push", "ts": ts, "t": table, "m": meta,
+                             "a": [["<u8", [n]], [code, [n, cols]]], "i": 1})
+    except TypeError:  # a value only the json module converts: the general path
+        return None
+    prefix = MAGIC + _HLEN.pack(len(head)) + head
+    return [b"".join((prefix, _ZEROS[: -len(prefix) & 7], keys, vals, _ZEROS[: -vals.nbytes & 7]))]
+
+
 def _buffer(frame) -> memoryview:
     # zmq.Frame (copy=False receive) exposes .buffer; bytes/bytearray/memoryview are used as they are.
     buf = getattr(frame, "buffer", frame)

@@ -9,7 +9,7 @@ waits, everything after it waits too. Why and how much it saves: docs/performanc
 from __future__ import annotations
 
 HOLD_AT = 1            # unanswered messages to a server before new ones wait to be coalesced
-MAX_BATCH = 64         # messages per batch at most
+MAX_BATCH = 8          # messages per batch at most: two or more batches in flight keep both ends busy
 FLUSH_AFTER = 0.002    # s: what waits longer than one to two of these leaves without a reply
 MAX_BATCH_BYTES = 1 << 20
 BATCHABLE_BYTES = 64 * 1024  # only single-frame messages up to this size are coalesced

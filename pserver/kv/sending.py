@@ -33,7 +33,7 @@ class Sender:
                  lock: threading.RLock, coalesce: int = 0):
         self.membership, self.transport, self.identity, self.lock = (membership, transport,
                                                                      identity, lock)
-        # request coalescing (PSERVER_COALESCE; off by default): what waits to leave in a batch
+        # request coalescing (PSERVER_COALESCE, 2 by default): what waits to leave in a batch
         self.outbox = Outbox(hold_at=coalesce or sys.maxsize)
         self.links: dict[int, ZmqLink] = {}
         self.link_server: dict[ZmqLink, int] = {}
@@ -50,6 +50,11 @@ class Sender:
 
         Raises: ProtocolError (from ``wire.encode``) for an array of a dtype the wire does not
         carry; nothing was sent or queued then."""
+        self.send_frames(sid, msg.ts, wire.encode(msg), msg.op)
+
+    def send_frames(self, sid: int, ts: int, frames: list, op: str) -> None:
+        """:meth:`send` of a message already encoded (``frames``, of request ``ts``, op ``op``).
+        Never raises."""
         link = self.links.get(sid)
         try:
             if link is None:
@@ -63,7 +68,7 @@ class Sender:
         except (ServerDeadError, LinkError):
             self.unsent = True
             return
-        sends = self.outbox.add(sid, msg.ts, wire.encode(msg), msg.op)
+        sends = self.outbox.add(sid, ts, frames, op)
         if not sends:  # it waits: for a reply, a wait, or at most ~2 FLUSH_AFTER
             if self._flusher is None:
                 self._start_flusher()

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import security
+from .. import security, wire
 from ..config import Config
 from ..errors import PServerError, RequestTimeoutError, SchedulerUnreachableError, TableError
 from ..groups import DEFAULT as DEFAULT_GROUP
@@ -27,10 +27,11 @@ from ..membership.node import Membership
 from ..metrics import LatencyHistograms
 from ..metrics import families as metric_families
 from ..metrics import start_endpoint as start_metrics
-from ..protocol import AS_OF, CLOCK, GROUP, HI, LIMIT, LO, PUSHES, SEEN_WITHIN, SPAN, SPEC
+from ..protocol import AS_OF, CLOCK, GROUP, HI, LIMIT, LO, PART, PUSHES, RING_VERSION, SEEN_WITHIN, SPAN, SPEC
 from ..store.spec import TableSpec
 from ..trace import Tracer, node_path
 from ..transport import Transport
+from . import keys as keyfmt
 from .arguments import check_keys, check_out, check_range, check_span, check_vals
 from .filtering import WorkerFilters
 from .messages import PartEncoder
@@ -273,11 +274,45 @@ class KVWorker:
         spec = self._spec(table)
         keys = check_keys(keys)
         vals = check_vals(vals, len(keys), spec.push_cols, spec.dtype, "vals")
+        if span is None and not spec.push_filters and not spec.sync:
+            return self._issue_plain_push(spec.name, keys, vals, callback)
         span = check_span(span, keys) if span is not None else None
         if spec.push_filters:
             self.filters.check(spec)
         return self._issue_push(spec, Request("push", spec.name, keys, vals, callback=callback),
                                 span)
+
+    def _issue_plain_push(self, name: str, keys: np.ndarray, vals: np.ndarray, callback) -> int:
+        """``_issue_push`` of a push without filters, span or rounds - the common one - in one
+        step: its parts' frames are built straight from the arrays (``wire.encode_push``, the
+        same bytes as a Message's) and go to the sender already encoded (docs/performance.md)."""
+        with self._lock:
+            if self._closed:
+                raise PServerError("this KVWorker is closed")
+            if name in self._read_only:
+                raise TableError(f"table {name!r} was declared with pushes=False: declare it "
+                                 f"again with pushes=True before pushing to it")
+            tracker = self._tracker
+            ts = tracker.next_ts()
+            req = Request("push", name, keys, vals, callback=callback, started=time.monotonic())
+            parts = self._split(keys)
+            rv = self._router.ring.version
+            out = []
+            for sid, sel in parts.items():
+                pid = req.add_part(sid, sel, rv)
+                part_keys = keys[sel]
+                meta, arrays = keyfmt.pack_keys(part_keys)
+                frames = None
+                if len(arrays) == 1:  # explicit keys (runs go the general way)
+                    meta[PART], meta[RING_VERSION] = pid, rv
+                    frames = wire.encode_push(ts, name, meta, part_keys, vals[sel])
+                out.append((sid, frames if frames is not None else
+                            wire.encode(self._message(ts, req, pid))))
+            tracker.register(ts, req)
+            send = self._sender.send_frames
+            for sid, frames in out:
+                send(sid, ts, frames, "push")
+        return ts
 
     def _issue_push(self, spec: TableSpec, req: Request, span: list[int] | None) -> int:
         """Encode a push (or push_pull) request's parts, then track and send them; returns its

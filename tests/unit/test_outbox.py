@@ -70,14 +70,22 @@ def test_what_waits_through_a_whole_tick_without_an_outbox_emptied_is_stale():
     assert box.stale(box.takes)
 
 
-def test_coalescing_is_off_by_default_in_a_worker():
-    """PSERVER_COALESCE 0 (the default): a worker's outbox never holds a message, however many
-    are unanswered (coalescing was measured slower on an idle machine: docs/performance.md)."""
+def test_coalescing_from_two_unanswered_messages_in_batches_of_eight_by_default():
+    """PSERVER_COALESCE 2 (the default): a message waits once two of the worker's messages to that
+    server are unanswered - a push and the pull after it both leave at once - and at most 8 wait
+    together (measured: docs/performance.md); 0 turns coalescing off."""
     import sys
 
     from pserver.config import Config
 
-    assert Config().coalesce == 0
-    box = Outbox(hold_at=Config().coalesce or sys.maxsize)
+    assert Config().coalesce == 2
+    box = Outbox(hold_at=Config().coalesce)
+    assert box.add(1, 0, [b"a"], "push") == [(1, [b"a"], ["push"])]
+    assert box.add(1, 1, [b"b"], "pull") == [(1, [b"b"], ["pull"])]
+    for ts in range(2, 9):
+        assert box.add(1, ts, [b"x"], "push") == []
+    (sid, frames, ops), = box.add(1, 9, [b"y"], "push")  # the eighth waiting: the batch leaves
+    assert sid == 1 and len(ops) == 8 and frames[-1] == b"y"
+    off = Outbox(hold_at=Config(coalesce=0).coalesce or sys.maxsize)
     for ts in range(100):
-        assert box.add(1, ts, [b"x"], "push") == [(1, [b"x"], ["push"])]
+        assert off.add(1, ts, [b"x"], "push") == [(1, [b"x"], ["push"])]

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from pserver import wire
 from pserver.errors import TableError
 from pserver.kv.sending import Sender
 from pserver.kv.tracker import Request, RequestTracker
@@ -27,6 +28,9 @@ class _Recorder(Sender):
 
     def send(self, sid: int, msg: Message) -> None:
         self.sent.append((sid, msg))
+
+    def send_frames(self, sid: int, ts: int, frames: list, op: str) -> None:
+        self.sent.append((sid, wire.decode(frames)))  # a plain push, already encoded
 
 
 def _worker(spec: TableSpec, ring: KeyRing) -> tuple[KVWorker, list]:
