@@ -6,8 +6,8 @@ In the same run, interleaved with it: raw pyzmq with the same frames (a DEALER s
 a short ack), and the 1,000-key and 4 MB push cases as ratios to it. --curve also runs a-c (and
 the baseline) encrypted: with large arrays sealed beside CURVE (the default, AES-256-GCM), with
 CURVE alone (PSERVER_SEAL_MIN=0), and with AEGIS-128X2 when `aeg` is installed; each with its
-slowdown against the plain run of the same round. --busy-poll S also with a busy-polling server,
---worker-busy-poll S in every round with a busy-polling worker (0 skips either).
+slowdown against the plain run of the same round. --busy-poll S with a busy-polling server and
+--worker-busy-poll S with a busy-polling worker, each in every round (0 skips either).
 Method: docs/performance.md.
 
 Usage: python benchmarks/pushpull.py [--seconds 3] [--rounds 1] [--curve] [--busy-poll S]
@@ -342,7 +342,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=3.0, help="time per case")
     p.add_argument("--curve", action="store_true", help="also measure a CURVE-encrypted cluster")
     p.add_argument("--busy-poll", type=float, default=0.002,
-                   help="also run with the server busy-polling this long (s; 0 = skip)")
+                   help="also run, in every round, with the server busy-polling this long "
+                        "(s; 0 = skip)")
     p.add_argument("--worker-busy-poll", type=float, default=0.0005,
                    help="also run, in every round, with the worker busy-polling this long in wait "
                         "(s; 0 = skip)")
@@ -372,6 +373,8 @@ def main() -> None:
         if args.worker_busy_poll:
             r["insecure_worker_busy_poll"] = run_cluster(args.seconds, True,
                                                          worker_busy_poll=args.worker_busy_poll)
+        if args.busy_poll:
+            r["insecure_busy_poll"] = run_cluster(args.seconds, True, args.busy_poll)
         if args.curve:
             r["raw_pyzmq_curve"] = run_raw(args.seconds, curve=True)
             for side, seal in curve_sides.items():
@@ -391,8 +394,9 @@ def main() -> None:
             **_merge(rounds, "insecure_worker_busy_poll"),
             "ratio_to_raw_pyzmq": _ratios(rounds, "insecure_worker_busy_poll", "raw_pyzmq")}
     if args.busy_poll:
-        result["insecure_busy_poll"] = {"busy_poll_s": args.busy_poll,
-                                        **run_cluster(args.seconds, True, args.busy_poll)}
+        result["insecure_busy_poll"] = {
+            "busy_poll_s": args.busy_poll, **_merge(rounds, "insecure_busy_poll"),
+            "ratio_to_raw_pyzmq": _ratios(rounds, "insecure_busy_poll", "raw_pyzmq")}
     if not args.no_store:
         result["d_store_lookup_update"] = store_index.run(n_table=10_000_000, n_query=1_000_000)
     if args.curve:

@@ -31,6 +31,7 @@ from ..protocol import AS_OF, CLOCK, GROUP, HI, LIMIT, LO, PART, PUSHES, RING_VE
 from ..store.spec import TableSpec
 from ..trace import Tracer, node_path
 from ..transport import Transport
+from ..wire import INLINE_BYTES
 from . import keys as keyfmt
 from .arguments import check_keys, check_out, check_range, check_span, check_vals
 from .filtering import WorkerFilters
@@ -297,15 +298,18 @@ class KVWorker:
             req = Request("push", name, keys, vals, callback=callback, started=time.monotonic())
             parts = self._split(keys)
             rv = self._router.ring.version
+            row_bytes = 8 + vals.itemsize * vals.shape[1]  # a key and its values
             out = []
             for sid, sel in parts.items():
                 pid = req.add_part(sid, sel, rv)
-                part_keys = keys[sel]
-                meta, arrays = keyfmt.pack_keys(part_keys)
                 frames = None
-                if len(arrays) == 1:  # explicit keys (runs go the general way)
-                    meta[PART], meta[RING_VERSION] = pid, rv
-                    frames = wire.encode_push(ts, name, meta, part_keys, vals[sel])
+                n = len(sel) if type(sel) is not slice else sel.stop - sel.start
+                if n * row_bytes <= INLINE_BYTES:  # one inline frame (else several: general path)
+                    part_keys = keys[sel]
+                    meta, arrays = keyfmt.pack_keys(part_keys)
+                    if len(arrays) == 1:  # explicit keys (runs go the general way)
+                        meta[PART], meta[RING_VERSION] = pid, rv
+                        frames = wire.encode_push(ts, name, meta, part_keys, vals[sel])
                 out.append((sid, frames if frames is not None else
                             wire.encode(self._message(ts, req, pid))))
             tracker.register(ts, req)
