@@ -131,7 +131,8 @@ def encode(msg: Message) -> list:
 def encode_push(ts: int, table: str, meta: dict, keys: np.ndarray, vals: np.ndarray) -> list | None:
     """The frames ``encode`` makes of a push of explicit ``keys`` (1-D uint64, contiguous) and
     ``vals`` (2-D, contiguous, a wire dtype) - byte for byte - in one pass without a Message; None
-    when they do not travel inline (the caller then encodes a Message). The worker's hot path."""
+    when they do not travel inline (the caller then encodes a Message). Raises nothing. The
+    worker's hot path."""
     n, cols = vals.shape
     total = keys.nbytes + vals.nbytes
     if total > INLINE_BYTES or not (keys.flags.c_contiguous and vals.flags.c_contiguous):

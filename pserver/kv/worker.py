@@ -288,11 +288,7 @@ class KVWorker:
         step: its parts' frames are built straight from the arrays (``wire.encode_push``, the
         same bytes as a Message's) and go to the sender already encoded (docs/performance.md)."""
         with self._lock:
-            if self._closed:
-                raise PServerError("this KVWorker is closed")
-            if name in self._read_only:
-                raise TableError(f"table {name!r} was declared with pushes=False: declare it "
-                                 f"again with pushes=True before pushing to it")
+            self._check_pushable(name)
             tracker = self._tracker
             ts = tracker.next_ts()
             req = Request("push", name, keys, vals, callback=callback, started=time.monotonic())
@@ -323,10 +319,7 @@ class KVWorker:
         timestamp. Registered only once every part is encoded: an encoding error leaves nothing
         behind."""
         with self._lock:
-            self._check_usable()
-            if spec.name in self._read_only:
-                raise TableError(f"table {spec.name!r} was declared with pushes=False: declare it "
-                                 f"again with pushes=True before pushing to it")
+            self._check_pushable(spec.name)
             ts = self._tracker.next_ts()
             req.started = time.monotonic()
             if spec.sync:
@@ -572,6 +565,12 @@ class KVWorker:
     def _check_usable(self) -> None:
         if self._closed:
             raise PServerError("this KVWorker is closed")
+
+    def _check_pushable(self, name: str) -> None:
+        self._check_usable()
+        if name in self._read_only:
+            raise TableError(f"table {name!r} was declared with pushes=False: declare it again "
+                             f"with pushes=True before pushing to it")
         if self.membership.scheduler_lost.is_set():
             raise SchedulerUnreachableError("lost contact with the scheduler; the cluster is gone")
 
