@@ -8,6 +8,7 @@ span / "as of" / clock, part id, ring version and, on a resend, the parts it was
 
 from __future__ import annotations
 
+from .. import wire
 from ..protocol import HI, LO, ORIGINS, PART, PUSH_PULL, RING_VERSION, SYNC_ROUND
 from ..store.spec import TableSpec
 from ..wire import Message
@@ -31,6 +32,24 @@ class PartEncoder:
         version ``rv``) and encode it; returns (sid, message). Raises as :meth:`message`; the
         part is then recorded but the request not yet tracked."""
         return sid, self.message(ts, req, req.add_part(sid, sel, rv, orig))
+
+    def push_frames(self, ts: int, req: Request, pid: int) -> list:
+        """The frames of part ``pid`` of a plain push (no filters, round, request-wide fields or
+        resend origins): built in one pass from its arrays when its keys travel explicitly in one
+        inline frame (``wire.encode_push``: the same bytes), else ``wire.encode`` of
+        :meth:`message`. Raises as ``wire.encode``."""
+        part, vals = req.parts[pid], req.vals
+        sel = part.sel
+        n = len(sel) if type(sel) is not slice else sel.stop - sel.start
+        if n * (8 + vals.itemsize * vals.shape[1]) <= wire.INLINE_BYTES:  # else several frames
+            keys = req.keys[sel]
+            meta, arrays = keyfmt.pack_keys(keys)
+            if len(arrays) == 1:  # explicit keys (runs go the general way)
+                meta[PART], meta[RING_VERSION] = pid, part.rv
+                frames = wire.encode_push(ts, req.table, meta, keys, vals[sel])
+                if frames is not None:
+                    return frames
+        return wire.encode(self.message(ts, req, pid))
 
     def message(self, ts: int, req: Request, pid: int, encoded: tuple | None = None) -> Message:
         """The message of part ``pid`` of request ``ts`` (with ``encoded``: that (meta, arrays) of

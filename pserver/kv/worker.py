@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .. import security, wire
+from .. import security
 from ..config import Config
 from ..errors import PServerError, RequestTimeoutError, SchedulerUnreachableError, TableError
 from ..groups import DEFAULT as DEFAULT_GROUP
@@ -27,12 +27,10 @@ from ..membership.node import Membership
 from ..metrics import LatencyHistograms
 from ..metrics import families as metric_families
 from ..metrics import start_endpoint as start_metrics
-from ..protocol import AS_OF, CLOCK, GROUP, HI, LIMIT, LO, PART, PUSHES, RING_VERSION, SEEN_WITHIN, SPAN, SPEC
+from ..protocol import AS_OF, CLOCK, GROUP, HI, LIMIT, LO, PUSHES, SEEN_WITHIN, SPAN, SPEC
 from ..store.spec import TableSpec
 from ..trace import Tracer, node_path
 from ..transport import Transport
-from ..wire import INLINE_BYTES
-from . import keys as keyfmt
 from .arguments import check_keys, check_out, check_range, check_span, check_vals
 from .filtering import WorkerFilters
 from .messages import PartEncoder
@@ -207,16 +205,7 @@ class KVWorker:
             meta[PUSHES] = False
         if self.cfg.group != DEFAULT_GROUP:  # a server whose view lags learns the round's group
             meta[GROUP] = self.cfg.group
-        with self._lock:
-            self._check_usable()
-            ts = self._tracker.next_ts()
-            req = Request("declare", meta=meta, result={}, started=time.monotonic())
-            servers = self._router.all_servers()
-            rv = self._router.ring.version
-            msgs = [self._parts.encode_part(ts, req, sid, None, rv) for sid in servers]
-            self._tracker.register(ts, req)
-            for sid, msg in msgs:
-                self._send(sid, msg)
+        ts = self._issue_to_all(Request("declare", meta=meta, result={}), None)
         answer = self.wait(ts)
         factor = answer.get("push_factor")
         if spec.push_factor is None and factor:  # a rule registered only on the servers
@@ -285,8 +274,8 @@ class KVWorker:
 
     def _issue_plain_push(self, name: str, keys: np.ndarray, vals: np.ndarray, callback) -> int:
         """``_issue_push`` of a push without filters, span or rounds - the common one - in one
-        step: its parts' frames are built straight from the arrays (``wire.encode_push``, the
-        same bytes as a Message's) and go to the sender already encoded (docs/performance.md)."""
+        step: its parts' frames are built straight from the arrays (``PartEncoder.push_frames``)
+        and go to the sender already encoded (docs/performance.md)."""
         with self._lock:
             self._check_pushable(name)
             tracker = self._tracker
@@ -294,20 +283,8 @@ class KVWorker:
             req = Request("push", name, keys, vals, callback=callback, started=time.monotonic())
             parts = self._split(keys)
             rv = self._router.ring.version
-            row_bytes = 8 + vals.itemsize * vals.shape[1]  # a key and its values
-            out = []
-            for sid, sel in parts.items():
-                pid = req.add_part(sid, sel, rv)
-                frames = None
-                n = len(sel) if type(sel) is not slice else sel.stop - sel.start
-                if n * row_bytes <= INLINE_BYTES:  # one inline frame (else several: general path)
-                    part_keys = keys[sel]
-                    meta, arrays = keyfmt.pack_keys(part_keys)
-                    if len(arrays) == 1:  # explicit keys (runs go the general way)
-                        meta[PART], meta[RING_VERSION] = pid, rv
-                        frames = wire.encode_push(ts, name, meta, part_keys, vals[sel])
-                out.append((sid, frames if frames is not None else
-                            wire.encode(self._message(ts, req, pid))))
+            frames_of = self._parts.push_frames
+            out = [(sid, frames_of(ts, req, req.add_part(sid, sel, rv))) for sid, sel in parts.items()]
             tracker.register(ts, req)
             send = self._sender.send_frames
             for sid, frames in out:
@@ -451,21 +428,26 @@ class KVWorker:
         spec = self._spec(table)
         row = 8 + spec.dim * np.dtype(spec.dtype).itemsize
         limit = max(1, min(self.cfg.max_keys, (self.cfg.max_message_bytes - 1024) // row))
+        meta = {LO: int(lo), HI: int(hi), LIMIT: limit}
+        if seen_within is not None:
+            meta[SEEN_WITHIN] = int(seen_within)
+        ts = self._issue_to_all(Request("range", spec.name, meta=meta), (int(lo), int(hi)))
+        return self.wait(ts) if wait else ts
+
+    def _issue_to_all(self, req: Request, sel) -> int:
+        """Track ``req`` and send a part of it (``sel``) to every server of the ring; returns its
+        timestamp. Raises PServerError if the worker is closed (nothing sent, nothing tracked)."""
         with self._lock:
             self._check_usable()
             ts = self._tracker.next_ts()
-            meta = {LO: int(lo), HI: int(hi), LIMIT: limit}
-            if seen_within is not None:
-                meta[SEEN_WITHIN] = int(seen_within)
-            req = Request("range", spec.name, meta=meta, started=time.monotonic())
+            req.started = time.monotonic()
             servers = self._router.all_servers()
             rv = self._router.ring.version
-            msgs = [self._parts.encode_part(ts, req, sid, (int(lo), int(hi)), rv)
-                    for sid in servers]
+            msgs = [self._parts.encode_part(ts, req, sid, sel, rv) for sid in servers]
             self._tracker.register(ts, req)
             for sid, msg in msgs:
                 self._send(sid, msg)
-        return self.wait(ts) if wait else ts
+        return ts
 
     def flush(self, table: str | None = None) -> int | None:
         """Push everything the select filters of ``table`` hold back (significant's residuals),
